@@ -1,0 +1,57 @@
+"""The command-line interface: one thin layer of argument parsing over the library.
+
+Each subcommand lives in `stepscope.commands.<name>` with `HELP` (one line), `add_arguments(parser)` and
+`run(args) -> int`. Heavy imports (torch, transformers) happen inside `run`, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import StepscopeError
+
+COMMANDS = ["demo", "trace", "generate", "saliency", "diagnose", "compare", "report", "eval"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stepscope",
+        description="Where a reasoning model's step-to-step information flow breaks (Step-Saliency), "
+                    "and its test-time repair (StepFlow).")
+    parser.add_argument("--version", action="version", version=f"stepscope {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"stepscope.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"stepscope.commands.{name}":
+                continue  # command not built in this version
+            raise
+        p = sub.add_parser(name, help=mod.HELP, description=(mod.__doc__ or mod.HELP).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except StepscopeError as e:
+        print(f"stepscope {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stepscope {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

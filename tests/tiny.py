@@ -1,0 +1,90 @@
+"""Builders for tiny random models and family-flavoured tokenizers, shared by the tests.
+
+All tokenizers are the real SmolLM2 byte-level BPE tokenizer (the only real one available offline), given
+the chat template of each family: QwQ/R1 style (generation prompt ends with "<think>\n"), Qwen3 style (plain
+ChatML; the model writes "<think>" itself) and GPT-OSS harmony (special tokens added).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+
+THINK_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+HARMONY_TOKENS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>"]
+HARMONY_TEMPLATE = (
+    "{{ '<|start|>system<|message|>You are a helpful assistant.\nReasoning: medium\n"
+    "# Valid channels: analysis, commentary, final.<|end|>' }}"
+    "{% for message in messages %}{{ '<|start|>' + message['role'] + '<|message|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _base_tokenizer():
+    from stepscope.models import load_tokenizer
+
+    return load_tokenizer("default")
+
+
+def make_tokenizer(family: str = "think"):
+    """A fresh copy of the real SmolLM2 tokenizer with the chat template of `family`."""
+    tok = copy.deepcopy(_base_tokenizer())
+    if family == "think":
+        tok.chat_template = THINK_TEMPLATE
+    elif family == "chatml":
+        tok.chat_template = CHATML_TEMPLATE
+    elif family == "harmony":
+        tok.add_special_tokens({"additional_special_tokens": HARMONY_TOKENS})
+        tok.chat_template = HARMONY_TEMPLATE
+    elif family == "smollm2":
+        pass
+    else:
+        raise ValueError(family)
+    return tok
+
+
+def make_model(arch: str = "llama", vocab_size: int = 49152, layers: int = 4, seed: int = 0,
+               attn_implementation: str = "sdpa", dtype=torch.float32, **overrides):
+    """A tiny random causal LM of the given architecture ("llama", "qwen2", "qwen3", "mistral", "gptoss")."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  tie_word_embeddings=False)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(**common)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**common, use_sliding_window=False)
+    elif arch == "qwen3":
+        cfg = tf.Qwen3Config(**common, head_dim=16)
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(**common, sliding_window=None)
+    elif arch == "gptoss":
+        c = dict(common)
+        c.update(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                 sliding_window=8, layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                                for i in range(layers)])
+        cfg = tf.GptOssConfig(**c)
+    else:
+        raise ValueError(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    if arch == "gptoss" and attn_implementation == "sdpa":
+        attn_implementation = "eager"  # transformers has no sdpa path for GPT-OSS (sinks)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    if arch == "gptoss":  # random sinks of a visible size, so that tests see them matter
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.self_attn.sinks, std=1.0)
+    model.eval()
+    return model
