@@ -2,7 +2,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from tiny import make_model, make_tokenizer  # noqa: F401  (re-exported for tests)
 
 SHARED_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"

@@ -70,7 +70,7 @@ def detect_format(tokenizer=None, text: str | None = None) -> Format:
     if "<think>" in template or "</think>" in template:
         return THINK
     if text:
-        if "<|channel|>analysis" in text:
+        if "<|channel|>" in text:
             return HARMONY
         if "</think>" in text or "<think>" in text:
             return THINK
