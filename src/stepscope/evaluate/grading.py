@@ -81,9 +81,8 @@ def summary_of(response, *, starts_in_thinking: bool = True, think_end: str = TH
 # ----------------------------------------------------------------------------------------- multiple choice
 
 _BOXED_CHOICE = re.compile(r"\\boxed\s*\{\s*(?:\\text(?:bf)?\s*\{\s*)?\(?\s*([A-J])\s*\)?\s*\}?\s*\}")
-_SAID_CHOICE = re.compile(
-    r"(?:answer|choice|option)\s*(?:is|:)?\s*[:\-]?\s*(?:\*\*)?\s*(?:option\s*)?\(?\s*([A-J])\s*\)?(?![A-Za-z0-9])",
-    re.IGNORECASE)
+_SAID_CHOICE = re.compile(  # "the answer is (C)", "Answer: C", "**Answer:** (C)"; the letter must be upper case
+    r"(?i:answer)\s*(?:\*\*)?\s*(?:(?i:is)|:)\s*(?:\*\*)?\s*(?:(?i:option)\s*)?\(?\s*([A-J])\s*\)?(?![A-Za-z0-9])")
 
 
 def extract_choice(summary: str) -> str | None:

@@ -80,6 +80,45 @@ class EvalSettings:
                 **self.extra}
 
 
+ARMS = ("baseline", "stepflow", "oeb", "smi")
+# the paper's protocol (METHOD.md §6): samples per problem
+PAPER_SAMPLES = {"aime24": 16, "aime25": 16, "amc23": 16, "gpqa-diamond": 8, "math500": 1, "math500-mmath": 1,
+                 "gsm8k": 1}
+
+
+def arms_json(arm_configs: dict[str, object | None]) -> dict[str, dict | None]:
+    """The JSON form of arm configs, as stored in run.json and in every record."""
+    return {k: (v.to_json() if v is not None and hasattr(v, "to_json") else v) for k, v in arm_configs.items()}
+
+
+def build_arms(names: list[str] | str, **knobs) -> dict[str, object | None]:
+    """Arm name -> StepFlowConfig (None for plain decoding).
+
+    "baseline": plain decoding; "stepflow": OEB and SMI; "oeb": OEB only; "smi": SMI only (the paper's
+    ablation). `knobs` are StepFlowConfig fields (tau_max, alpha, smi_window, oeb_layers, smi_layers...); a
+    knob given as None keeps the default.
+    """
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not names:
+        raise StepscopeError("no arms given")
+    bad = [n for n in names if n not in ARMS]
+    if bad:
+        raise StepscopeError(f"unknown arm {bad[0]!r}; use a comma-separated list of {', '.join(ARMS)}")
+    if len(set(names)) != len(names):
+        raise StepscopeError(f"an arm is named twice in {','.join(names)}")
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    out: dict[str, object | None] = {}
+    for n in names:
+        if n == "baseline":
+            out[n] = None
+            continue
+        from ..flow import StepFlowConfig
+
+        out[n] = StepFlowConfig(**knobs, oeb=n in ("stepflow", "oeb"), smi=n in ("stepflow", "smi"))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ results files
 
 def results_file(out: Path, rank: int, world: int) -> Path:
@@ -225,7 +264,9 @@ def make_record(problem: Problem, sample: int, seed: int, arm: str, config: dict
         "new_tokens": int(meta.get("num_new_tokens", len(trace.token_ids) - (q1 - q0))),
         "thinking_tokens": t1 - t0,
         "summary_tokens": s1 - s0,
-        "time": meta.get("time"),
+        "stop_reason": meta.get("stop_reason"),
+        "budget_forced": meta.get("budget_forced"),
+        "time": meta.get("time", (meta.get("timing") or {}).get("row_seconds")),
         "rank": rank,
         "response_start": _char_at(trace, q1),
         "text": trace.text,
@@ -276,7 +317,10 @@ def run_eval(model, tokenizer, benchmark: Benchmark, settings: EvalSettings, out
     if set(arm_configs) != set(settings.arms):
         raise StepscopeError("arm_configs and settings.arms name different arms")
     if generate_fn is None:
-        from ..flow import generate_traces as generate_fn  # noqa: N813
+        try:
+            from ..flow import generate_traces as generate_fn  # noqa: N813
+        except ImportError:
+            from ..flow.generate import generate_traces as generate_fn  # noqa: N813
     from .. import __version__
 
     run_info = {"stepscope_run": RUN_VERSION, "stepscope_version": __version__, **settings.to_json(), "benchmark_source": benchmark.source,

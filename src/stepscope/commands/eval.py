@@ -1,0 +1,154 @@
+"""Measure what StepFlow buys on a benchmark: paired arms, one JSONL line per sample, resumable, sharded.
+
+Both arms generate every (problem, sample) with the same seed, so the comparison is paired. Results are
+appended to OUT/results.jsonl batch by batch; --resume continues an interrupted run (Ctrl-C, a lost node)
+without losing or repeating a sample. At the end OUT/summary.json and OUT/summary.md hold accuracy and
+pass@k (mean ± SE over problems) and StepFlow minus baseline with a paired bootstrap CI and a paired
+permutation p-value. Under torchrun / accelerate launch the work is sharded over the processes and rank 0
+merges the results.
+
+examples:
+  stepscope eval --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --benchmark aime24 --out runs/r1-7b-aime24
+  torchrun --nproc_per_node 8 -m stepscope.cli eval --model M --benchmark aime25 --out runs/m-aime25
+  stepscope eval --benchmark gsm8k --limit 20 --n-samples 1 --max-new-tokens 512 --out runs/smol-gsm8k
+  stepscope eval --resume --model M --benchmark aime24 --out runs/r1-7b-aime24    # continue, same settings
+  stepscope eval --summarize --out runs/r1-7b-aime24                              # recompute the summary
+  stepscope eval --table runs/*                                                   # the paper-shaped table
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "run StepFlow against the baseline on a benchmark (paired, resumable, sharded) with statistics"
+
+
+def _layers(text: str) -> list[int]:
+    """'0,1,2' or '0-7' or '-4--1' -> a list of layer indices."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        head, sep, tail = part[1:].partition("-")
+        if sep:
+            a, b = int(part[0] + head), int(tail)
+            out.extend(range(a, b + 1))
+        else:
+            out.append(int(part))
+    if not out:
+        raise argparse.ArgumentTypeError(f"no layers in {text!r}")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="hub id or local folder (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--benchmark", default=None,
+                   help="aime24, aime25, amc23, math500, math500-mmath, gsm8k, gpqa-diamond, or a local "
+                        ".jsonl/.json/.csv/.parquet file")
+    p.add_argument("--data-file", default=None, help="read the named benchmark from this local file instead")
+    p.add_argument("--out", default=None, help="run folder (created; with --resume, continued)")
+    p.add_argument("--n-samples", type=int, default=None,
+                   help="samples per problem (default: the paper's protocol: 16 for AIME/AMC, 8 for GPQA, 1 else)")
+    p.add_argument("--arms", default="baseline,stepflow",
+                   help="comma-separated arms: baseline, stepflow, oeb (OEB only), smi (SMI only)")
+    p.add_argument("--limit", type=int, default=None, help="only the first K problems")
+    p.add_argument("--max-new-tokens", type=int, default=32768, help="generation budget (default 32768)")
+    p.add_argument("--max-thinking-tokens", type=int, default=None,
+                   help="close the thinking after this many tokens (budget forcing; default: no limit)")
+    p.add_argument("--temperature", type=float, default=0.6, help="default 0.6 (the paper's)")
+    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95 (the paper's)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; a sample's seed = f(seed, problem id, sample)")
+    p.add_argument("--prompt-style", default=None, choices=["r1", "gpqa", "plain"],
+                   help="default: r1 for math (answer in \\boxed{}), gpqa for multiple choice")
+    p.add_argument("--batch-size", type=int, default=8, help="rows generated together (default 8)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (refused if its settings differ); starts it if absent")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), bfloat16, float16, float32")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda:LOCAL_RANK if available)")
+    p.add_argument("--device-map", default=None,
+                   help="'auto' spreads a model too large for one GPU over all GPUs (one process only)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
+    g = p.add_argument_group("StepFlow (METHOD.md §5; defaults: the paper's)")
+    g.add_argument("--tau-max", type=float, default=None, help="OEB bridge mass cap (default 0.15)")
+    g.add_argument("--alpha", type=float, default=None, help="SMI strength (default 0.06)")
+    g.add_argument("--smi-window", default=None, help="SMI: last W tokens of the step, or 'step' (default 4)")
+    g.add_argument("--oeb-layers", type=_layers, default=None, help="OEB layers, e.g. 0-6 (default: bottom quarter)")
+    g.add_argument("--smi-layers", type=_layers, default=None, help="SMI layers, e.g. -7--1 (default: top quarter)")
+    o = p.add_argument_group("output")
+    o.add_argument("--grade-timeout", type=float, default=10.0, help="seconds per math-verify call (default 10)")
+    o.add_argument("--save-traces", action="store_true",
+                   help="also store each sample's full trace (token ids, steps) in its record")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--summarize", action="store_true",
+                   help="only (re)write summary.json/summary.md of --out from its results (no generation)")
+    o.add_argument("--table", nargs="+", metavar="RUN_DIR", default=None,
+                   help="print the paper-shaped table (models x benchmarks) of finished run folders")
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from ..errors import StepscopeError
+    from ..evaluate.report import load_run, markdown, paper_table, summarize, write_summary
+
+    if args.table:
+        summaries = []
+        for d in args.table:
+            info, records = load_run(d)
+            summaries.append(summarize(records, info))
+        print(paper_table(summaries), end="")
+        return 0
+    if not args.out:
+        raise StepscopeError("--out is required (the run folder)")
+    if args.summarize:
+        s = write_summary(args.out)
+        print(markdown(s), end="")
+        return 0
+    if not args.benchmark:
+        raise StepscopeError("--benchmark is required (or --summarize / --table)")
+
+    from ..evaluate.benchmarks import load_benchmark
+    from ..evaluate.runner import PAPER_SAMPLES, EvalSettings, arms_json, build_arms, dist_env, run_eval
+
+    rank, world = dist_env()
+    if args.device_map and world > 1:
+        raise StepscopeError("--device-map spreads one model over all GPUs; run it in a single process")
+    smi_window = args.smi_window
+    if isinstance(smi_window, str) and smi_window.isdigit():
+        smi_window = int(smi_window)
+    arm_configs = build_arms(args.arms, tau_max=args.tau_max, alpha=args.alpha, smi_window=smi_window,
+                             oeb_layers=args.oeb_layers, smi_layers=args.smi_layers)
+    bench = load_benchmark(args.benchmark, data_file=args.data_file, seed=args.seed, limit=args.limit)
+    n_samples = args.n_samples if args.n_samples is not None else PAPER_SAMPLES.get(bench.name, 1)
+    settings = EvalSettings(
+        model=args.model, benchmark=bench.name, n_samples=n_samples, arms=arms_json(arm_configs),
+        max_new_tokens=args.max_new_tokens, max_thinking_tokens=args.max_thinking_tokens,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, prompt_style=args.prompt_style,
+        dtype=args.dtype, extra={"limit": args.limit, "data_file": args.data_file})
+
+    import torch
+
+    from ..models import load_model
+
+    device = args.device
+    if device is None and not args.device_map and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if world > 1 else "cuda"
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, device_map=args.device_map,
+                                  trust_remote_code=args.trust_remote_code)
+    if rank == 0:
+        print(f"stepscope eval: {bench.name} ({len(bench)} problems from {bench.source}), {n_samples} samples, "
+              f"arms {', '.join(arm_configs)}, {world} process(es) -> {args.out}", file=sys.stderr)
+    try:
+        summary = run_eval(model, tokenizer, bench, settings, args.out, arm_configs=arm_configs,
+                           batch_size=args.batch_size, resume=args.resume, progress=not args.no_progress,
+                           grade_timeout=args.grade_timeout, save_traces=args.save_traces)
+    except KeyboardInterrupt:
+        print(f"stepscope eval: interrupted; finished samples are in {args.out}; continue with the same command "
+              f"and --resume", file=sys.stderr)
+        return 130
+    if summary is not None:
+        print(markdown(summary), end="")
+    return 0
