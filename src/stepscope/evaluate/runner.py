@@ -197,9 +197,22 @@ def _compare_settings(old: dict, new: dict) -> list[str]:
     return [k for k in keys if old.get(k) != new.get(k)]
 
 
-def prepare_run_folder(out: Path, run_info: dict, *, resume: bool, rank: int) -> None:
-    """Create the folder and run.json, or check it against `run_info` when resuming."""
+def prepare_run_folder(out: Path, run_info: dict, *, resume: bool, rank: int,
+                       wait_timeout: float | None = 3600.0, poll: float = 1.0) -> None:
+    """Rank 0 creates the folder and run.json (or checks it when resuming); other ranks wait for it and check it.
+
+    Other ranks of a launch cannot tell "written by rank 0 a moment ago" from "left by an earlier run", so
+    they always behave as if resuming: they only add samples of these very settings, which a later
+    --resume counts as done; rank 0 alone refuses an existing run without --resume.
+    """
     path = out / "run.json"
+    if rank != 0:
+        start = time.monotonic()
+        while not path.exists():
+            if wait_timeout is not None and time.monotonic() - start > wait_timeout:
+                raise StepscopeError(f"rank {rank}: rank 0 did not create {path} within {wait_timeout:.0f} s")
+            time.sleep(poll)
+        resume = True
     if path.exists():
         try:
             old = json.loads(read_text_file(path))
@@ -213,11 +226,10 @@ def prepare_run_folder(out: Path, run_info: dict, *, resume: bool, rank: int) ->
             raise StepscopeError(f"--resume: the settings differ from {path} ({shown}); use the same settings or "
                                  f"another --out")
         return
-    if not resume and out.exists() and any(out.glob("results*.jsonl")):
+    if out.exists() and any(out.glob("results*.jsonl")):
         raise StepscopeError(f"{out} holds results but no run.json; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        atomic_write_json(path, run_info)
+    atomic_write_json(path, run_info)
 
 
 def _write_status(out: Path, rank: int, state: str, **extra) -> None:
@@ -326,7 +338,8 @@ def run_eval(model, tokenizer, benchmark: Benchmark, settings: EvalSettings, out
     run_info = {"stepscope_run": RUN_VERSION, "stepscope_version": __version__, **settings.to_json(), "benchmark_source": benchmark.source,
                 "benchmark_fingerprint": benchmark.fingerprint(), "n_problems": len(benchmark),
                 "batch_size": batch_size, "world_size": world, "created": time.time()}
-    prepare_run_folder(out, run_info, resume=resume, rank=rank)
+    prepare_run_folder(out, run_info, resume=resume, rank=rank, poll=min(poll_seconds, 1.0),
+                       wait_timeout=3600.0 if wait_timeout is None else wait_timeout)
 
     units = [(p, s) for p in benchmark.problems for s in range(settings.n_samples)]  # problem-major
     arms = list(settings.arms)

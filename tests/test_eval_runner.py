@@ -1,0 +1,292 @@
+"""The run loop with a stand-in generator: paired seeds, interleaved arms, resume, truncated lines, sharding."""
+
+import concurrent.futures as cf
+import itertools
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stepscope.errors import StepscopeError
+from stepscope.evaluate.benchmarks import load_benchmark
+from stepscope.evaluate.report import markdown, paper_table, summarize
+from stepscope.evaluate.runner import (
+    EvalSettings,
+    read_results,
+    repair_jsonl,
+    run_eval,
+    sample_seed,
+)
+
+pytest.importorskip("math_verify")
+TESTS = Path(__file__).resolve().parent
+GOLDS = ["12", "7", "30", "144", "5"]
+
+
+@dataclass
+class FakeTrace:
+    """A trace with one token per character: the runner's bookkeeping does not depend on the tokenizer (the
+    end-to-end test runs real traces), and child processes start without importing torch or transformers."""
+
+    text: str
+    token_ids: list
+    segments: dict
+    token_char_ends: list
+    meta: dict
+
+    @classmethod
+    def build(cls, prompt: str, response: str, meta: dict) -> "FakeTrace":
+        text = prompt + response
+        end = response.rfind("</think>")
+        q_end = len(prompt)
+        t_end = len(text) if end < 0 else q_end + end + len("</think>")
+        segments = {"question": (0, q_end), "thinking": (q_end, t_end), "summary": (t_end, len(text))}
+        return cls(text, [ord(c) for c in text], segments, list(range(1, len(text) + 1)),
+                   {**meta, "thinking_closed": end >= 0})
+
+    @property
+    def thinking_closed(self) -> bool:
+        return self.meta["thinking_closed"]
+
+    def segment_text(self, kind: str) -> str:
+        a, b = self.segments[kind]
+        return self.text[a:b]
+
+
+def fake_outcome(seed: int, stepflow) -> tuple[bool, bool]:
+    """(thinking closed, correct) of a stand-in sample: a pure function of its seed and arm."""
+    r = seed % 10
+    closed = r != 0
+    good = closed and (r >= 3 if stepflow is not None else r >= 5)  # "StepFlow" fixes r in {3, 4}
+    return closed, good
+
+
+class FakeGenerator:
+    """Stands in for stepscope.flow.generate_traces: same call, real Traces, outcome a function of the seed."""
+
+    def __init__(self, golds: dict[str, str], fail_on_call: int | None = None):
+        self.golds = golds
+        self.calls: list[tuple[str, list[tuple[str, int]], list[int]]] = []
+        self.fail_on_call = fail_on_call
+
+    def __call__(self, model, tokenizer, questions, *, stepflow=None, seeds, metas, max_new_tokens,
+                 max_thinking_tokens, temperature, top_p, batch_size, prompt_style, progress):
+        assert prompt_style == "r1" and progress is False and len(seeds) == len(questions) == len(metas)
+        if self.fail_on_call is not None and len(self.calls) + 1 == self.fail_on_call:
+            raise KeyboardInterrupt
+        self.calls.append((metas[0]["arm"], [(m["id"], m["sample"]) for m in metas], list(seeds)))
+        out = []
+        for q, seed, meta in zip(questions, seeds, metas):
+            closed, good = fake_outcome(seed, stepflow)
+            gold = self.golds[q]
+            ans = gold if good else gold + "1"
+            resp = (f"First I add the numbers. Then I check the sum.\n</think>\n\nThe answer is \\boxed{{{ans}}}."
+                    if closed else f"First I add the numbers and get \\boxed{{{gold}}}. Then I")
+            prompt = f"<|im_start|>user\n{q}\nPlease reason step by step.<|im_end|>\n<|im_start|>assistant\n<think>\n"
+            out.append(FakeTrace.build(prompt, resp, {**meta, "num_new_tokens": 20,
+                                                      "timing": {"row_seconds": 0.01}}))
+        return out
+
+
+def write_bench(folder: Path) -> Path:
+    p = folder / "toy.jsonl"
+    p.write_text("".join(json.dumps({"question": f"Problem {i}: compute the value.", "answer": a}) + "\n"
+                         for i, a in enumerate(GOLDS)), encoding="utf-8")
+    return p
+
+
+def run_fake(out, bench_file, *, n_samples=3, batch_size=4, resume=False, fail_on_call=None, rank=None, world=None,
+             temperature=0.6, wait_timeout=30.0):
+    bench = load_benchmark(str(bench_file))
+    gen = FakeGenerator({p.prompt_text(): p.answer for p in bench.problems}, fail_on_call)
+    settings = EvalSettings(model="fake-model", benchmark=bench.name, n_samples=n_samples,
+                            arms={"baseline": None, "stepflow": {"tau_max": 0.15}}, max_new_tokens=64,
+                            temperature=temperature)
+    summary = run_eval(None, None, bench, settings, out, arm_configs={"baseline": None, "stepflow": "cfg"},
+                       batch_size=batch_size, resume=resume, progress=False, generate_fn=gen, rank=rank,
+                       world_size=world, poll_seconds=0.2, wait_timeout=wait_timeout)
+    return summary, gen, bench
+
+
+def comparable(records):
+    return [{k: v for k, v in r.items() if k not in ("time", "rank")} for r in records]
+
+
+def test_paired_records_and_summary(tmp_path):
+    bench_file = write_bench(tmp_path)
+    summary, gen, bench = run_fake(tmp_path / "run", bench_file)
+    recs = read_results(tmp_path / "run")
+    assert len(recs) == 5 * 3 * 2
+    assert len({(r["problem_id"], r["sample"], r["arm"]) for r in recs}) == len(recs)
+    by = {(r["problem_id"], r["sample"], r["arm"]): r for r in recs}
+    per_problem = {"baseline": [], "stepflow": []}
+    for p in bench.problems:
+        for arm in per_problem:
+            cs = []
+            for s in range(3):
+                r = by[(p.id, s, arm)]
+                seed = sample_seed(0, p.id, s)
+                assert r["seed"] == seed == by[(p.id, s, "baseline")]["seed"]  # paired
+                closed, good = fake_outcome(seed, None if arm == "baseline" else "cfg")
+                assert r["correct"] is good and r["thinking_closed"] is closed
+                assert r["gold"] == p.answer and r["text"].startswith("<|im_start|>")
+                assert r["config"] == (None if arm == "baseline" else {"tau_max": 0.15})
+                assert r["new_tokens"] == 20 and r["time"] == 0.01 and r["thinking_tokens"] > 0
+                cs.append(good)
+            per_problem[arm].append(np.mean(cs))
+    a, b = np.array(per_problem["baseline"]), np.array(per_problem["stepflow"])
+    assert summary["complete"] and summary["n_problems"] == 5
+    assert summary["arms"]["baseline"]["accuracy"] == pytest.approx(a.mean())
+    assert summary["arms"]["baseline"]["se"] == pytest.approx(a.std(ddof=1) / np.sqrt(5))
+    c = summary["comparisons"]["stepflow"]
+    assert c["diff"] == pytest.approx((b - a).mean())
+    d = b - a  # exact sign-flip p by enumeration
+    ref = np.mean([abs(np.dot(s, d)) / 5 >= abs(d.mean()) - 1e-12 for s in itertools.product([-1, 1], repeat=5)])
+    assert c["p_value"] == pytest.approx(ref)
+    assert c["ci_low"] <= c["diff"] <= c["ci_high"]
+    assert set(summary["arms"]["stepflow"]["pass_at_k"]) == {"1", "2"}
+    md = (tmp_path / "run" / "summary.md").read_text()
+    assert "| model | benchmark | baseline | StepFlow | diff [95% CI] | p |" in md
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["n_records"] == 30
+
+
+def test_arms_interleave_per_batch_and_batching_does_not_change_results(tmp_path):
+    bench_file = write_bench(tmp_path)
+    _, gen, _ = run_fake(tmp_path / "a", bench_file, batch_size=4)
+    arms = [c[0] for c in gen.calls]
+    assert arms == ["baseline", "stepflow"] * 4  # 15 units in batches of 4: both arms per batch
+    for (_, ids0, seeds0), (_, ids1, seeds1) in zip(gen.calls[::2], gen.calls[1::2]):
+        assert ids0 == ids1 and seeds0 == seeds1
+    assert [u for c in gen.calls[::2] for u in c[1]][:4] == [("toy-00", 0), ("toy-00", 1), ("toy-00", 2),
+                                                            ("toy-01", 0)]  # problem-major
+    run_fake(tmp_path / "b", bench_file, batch_size=1)
+    assert comparable(read_results(tmp_path / "a")) == comparable(read_results(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("fail_on_call", [2, 3])
+def test_interrupt_then_resume_loses_and_repeats_nothing(tmp_path, fail_on_call):
+    bench_file = write_bench(tmp_path)
+    run_fake(tmp_path / "clean", bench_file)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_fake(out, bench_file, fail_on_call=fail_on_call)
+    partial = read_results(out)
+    assert len(partial) == 4 * (fail_on_call - 1)  # call 2 fails: batch 1 baseline only; call 3: both arms
+    assert json.loads((out / "status.rank0.json").read_text())["state"] == "interrupted"
+    assert not (out / "summary.json").exists()
+    with open(out / "results.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"problem_id": "toy-03", "sample": 0, "ar')  # a write cut by a kill
+    with pytest.raises(StepscopeError, match="--resume"):
+        run_fake(out, bench_file)  # an existing run is never overwritten without --resume
+    summary, gen, _ = run_fake(out, bench_file, resume=True)
+    done_before = {(r["problem_id"], r["sample"], r["arm"]) for r in partial}
+    asked = {(i, s, c[0]) for c in gen.calls for i, s in c[1]}
+    assert not (asked & done_before) and len(asked) + len(done_before) == 30
+    assert comparable(read_results(out)) == comparable(read_results(tmp_path / "clean"))
+    assert summary["complete"]
+    # a finished run resumed again has nothing to do
+    _, gen2, _ = run_fake(out, bench_file, resume=True)
+    assert gen2.calls == []
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    bench_file = write_bench(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_fake(tmp_path / "run", bench_file, fail_on_call=2)
+    with pytest.raises(StepscopeError, match="temperature"):
+        run_fake(tmp_path / "run", bench_file, resume=True, temperature=0.7)
+    with pytest.raises(StepscopeError, match="n_samples"):
+        run_fake(tmp_path / "run", bench_file, resume=True, n_samples=4)
+    # batch size may change between runs: it does not change any sample
+    summary, _, _ = run_fake(tmp_path / "run", bench_file, resume=True, batch_size=2)
+    assert summary["complete"]
+    # --resume on a folder that does not exist yet starts the run (job scripts can always pass it)
+    s2, _, _ = run_fake(tmp_path / "fresh", bench_file, resume=True)
+    assert s2["complete"]
+
+
+def test_repair_jsonl(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": ')
+    assert repair_jsonl(p) == len(b'{"c": ')
+    assert p.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
+    assert repair_jsonl(p) == 0
+    p.write_bytes(b'{"c": no newline at all')
+    repair_jsonl(p)
+    assert p.read_bytes() == b""
+
+
+def test_shards_in_one_process_merge_to_the_single_run(tmp_path):
+    bench_file = write_bench(tmp_path)
+    run_fake(tmp_path / "single", bench_file)
+    out = tmp_path / "sharded"
+    with cf.ThreadPoolExecutor(2) as ex:  # the two ranks of one launch, side by side
+        r1 = ex.submit(run_fake, out, bench_file, rank=1, world=2)
+        r0 = ex.submit(run_fake, out, bench_file, rank=0, world=2)
+        assert r1.result(timeout=120)[0] is None  # rank 1 finishes its share and leaves
+        summary, gen, _ = r0.result(timeout=120)
+    assert sorted({i for c in gen.calls for i in c[1]}) == sorted(
+        [(f"toy-{p:02d}", s) for p in range(5) for s in range(3)][0::2])
+    assert comparable(read_results(out)) == comparable(read_results(tmp_path / "single"))
+    assert not list(out.glob("results.rank*.jsonl")) and summary["complete"]
+
+
+def test_rank0_stops_when_another_rank_failed(tmp_path):
+    bench_file = write_bench(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "status.rank1.json").write_text(json.dumps({"rank": 1, "state": "failed", "error": "CUDA OOM"}))
+    with pytest.raises(StepscopeError, match="rank 1 failed: CUDA OOM"):
+        run_fake(out, bench_file, rank=0, world=2)
+
+
+CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_eval_runner import run_fake
+run_fake({out!r}, {bench!r}, batch_size=2)
+"""
+
+
+def test_two_processes_with_rank_env_merge_to_the_single_run(tmp_path):
+    bench_file = write_bench(tmp_path)
+    run_fake(tmp_path / "single", bench_file, batch_size=2)
+    out = tmp_path / "two"
+    code = CHILD.format(tests=str(TESTS), out=str(out), bench=str(bench_file))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2",
+                                                                 "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+    merged = read_results(out)
+    assert comparable(merged) == comparable(read_results(tmp_path / "single"))
+    assert {r["rank"] for r in merged} == {0, 1}
+    assert json.loads((out / "summary.json").read_text())["complete"]
+
+
+def test_summary_of_an_incomplete_run_and_tables():
+    info = {"model": "org/Model-7B", "benchmark": "aime24", "n_samples": 2, "n_problems": 3,
+            "arms": {"baseline": None, "stepflow": {}}, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 100}
+    recs = []
+    for pid, s, arm, ok in [("a", 0, "baseline", 1), ("a", 1, "baseline", 0), ("a", 0, "stepflow", 1),
+                            ("a", 1, "stepflow", 1), ("b", 0, "baseline", 0), ("b", 1, "baseline", 0),
+                            ("b", 0, "stepflow", 1), ("b", 1, "stepflow", 0), ("c", 0, "baseline", 1)]:
+        recs.append({"problem_id": pid, "sample": s, "arm": arm, "correct": bool(ok), "thinking_closed": True,
+                     "new_tokens": 10, "thinking_tokens": 8})
+    s = summarize(recs, info)
+    assert not s["complete"] and s["n_problems"] == 2 and s["n_problems_expected"] == 3
+    assert s["arms"]["baseline"]["accuracy"] == pytest.approx(0.25)
+    assert s["arms"]["stepflow"]["accuracy"] == pytest.approx(0.75)
+    assert s["arms"]["stepflow"]["pass_at_k"]["2"]["mean"] == pytest.approx(1.0)
+    assert s["comparisons"]["stepflow"]["diff"] == pytest.approx(0.5)
+    assert s["comparisons"]["stepflow"]["wins"] == 2
+    md = markdown(s)
+    assert "| Model-7B | AIME24 | 25.0 ± 25.0 | 75.0 ± 25.0 | +50.0 [" in md and "run incomplete" in md
+    table = paper_table([s])
+    assert "| Model-7B, baseline → StepFlow | 25.0 → 75.0 |" in table
