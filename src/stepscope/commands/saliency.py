@@ -1,0 +1,168 @@
+"""Compute Step-Saliency maps (attention x gradient, pooled step to step) of reasoning traces.
+
+Each TRACE file is a trace JSON (from `stepscope trace --out`) or a JSONL/JSON file of records with
+question/problem and response/output fields (rebuilt with the model's tokenizer). Every trace gets its own
+folder DIR/<trace id>/ holding maps.safetensors (tensor "maps", float32 [layers, steps, steps]), trace.json and
+meta.json, written atomically: a failed trace leaves no folder behind.
+
+The default method is exact and needs memory near-linear in the trace length (a 32K-token trace of a 7B model
+fits one GPU); --method reference keeps every layer's T x T attention and its gradient (small inputs only).
+
+examples:
+  stepscope saliency traces.jsonl --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --out sal/
+  stepscope saliency t.json --out sal/ --loss summary --layers shallow,deep      # the bundled default model
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+HELP = "compute step-to-step saliency maps of traces (exact, memory near-linear in length)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("traces", nargs="+", metavar="TRACE", help="trace JSON or JSONL/JSON records")
+    p.add_argument("--model", default="default",
+                   help="hub id or folder of the model that wrote the traces (default: the bundled SmolLM2)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (one subfolder per trace)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model weights dtype (auto: bfloat16 on CUDA, float32 on CPU); saliency itself is "
+                        "always accumulated in float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--pool", default="mean", choices=["mean", "sum"],
+                   help="mean (default): mean over token pairs of two steps; sum: their total")
+    p.add_argument("--loss", default="all", choices=["all", "response", "summary"],
+                   help="next-token targets in the loss: all (default), thinking+summary, or summary only")
+    p.add_argument("--layers", default="all",
+                   help="all (default), shallow, deep, or indices and ranges: 0,3,10-12 (negative from the end)")
+    p.add_argument("--method", default="chunked", choices=["chunked", "reference"],
+                   help="chunked (default): exact, blockwise backward; reference: brute force, small inputs only")
+    p.add_argument("--heads", action="store_true", help="also save per-head maps (tensor head_maps)")
+    p.add_argument("--batch-size", type=int, default=1, help="traces per forward/backward (default 1)")
+    p.add_argument("--block-rows", type=int, default=None,
+                   help="query rows per backward block (default: from free memory)")
+    p.add_argument("--index", type=int, default=None, help="only record N (0-based) of each JSONL file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int] | None:
+    """'all' -> None; 'shallow', 'deep', indices, a-b ranges, comma-separated, negatives from the end."""
+    from ..errors import StepscopeError
+    from ..saliency import layer_group_bounds
+
+    spec = spec.strip().lower()
+    if spec in ("", "all"):
+        return None
+    groups = layer_group_bounds(num_layers)
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if part in groups:
+            a, b = groups[part]
+            out.update(range(a, b))
+            continue
+        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+        if not m:
+            raise StepscopeError(f"--layers: cannot read {part!r} (use all, shallow, deep, 3, 0-7, -1)")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else a
+        a, b = (a + num_layers if a < 0 else a), (b + num_layers if b < 0 else b)
+        if not (0 <= a < num_layers and 0 <= b < num_layers):
+            raise StepscopeError(f"--layers: {part} is out of range (the model has {num_layers} layers)")
+        out.update(range(min(a, b), max(a, b) + 1))
+    return sorted(out)
+
+
+def _safe_name(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._")[:100] or "trace"
+
+
+def _is_trace_json(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return head.lstrip().startswith("{") and '"stepscope_trace"' in head
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..errors import StepscopeError
+    from ..models import load_model
+    from ..saliency import SaliencyResult, estimate_memory, step_saliency
+    from ..saliency.core import _check_traces, max_positions
+    from ..saliency.memory import format_bytes, model_shape
+    from ..trace import load_traces
+
+    if args.batch_size < 1:
+        raise StepscopeError("--batch-size must be at least 1")
+    for f in args.traces:
+        if not Path(f).is_file():
+            raise StepscopeError(f"{f}: no such file")
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code)
+    traces = []
+    for f in args.traces:
+        traces.extend(load_traces(f, tokenizer if not _is_trace_json(f) else None, index=args.index))
+    if not traces:
+        raise StepscopeError("no traces in the given files")
+    shape = model_shape(model)
+    layers = parse_layers(args.layers, shape["layers"])
+    _check_traces(model, traces, args.loss)  # every trace checked before any work
+
+    names: list[str] = []
+    used: set[str] = set()
+    for i, tr in enumerate(traces):
+        base = _safe_name(tr.id) if tr.id else f"trace-{i}"
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}-{k}"
+        used.add(name)
+        names.append(name)
+
+    device = model.get_input_embeddings().weight.device
+    T_max = max(len(t) for t in traces)
+    S_max = max(t.num_steps for t in traces)
+    est = estimate_memory(model, T_max, batch=args.batch_size, num_steps=S_max, method=args.method,
+                          heads=args.heads)["total"]
+    ref = estimate_memory(model, T_max, batch=1, num_steps=S_max, method="reference")["total"]
+    limit = max_positions(model)
+    print(f"model {args.model}: {shape['layers']} layers, {shape['heads']} heads, "
+          f"{str(next(model.parameters()).dtype).replace('torch.', '')} on {device}"
+          + (f", context {limit}" if limit else ""))
+    line = (f"{len(traces)} trace(s), longest {T_max} tokens / {S_max} steps; memory estimate "
+            f"~{format_bytes(est)} ({args.method})")
+    if args.method == "chunked":
+        line += f"; the brute-force reference would need ~{format_bytes(ref)}"
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        line += f"; GPU has {format_bytes(total)}"
+        if est > total:
+            line += "  WARNING: may not fit"
+    print(line, flush=True)
+
+    out = Path(args.out)
+    t_all = time.perf_counter()
+    for start in range(0, len(traces), args.batch_size):
+        batch = traces[start:start + args.batch_size]
+        results = step_saliency(model, batch, pool=args.pool, loss=args.loss, layers=layers, method=args.method,
+                                heads=args.heads, batch_size=args.batch_size, block_rows=args.block_rows,
+                                progress=not args.no_progress and sys.stderr.isatty())
+        for j, res in enumerate(results):
+            res: SaliencyResult
+            res.meta["model"] = str(args.model)
+            folder = out / names[start + j]
+            res.save(folder)
+            print(f"{names[start + j]}: {len(res.trace)} tokens, {res.num_steps} steps, {res.num_layers} layers, "
+                  f"{res.meta['time_s']:.1f} s, peak {format_bytes(res.meta['peak_memory_bytes'])} -> {folder}",
+                  flush=True)
+    print(f"done: {len(traces)} trace(s) in {time.perf_counter() - t_all:.1f} s -> {out}")
+    return 0
