@@ -1,0 +1,269 @@
+"""Matplotlib figures: per-layer step heatmaps (log colour scale, segment boundaries), layer grids,
+metric-versus-depth curves (correct versus wrong, with interval bands); saved as PNG and SVG.
+
+Figures are built on `matplotlib.figure.Figure` directly (no pyplot, no global state, Agg canvas), so they
+work headless and in threads. Titles never go through mathtext (`$` in a trace id stays a dollar sign).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+from ..diagnose import BAD_DIRECTION, METRICS, SCORES, Comparison, Diagnosis, layer_groups
+
+KIND_COLORS = {"question": "#6a4c93", "thinking": "#1982c4", "summary": "#e07a1f"}
+GROUP_COLORS = {"correct": "#2a9d8f", "wrong": "#d62828"}
+RC = {"svg.hashsalt": "stepscope", "font.size": 8, "axes.titlesize": 9}
+_BOUNDARY = "#ffffff"
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def log_norm(values: np.ndarray, decades: float = 6.0) -> LogNorm:
+    """A log colour scale from the largest value down `decades` decades (or to the smallest positive value)."""
+    pos = values[values > 0]
+    if pos.size == 0:
+        return LogNorm(vmin=1e-12, vmax=1.0)
+    vmax = float(pos.max())
+    return LogNorm(vmin=max(float(pos.min()), vmax * 10.0 ** -decades), vmax=vmax)
+
+
+def boundaries(step_kinds: Sequence[str]) -> list[int]:
+    """Step indices where a new segment starts (question -> thinking, thinking -> summary)."""
+    return [i for i in range(1, len(step_kinds)) if step_kinds[i] != step_kinds[i - 1]]
+
+
+def row_normalize(m: np.ndarray) -> np.ndarray:
+    """N[i, :] = M[i, :] / sum_j M[i, j] (rows summing to 0 stay 0). m: [..., S, S]."""
+    s = m.sum(axis=-1, keepdims=True)
+    return np.divide(m, s, out=np.zeros_like(m, dtype=np.float64), where=s > 0)
+
+
+def plot_step_map(ax: Any, m: np.ndarray, step_kinds: Sequence[str], *, title: str | None = None,
+                  norm: LogNorm | None = None, colorbar: bool = True, normalize_rows: bool = False) -> Any:
+    """Draw one layer's step map [S, S] on `ax`: log colour scale, zero cells blank, segment boundaries."""
+    m = np.asarray(m, dtype=np.float64)
+    if normalize_rows:
+        m = row_normalize(m)
+    norm = norm or log_norm(m)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#f0f0f0", under="#30123b")
+    im = ax.imshow(np.ma.masked_less_equal(m, 0.0), cmap=cmap, norm=norm, interpolation="nearest",
+                   aspect="equal")
+    for b in boundaries(step_kinds):
+        ax.axhline(b - 0.5, color=_BOUNDARY, lw=0.9)
+        ax.axvline(b - 0.5, color=_BOUNDARY, lw=0.9)
+        ax.axhline(b - 0.5, color="black", lw=0.3, ls=":")
+        ax.axvline(b - 0.5, color="black", lw=0.3, ls=":")
+    # segment names at their middles
+    edges = [0, *boundaries(step_kinds), len(step_kinds)]
+    mids = [(a + b - 1) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    names = [step_kinds[a][0].upper() for a in edges[:-1]]
+    ax.set_xticks(mids, names)
+    ax.set_yticks(mids, names)
+    for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        for lab, a in zip(labels, edges[:-1]):
+            lab.set_color(KIND_COLORS[step_kinds[a]])
+            lab.set_fontweight("bold")
+    ax.tick_params(length=0)
+    ax.set_xlabel("key step j")
+    ax.set_ylabel("query step i")
+    if title:
+        ax.set_title(title, parse_math=False)
+    if colorbar:
+        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="N[i, j]" if normalize_rows else "M[i, j]")
+    return im
+
+
+def heatmap_figure(maps: Any, step_kinds: Sequence[str], layer: int, *, title: str | None = None,
+                   normalize_rows: bool = False) -> Figure:
+    """One layer's step map as a figure."""
+    maps = _np(maps)
+    with matplotlib.rc_context(RC):
+        fig = _figure(5.2, 4.4)
+        ax = fig.add_subplot()
+        plot_step_map(ax, maps[layer], step_kinds, normalize_rows=normalize_rows,
+                      title=title or f"layer {layer} of {maps.shape[0]}")
+    return fig
+
+
+def default_grid_layers(num_layers: int, n: int = 8) -> list[int]:
+    """About n layers spread over the depth, always including the first and the last."""
+    if num_layers <= n:
+        return list(range(num_layers))
+    return sorted({int(round(x)) for x in np.linspace(0, num_layers - 1, n)})
+
+
+def layer_grid_figure(maps: Any, step_kinds: Sequence[str], layers: Sequence[int] | None = None, *,
+                      ncols: int = 4, normalize_rows: bool = False, shared_scale: bool = False,
+                      title: str | None = None) -> Figure:
+    """Step maps of chosen layers side by side (each on its own log scale unless `shared_scale`)."""
+    maps = _np(maps)
+    L = maps.shape[0]
+    layers = list(default_grid_layers(L) if layers is None else layers)
+    bad = [x for x in layers if not 0 <= x < L]
+    if bad:
+        from ..errors import StepscopeError
+
+        raise StepscopeError(f"layer(s) {bad} out of range: the maps have {L} layers")
+    groups = layer_groups(L)
+    ncols = max(1, min(ncols, len(layers)))
+    nrows = -(-len(layers) // ncols)
+    values = row_normalize(maps[layers]) if normalize_rows else maps[layers]
+    shared = log_norm(values) if shared_scale else None
+    with matplotlib.rc_context(RC):
+        fig = _figure(3.3 * ncols, 2.9 * nrows + (0.3 if title else 0))
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for ax in axes.flat[len(layers):]:
+            ax.set_axis_off()
+        for ax, layer in zip(axes.flat, layers):
+            band = " (shallow)" if layer in groups["shallow"] else " (deep)" if layer in groups["deep"] else ""
+            plot_step_map(ax, maps[layer], step_kinds, norm=shared, colorbar=not shared_scale,
+                          normalize_rows=normalize_rows, title=f"layer {layer}{band}")
+        if title:
+            fig.suptitle(title, parse_math=False)
+    return fig
+
+
+def _band_shading(ax: Any, num_layers: int) -> None:
+    g = layer_groups(num_layers)
+    ax.axvspan(g["shallow"][0] - 0.5, g["shallow"][-1] + 0.5, color="#6a4c93", alpha=0.07, lw=0)
+    ax.axvspan(g["deep"][0] - 0.5, g["deep"][-1] + 0.5, color="#e07a1f", alpha=0.07, lw=0)
+
+
+def metric_depth_figure(comparison: Comparison, metrics: Sequence[str] = METRICS, *, alpha: float = 0.05,
+                        ncols: int = 3) -> Figure:
+    """Metric versus layer, correct versus wrong: group means with their bootstrap interval bands.
+
+    A star marks layers where Welch's Holm-adjusted p < alpha. Shaded: shallow (purple) and deep (orange) bands.
+    """
+    L = comparison.num_layers
+    x = np.arange(L)
+    nrows = -(-len(metrics) // ncols)
+    with matplotlib.rc_context(RC):
+        fig = _figure(3.4 * ncols, 2.4 * nrows)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for ax in axes.flat[len(metrics):]:
+            ax.set_axis_off()
+        for ax, name in zip(axes.flat, metrics):
+            _band_shading(ax, L)
+            for group in ("correct", "wrong"):
+                mean, low, high = comparison.curve(name, group)
+                n = comparison.groups[group]["n"]
+                ax.plot(x, mean, color=GROUP_COLORS[group], lw=1.4, marker="o", ms=2, label=f"{group} (n={n})")
+                ax.fill_between(x, low, high, color=GROUP_COLORS[group], alpha=0.2, lw=0)
+            hits = [r["layer"] for r in comparison.metrics[name]
+                    if r["welch"] and r["welch"].get("p_holm") is not None and r["welch"]["p_holm"] < alpha]
+            if hits:
+                top = ax.get_ylim()[1]
+                ax.plot(hits, [top] * len(hits), ls="", marker="*", color="black", ms=5, clip_on=False)
+            direction = {1: "high = bad", -1: "low = bad", 0: ""}[BAD_DIRECTION[name]]
+            ax.set_title(name + (f"  ({direction})" if direction else ""))
+            ax.set_xlabel("layer")
+            ax.set_xlim(-0.5, L - 0.5)
+        axes.flat[0].legend(loc="best", fontsize=7, frameon=False)
+        fig.suptitle(f"correct vs wrong: means with {comparison.settings['level']:.0%} bootstrap intervals; "
+                     f"* = Welch p_holm < {alpha:g}")
+    return fig
+
+
+def scores_figure(comparison: Comparison, scores: Sequence[str] = SCORES) -> Figure:
+    """Per-trace scores by group (dots) with the group mean and its interval (bar)."""
+    rng = np.random.default_rng(0)
+    with matplotlib.rc_context(RC):
+        fig = _figure(2.6 * len(scores), 2.6)
+        axes = fig.subplots(1, len(scores), squeeze=False)[0]
+        for ax, name in zip(axes, scores):
+            s = comparison.scores[name]
+            for k, group in enumerate(("correct", "wrong")):
+                vals = np.array([v for v in s["values"][group] if v is not None], dtype=np.float64)
+                ax.scatter(k + rng.uniform(-0.12, 0.12, vals.size), vals, s=9, color=GROUP_COLORS[group], alpha=0.7)
+                ci = s[group]
+                if ci is not None:
+                    ax.plot([k - 0.25, k + 0.25], [ci["estimate"]] * 2, color="black", lw=1.5)
+                    if ci["low"] is not None:
+                        ax.plot([k, k], [ci["low"], ci["high"]], color="black", lw=1)
+            ax.set_xticks([0, 1], ["correct", "wrong"])
+            ax.set_xlim(-0.6, 1.6)
+            p = s["welch"]["p_value"] if s["welch"] else None
+            ax.set_title(name + ("" if p is None else f"\nWelch p={p:.3g}"))
+    return fig
+
+
+def diagnosis_depth_figure(diagnoses: Sequence[Diagnosis], metrics: Sequence[str] = METRICS,
+                           labels: Sequence[str] | None = None, ncols: int = 3) -> Figure:
+    """Metric versus layer for single traces (one line each); with a baseline, flagged layers are circled."""
+    L = diagnoses[0].num_layers
+    labels = list(labels or [d.id or f"trace {i}" for i, d in enumerate(diagnoses)])
+    nrows = -(-len(metrics) // ncols)
+    with matplotlib.rc_context(RC):
+        fig = _figure(3.4 * ncols, 2.4 * nrows)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for ax in axes.flat[len(metrics):]:
+            ax.set_axis_off()
+        for ax, name in zip(axes.flat, metrics):
+            _band_shading(ax, L)
+            for d, label in zip(diagnoses, labels):
+                y = d.metric(name)
+                ax.plot(np.arange(d.num_layers), y, lw=1.2, marker="o", ms=2, label=label.replace("$", r"\$"))
+                if d.flags is not None:
+                    hit = [i for i, f in enumerate(d.flags[name]) if f]
+                    ax.plot(hit, y[hit], ls="", marker="o", ms=7, mfc="none", mec="red")
+            ax.set_title(name)
+            ax.set_xlabel("layer")
+        if len(diagnoses) <= 8:
+            axes.flat[0].legend(loc="best", fontsize=6, frameon=False)
+    return fig
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_figure(fig: Figure, stem: str | os.PathLike, formats: Sequence[str] = ("png", "svg"),
+                dpi: int = 150) -> list[Path]:
+    """Write `fig` as stem.png and stem.svg (each through a temporary file and a rename); returns the paths."""
+    out = []
+    for fmt in formats:
+        buf = io.BytesIO()
+        with matplotlib.rc_context(RC):
+            fig.savefig(buf, format=fmt, dpi=dpi, metadata={"Date": None} if fmt == "svg" else None)
+        path = Path(f"{os.fspath(stem)}.{fmt}")
+        _write_bytes(path, buf.getvalue())
+        out.append(path)
+    return out
+
+
+def _np(maps: Any) -> np.ndarray:
+    if hasattr(maps, "detach"):
+        maps = maps.detach().float().cpu().numpy()
+    m = np.asarray(maps)
+    if m.ndim != 3:
+        from ..errors import StepscopeError
+
+        raise StepscopeError(f"step maps must have shape [layers, steps, steps], got {tuple(m.shape)}")
+    return m
