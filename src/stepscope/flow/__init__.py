@@ -1,0 +1,11 @@
+"""StepFlow, the test-time repair: Odds-Equal Bridge (shallow layers) and Step Momentum Injection (deep layers).
+
+`StepFlow(model, tokenizer, config)` is a context manager; `StepFlowConfig` holds every knob (METHOD.md §5).
+"""
+
+from .config import StepFlowConfig
+from .stepflow import StepFlow, StepFlowStats
+
+__all__ = ["StepFlow", "StepFlowConfig", "StepFlowStats"]
+
+# generation (issue 5, item 5) is added below by its owner:

@@ -1,0 +1,500 @@
+"""Batched trace generation: our own KV-cached decode loop over left-padded batches, optionally under StepFlow.
+
+One loop serves the baseline and StepFlow arms alike, so the two are paired:
+
+- Per-row reproducible sampling. Each row owns a CPU `torch.Generator` seeded with its seed; it draws one
+  uniform number per generated token (in blocks of 64, moved to the device once per block), and the token is
+  picked by inverse-CDF sampling over the filtered distribution in vocabulary order. A row's tokens therefore
+  depend only on (seed, its own logits), never on which other rows share its batch, nor on the device.
+- temperature, top-k (first), then top-p (the smallest set of most likely tokens holding `top_p` of the mass);
+  greedy (argmax) when temperature == 0 or do_sample=False.
+- Per-row stop at end-of-sequence / end-of-turn tokens or at `max_new_tokens`; finished rows leave the batch
+  (their KV cache rows are dropped) so they stop costing compute.
+- Budget forcing: a row that has written `max_thinking_tokens` tokens inside the thinking without closing it is
+  made to write the format's end marker ("\\n</think>\\n\\n"; for harmony "<|end|><|start|>assistant<|channel|>
+  final<|message|>") and then continues with the summary.
+- One host round trip per generated token for the whole batch (the new tokens, as one list), used for stop
+  checks, the incremental segmenter, budget forcing, streaming and progress; nothing per layer.
+
+Under StepFlow the model's forward pre-hook feeds StepFlow's own segmenters, so this loop only runs forwards
+inside `with StepFlow(...)`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import inspect
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
+
+import torch
+
+from ..errors import StepscopeError
+from ..formats import Format
+from ..prompts import STYLES, build_prompt, forced_close_text, resolve_format
+from ..segment import Segmenter
+from ..tokens import token_bytes
+from ..trace import Trace
+
+__all__ = ["generate_traces", "run_config", "sample_tokens", "stop_token_ids", "response_text"]
+
+# Single special tokens that end an assistant turn in common chat formats. Harmony's "<|end|>" is not one of
+# them: it ends the analysis message, after which the model writes its final answer.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|return|>", "<|call|>",
+               "<｜end▁of▁sentence｜>", "<end_of_turn>", "</s>", "<|end_of_turn|>")
+UNIFORM_BLOCK = 64  # uniforms drawn per row at a time
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids: the generation config's, the tokenizer's, and known end-of-turn special tokens."""
+    ids: set[int] = set()
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+    for v in (eos if isinstance(eos, (list, tuple)) else [eos]):
+        if v is not None:
+            ids.add(int(v))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    special = set(getattr(tokenizer, "all_special_tokens", []) or []) | \
+        {str(t) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()}
+    for s in END_OF_TURN:
+        if s in vocab and s in special:
+            ids.add(int(vocab[s]))
+    return ids
+
+
+def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, candidates: int | None = None) -> torch.Tensor:
+    """Pick one token per row by inverse-CDF sampling: logits [B, V], uniforms [B] in [0, 1) -> ids [B] int64.
+
+    temperature scales the logits; top-k keeps the k largest (ties at the k-th value kept); top-p keeps the
+    smallest set of most likely tokens whose mass reaches top_p (ties at the threshold kept). The pick walks the
+    kept probabilities in vocabulary order, so a tiny change in the logits moves the pick only when the uniform
+    lies within that change of a boundary.
+
+    `candidates` (default 256 on CPU, 0 elsewhere): look for the kept set among that many most likely tokens
+    first (a partial top-k instead of sorting the vocabulary), falling back to the full sort for a row whose kept
+    set does not fit. Both ways give the same token for the same row; the choice is made per row, so a row's
+    result never depends on its batch.
+    """
+    x = logits.float() / temperature  # [B, V]
+    B, V = x.shape
+    if 0 < top_k < V:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)  # [B, V]
+    acc = torch.float32 if probs.device.type == "mps" else torch.float64
+    u = uniforms.to(device=probs.device, dtype=acc).clamp(0.0, 1.0 - 1e-12)  # [B]
+    if candidates is None:
+        candidates = 256 if probs.device.type == "cpu" else 0
+    C = candidates
+    if not (0 < C < V and (top_p < 1.0 or 0 < top_k <= C)):
+        return _sample_full(probs, u, top_p)
+    sp, si = torch.topk(probs, C, dim=-1)  # [B, C] most likely first, and their ids
+    if top_p < 1.0:
+        thresh = _nucleus_threshold(sp, top_p)  # [B, 1]
+        fits = thresh[:, 0] > sp[:, -1]  # nothing outside the candidates reaches the threshold
+    else:
+        thresh = sp.new_full((B, 1), torch.finfo(sp.dtype).tiny)
+        fits = sp[:, -1] == 0  # every token top-k kept is a candidate
+    pc = torch.where(sp >= thresh, sp, torch.zeros_like(sp)).to(acc)  # [B, C]
+    order = torch.argsort(si, dim=-1)  # vocabulary order
+    si, pc = si.gather(-1, order), pc.gather(-1, order)
+    cdf = pc.cumsum(-1)  # [B, C]
+    pos = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp_(max=C - 1)
+    out = si.gather(-1, pos).squeeze(-1)  # [B]
+    if probs.device.type == "cpu" and not bool(fits.all()):  # no device sync on CPU
+        rows = (~fits).nonzero().squeeze(-1)
+        out[rows] = _sample_full(probs[rows], u[rows], top_p)
+    return out
+
+
+def _nucleus_threshold(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[B, C] probabilities sorted most likely first -> [B, 1] the smallest probability the nucleus keeps."""
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly before each token
+    n_keep = (before < top_p).sum(-1, keepdim=True).clamp_(min=1)  # [B, 1]
+    return sorted_probs.gather(-1, n_keep - 1)
+
+
+def _sample_full(probs: torch.Tensor, u: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The plain way: sort the whole vocabulary for top-p, then walk the kept mass in vocabulary order."""
+    V = probs.shape[-1]
+    if top_p < 1.0:
+        sp = torch.sort(probs, dim=-1, descending=True).values  # [B, V]
+        probs = probs.masked_fill(probs < _nucleus_threshold(sp, top_p), 0.0)
+    cdf = probs.to(u.dtype).cumsum(-1)  # [B, V]
+    target = u[:, None] * cdf[:, -1:]  # [B, 1], strictly below the total mass
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=V - 1)
+
+
+def response_text(trace: Trace) -> str:
+    """What the model wrote: the text after the prompt, without a final end-of-turn token."""
+    p = int(trace.meta.get("num_prompt_tokens", 0))
+    T = len(trace)
+    end = T - 1 if trace.meta.get("stop_reason") == "eos" else T
+    a = trace.token_char_ends[p - 1] if p > 0 else 0
+    b = trace.token_char_ends[end - 1] if end > 0 else 0
+    return trace.text[a:max(a, b)]
+
+
+# -- per-row state on the host ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    index: int  # position in the caller's question list
+    question: str
+    prompt_ids: list[int]
+    seed: int
+    seg: Segmenter
+    gen: list[int] = field(default_factory=list)
+    force: list[int] = field(default_factory=list)  # tokens still to force, in order
+    thinking_tokens: int = 0  # generated tokens written inside the thinking (forced ones excluded)
+    budget_forced: bool = False
+    stop_reason: str | None = None
+    seconds: float = 0.0  # from the batch start until the row finished
+    rng: torch.Generator | None = None
+
+
+class _Uniforms:
+    """Per-row uniform streams, handed to the device one block of UNIFORM_BLOCK steps at a time."""
+
+    def __init__(self, rows: list[_Row], device: torch.device):
+        self.rows = rows
+        self.device = device
+        self.block: torch.Tensor | None = None  # [B, UNIFORM_BLOCK] float64 on device
+        for r in rows:
+            r.rng = torch.Generator().manual_seed(int(r.seed))
+
+    def column(self, step: int) -> torch.Tensor:
+        k = step % UNIFORM_BLOCK
+        if k == 0 or self.block is None:
+            host = torch.stack([torch.rand(UNIFORM_BLOCK, generator=r.rng, dtype=torch.float64) for r in self.rows])
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            self.block = host.to(self.device, non_blocking=True)
+        return self.block[:, k]  # [B]
+
+    def select(self, keep: list[int], keep_dev: torch.Tensor) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if self.block is not None:
+            self.block = self.block.index_select(0, keep_dev)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    max_new_tokens: int
+    max_thinking_tokens: int | None
+    temperature: float
+    top_p: float
+    top_k: int
+    do_sample: bool
+
+
+def _config_dict(cfg) -> dict | None:
+    if cfg is None:
+        return None
+    if hasattr(cfg, "to_json"):
+        return cfg.to_json()
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    if is_dataclass(cfg):
+        return asdict(cfg)
+    return dict(vars(cfg))
+
+
+def _stats_dict(sf) -> dict | None:
+    stats = getattr(sf, "stats", None)
+    if stats is None:
+        return None
+    for name in ("to_json", "to_dict", "summary"):
+        fn = getattr(stats, name, None)
+        if callable(fn):
+            with contextlib.suppress(Exception):
+                return fn()
+    return stats if isinstance(stats, dict) else None
+
+
+def _model_device(model) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+def _forward_kwargs(model) -> tuple[str, bool]:
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    return cache_kw, "logits_to_keep" in params
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+# -- the decode loop -------------------------------------------------------------------------------------------
+
+
+def _run_batch(model, rows: list[_Row], s: _Settings, stop_ids: set[int], forced_ids: list[int],
+               stream: Callable[[str], None] | None, tokbytes, on_row_done: Callable[[_Row], None],
+               can_compact: bool, sf=None) -> dict:
+    """Generate for `rows` in place; return the batch timing."""
+    device = _model_device(model)
+    cache_kw, has_keep = _forward_kwargs(model)
+    B = len(rows)
+    P = max(len(r.prompt_ids) for r in rows)
+    pad = 0
+    ids = torch.full((B, P), pad, dtype=torch.long)  # [B, P], left-padded
+    mask = torch.zeros((B, P), dtype=torch.long)  # [B, P]
+    for i, r in enumerate(rows):
+        n = len(r.prompt_ids)
+        ids[i, P - n:] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        mask[i, P - n:] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp_(min=0)  # [B, P]
+    last_pos = pos[:, -1]  # [B]
+    cache = _new_cache(model)
+    uniforms = _Uniforms(rows, device) if s.do_sample else None
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if stream else None
+    live = list(rows)
+    for r in live:
+        _maybe_force(r, s, forced_ids)
+    t0 = time.perf_counter()
+    t_first = None
+    tok = None  # [B] the tokens fed next
+    for step in range(s.max_new_tokens):
+        kw = {cache_kw: cache, "use_cache": True}
+        if step == 0:
+            if has_keep:
+                kw["logits_to_keep"] = 1
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
+        else:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)  # [B, L + 1]
+            last_pos = last_pos + 1
+            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=last_pos[:, None], **kw)
+        logits = out.logits[:, -1, :]  # [B, V]
+        if s.do_sample:
+            tok = sample_tokens(logits, uniforms.column(step), s.temperature, s.top_k, s.top_p)
+        else:
+            tok = logits.argmax(dim=-1)  # [B]
+        forcing = [r.force[0] if r.force and r.stop_reason is None else -1 for r in live]
+        if any(f >= 0 for f in forcing):
+            f = torch.tensor(forcing, dtype=torch.long).to(device, non_blocking=True)
+            tok = torch.where(f >= 0, f, tok)
+        host = tok.tolist()  # the one host round trip of this step
+        if t_first is None:
+            t_first = time.perf_counter()
+        done_any = False
+        for r, t in zip(live, host):
+            if r.stop_reason is not None:
+                continue  # a finished row still in the batch (no compaction): its tokens are ignored
+            was_forced = bool(r.force)
+            if was_forced:
+                r.force.pop(0)
+            elif r.seg.segment == "thinking":
+                r.thinking_tokens += 1
+            r.gen.append(t)
+            if t in stop_ids and not was_forced:
+                r.stop_reason = "eos"
+            else:
+                r.seg.feed((t,))
+                if decoder is not None:
+                    piece = decoder.decode(tokbytes(t))
+                    if piece:
+                        stream(piece)
+                if len(r.gen) >= s.max_new_tokens:
+                    r.stop_reason = "length"
+                else:
+                    _maybe_force(r, s, forced_ids)
+            if r.stop_reason is not None:
+                r.seconds = time.perf_counter() - t0
+                done_any = True
+                on_row_done(r)
+        if not done_any:
+            continue
+        keep = [i for i, r in enumerate(live) if r.stop_reason is None]
+        if not keep:
+            break
+        if can_compact:  # finished rows leave the batch: drop their cache rows and state
+            keep_dev = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.batch_select_indices(keep_dev)
+            mask = mask.index_select(0, keep_dev)
+            last_pos = last_pos.index_select(0, keep_dev)
+            tok = tok.index_select(0, keep_dev)
+            if uniforms is not None:
+                uniforms.select(keep, keep_dev)
+            if sf is not None:
+                sf.select_rows(keep)
+            live = [live[i] for i in keep]
+    if stream is not None and decoder is not None:
+        rest = decoder.decode(b"", final=True)
+        if rest:
+            stream(rest)
+    t1 = time.perf_counter()
+    return {"prefill_seconds": (t_first or t1) - t0, "batch_seconds": t1 - t0, "batch_rows": B,
+            "batch_prompt_tokens": P}
+
+
+def _maybe_force(r: _Row, s: _Settings, forced_ids: list[int]) -> None:
+    """Start budget forcing once the row has spent its thinking budget without closing the thinking."""
+    if (s.max_thinking_tokens is not None and not r.budget_forced and r.seg.segment == "thinking"
+            and r.thinking_tokens >= s.max_thinking_tokens):
+        r.force = list(forced_ids)
+        r.budget_forced = True
+
+
+def _prepare(model, tokenizer, *, stepflow, max_new_tokens: int, max_thinking_tokens: int | None,
+             temperature: float, top_p: float, top_k: int, do_sample: bool | None, prompt_style: str,
+             system: str | None, fmt: str | Format):
+    """Check the settings; return (settings, format, stepflow config, the run's JSON config)."""
+    if max_new_tokens < 1:
+        raise StepscopeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if max_thinking_tokens is not None and max_thinking_tokens < 0:
+        raise StepscopeError(f"max_thinking_tokens must be >= 0, got {max_thinking_tokens}")
+    if temperature < 0:
+        raise StepscopeError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise StepscopeError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise StepscopeError(f"top_k must be >= 0, got {top_k}")
+    if prompt_style not in STYLES:
+        raise StepscopeError(f"unknown prompt style {prompt_style!r}; use one of {', '.join(STYLES)}")
+    if do_sample is None:
+        do_sample = temperature > 0
+    if do_sample and temperature == 0:
+        raise StepscopeError("sampling needs temperature > 0 (temperature 0 means greedy decoding)")
+    f = resolve_format(tokenizer, fmt)
+    s = _Settings(max_new_tokens, max_thinking_tokens, float(temperature), float(top_p), int(top_k),
+                  bool(do_sample))
+    if stepflow is not None and is_dataclass(stepflow) and getattr(stepflow, "fmt", None) == "auto" and \
+            getattr(stepflow, "markers", None) is None:
+        stepflow = replace(stepflow, fmt=f)  # StepFlow's segmenters see the format the prompts were built in
+    config = {"model": str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")),
+              "dtype": str(getattr(model, "dtype", "")).replace("torch.", ""), "fmt": f.to_json(),
+              "prompt_style": prompt_style, "system": system, "max_new_tokens": max_new_tokens,
+              "max_thinking_tokens": max_thinking_tokens, "temperature": float(temperature),
+              "top_p": float(top_p), "top_k": int(top_k), "do_sample": bool(do_sample),
+              "stepflow": _config_dict(stepflow)}
+    return s, f, stepflow, config
+
+
+def run_config(model, tokenizer, *, stepflow=None, max_new_tokens: int = 1024,
+               max_thinking_tokens: int | None = None, temperature: float = 0.6, top_p: float = 0.95,
+               top_k: int = 0, do_sample: bool | None = None, prompt_style: str = "r1",
+               system: str | None = None, fmt: str | Format = "auto") -> dict:
+    """The JSON settings `generate_traces` records in each trace's meta["config"] for these arguments."""
+    return _prepare(model, tokenizer, stepflow=stepflow, max_new_tokens=max_new_tokens,
+                    max_thinking_tokens=max_thinking_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    do_sample=do_sample, prompt_style=prompt_style, system=system, fmt=fmt)[3]
+
+
+def generate_traces(model, tokenizer, questions: Sequence[str], *, stepflow=None, max_new_tokens: int = 1024,
+                    max_thinking_tokens: int | None = None, temperature: float = 0.6, top_p: float = 0.95,
+                    top_k: int = 0, do_sample: bool | None = None, seeds: Sequence[int] | None = None,
+                    batch_size: int = 8, prompt_style: str = "r1", system: str | None = None,
+                    fmt: str | Format = "auto", progress: bool = True,
+                    stream: Callable[[str], None] | None = None, metas: Sequence[dict | None] | None = None,
+                    on_batch: Callable[[list[Trace]], None] | None = None) -> list[Trace]:
+    """Generate one reasoning trace per question, in batches; return them in the order of `questions`.
+
+    `stepflow`: a StepFlowConfig to generate under StepFlow, or None for the plain model. `seeds`: one int per
+    question (default 0, 1, 2, ...): a row's sample depends only on its seed and its logits. `do_sample`:
+    default True iff temperature > 0. `max_thinking_tokens`: budget forcing. `stream`: a callback receiving
+    the text of a single question's answer as it is written. `metas`: extra meta per question (e.g. its id).
+    `on_batch`: called with each finished batch's traces (in the order they finished batches), e.g. to save them.
+    Each trace's meta holds question, seed, num_prompt_tokens, num_new_tokens, stop_reason ("eos"|"length"),
+    budget_forced, thinking_tokens, thinking_closed, timing and config.
+    """
+    questions = list(questions)
+    n = len(questions)
+    if n == 0:
+        return []
+    for i, q in enumerate(questions):
+        if not isinstance(q, str) or not q.strip():
+            raise StepscopeError(f"question {i} is empty or not a string")
+    if seeds is None:
+        seeds = list(range(n))
+    seeds = [int(x) for x in seeds]
+    if len(seeds) != n:
+        raise StepscopeError(f"got {len(seeds)} seeds for {n} questions")
+    if metas is not None and len(metas) != n:
+        raise StepscopeError(f"got {len(metas)} metas for {n} questions")
+    if stream is not None and n != 1:
+        raise StepscopeError("streaming works for a single question")
+    if batch_size < 1:
+        raise StepscopeError(f"batch_size must be at least 1, got {batch_size}")
+    s, f, stepflow, config = _prepare(model, tokenizer, stepflow=stepflow, max_new_tokens=max_new_tokens,
+                                      max_thinking_tokens=max_thinking_tokens, temperature=temperature,
+                                      top_p=top_p, top_k=top_k, do_sample=do_sample, prompt_style=prompt_style,
+                                      system=system, fmt=fmt)
+    forced_ids = list(tokenizer(forced_close_text(f), add_special_tokens=False)["input_ids"])
+    stop_ids = stop_token_ids(model, tokenizer)
+    tb = token_bytes(tokenizer)
+
+    rows = []
+    for i, q in enumerate(questions):
+        _, pids = build_prompt(tokenizer, q, style=prompt_style, system=system, fmt=f)
+        seg = Segmenter(tokenizer, f, tokbytes=tb)
+        seg.feed(pids)
+        rows.append(_Row(i, q, pids, seeds[i], seg))
+    # longest prompts first: less padding per batch, and memory trouble shows at once
+    order = sorted(range(n), key=lambda i: -len(rows[i].prompt_ids))
+    batches = [[rows[i] for i in order[a:a + batch_size]] for a in range(0, n, batch_size)]
+
+    bar = None
+    if progress and stream is None and n > 1:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, unit="trace", desc="generate", file=sys.stderr, dynamic_ncols=True)
+
+    def on_row_done(r: _Row) -> None:
+        if bar is not None:
+            bar.update(1)
+
+    if stepflow is not None:
+        try:
+            from .stepflow import StepFlow
+        except ImportError as e:
+            raise StepscopeError(f"StepFlow is not available in this build ({e})") from None
+        ctx = StepFlow(model, tokenizer, stepflow)
+    else:
+        ctx = contextlib.nullcontext()
+    results: list[Trace | None] = [None] * n
+    try:
+        with ctx as sf, torch.inference_mode():
+            can_compact = sf is None or callable(getattr(sf, "select_rows", None))
+            for batch in batches:
+                if sf is not None and callable(getattr(sf, "reset_stats", None)):
+                    sf.reset_stats()  # stats per batch
+                timing = _run_batch(model, batch, s, stop_ids, forced_ids, stream, tb, on_row_done,
+                                    can_compact, sf)
+                stats = _stats_dict(sf) if sf is not None else None
+                done = []
+                for r in batch:
+                    meta = dict((metas[r.index] or {}) if metas is not None else {})
+                    meta.update({
+                        "question": r.question, "seed": r.seed, "num_prompt_tokens": len(r.prompt_ids),
+                        "num_new_tokens": len(r.gen), "stop_reason": r.stop_reason or "length",
+                        "budget_forced": r.budget_forced, "thinking_tokens": r.thinking_tokens,
+                        "timing": {**timing, "row_seconds": r.seconds}, "config": config,
+                    })
+                    if stats is not None:
+                        meta["stepflow_stats"] = stats
+                    trace = Trace.from_ids(tokenizer, r.prompt_ids + r.gen, fmt=f, meta=meta)
+                    results[r.index] = trace
+                    done.append(trace)
+                if on_batch is not None:
+                    on_batch(done)
+    finally:
+        if bar is not None:
+            bar.close()
+    return results  # type: ignore[return-value]

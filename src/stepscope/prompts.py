@@ -1,0 +1,119 @@
+"""Generation prompts per model family, built through the tokenizer's own chat template.
+
+Decisions (documented in docs/readme/generate.md):
+
+- The instruction goes into the user turn, after the question; no system prompt unless asked for. This is
+  DeepSeek's recommended form for R1 and its distills ("r1" style). "gpqa" asks for the option letter in
+  \\boxed{}; "plain" sends the question alone.
+- Every "think"/"markers" prompt ends inside the thinking: when the chat template does not itself end the
+  generation prompt with the start marker (R1-distill and QwQ templates do), "<think>\\n" (the format's start
+  marker and a newline) is appended. Reasoning models whose template knows the markers but lets the model
+  open the thinking (Qwen3) get nothing else; for a model whose template never mentions the markers (a
+  plain chat model such as SmolLM2) a short system instruction asks it to think inside the markers first.
+  So a generated response always starts inside the thinking, like the R1 traces in the wild.
+- Harmony (GPT-OSS): nothing is appended; the model writes the analysis channel header itself.
+"""
+
+from __future__ import annotations
+
+from .errors import StepscopeError, TraceError
+from .formats import HARMONY, THINK, Format, get_format
+
+STYLES = ("r1", "plain", "gpqa")
+
+INSTRUCTIONS = {
+    "r1": "Please reason step by step, and put your final answer within \\boxed{}.",
+    "gpqa": "Please reason step by step, and put the letter of the correct option (for example A, B, C or D) "
+            "within \\boxed{}.",
+    "plain": "",
+}
+
+
+def think_instruction(fmt: Format) -> str:
+    """The system instruction for a chat model that does not think on its own."""
+    return (f"First think step by step inside {fmt.think_start} and {fmt.think_end}; "
+            f"then, after {fmt.think_end}, write the final answer.")
+
+
+def resolve_format(tokenizer, fmt: str | Format | None = None,
+                   markers: tuple[str, str] | None = None) -> Format:
+    """The trace format to generate in: `fmt` if given, else detected from the chat template.
+
+    A template without thinking markers is harmony when the vocabulary holds "<|channel|>", else a plain chat
+    model: it falls back to "think", and the prompt then asks the model to think inside <think>...</think>.
+    """
+    if fmt is None or (isinstance(fmt, str) and fmt == "auto"):
+        try:
+            return get_format("auto", tokenizer, markers=markers)
+        except TraceError:
+            vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+            return HARMONY if "<|channel|>" in vocab else THINK
+    return get_format(fmt, tokenizer, markers=markers)
+
+
+def _template_text(tokenizer) -> str:
+    t = getattr(tokenizer, "chat_template", None)
+    if isinstance(t, dict):
+        t = "\n".join(str(v) for v in t.values())
+    return t or ""
+
+
+def template_knows_thinking(tokenizer, fmt: Format) -> bool:
+    """Whether the chat template mentions the format's markers (then the model is a reasoning model)."""
+    t = _template_text(tokenizer)
+    return bool(fmt.think_start and fmt.think_start in t) or bool(fmt.think_end and fmt.think_end in t)
+
+
+def _apply_template(tokenizer, messages: list[dict]) -> str:
+    if not _template_text(tokenizer):
+        # no chat template: a bare completion prompt
+        sys = "".join(m["content"] + "\n\n" for m in messages if m["role"] == "system")
+        user = "".join(m["content"] for m in messages if m["role"] == "user")
+        return sys + user + "\n"
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # jinja2 TemplateError and friends: templates that refuse a system turn
+        if messages and messages[0]["role"] == "system":
+            merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+            try:
+                return tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=False)
+            except Exception:
+                pass
+        raise StepscopeError(f"the chat template failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                             ) from None
+
+
+def build_prompt(tokenizer, question: str, style: str = "r1", system: str | None = None,
+                 fmt: str | Format | None = None) -> tuple[str, list[int]]:
+    """Return (prompt_text, prompt_ids) for one question, ready for generation.
+
+    `style`: "r1" (default; "Please reason step by step, and put your final answer within \\boxed{}."),
+    "gpqa" (the option letter in \\boxed{}) or "plain" (the question alone). `system`: an optional system
+    prompt. `fmt`: "think", "harmony", a Format, or None/"auto" to detect it from the chat template.
+    The ids are the prompt text tokenized without extra special tokens (the template writes them).
+    """
+    if not isinstance(question, str) or not question.strip():
+        raise StepscopeError("the question is empty")
+    if style not in INSTRUCTIONS:
+        raise StepscopeError(f"unknown prompt style {style!r}; use one of {', '.join(STYLES)}")
+    f = resolve_format(tokenizer, fmt)
+    instruction = INSTRUCTIONS[style]
+    user = question.rstrip() + ("\n" + instruction if instruction else "")
+    opens_thinking = f.name != "harmony"
+    if opens_thinking and not template_knows_thinking(tokenizer, f):
+        system = (system.rstrip() + "\n\n" if system else "") + think_instruction(f)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    text = _apply_template(tokenizer, messages)
+    if opens_thinking and not text.rstrip().endswith(f.think_start):
+        text += f.think_start + "\n"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise StepscopeError("the prompt tokenizes to nothing")
+    return text, list(ids)
+
+
+def forced_close_text(fmt: Format) -> str:
+    """What budget forcing writes to close the thinking and open the summary."""
+    if fmt.name == "harmony":
+        return fmt.think_end + "<|start|>assistant" + (fmt.summary_start or "<|channel|>final<|message|>")
+    return "\n" + fmt.think_end + "\n\n"
