@@ -59,13 +59,19 @@ JSON_VERSION = 1
 
 # -- inputs -------------------------------------------------------------------------------------------------------
 
-def layer_groups(num_layers: int) -> dict[str, list[int]]:
-    """Shallow quarter, deep quarter (METHOD.md §3, at least one layer each) and the deep half (>= 2 layers)."""
+def layer_groups(num_layers: int, layers: Sequence[int] | None = None) -> dict[str, list[int]]:
+    """Shallow quarter, deep quarter (METHOD.md §3, at least one layer each) and deep half (>= 2 layers).
+
+    Model layers [0, L//4), [L - L//4, L) and [L - L//2, L) of a model with `num_layers` layers. Returned as
+    positions in `layers` (the model layer of each map; default all layers, so positions = layer indices); a
+    group keeps only the computed layers that fall in it, maybe none.
+    """
     L = int(num_layers)
     q = max(1, L // 4)
     h = min(L, max(2, L // 2))
-    return {"shallow": list(range(0, min(q, L))), "deep": list(range(max(0, L - q), L)),
-            "deep_half": list(range(L - h, L))}
+    bounds = {"shallow": (0, min(q, L)), "deep": (max(0, L - q), L), "deep_half": (L - h, L)}
+    ids = list(range(L)) if layers is None else [int(x) for x in layers]
+    return {name: [k for k, x in enumerate(ids) if a <= x < b] for name, (a, b) in bounds.items()}
 
 
 def problem_key(meta: dict) -> str | None:
@@ -117,13 +123,17 @@ class _Unpacked:
 
 
 def result_meta(result: Any) -> dict:
-    """The merged meta of a saliency result: its own meta, then the trace's (id, problem, correct win)."""
+    """The merged meta of a saliency result: the trace's (id, problem, correct, ...), then the result's own
+    (model, pool, loss, layers win: they describe the maps). The trace's "model" (the model that wrote the
+    trace) is kept as "source_model"."""
     meta: dict = {}
-    if isinstance(getattr(result, "meta", None), dict):
-        meta.update(result.meta)
     trace = getattr(result, "trace", None)
     if trace is not None and isinstance(getattr(trace, "meta", None), dict):
         meta.update(trace.meta)
+        if "model" in trace.meta:
+            meta["source_model"] = trace.meta["model"]
+    if isinstance(getattr(result, "meta", None), dict):
+        meta.update({k: v for k, v in result.meta.items() if not (k == "id" and "id" in meta)})
     return meta
 
 
@@ -194,6 +204,24 @@ def load_result(path: str | os.PathLike) -> Any:
         except json.JSONDecodeError as e:
             raise StepscopeError(f"{path / 'meta.json'}: not valid JSON ({e.msg})") from None
     return FolderResult(tensors["maps"], trace, meta if isinstance(meta, dict) else {}, path)
+
+
+def find_results(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Result folders named by `paths`: each path is a result folder (holding maps.safetensors) or a folder of
+    them (as `stepscope saliency --out DIR` writes: DIR/<trace id>/), expanded in name order."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "maps.safetensors").is_file():
+            out.append(p)
+        elif p.is_dir():
+            subs = sorted(q for q in p.iterdir() if (q / "maps.safetensors").is_file())
+            if not subs:
+                raise StepscopeError(f"{p}: not a saliency result folder, nor a folder of them "
+                                     "(no maps.safetensors)")
+            out.extend(subs)
+        else:
+            raise StepscopeError(f"{p}: no such folder")
+    return out
 
 
 # -- the metrics --------------------------------------------------------------------------------------------------
@@ -311,10 +339,12 @@ def _ranges(xs: list[int]) -> str:
     return ", ".join(parts)
 
 
-def compute_scores(metrics: dict[str, np.ndarray], num_layers: int) -> tuple[dict[str, float], dict[str, str]]:
+def compute_scores(metrics: dict[str, np.ndarray], num_layers: int, layers: Sequence[int] | None = None
+                   ) -> tuple[dict[str, float], dict[str, str]]:
     """lock_in_score (mean locality over shallow layers), decay_slope (LSQ slope of summary_to_thinking over
     the deep half) and deep_summary_to_thinking (its mean over the deep quarter)."""
-    groups = layer_groups(num_layers)
+    groups = layer_groups(num_layers, layers)
+    ids = np.arange(num_layers) if layers is None else np.asarray(layers)
     scores: dict[str, float] = {}
     reasons: dict[str, str] = {}
     loc = metrics["locality"][groups["shallow"]]
@@ -323,8 +353,9 @@ def compute_scores(metrics: dict[str, np.ndarray], num_layers: int) -> tuple[dic
         scores["lock_in_score"] = float(loc.mean())
     else:
         scores["lock_in_score"] = math.nan
-        reasons["lock_in_score"] = "locality is null in every shallow layer"
-    layers = np.array(groups["deep_half"], dtype=np.float64)
+        reasons["lock_in_score"] = ("locality is null in every shallow layer" if groups["shallow"] else
+                                    "no shallow layer was computed")
+    x_all = ids[groups["deep_half"]].astype(np.float64)  # model layer index, the slope's unit
     y = metrics["summary_to_thinking"][groups["deep_half"]]
     ok = np.isfinite(y)
     if num_layers < 2:
@@ -332,9 +363,10 @@ def compute_scores(metrics: dict[str, np.ndarray], num_layers: int) -> tuple[dic
         reasons["decay_slope"] = "needs at least 2 layers"
     elif ok.sum() < 2:
         scores["decay_slope"] = math.nan
-        reasons["decay_slope"] = "summary_to_thinking is null in the deep half of the layers"
+        reasons["decay_slope"] = ("summary_to_thinking is null in the deep half of the layers" if len(x_all) >= 2
+                                  else "fewer than 2 layers of the deep half were computed")
     else:
-        x, y = layers[ok], y[ok]
+        x, y = x_all[ok], y[ok]
         xc = x - x.mean()
         scores["decay_slope"] = float((xc * (y - y.mean())).sum() / (xc * xc).sum())
     deep = metrics["summary_to_thinking"][groups["deep"]]
@@ -343,7 +375,8 @@ def compute_scores(metrics: dict[str, np.ndarray], num_layers: int) -> tuple[dic
         scores["deep_summary_to_thinking"] = float(deep.mean())
     else:
         scores["deep_summary_to_thinking"] = math.nan
-        reasons["deep_summary_to_thinking"] = "summary_to_thinking is null in every deep layer"
+        reasons["deep_summary_to_thinking"] = ("summary_to_thinking is null in every deep layer" if groups["deep"]
+                                               else "no deep layer was computed")
     return scores, reasons
 
 
@@ -360,10 +393,12 @@ class Diagnosis:
     metrics: dict[str, list[float | None]]  # name -> [L]
     scores: dict[str, float | None]
     reasons: dict[str, str]  # metric or score name -> why (some of) its values are null
-    num_layers: int
+    num_layers: int  # maps in this diagnosis (= len(layers))
     step_counts: dict[str, int]
     rows: dict[str, int]
     meta: dict = field(default_factory=dict)
+    layers: list[int] | None = None  # model layer of each map (None: all layers, 0 .. num_layers - 1)
+    num_model_layers: int | None = None  # layers of the model (None: num_layers)
     z: dict[str, list[float | None]] | None = None
     flags: dict[str, list[bool | None]] | None = None
     score_z: dict[str, float | None] | None = None
@@ -372,8 +407,18 @@ class Diagnosis:
     baseline: dict | None = None  # where the baseline came from
 
     @property
+    def layer_ids(self) -> list[int]:
+        """The model layer of each map."""
+        return list(range(self.num_layers)) if self.layers is None else list(self.layers)
+
+    @property
+    def model_layers(self) -> int:
+        return self.num_layers if self.num_model_layers is None else self.num_model_layers
+
+    @property
     def layer_groups(self) -> dict[str, list[int]]:
-        return layer_groups(self.num_layers)
+        """Positions (into the per-layer lists) of the shallow, deep and deep-half layers."""
+        return layer_groups(self.model_layers, self.layer_ids)
 
     @property
     def id(self) -> str | None:
@@ -385,8 +430,8 @@ class Diagnosis:
         return np.array([np.nan if v is None else v for v in self.metrics[name]], dtype=np.float64)
 
     def to_json(self) -> dict:
-        return {"stepscope_diagnosis": JSON_VERSION, "num_layers": self.num_layers,
-                "layer_groups": self.layer_groups, "step_counts": self.step_counts, "rows": self.rows,
+        return {"stepscope_diagnosis": JSON_VERSION, "num_layers": self.num_layers, "layers": self.layer_ids,
+                "num_model_layers": self.model_layers, "layer_groups": self.layer_groups, "step_counts": self.step_counts, "rows": self.rows,
                 "meta": self.meta, "metrics": self.metrics, "scores": self.scores, "reasons": self.reasons,
                 "z": self.z, "flags": self.flags, "score_z": self.score_z, "score_flags": self.score_flags,
                 "verdict": self.verdict, "baseline": self.baseline}
@@ -399,7 +444,8 @@ class Diagnosis:
             return cls(metrics=d["metrics"], scores=d["scores"], reasons=d.get("reasons", {}),
                        num_layers=int(d["num_layers"]), step_counts=d["step_counts"], rows=d.get("rows", {}),
                        meta=d.get("meta", {}), z=d.get("z"), flags=d.get("flags"), score_z=d.get("score_z"),
-                       score_flags=d.get("score_flags"), verdict=d.get("verdict"), baseline=d.get("baseline"))
+                       score_flags=d.get("score_flags"), verdict=d.get("verdict"), baseline=d.get("baseline"),
+                       layers=d.get("layers"), num_model_layers=d.get("num_model_layers"))
         except (KeyError, TypeError, ValueError) as e:
             raise StepscopeError(f"malformed diagnosis JSON ({type(e).__name__}: {e})") from None
 
@@ -413,15 +459,38 @@ class Diagnosis:
         return format_table(self)
 
 
+def _layer_info(meta: dict, L: int) -> tuple[list[int], int]:
+    """(model layer of each map, model depth) from a result's meta ("layers", "num_layers"); default all."""
+    layers, depth = meta.get("layers"), meta.get("num_layers")
+    if layers is None:
+        return list(range(L)), int(depth) if isinstance(depth, int) and depth == L else L
+    try:
+        layers = [int(x) for x in layers]
+        depth = int(depth) if depth is not None else max(layers) + 1
+    except (TypeError, ValueError):
+        raise StepscopeError("meta 'layers' must be a list of layer indices") from None
+    if len(layers) != L:
+        raise StepscopeError(f"meta lists {len(layers)} layers but the maps have {L}")
+    if any(not 0 <= x < depth for x in layers) or sorted(set(layers)) != layers:
+        raise StepscopeError(f"meta 'layers' must be increasing indices below num_layers={depth}")
+    return layers, depth
+
+
 def diagnose_maps(maps: Any, step_kinds: Sequence[str], meta: dict | None = None,
                   baseline: Profile | None = None) -> Diagnosis:
-    """Diagnose bare maps [L, S, S] with their step kinds (the core of `diagnose`)."""
+    """Diagnose bare maps [L, S, S] with their step kinds (the core of `diagnose`).
+
+    meta "layers" / "num_layers" (as a saliency result writes them) say which model layer each map is, when
+    only some layers were computed; layer groups and the slope then use model layer indices.
+    """
     maps, kinds = check_inputs(maps, step_kinds)
-    values, reasons, rows = compute_metrics(maps, kinds)
-    scores, score_reasons = compute_scores(values, maps.shape[0])
-    reasons.update(score_reasons)
     meta = dict(meta or {})
-    keep = {k: meta[k] for k in ("id", "model", "correct", "pooling", "loss", "problem_id") if k in meta}
+    layer_ids, depth = _layer_info(meta, maps.shape[0])
+    values, reasons, rows = compute_metrics(maps, kinds)
+    scores, score_reasons = compute_scores(values, depth, layer_ids)
+    reasons.update(score_reasons)
+    keep = {k: meta[k] for k in ("id", "model", "source_model", "correct", "pool", "loss", "problem_id")
+            if k in meta}
     key = problem_key(meta)
     if key is not None:
         keep["problem_key"] = key
@@ -429,7 +498,8 @@ def diagnose_maps(maps: Any, step_kinds: Sequence[str], meta: dict | None = None
         keep["path"] = meta["path"]
     d = Diagnosis(metrics={k: [_none(v) for v in values[k]] for k in METRICS},
                   scores={k: _none(scores[k]) for k in SCORES}, reasons=reasons, num_layers=int(maps.shape[0]),
-                  step_counts={k: int((kinds == k).sum()) for k in KINDS}, rows=rows, meta=keep)
+                  step_counts={k: int((kinds == k).sum()) for k in KINDS}, rows=rows, meta=keep,
+                  layers=layer_ids, num_model_layers=depth)
     if baseline is not None:
         apply_baseline(d, baseline)
     return d
@@ -460,9 +530,15 @@ class Profile:
     scores: dict[str, dict[str, Any]]  # name -> {"mean", "std", "n"}
     sources: list[str | None]
     model: str | None = None
+    layers: list[int] | None = None  # model layer of each entry (None: all)
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return list(range(self.num_layers)) if self.layers is None else list(self.layers)
 
     def to_json(self) -> dict:
-        return {"stepscope_profile": JSON_VERSION, "num_layers": self.num_layers, "model": self.model,
+        return {"stepscope_profile": JSON_VERSION, "num_layers": self.num_layers, "layers": self.layer_ids,
+                "model": self.model,
                 "n_traces": len(self.sources), "sources": self.sources, "metrics": self.metrics,
                 "scores": self.scores}
 
@@ -471,7 +547,8 @@ class Profile:
         if not isinstance(d, dict) or "stepscope_profile" not in d:
             raise StepscopeError("not a stepscope baseline profile (no 'stepscope_profile' key)")
         try:
-            p = cls(int(d["num_layers"]), d["metrics"], d["scores"], list(d.get("sources", [])), d.get("model"))
+            p = cls(int(d["num_layers"]), d["metrics"], d["scores"], list(d.get("sources", [])), d.get("model"),
+                    d.get("layers"))
             for name in METRICS:
                 for k in ("mean", "std", "n"):
                     if len(p.metrics[name][k]) != p.num_layers:
@@ -514,10 +591,11 @@ def build_profile(diagnoses: Sequence[Diagnosis]) -> Profile:
     diagnoses = list(diagnoses)
     if not diagnoses:
         raise StepscopeError("a baseline profile needs at least one diagnosis")
-    L = diagnoses[0].num_layers
+    L, ids = diagnoses[0].num_layers, diagnoses[0].layer_ids
     for d in diagnoses:
-        if d.num_layers != L:
-            raise StepscopeError(f"cannot pool traces with {L} and {d.num_layers} layers into one profile")
+        if d.layer_ids != ids:
+            raise StepscopeError(f"cannot pool traces of different layers into one profile ({_ranges(ids)} and "
+                                 f"{_ranges(d.layer_ids)})")
     metrics: dict[str, dict[str, list]] = {}
     for name in METRICS:
         cols = [_mean_std([d.metrics[name][layer] for d in diagnoses if d.metrics[name][layer] is not None])
@@ -528,7 +606,7 @@ def build_profile(diagnoses: Sequence[Diagnosis]) -> Profile:
         mu, sd, n = _mean_std([d.scores[name] for d in diagnoses if d.scores[name] is not None])
         scores[name] = {"mean": mu, "std": sd, "n": n}
     models = {d.meta.get("model") for d in diagnoses}
-    return Profile(L, metrics, scores, [d.id for d in diagnoses], models.pop() if len(models) == 1 else None)
+    return Profile(L, metrics, scores, [d.id for d in diagnoses], models.pop() if len(models) == 1 else None, ids)
 
 
 def _z(x: float | None, mu: float | None, sd: float | None) -> float | None:
@@ -546,9 +624,9 @@ def _flag(name: str, z: float | None, threshold: float) -> bool | None:
 
 def apply_baseline(d: Diagnosis, profile: Profile, threshold: float = Z_THRESHOLD) -> Diagnosis:
     """Add z-scores, flags (|z| > threshold in the bad direction) and a verdict to `d` (in place; returns d)."""
-    if profile.num_layers != d.num_layers:
-        raise StepscopeError(f"the baseline profile has {profile.num_layers} layers, this result has "
-                             f"{d.num_layers}: use a profile of the same model")
+    if profile.layer_ids != d.layer_ids:
+        raise StepscopeError(f"the baseline profile covers layers {_ranges(profile.layer_ids)}, this result "
+                             f"{_ranges(d.layer_ids)}: use a profile of the same model and layers")
     d.z, d.flags = {}, {}
     for name in METRICS:
         p = profile.metrics[name]
@@ -571,14 +649,16 @@ def _verdict(d: Diagnosis, threshold: float) -> dict:
             ("shallow_lock_in", ("lock_in_score",), groups["shallow"], LOCK_IN_METRICS),
             ("deep_decay", ("decay_slope", "deep_summary_to_thinking"), groups["deep"], DECAY_METRICS)):
         zs = {s: d.score_z[s] for s in scores if d.score_z[s] is not None}
-        flagged_layers = [layer for layer in band if any(d.flags[n][layer] for n in names)]
+        flagged_layers = [d.layer_ids[k] for k in band if any(d.flags[n][k] for n in names)]
+        band_ids = [d.layer_ids[k] for k in band]
         if not zs:
             why = next((d.reasons[s] for s in scores if s in d.reasons), None) \
                 or "the baseline has no spread for its scores"
             out[pattern] = {"status": "not assessable", "reason": why, "flagged_layers": flagged_layers}
             continue
         parts = [f"{s} z={z:+.2f}" for s, z in zs.items()]
-        parts.append(f"{len(flagged_layers)} of {len(band)} layers in band {_ranges(band)} have a flagged metric")
+        parts.append(f"{len(flagged_layers)} of {len(band)} layers in band {_ranges(band_ids) or 'none'} have a "
+                     "flagged metric")
         hit = any(d.score_flags[s] for s in zs)
         out[pattern] = {"status": "flagged" if hit else "not flagged", "reason": "; ".join(parts),
                         "flagged_layers": flagged_layers}
@@ -614,6 +694,7 @@ def format_table(d: Diagnosis) -> str:
     widths = [max(9, len(c) + 1) for c in cols]
     head = f"{'layer':>5} {'band':<4}" + "".join(c.rjust(w) for c, w in zip(cols, widths))
     lines = [head]
+    ids = d.layer_ids
     for layer in range(d.num_layers):
         band = "S" if layer in shallow else ("D" if layer in deep else "")
         cells = []
@@ -621,7 +702,7 @@ def format_table(d: Diagnosis) -> str:
             s = _fmt(d.metrics[name][layer], w - 1)
             flag = d.flags is not None and d.flags[name][layer]
             cells.append(s + ("!" if flag else " "))
-        lines.append(f"{layer:>5} {band:<4}" + "".join(cells))
+        lines.append(f"{ids[layer]:>5} {band:<4}" + "".join(cells))
     lines.append("legend: " + ", ".join(f"{SHORT_NAMES[n]}={n}" for n in METRICS)
                  + "; band S=shallow quarter, D=deep quarter; '-' = null" + ("; '!' = flagged" if d.flags else ""))
     lines.append(format_scores(d))
@@ -661,10 +742,21 @@ class Comparison:
     metrics: dict[str, list[dict]]  # name -> [L] of per-layer statistics
     scores: dict[str, dict]
     settings: dict
+    layers: list[int] | None = None  # model layer of each entry (None: all)
+    num_model_layers: int | None = None
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return list(range(self.num_layers)) if self.layers is None else list(self.layers)
+
+    @property
+    def layer_groups(self) -> dict[str, list[int]]:
+        return layer_groups(self.num_model_layers or self.num_layers, self.layer_ids)
 
     def to_json(self) -> dict:
         return {"stepscope_comparison": JSON_VERSION, "direction": "wrong - correct", "num_layers": self.num_layers,
-                "layer_groups": layer_groups(self.num_layers), "groups": self.groups, "pairing": self.pairing,
+                "layers": self.layer_ids, "num_model_layers": self.num_model_layers or self.num_layers,
+                "layer_groups": self.layer_groups, "groups": self.groups, "pairing": self.pairing,
                 "settings": self.settings, "multiple_comparisons": MULTIPLE_COMPARISONS_NOTE,
                 "metrics": self.metrics, "scores": self.scores}
 
@@ -690,7 +782,8 @@ class Comparison:
                 w = row["welch"]
                 if w and w.get("p_holm") is not None and w["p_holm"] < alpha:
                     diff = row["difference"]["estimate"]
-                    hits.append(f"{layer} ({diff:+.3g}, g={w['effect_size']:+.2f})")
+                    g = w["effect_size"]
+                    hits.append(f"{self.layer_ids[layer]} ({diff:+.3g}, g={'-' if g is None else format(g, '+.2f')})")
             lines.append(f"{name:<25} " + (", ".join(hits) if hits else "none"))
         return "\n".join(lines)
 
@@ -760,11 +853,11 @@ def compare(correct: Sequence[Any], wrong: Sequence[Any], *, n_boot: int = 10_00
     dw = [x if isinstance(x, Diagnosis) else diagnose(x) for x in wrong]
     if not dc or not dw:
         raise StepscopeError(f"compare needs at least one trace per group (correct: {len(dc)}, wrong: {len(dw)})")
-    L = dc[0].num_layers
+    L, ids = dc[0].num_layers, dc[0].layer_ids
     for d in dc + dw:
-        if d.num_layers != L:
-            raise StepscopeError(f"cannot compare results with {L} and {d.num_layers} layers "
-                                 f"({d.id or 'a trace'}): use one model")
+        if d.layer_ids != ids or d.model_layers != dc[0].model_layers:
+            raise StepscopeError(f"cannot compare results of different layers ({_ranges(ids)} and "
+                                 f"{_ranges(d.layer_ids)}, {d.id or 'a trace'}): use one model and one layer set")
     kc = [d.meta.get("problem_key") for d in dc]
     kw = [d.meta.get("problem_key") for d in dw]
     shared = sorted({k for k in kc if k} & {k for k in kw if k})
@@ -776,7 +869,7 @@ def compare(correct: Sequence[Any], wrong: Sequence[Any], *, n_boot: int = 10_00
             w = [d.metrics[name][layer] for d in dw if d.metrics[name][layer] is not None]
             pairs = _paired_values([(k, d.metrics[name][layer]) for k, d in zip(kc, dc)],
                                    [(k, d.metrics[name][layer]) for k, d in zip(kw, dw)])
-            rows.append({"layer": layer, **_group_stats(c, w, pairs, n_boot, n_perm, level,
+            rows.append({"layer": ids[layer], **_group_stats(c, w, pairs, n_boot, n_perm, level,
                                                          seed + 1000 * mi + 10 * layer)})
         for test in ("welch", "mann_whitney"):
             ps = [r[test]["p_value"] if r[test] else None for r in rows]
@@ -805,4 +898,4 @@ def compare(correct: Sequence[Any], wrong: Sequence[Any], *, n_boot: int = 10_00
     settings = {"n_boot": n_boot, "n_perm": n_perm, "level": level, "seed": seed,
                 "interval": "percentile bootstrap", "tests": "Welch t, Mann-Whitney U, paired sign-flip permutation",
                 "effect_sizes": "Hedges' g (Welch), rank-biserial r (Mann-Whitney), Cohen's d_z (paired)"}
-    return Comparison(L, groups, pairing, metrics, scores, settings)
+    return Comparison(L, groups, pairing, metrics, scores, settings, ids, dc[0].model_layers)

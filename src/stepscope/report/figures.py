@@ -111,8 +111,13 @@ def default_grid_layers(num_layers: int, n: int = 8) -> list[int]:
 
 def layer_grid_figure(maps: Any, step_kinds: Sequence[str], layers: Sequence[int] | None = None, *,
                       ncols: int = 4, normalize_rows: bool = False, shared_scale: bool = False,
-                      title: str | None = None) -> Figure:
-    """Step maps of chosen layers side by side (each on its own log scale unless `shared_scale`)."""
+                      title: str | None = None, layer_ids: Sequence[int] | None = None,
+                      num_model_layers: int | None = None) -> Figure:
+    """Step maps of chosen layers side by side (each on its own log scale unless `shared_scale`).
+
+    `layers` are positions in `maps`; `layer_ids` (the model layer of each map, default 0..L-1) and
+    `num_model_layers` name them and place them in the shallow/deep bands when only some layers were computed.
+    """
     maps = _np(maps)
     L = maps.shape[0]
     layers = list(default_grid_layers(L) if layers is None else layers)
@@ -121,7 +126,8 @@ def layer_grid_figure(maps: Any, step_kinds: Sequence[str], layers: Sequence[int
         from ..errors import StepscopeError
 
         raise StepscopeError(f"layer(s) {bad} out of range: the maps have {L} layers")
-    groups = layer_groups(L)
+    ids = list(range(L)) if layer_ids is None else list(layer_ids)
+    groups = layer_groups(num_model_layers or (max(ids) + 1), ids)
     ncols = max(1, min(ncols, len(layers)))
     nrows = -(-len(layers) // ncols)
     values = row_normalize(maps[layers]) if normalize_rows else maps[layers]
@@ -134,14 +140,15 @@ def layer_grid_figure(maps: Any, step_kinds: Sequence[str], layers: Sequence[int
         for ax, layer in zip(axes.flat, layers):
             band = " (shallow)" if layer in groups["shallow"] else " (deep)" if layer in groups["deep"] else ""
             plot_step_map(ax, maps[layer], step_kinds, norm=shared, colorbar=not shared_scale,
-                          normalize_rows=normalize_rows, title=f"layer {layer}{band}")
+                          normalize_rows=normalize_rows, title=f"layer {ids[layer]}{band}")
         if title:
             fig.suptitle(title, parse_math=False)
     return fig
 
 
-def _band_shading(ax: Any, num_layers: int) -> None:
-    g = layer_groups(num_layers)
+def _band_shading(ax: Any, num_model_layers: int) -> None:
+    """Shade the shallow and deep quarters of a model's layers (x = model layer index)."""
+    g = layer_groups(num_model_layers)
     ax.axvspan(g["shallow"][0] - 0.5, g["shallow"][-1] + 0.5, color="#6a4c93", alpha=0.07, lw=0)
     ax.axvspan(g["deep"][0] - 0.5, g["deep"][-1] + 0.5, color="#e07a1f", alpha=0.07, lw=0)
 
@@ -152,8 +159,8 @@ def metric_depth_figure(comparison: Comparison, metrics: Sequence[str] = METRICS
 
     A star marks layers where Welch's Holm-adjusted p < alpha. Shaded: shallow (purple) and deep (orange) bands.
     """
-    L = comparison.num_layers
-    x = np.arange(L)
+    depth = comparison.num_model_layers or comparison.num_layers
+    x = np.array(comparison.layer_ids)
     nrows = -(-len(metrics) // ncols)
     with matplotlib.rc_context(RC):
         fig = _figure(3.4 * ncols, 2.4 * nrows)
@@ -161,7 +168,7 @@ def metric_depth_figure(comparison: Comparison, metrics: Sequence[str] = METRICS
         for ax in axes.flat[len(metrics):]:
             ax.set_axis_off()
         for ax, name in zip(axes.flat, metrics):
-            _band_shading(ax, L)
+            _band_shading(ax, depth)
             for group in ("correct", "wrong"):
                 mean, low, high = comparison.curve(name, group)
                 n = comparison.groups[group]["n"]
@@ -175,7 +182,7 @@ def metric_depth_figure(comparison: Comparison, metrics: Sequence[str] = METRICS
             direction = {1: "high = bad", -1: "low = bad", 0: ""}[BAD_DIRECTION[name]]
             ax.set_title(name + (f"  ({direction})" if direction else ""))
             ax.set_xlabel("layer")
-            ax.set_xlim(-0.5, L - 0.5)
+            ax.set_xlim(-0.5, depth - 0.5)
         axes.flat[0].legend(loc="best", fontsize=7, frameon=False)
         fig.suptitle(f"correct vs wrong: means with {comparison.settings['level']:.0%} bootstrap intervals; "
                      f"* = Welch p_holm < {alpha:g}")
@@ -208,7 +215,7 @@ def scores_figure(comparison: Comparison, scores: Sequence[str] = SCORES) -> Fig
 def diagnosis_depth_figure(diagnoses: Sequence[Diagnosis], metrics: Sequence[str] = METRICS,
                            labels: Sequence[str] | None = None, ncols: int = 3) -> Figure:
     """Metric versus layer for single traces (one line each); with a baseline, flagged layers are circled."""
-    L = diagnoses[0].num_layers
+    depth = diagnoses[0].model_layers
     labels = list(labels or [d.id or f"trace {i}" for i, d in enumerate(diagnoses)])
     nrows = -(-len(metrics) // ncols)
     with matplotlib.rc_context(RC):
@@ -217,13 +224,13 @@ def diagnosis_depth_figure(diagnoses: Sequence[Diagnosis], metrics: Sequence[str
         for ax in axes.flat[len(metrics):]:
             ax.set_axis_off()
         for ax, name in zip(axes.flat, metrics):
-            _band_shading(ax, L)
+            _band_shading(ax, depth)
             for d, label in zip(diagnoses, labels):
-                y = d.metric(name)
-                ax.plot(np.arange(d.num_layers), y, lw=1.2, marker="o", ms=2, label=label.replace("$", r"\$"))
+                y, x = d.metric(name), np.array(d.layer_ids)
+                ax.plot(x, y, lw=1.2, marker="o", ms=2, label=label.replace("$", r"\$"))
                 if d.flags is not None:
                     hit = [i for i, f in enumerate(d.flags[name]) if f]
-                    ax.plot(hit, y[hit], ls="", marker="o", ms=7, mfc="none", mec="red")
+                    ax.plot(x[hit], y[hit], ls="", marker="o", ms=7, mfc="none", mec="red")
             ax.set_title(name)
             ax.set_xlabel("layer")
         if len(diagnoses) <= 8:
@@ -248,6 +255,10 @@ def save_figure(fig: Figure, stem: str | os.PathLike, formats: Sequence[str] = (
                 dpi: int = 150) -> list[Path]:
     """Write `fig` as stem.png and stem.svg (each through a temporary file and a rename); returns the paths."""
     out = []
+    if len(formats) > 1 and fig.get_layout_engine() is not None:
+        with matplotlib.rc_context(RC):
+            fig.draw_without_rendering()  # lay out once: the positions then hold for every format
+        fig.set_layout_engine("none")
     for fmt in formats:
         buf = io.BytesIO()
         with matplotlib.rc_context(RC):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..diagnose import BAD_DIRECTION, METRICS, SCORES, Diagnosis, Profile, diagnose, layer_groups, load_result
+from ..diagnose import BAD_DIRECTION, METRICS, SCORES, Diagnosis, Profile, diagnose, load_result
 from ..errors import StepscopeError
 
 DEFAULT_MAX_MAP_BYTES = 40_000_000  # quantized maps embedded in one report, all results together
@@ -99,7 +99,8 @@ def _pick_layers(L: int, S: int, budget: int, layers: Sequence[int] | None) -> l
 
 def _meta_view(meta: dict, trace: Any) -> dict:
     keep = {}
-    for k in ("id", "model", "correct", "problem", "ground_truth", "pooling", "loss", "dtype", "device"):
+    for k in ("id", "model", "source_model", "correct", "problem", "ground_truth", "pool", "loss", "dtype",
+              "device"):
         v = meta.get(k)
         if v is not None:
             keep[k] = v if isinstance(v, bool | int | float) else str(v)
@@ -122,6 +123,8 @@ def _result_payload(result: Any, diagnosis: Diagnosis, label: str, budget: int,
     L, S = maps.shape[0], maps.shape[1]
     if len(trace.steps) != S:
         raise StepscopeError(f"{label}: the maps have {S} steps but the trace has {len(trace.steps)}")
+    if diagnosis.num_layers != L:
+        raise StepscopeError(f"{label}: the diagnosis has {diagnosis.num_layers} layers, the maps {L}")
     chosen = _pick_layers(L, S, budget, layers)
     from ..diagnose import result_meta
 
@@ -135,7 +138,9 @@ def _result_payload(result: Any, diagnosis: Diagnosis, label: str, budget: int,
         "layers": [{"layer": int(x), **quantize_layer(maps[x])} for x in chosen],
         "omitted_layers": L - len(chosen),
         "diagnosis": diagnosis.to_json(),
-        "groups": layer_groups(L),
+        "groups": diagnosis.layer_groups,  # positions into the per-layer lists
+        "layer_ids": diagnosis.layer_ids,  # the model layer of each map
+        "depth": diagnosis.model_layers,
     }
 
 
@@ -157,7 +162,8 @@ def build_report_html(results: Any, *, diagnoses: Sequence[Diagnosis | None] | N
     `diagnoses` (optional, one per result) are used as given; otherwise each result is diagnosed here (with
     `baseline` when given). `extra_sections` are (title, html) pairs appended as they are: the caller escapes
     their content; scripts inside them do not run (the page's Content-Security-Policy allows only its own).
-    `layers` limits the embedded layers; by default all, or an even spread when the maps exceed `max_map_bytes`.
+    `layers` limits the embedded layers (positions in the maps); by default all, or an even spread when the maps
+    exceed `max_map_bytes`.
     """
     if not isinstance(results, list | tuple):
         results = [results]
@@ -423,9 +429,9 @@ _SCRIPT = r"""
     $("lg-lo").textContent = fmt(Math.pow(10, lo));
     $("lg-hi").textContent = fmt(Math.pow(10, hi));
     var layer = R.layers[layerIdx].layer, bd = band(layer);
-    $("layer-label").textContent = "layer " + layer + " of " + R.L + (bd ? " (" + bd + ")" : "");
+    $("layer-label").textContent = "layer " + R.layer_ids[layer] + " of " + R.depth + (bd ? " (" + bd + ")" : "");
     status.setAttribute("data-cells", String(cells));
-    status.setAttribute("data-layer", String(layer));
+    status.setAttribute("data-layer", String(R.layer_ids[layer]));
     var rows = $("table").querySelectorAll("tbody tr");
     for (var r = 0; r < rows.length; r++) rows[r].classList.toggle("cur", r === layer);
     drawChart();
@@ -443,11 +449,12 @@ _SCRIPT = r"""
     var i = Math.floor((ev.clientY - rect.top) / rect.height * S);
     var tip = $("tip");
     if (i < 0 || j < 0 || i >= S || j >= S) { hideTip(); return; }
-    var raw = decode(R, layerIdx), n = rowNormalized(raw, S);
+    var raw = decode(R, layerIdx), rowSum = 0;
+    for (var k = 0; k < S; k++) rowSum += raw[i * S + k];
     tip.textContent = "";
     var head = el("b", "query step " + i + " (" + R.kinds[i] + ") \u2192 key step " + j + " (" + R.kinds[j] + ")");
     tip.appendChild(head);
-    tip.appendChild(el("div", "M = " + fmt(raw[i * S + j]) + "   N = " + fmt(n[i * S + j])));
+    tip.appendChild(el("div", "M = " + fmt(raw[i * S + j]) + "   N = " + fmt(rowSum > 0 ? raw[i * S + j] / rowSum : 0)));
     tip.appendChild(el("div", "\u25B6 step " + i + ": " + clip(R.texts[i], 280)));
     tip.appendChild(el("div", "\u25C0 step " + j + ": " + clip(R.texts[j], 280)));
     tip.hidden = false;
@@ -470,8 +477,8 @@ _SCRIPT = r"""
     });
     add("steps", R.S + " (question " + d.step_counts.question + ", thinking " + d.step_counts.thinking +
         ", summary " + d.step_counts.summary + ")");
-    add("layers", R.L + " (shallow " + R.groups.shallow[0] + "\u2013" + R.groups.shallow[R.groups.shallow.length - 1] +
-        ", deep " + R.groups.deep[0] + "\u2013" + R.groups.deep[R.groups.deep.length - 1] + ")");
+    var ids = R.layer_ids, span = function (g) { return g.length ? ids[g[0]] + "\u2013" + ids[g[g.length - 1]] : "none"; };
+    add("layers", R.L + " of " + R.depth + " (shallow " + span(R.groups.shallow) + ", deep " + span(R.groups.deep) + ")");
     var v = $("verdict");
     if (d.verdict) {
       v.textContent = "Verdict: " + d.verdict.summary;
@@ -511,7 +518,7 @@ _SCRIPT = r"""
     var tb = el("tbody");
     for (var l = 0; l < R.L; l++) {
       var row = el("tr", null, band(l));
-      row.appendChild(el("td", l));
+      row.appendChild(el("td", R.layer_ids[l]));
       DATA.metrics.forEach(function (m) {
         var td = el("td", fmt(d.metrics[m][l]));
         if (d.flags && d.flags[m][l]) td.className = "flag";
@@ -547,15 +554,18 @@ _SCRIPT = r"""
     var c = $("chart"), m = $("metric").value, d = R.diagnosis, L = R.L;
     while (c.firstChild) c.removeChild(c.firstChild);
     var W = 520, H = 300, pl = 56, pr = 12, pt = 12, pb = 32;
-    var ys = d.metrics[m], base = DATA.baseline && DATA.baseline.num_layers === L ? DATA.baseline.metrics[m] : null;
+    var ids = R.layer_ids, lo0 = ids[0], hi0 = ids[L - 1];
+    var base = DATA.baseline && JSON.stringify(DATA.baseline.layers) === JSON.stringify(ids) ? DATA.baseline.metrics[m] : null;
+    var ys = d.metrics[m];
     var vals = [];
     for (var l = 0; l < L; l++) {
       if (ys[l] !== null) vals.push(ys[l]);
       if (base && base.mean[l] !== null && base.std[l] !== null) { vals.push(base.mean[l] - 2 * base.std[l]); vals.push(base.mean[l] + 2 * base.std[l]); }
     }
     $("metric-help").textContent = DATA.metric_help[m];
-    var X = function (l) { return pl + (L > 1 ? l / (L - 1) : 0.5) * (W - pl - pr); };
+    var X = function (l) { return pl + (hi0 > lo0 ? (ids[l] - lo0) / (hi0 - lo0) : 0.5) * (W - pl - pr); };
     var bandRect = function (ls, color) {
+      if (!ls.length) return;
       c.appendChild(svg("rect", {x: X(ls[0]) - 3, y: pt, width: X(ls[ls.length - 1]) - X(ls[0]) + 6, height: H - pt - pb, fill: color, "fill-opacity": 0.08}));
     };
     bandRect(R.groups.shallow, "#6a4c93"); bandRect(R.groups.deep, "#e07a1f");
@@ -575,7 +585,7 @@ _SCRIPT = r"""
       c.appendChild(svg("text", {x: pl - 4, y: Y(v) + 4, "text-anchor": "end", "font-size": 10, fill: "#666"}, fmt(v)));
     });
     for (var t = 0; t < L; t += Math.max(1, Math.ceil(L / 10))) {
-      c.appendChild(svg("text", {x: X(t), y: H - pb + 13, "text-anchor": "middle", "font-size": 10, fill: "#666"}, t));
+      c.appendChild(svg("text", {x: X(t), y: H - pb + 13, "text-anchor": "middle", "font-size": 10, fill: "#666"}, ids[t]));
     }
     if (base) {
       var up = [], dn = [];

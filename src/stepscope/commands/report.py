@@ -1,0 +1,92 @@
+"""Write one self-contained HTML report of saliency results.
+
+The page needs no network: the trace text coloured by step, each layer's step map drawn from embedded data
+(layer slider; hover a cell to read both steps), a metric-by-layer chart, the metrics table and, with
+--baseline, z-scores, flags and verdicts. Several results get a selector. Model text is always shown as text.
+--figures DIR also writes per-result PNG/SVG figures (a grid of layers, metrics by layer).
+
+examples:
+  stepscope report sal/ --out report.html
+  stepscope report sal/suspect --baseline correct_profile.json --out suspect.html --figures figs/
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+HELP = "one self-contained HTML report (heatmaps, layer slider, trace text, metrics, verdicts)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="saliency result folder(s), or folder(s) of them")
+    p.add_argument("--out", required=True, metavar="FILE.html", help="the report file")
+    p.add_argument("--baseline", metavar="PROFILE.json", help="baseline profile for z-scores and verdicts")
+    p.add_argument("--title", default="stepscope report", help="page title")
+    p.add_argument("--layers", default=None,
+                   help="embed only these map positions, e.g. 0,1,2,27-29 (default: all, or an even spread "
+                        "when the maps would exceed --max-mb)")
+    p.add_argument("--max-mb", type=float, default=40.0, help="size budget of the embedded maps (default 40)")
+    p.add_argument("--figures", metavar="DIR", help="also write PNG/SVG figures per result into DIR")
+
+
+def _parse_positions(spec: str) -> list[int]:
+    from ..errors import StepscopeError
+
+    out: set[int] = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise StepscopeError(f"--layers: cannot read {part!r} (use 3, 0-7 or 0,5,10-12)")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) else a
+        out.update(range(min(a, b), max(a, b) + 1))
+    return sorted(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..diagnose import Profile, diagnose, find_results, load_result
+    from ..errors import StepscopeError
+    from ..report.html import render_report
+
+    if not args.out.lower().endswith((".html", ".htm")):
+        raise StepscopeError(f"--out {args.out}: expected a .html file name")
+    if args.max_mb <= 0:
+        raise StepscopeError("--max-mb must be positive")
+    dirs = find_results(args.dirs)
+    baseline = Profile.load(args.baseline) if args.baseline else None
+    results = [load_result(d) for d in dirs]
+    diagnoses = [diagnose(r, baseline=baseline) for r in results]
+    layers = _parse_positions(args.layers) if args.layers else None
+    labels = []
+    for d, r in zip(dirs, results):
+        rid = getattr(r.trace, "meta", {}).get("id")
+        labels.append(str(rid) if rid is not None else d.name)
+    if args.figures:
+        _figures(args.figures, results, diagnoses, labels)
+    out = render_report(results, args.out, diagnoses=diagnoses, baseline=baseline, title=args.title,
+                        labels=labels, layers=layers, max_map_bytes=int(args.max_mb * 1e6))
+    size = out.stat().st_size
+    print(f"wrote {out} ({size / 1e6:.2f} MB, {len(results)} result{'s' if len(results) != 1 else ''})"
+          + (f" and figures in {args.figures}" if args.figures else ""))
+    return 0
+
+
+def _figures(folder: str, results, diagnoses, labels) -> None:
+    import numpy as np
+
+    from ..io import atomic_dir
+    from ..report.figures import default_grid_layers, diagnosis_depth_figure, layer_grid_figure, save_figure
+
+    used: set[str] = set()
+    with atomic_dir(folder) as tmp:
+        for k, (r, d, label) in enumerate(zip(results, diagnoses, labels)):
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._")[:80] or f"result_{k}"
+            if name in used:
+                name = f"{name}_{k}"
+            used.add(name)
+            maps = r.maps.detach().float().cpu().numpy() if hasattr(r.maps, "detach") else np.asarray(r.maps)
+            grid = layer_grid_figure(maps, [s.kind for s in r.trace.steps], default_grid_layers(maps.shape[0]),
+                                     title=label, layer_ids=d.layer_ids, num_model_layers=d.model_layers)
+            save_figure(grid, tmp / f"{name}_layers")
+            save_figure(diagnosis_depth_figure([d], labels=[label]), tmp / f"{name}_metrics")
