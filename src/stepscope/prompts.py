@@ -9,7 +9,8 @@ Decisions (documented in docs/readme/generate.md):
   generation prompt with the start marker (R1-distill and QwQ templates do), "<think>\\n" (the format's start
   marker and a newline) is appended. Reasoning models whose template knows the markers but lets the model
   open the thinking (Qwen3) get nothing else; for a model whose template never mentions the markers (a
-  plain chat model such as SmolLM2) a short system instruction asks it to think inside the markers first.
+  plain chat model such as SmolLM2) a short system instruction asks it to think first and close the thinking
+  with the end marker (the start marker is never spelled out before the assistant's turn).
   So a generated response always starts inside the thinking, like the R1 traces in the wild.
 - Harmony (GPT-OSS): nothing is appended; the model writes the analysis channel header itself.
 """
@@ -30,9 +31,14 @@ INSTRUCTIONS = {
 
 
 def think_instruction(fmt: Format) -> str:
-    """The system instruction for a chat model that does not think on its own."""
-    return (f"First think step by step inside {fmt.think_start} and {fmt.think_end}; "
-            f"then, after {fmt.think_end}, write the final answer.")
+    """The system instruction for a chat model that does not think on its own.
+
+    It never spells out the start marker (the prompt already ends with it): a start marker inside the system
+    text would open the thinking there for a format without an assistant-turn opener.
+    """
+    if fmt.think_start in fmt.think_end:
+        return "Think step by step first; then close your thinking and write the final answer."
+    return f"Think step by step first; then close your thinking with {fmt.think_end} and write the final answer."
 
 
 def resolve_format(tokenizer, fmt: str | Format | None = None,
@@ -40,7 +46,7 @@ def resolve_format(tokenizer, fmt: str | Format | None = None,
     """The trace format to generate in: `fmt` if given, else detected from the chat template.
 
     A template without thinking markers is harmony when the vocabulary holds "<|channel|>", else a plain chat
-    model: it falls back to "think", and the prompt then asks the model to think inside <think>...</think>.
+    model: it falls back to "think", and the prompt then asks the model to think first and close with </think>.
     """
     if fmt is None or (isinstance(fmt, str) and fmt == "auto"):
         try:

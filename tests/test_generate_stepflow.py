@@ -1,0 +1,96 @@
+"""The generation loop under StepFlow: same tokens as transformers' generate under StepFlow, stats per batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import make_model, make_tokenizer
+
+from stepscope.flow.config import StepFlowConfig
+from stepscope.flow.generate import generate_traces, stop_token_ids
+from stepscope.flow.stepflow import StepFlow
+from stepscope.prompts import build_prompt
+
+QUESTIONS = ["What is 2+3?", "Name a prime bigger than 10, and explain why it is prime.", "hi"]
+STRONG = StepFlowConfig(tau_max=0.9, alpha=2.0, smi_window="step")  # acts visibly on a random model
+
+
+def peaked(model, factor: float = 40.0):
+    """Sharpen a random model's next-token distribution, as a trained model's is. On a random model's nearly
+    flat distribution over 49k tokens, float noise of 1e-7 in the logits (a batched forward against a lone one)
+    can move the top-p cut or an inverse-CDF boundary by one token; on a peaked one it cannot."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(factor)
+    return model
+
+
+def new_ids(trace) -> list[int]:
+    return trace.token_ids[trace.meta["num_prompt_tokens"]:]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer("think")
+
+
+def first_stop(rows: list[list[int]], stop: set[int]) -> list[list[int]]:
+    out = []
+    for r in rows:
+        k = next((i for i, t in enumerate(r) if t in stop), None)
+        out.append(r if k is None else r[:k + 1])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gptoss"])
+def test_loop_under_stepflow_equals_generate_under_stepflow(tok, arch):
+    """Greedy, left-padded, one row stopping early: our loop and transformers' generate, both under StepFlow."""
+    model = make_model(arch, layers=4)
+    n = 12
+    plain = generate_traces(model, tok, QUESTIONS, max_new_tokens=n, temperature=0, progress=False)
+    first = generate_traces(model, tok, QUESTIONS, stepflow=STRONG, max_new_tokens=n, temperature=0, progress=False)
+    r0 = new_ids(first[0])
+    stop = next((t for k, t in enumerate(r0[2:], 2) if t not in r0[:k]
+                 and all(t not in new_ids(o)[:k + 2] for o in first[1:])), None)
+    assert stop is not None
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    eos = stop_token_ids(model, tok)
+    got = generate_traces(model, tok, QUESTIONS, stepflow=STRONG, max_new_tokens=n, temperature=0, progress=False)
+    prompts = [build_prompt(tok, q)[1] for q in QUESTIONS]
+    P = max(map(len, prompts))
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    with StepFlow(model, tok, StepFlowConfig(**{**STRONG.to_json(), "fmt": "think", "markers": None})) as sf:
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                             eos_token_id=sorted(eos), pad_token_id=0)
+        assert sf.stats.total_oeb_fires > 0
+    assert [new_ids(t) for t in got] == first_stop(out[:, P:].tolist(), eos)
+    assert got[0].meta["stop_reason"] == "eos" and len(new_ids(got[0])) < n
+    assert [new_ids(t) for t in first] != [new_ids(t) for t in plain]  # StepFlow did act
+    st = first[0].meta["stepflow_stats"]
+    assert sum(st["oeb_fires"].values()) > 0 and st["forwards"] == n
+    assert st["tokens"] == sum(len(p) for p in prompts) + 3 * (n - 1)  # prompts, then every fed token
+    assert first[0].meta["config"]["stepflow"]["tau_max"] == 0.9
+    # the model is itself again afterwards
+    model.generation_config.eos_token_id = tok.eos_token_id
+    again = generate_traces(model, tok, QUESTIONS, max_new_tokens=n, temperature=0, progress=False)
+    assert [new_ids(t) for t in again] == [new_ids(t) for t in plain]
+
+
+def test_stepflow_rows_are_paired_and_independent_of_the_batch(tok):
+    """Sampling under StepFlow: a row's tokens are the same alone and in a batch."""
+    model = peaked(make_model("llama", layers=4))
+    kw = dict(stepflow=STRONG, max_new_tokens=16, temperature=0.8, top_p=0.9, progress=False)
+    together = generate_traces(model, tok, QUESTIONS, seeds=[5, 6, 7], batch_size=3, **kw)
+    alone = [generate_traces(model, tok, [q], seeds=[s], batch_size=1, **kw)[0] for q, s in zip(QUESTIONS, [5, 6, 7])]
+    assert [new_ids(t) for t in together] == [new_ids(t) for t in alone]
+    # stats are per batch: three batches of one row each see only their own row
+    assert alone[0].meta["stepflow_stats"]["tokens"] < together[0].meta["stepflow_stats"]["tokens"]
+
+
+def test_budget_forcing_under_stepflow(tok):
+    model = make_model("qwen3", layers=4)
+    tr = generate_traces(model, tok, QUESTIONS[:2], stepflow=StepFlowConfig(), max_new_tokens=14,
+                         max_thinking_tokens=5, temperature=0, progress=False)
+    for t in tr:
+        assert t.meta["budget_forced"] and t.thinking_closed and t.meta["thinking_tokens"] == 5
+        assert t.meta["stepflow_stats"]["forwards"] == 14
