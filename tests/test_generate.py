@@ -342,3 +342,25 @@ def test_sample_tokens_candidate_path_equals_full_sort(scale):
         fast = sample_tokens(logits, u, 0.7, top_k, top_p, candidates=64)
         full = sample_tokens(logits, u, 0.7, top_k, top_p, candidates=0)
         assert torch.equal(fast, full)
+
+
+@pytest.mark.slow
+def test_smollm2_short_run_plain_and_stepflow():
+    """The bundled real model: our greedy loop equals generate(); StepFlow runs and acts; the trace is sound."""
+    from stepscope.flow.config import StepFlowConfig
+    from stepscope.models import load_model
+
+    model, tok = load_model("default", device="cpu", dtype="float32")
+    qs = ["What is 12 + 30?", "A train travels 60 km in 1.5 hours. What is its average speed?"]
+    n = 10
+    plain = generate_traces(model, tok, qs, max_new_tokens=n, temperature=0, progress=False)
+    assert [new_ids(t) for t in plain] == hf_generate(model, tok, qs, n, stop_token_ids(model, tok))
+    flow = generate_traces(model, tok, qs, stepflow=StepFlowConfig(), max_new_tokens=n, temperature=0.6,
+                           max_thinking_tokens=4, progress=False)
+    st = flow[0].meta["stepflow_stats"]
+    assert st["oeb_layers"] == list(range(7)) and st["smi_layers"] == list(range(23, 30))
+    assert sum(st["oeb_eligible"].values()) > 0 and st["forwards"] == n
+    for t in flow:
+        t.validate()
+        assert t.fmt == "think" and t.meta["budget_forced"] and t.thinking_closed
+        assert "</think>" in response_text(t)

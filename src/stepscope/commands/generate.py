@@ -227,6 +227,10 @@ def run(args: argparse.Namespace) -> int:
     from ..io import atomic_write_text
     from ..models import load_model
 
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
                                   trust_remote_code=args.trust_remote_code)
     settings = dict(stepflow=sf_config, max_new_tokens=args.max_new_tokens,
