@@ -37,6 +37,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cli_reference_markdown() -> str:
+    """The CLI reference (docs/cli.md), generated from the parsers themselves."""
+    import os
+
+    old, os.environ["COLUMNS"] = os.environ.get("COLUMNS"), "100"  # argparse wraps to the terminal width
+    try:
+        parser = build_parser()
+        return _reference(parser)
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
+
+
+def _reference(parser: argparse.ArgumentParser) -> str:
+    out = ["# CLI reference", "",
+           "Generated from the command-line parsers by `python -m stepscope.cli --markdown > docs/cli.md`; "
+           "a test checks that it is current.", "", "```text", parser.format_help().rstrip(), "```", ""]
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        out += [f"## stepscope {name}", "", "```text", p.format_help().rstrip(), "```", ""]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -54,4 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:
+        sys.stdout.write(cli_reference_markdown())
+        sys.exit(0)
     sys.exit(main())

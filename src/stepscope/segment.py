@@ -35,6 +35,12 @@ _TABLE_ROW = re.compile(r"^\|.*\|$|^\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?$",
 
 @dataclass
 class Step:
+    """One step: a span of whole tokens [token_start, token_end) inside one segment, with its exact text.
+
+    `kind` is "question", "thinking" or "summary"; `index` its position in the trace; `char_start/char_end`
+    its span in the trace text; `closed_at` the token whose arrival confirmed the step's end.
+    """
+
     kind: str
     index: int
     token_start: int
