@@ -316,7 +316,7 @@ class SaliencyAttention(torch.autograd.Function):
             prod.mul_(a)  # A * dA   [B, Hkv, n_rep, R, K]
 
             if slot is not None:  # pool |A * dA| into the step map
-                _pool_block(run, slot, prod, ids, r0, r1, k0, k1, H)
+                _pool_block(run, slot, prod, ids, r0 + off, r1 + off, k0, k1, H)  # query row r is token r + off
 
             rowdot = prod.sum(dim=-1, keepdim=True)  # sum_k A dA = rowsum(dO * O)   [B, Hkv, n_rep, R, 1]
             if dsinks is not None:

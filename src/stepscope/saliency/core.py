@@ -284,7 +284,10 @@ def _check_logits(model, decoder, logits_fn, ids: torch.Tensor) -> None:
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits.double()
         ours = logits_fn(decoder(input_ids=ids, use_cache=False)[0]).double()
-    tol = 1e-4 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 3e-2
+    dtype = next(model.parameters()).dtype
+    if not bool(torch.isfinite(full).all()):
+        raise SaliencyError(f"the model's logits are not finite{_float32_hint(dtype)}")
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
     if full.shape != ours.shape or not torch.allclose(full, ours, rtol=tol, atol=tol * float(full.abs().max())):
         raise SaliencyError(f"{type(model).__name__}: its logits are not its output head applied to its decoder's "
                             "hidden states (unknown post-processing); use method='reference'")
@@ -359,13 +362,17 @@ def _finish_maps(sums: torch.Tensor, trace: Trace, pool: str) -> torch.Tensor:
     return m
 
 
+def _float32_hint(dtype: torch.dtype) -> str:
+    if dtype in (torch.float32, torch.float64):
+        return " (numeric overflow even in float32: check the model's weights)"
+    return f" (numeric overflow in {str(dtype).replace('torch.', '')}); run the model in float32 (--dtype float32)"
+
+
 def _check_finite(maps: torch.Tensor, trace: Trace, dtype: torch.dtype, layers: list[int]) -> None:
     bad = ~torch.isfinite(maps).flatten(1).all(dim=1)
     if bool(bad.any()):
         layer = layers[int(torch.nonzero(bad)[0])]
-        hint = "; run the model in float32 (--dtype float32)" if dtype != torch.float32 else ""
-        raise SaliencyError(f"non-finite saliency at layer {layer}{_trace_name(trace)} (numeric overflow in "
-                            f"{str(dtype).replace('torch.', '')}){hint}")
+        raise SaliencyError(f"non-finite saliency at layer {layer}{_trace_name(trace)}{_float32_hint(dtype)}")
 
 
 def _chunked_batch(model, traces: Sequence[Trace], loss: str, pool: str, layers: list[int], heads: bool,
@@ -402,9 +409,7 @@ def _chunked_batch(model, traces: Sequence[Trace], loss: str, pool: str, layers:
                                 f"attention function (of {num_layers}); use method='reference'")
         total = _chunked_loss(hidden, ids, weights, logits_fn, loss_budget)
         if not bool(torch.isfinite(total)):
-            dtype = next(model.parameters()).dtype
-            hint = "; run the model in float32 (--dtype float32)" if dtype != torch.float32 else ""
-            raise SaliencyError(f"the loss is not finite ({float(total)}){hint}")
+            raise SaliencyError(f"the loss is not finite ({float(total)}){_float32_hint(next(model.parameters()).dtype)}")
         run.phase = "backward"
         torch.autograd.grad(total, embeds)
     if run.maps is None:
