@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -10,8 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stepscope import diagnose as dg
 from stepscope.errors import StepscopeError
+
+# the module, also when the package exports a function named diagnose (stepscope.diagnose(...))
+dg = importlib.import_module("stepscope.diagnose")
 
 TOL = 1e-9  # float64 reference vs float64 vectorized code
 

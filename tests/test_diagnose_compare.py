@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
 import pytest
 from test_diagnose import KINDS, structured_maps
 
-from stepscope import diagnose as dg
 from stepscope import stats
 from stepscope.errors import StepscopeError
+
+# the module, also when the package exports a function named diagnose (stepscope.diagnose(...))
+dg = importlib.import_module("stepscope.diagnose")
 
 L = 8
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
 import pytest
 from test_diagnose import assert_matches, ref_metrics
 
-from stepscope import diagnose as dg
 from stepscope.errors import StepscopeError
 from stepscope.trace import Trace
+
+# the module, also when the package exports a function named diagnose (stepscope.diagnose(...))
+dg = importlib.import_module("stepscope.diagnose")
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have now?"
 RESPONSE = ("Tom starts with three apples in his basket. He then buys four more apples at the shop. "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html as html_lib
+import importlib
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -15,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stepscope import diagnose as dg
 from stepscope.errors import StepscopeError
 from stepscope.report import build_report_html, figures, render_report
 from stepscope.report import html as rhtml
 from stepscope.trace import Trace
+
+# the module, also when the package exports a function named diagnose (stepscope.diagnose(...))
+dg = importlib.import_module("stepscope.diagnose")
 
 XSS_SCRIPT = "<script>alert(1)</script>"
 XSS_IMG = "<img src=x onerror=alert(1)>"

@@ -808,21 +808,28 @@ def _describe(s: dict) -> str:
 
 def _group_stats(c: list[float], w: list[float], pairs: list[tuple[float, float]], n_boot: int, n_perm: int,
                  level: float, seed: int) -> dict:
-    from . import stats
+    from .stats import (
+        bootstrap_ci,
+        bootstrap_diff_ci,
+        mann_whitney_test,
+        paired_bootstrap_ci,
+        paired_permutation_test,
+        welch_test,
+    )
 
     out: dict[str, Any] = {"n_correct": len(c), "n_wrong": len(w)}
-    out["correct"] = stats.bootstrap_ci(c, n_boot=n_boot, level=level, seed=seed).to_json() if c else None
-    out["wrong"] = stats.bootstrap_ci(w, n_boot=n_boot, level=level, seed=seed + 1).to_json() if w else None
-    out["difference"] = (stats.bootstrap_diff_ci(w, c, n_boot=n_boot, level=level, seed=seed + 2).to_json()
+    out["correct"] = bootstrap_ci(c, n_boot=n_boot, level=level, seed=seed).to_json() if c else None
+    out["wrong"] = bootstrap_ci(w, n_boot=n_boot, level=level, seed=seed + 1).to_json() if w else None
+    out["difference"] = (bootstrap_diff_ci(w, c, n_boot=n_boot, level=level, seed=seed + 2).to_json()
                          if c and w else None)
-    out["welch"] = stats.welch_test(w, c).to_json() if c and w else None
-    out["mann_whitney"] = stats.mann_whitney_test(w, c).to_json() if c and w else None
+    out["welch"] = welch_test(w, c).to_json() if c and w else None
+    out["mann_whitney"] = mann_whitney_test(w, c).to_json() if c and w else None
     if pairs:
         pw, pc = [p[1] for p in pairs], [p[0] for p in pairs]
         out["paired"] = {"n_pairs": len(pairs),
-                         "difference": stats.paired_bootstrap_ci(pw, pc, n_boot=n_boot, level=level,
+                         "difference": paired_bootstrap_ci(pw, pc, n_boot=n_boot, level=level,
                                                                  seed=seed + 3).to_json(),
-                         "permutation": stats.paired_permutation_test(pw, pc, n_perm=n_perm,
+                         "permutation": paired_permutation_test(pw, pc, n_perm=n_perm,
                                                                       seed=seed + 4).to_json()}
     else:
         out["paired"] = None
@@ -847,7 +854,7 @@ def compare(correct: Sequence[Any], wrong: Sequence[Any], *, n_boot: int = 10_00
     """Compare two groups of traces (Diagnosis objects, results or result folders) metric by metric, layer by
     layer: bootstrap means with intervals, Welch and Mann-Whitney with effect sizes, paired tests over shared
     problems, Holm and Benjamini-Hochberg adjustment across layers. Differences are wrong - correct."""
-    from . import stats
+    from .stats import benjamini_hochberg, holm
 
     dc = [x if isinstance(x, Diagnosis) else diagnose(x) for x in correct]
     dw = [x if isinstance(x, Diagnosis) else diagnose(x) for x in wrong]
@@ -873,11 +880,11 @@ def compare(correct: Sequence[Any], wrong: Sequence[Any], *, n_boot: int = 10_00
                                                          seed + 1000 * mi + 10 * layer)})
         for test in ("welch", "mann_whitney"):
             ps = [r[test]["p_value"] if r[test] else None for r in rows]
-            for r, ph, qb in zip(rows, stats.holm(ps), stats.benjamini_hochberg(ps)):
+            for r, ph, qb in zip(rows, holm(ps), benjamini_hochberg(ps)):
                 if r[test]:
                     r[test]["p_holm"], r[test]["q_bh"] = ph, qb
         ps = [r["paired"]["permutation"]["p_value"] if r["paired"] else None for r in rows]
-        for r, ph, qb in zip(rows, stats.holm(ps), stats.benjamini_hochberg(ps)):
+        for r, ph, qb in zip(rows, holm(ps), benjamini_hochberg(ps)):
             if r["paired"]:
                 r["paired"]["permutation"]["p_holm"], r["paired"]["permutation"]["q_bh"] = ph, qb
         metrics[name] = rows

@@ -237,7 +237,7 @@ h2 { font-size: 15px; margin: 0 0 8px; }
 #heat-wrap { position: relative; }
 #heat { border: 1px solid #ddd; image-rendering: pixelated; cursor: crosshair; max-width: 100%; }
 .controls { display: flex; gap: 12px; align-items: center; flex-wrap: wrap; margin-bottom: 8px; }
-.controls input[type=range] { width: 260px; }
+.controls input[type=range] { width: 200px; }
 #tip { position: fixed; pointer-events: none; background: #1d1d1f; color: #fff; padding: 8px 10px;
        border-radius: 6px; max-width: 460px; font-size: 12px; z-index: 10; white-space: pre-wrap;
        overflow-wrap: anywhere; box-shadow: 0 4px 14px rgba(0,0,0,.25); }
@@ -301,7 +301,7 @@ hover a cell to read both steps</p>
 </section>
 <section id="chart-section"><h2>Metric by layer</h2>
 <div class="controls"><select id="metric"></select><span class="note" id="metric-help"></span></div>
-<svg id="chart" width="520" height="300" xmlns="http://www.w3.org/2000/svg"></svg>
+<svg id="chart" width="480" height="300" xmlns="http://www.w3.org/2000/svg"></svg>
 <p class="note">shaded: shallow quarter (purple), deep quarter (orange); red rings: flagged against the baseline;
 grey band: baseline mean &plusmn; 2 sd</p>
 </section>
@@ -405,7 +405,7 @@ _SCRIPT = r"""
       px[o + 3] = 255;
     }
     octx.putImageData(img, 0, 0);
-    var cell = Math.max(1, Math.floor(560 / S)), size = cell * S;
+    var cell = Math.max(1, Math.floor(520 / S)), size = cell * S;
     var cv = $("heat");
     cv.width = size; cv.height = size;
     var ctx = cv.getContext("2d");
@@ -553,7 +553,7 @@ _SCRIPT = r"""
   function drawChart() {
     var c = $("chart"), m = $("metric").value, d = R.diagnosis, L = R.L;
     while (c.firstChild) c.removeChild(c.firstChild);
-    var W = 520, H = 300, pl = 56, pr = 12, pt = 12, pb = 32;
+    var W = 480, H = 300, pl = 56, pr = 12, pt = 12, pb = 32;
     var ids = R.layer_ids, lo0 = ids[0], hi0 = ids[L - 1];
     var base = DATA.baseline && JSON.stringify(DATA.baseline.layers) === JSON.stringify(ids) ? DATA.baseline.metrics[m] : null;
     var ys = d.metrics[m];
