@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device
     if device is None and not args.device_map and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if world > 1 else "cuda"
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{local % torch.cuda.device_count()}" if world > 1 else "cuda"
     model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, device_map=args.device_map,
                                   trust_remote_code=args.trust_remote_code)
     if rank == 0:
