@@ -23,6 +23,7 @@ from stepscope.report import render_report
 CHROMIUM = os.environ.get("STEPSCOPE_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage",
          "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom"]
 
 
