@@ -1,0 +1,205 @@
+"""StepFlow's attention function: the Odds-Equal Bridge and Step Momentum Injection inside the attention registry.
+
+`register(orig)` registers, under the name "stepscope_flow_<orig>", an attention function that wraps the
+implementation `orig` the user chose (sdpa, eager, flash_attention_*), together with `orig`'s mask function
+(without it transformers hands the function no mask, even for a left-padded batch). The function reads the
+running StepFlow from `module._stepscope_flow` (set on every attention module while a StepFlow context is
+open; absent, it is the wrapped implementation, untouched).
+
+Per layer:
+- outside the OEB and SMI bands, or when this forward has nothing to do there (no thinking/summary query, no
+  SMI fire), the wrapped implementation runs untouched;
+- OEB layers compute attention themselves, row-blocked (never more than `block_elems` scores at once):
+  scores -> softmax (with GPT-OSS sinks as an extra logit whose mass belongs to O) -> per-segment masses by one
+  small matmul with the key-segment one-hot -> p(B), p(S) of each query and head -> where p(B) < tau_B (and
+  p(B), p(S), tau_S > 0) the KL projection multiplies B's probabilities by tau_B / p(B) and S's by
+  tau_S / p(S), tau_S = 1 - p(O) - tau_B; O is untouched. This equals adding log(tau_B / p(B)) and
+  log(tau_S / p(S)) to the logits (METHOD.md §5), without a second softmax;
+- SMI layers add alpha * (mean value vector of the previous step's last w tokens, per kv head, shared by the
+  query heads of a GQA group) to the attention output of the query at each fire position, before o_proj.
+
+Decisions (ours): OEB leaves a query alone when the projection does not exist, i.e. p(B) = 0 (nothing to
+scale) or tau_S <= 0 (the rest O, sink included, already holds more than 1 - tau_B). Probabilities are
+computed in float32 (as transformers' eager path does), the weighted sum of values in the value dtype.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+
+from ..errors import StepscopeError
+from .state import LayerGeometry, oeb_geometry, smi_geometry
+
+PREFIX = "stepscope_flow_"
+SUPPORTED = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+_EAGER_BY_CLASS: dict[type, Callable] = {}
+
+
+def registered_name(orig: str) -> str:
+    return PREFIX + orig
+
+
+def _eager_of(module) -> Callable:
+    """The eager attention function of the module's own modeling file (GPT-OSS's handles sinks)."""
+    cls = type(module)
+    fn = _EAGER_BY_CLASS.get(cls)
+    if fn is None:
+        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if fn is None:  # a modeling file without its own: the standard one (no sinks)
+            from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+        _EAGER_BY_CLASS[cls] = fn
+    return fn
+
+
+def original_function(orig: str, module) -> Callable:
+    if orig == "eager":
+        return _eager_of(module)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[orig]
+
+
+def register(orig: str) -> str:
+    """Register the StepFlow attention and mask functions wrapping `orig`; return the registered name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if orig not in SUPPORTED:
+        raise StepscopeError(f"StepFlow wraps sdpa, eager or flash attention; this model uses {orig!r} "
+                             "(load it with attn_implementation='sdpa')")
+    name = registered_name(orig)
+    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(orig)
+    if mask_fn is None:
+        raise StepscopeError(f"transformers has no mask function for {orig!r}")
+    AttentionInterface.register(name, _make_flow_attention(orig))
+    AttentionMaskInterface.register(name, mask_fn)
+    return name
+
+
+def _make_flow_attention(orig: str) -> Callable:
+    def stepscope_flow_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                                 **kwargs):
+        flow = getattr(module, "_stepscope_flow", None)
+        fn = original_function(orig, module)
+        if flow is None or flow._fwd is None:
+            return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return flow_attention(flow, fn, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+    stepscope_flow_attention.__name__ = f"stepscope_flow_attention_{orig}"
+    return stepscope_flow_attention
+
+
+def flow_attention(flow, fn: Callable, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask, scaling, dropout, kwargs: dict):
+    """One layer. query [B, H, Q, D], key/value [B, Hkv, K, D]; returns ([B, Q, H, D], weights or None)."""
+    layer = module.layer_idx
+    fs = flow._fwd
+    do_oeb = fs.any_oeb and layer in flow._oeb_set
+    do_smi = fs.num_fires > 0 and layer in flow._smi_set
+    if not (do_oeb or do_smi):
+        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    K = key.shape[-2]
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    window = int(window) if window else None
+    k_offset = max(fs.total - K, 0)  # a sliding-window cache holds only the last K keys
+    mask4 = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None
+    gkey = (k_offset, K, window, id(mask4))
+    geo = fs.geometry.get(gkey)
+    if geo is None:
+        geo = oeb_geometry(fs, k_offset, K, window, mask4, flow.config.tau_max) if do_oeb else \
+            LayerGeometry(k_offset)
+        fs.geometry[gkey] = geo
+        fs.geometry[("mask", id(mask4))] = mask4  # keep the mask alive so that its id stays unique
+    elif do_oeb and geo.onehot is None:
+        g = oeb_geometry(fs, k_offset, K, window, mask4, flow.config.tau_max)
+        g.pair_kidx, g.pair_weight = geo.pair_kidx, geo.pair_weight
+        geo = fs.geometry[gkey] = g
+    weights = None
+    if do_oeb:
+        sinks = kwargs.get("s_aux", getattr(module, "sinks", None))
+        out = oeb_attention(query, key, value, geo, scaling if scaling is not None else module.scaling,
+                            sinks, flow, layer, dropout if module.training else 0.0)
+    else:
+        out, weights = fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if do_smi:
+        if geo.pair_kidx is None:
+            smi_geometry(fs, geo, K, window, float(flow.config.alpha))
+        out = smi_inject(out, value, fs.fires, fs.pairs[0], geo.pair_kidx, geo.pair_weight, fs.num_fires)
+        flow._smi_fires[layer] += fs.num_fires
+    return out, weights
+
+
+def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry,
+                  scaling: float, sinks: torch.Tensor | None, flow, layer: int, dropout: float = 0.0
+                  ) -> torch.Tensor:
+    """Attention with the Odds-Equal Bridge, in blocks of query rows. Returns [B, Q, H, D]."""
+    B, H, Q, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    n_rep = H // Hkv
+    q5 = query.reshape(B, Hkv, n_rep, Q, D)
+    k_t = key.transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, D, K]
+    v5 = value[:, :, None]  # [B, Hkv, 1, K, D]
+    sink5 = None
+    if sinks is not None:
+        sink5 = sinks.reshape(1, Hkv, n_rep, 1, 1).to(torch.float32)
+    rows = max(1, flow.block_elems // max(1, B * H * K))
+    past_in_keys = flow._fwd.total - geo.k_offset - Q  # key index of the first query, minus one
+    outs = []
+    for r0 in range(0, Q, rows):
+        r1 = min(Q, r0 + rows)
+        kend = min(K, past_in_keys + r1)  # causal: later keys are hidden from these rows
+        outs.append(_oeb_block(q5[:, :, :, r0:r1], k_t[..., :kend], v5[:, :, :, :kend], geo, r0, r1, kend,
+                               scaling, sink5, flow, layer, dropout))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)  # [B, Hkv, n_rep, Q, D]
+    return out.reshape(B, H, Q, D).transpose(1, 2).contiguous()
+
+
+def _oeb_block(q5, k_t, v5, geo: LayerGeometry, r0: int, r1: int, kend: int, scaling: float,
+               sink5: torch.Tensor | None, flow, layer: int, dropout: float) -> torch.Tensor:
+    B, Hkv, n_rep, R, D = q5.shape
+    s = torch.matmul(q5, k_t)  # [B, Hkv, n_rep, R, K']
+    s = (s * scaling).to(torch.float32) + geo.addmask[:, :, :, r0:r1, :kend]
+    if sink5 is not None:
+        s = torch.cat([s, sink5.expand(B, Hkv, n_rep, R, 1)], dim=-1)
+        s = s - s.amax(dim=-1, keepdim=True)
+        p = torch.softmax(s, dim=-1)[..., :-1]
+    else:
+        p = torch.softmax(s, dim=-1)  # [B, Hkv, n_rep, R, K']
+    onehot = geo.onehot[:, :, :, :kend]  # [B, 1, 1, K', 3]
+    mass = torch.matmul(p, onehot)  # [B, Hkv, n_rep, R, 3]: probability of question, thinking, summary keys
+    gidx = geo.gidx[:, :, :, r0:r1].expand(B, Hkv, n_rep, R, 2)
+    p_bs = mass.gather(-1, gidx)  # [B, Hkv, n_rep, R, 2]: p(B), p(S)
+    p_b, p_s = p_bs[..., 0], p_bs[..., 1]
+    tau_b = geo.tau_b[:, :, :, r0:r1]  # [B, 1, 1, R]
+    tau_s = p_b + p_s - tau_b  # 1 - p(O) - tau_B
+    fire = (p_b < tau_b) & (p_b > 0) & (p_s > 0) & (tau_s > 0)
+    one = torch.ones((), dtype=torch.float32, device=p.device)
+    factors = torch.stack([torch.where(fire, tau_b / p_b, one), torch.where(fire, tau_s / p_s, one)], dim=-1)
+    f3 = torch.ones_like(mass).scatter_(-1, gidx, factors)  # [B, Hkv, n_rep, R, 3]: factor per key segment
+    p = p * torch.matmul(f3, onehot.transpose(-1, -2))  # [B, Hkv, n_rep, R, K']
+    if dropout:
+        p = torch.nn.functional.dropout(p, p=dropout, training=True)
+    if flow._stats is not None:
+        elig = geo.eligible[:, :, :, r0:r1]  # [B, 1, 1, R]
+        after = torch.where(fire, tau_b, p_b)
+        flow._stats[layer] += torch.stack([
+            fire.sum().to(torch.float64), elig.sum().to(torch.float64) * (Hkv * n_rep),
+            (p_b * elig).sum().to(torch.float64), (after * elig).sum().to(torch.float64)])
+    return torch.matmul(p.to(v5.dtype), v5)  # [B, Hkv, n_rep, R, D]
+
+
+def smi_inject(out: torch.Tensor, value: torch.Tensor, fires: torch.Tensor, pair_fire: torch.Tensor,
+               pair_kidx: torch.Tensor, pair_weight: torch.Tensor, num_fires: int) -> torch.Tensor:
+    """out [B, Q, H, D] plus alpha * window mean of values at each fire (row, query). Out of place, so that a
+    kernel that saved its output for backward is not disturbed."""
+    B, Q, H, D = out.shape
+    Hkv = value.shape[1]
+    fire_b = fires[0]
+    vals = value[fire_b[pair_fire], :, pair_kidx, :].to(torch.float32)  # [P, Hkv, D]
+    mom = torch.zeros(num_fires, Hkv, D, dtype=torch.float32, device=out.device).index_add_(
+        0, pair_fire, vals * pair_weight[:, None, None])  # [F, Hkv, D]: alpha * window mean
+    delta = mom.to(out.dtype)[:, :, None, :].expand(num_fires, Hkv, H // Hkv, D).reshape(num_fires, H, D)
+    return out.index_put((fire_b, fires[1]), delta, accumulate=True)

@@ -1,0 +1,118 @@
+"""StepFlowConfig: every knob of StepFlow (METHOD.md §5) with the paper's defaults, and a JSON round trip.
+
+Defaults (paper Table 8): Odds-Equal Bridge on the bottom quarter of layers `[0, L//4)`, Step Momentum
+Injection on the top quarter `[L - L//4, L)` (at least one layer each), `tau_max = 0.15`, `alpha = 0.06`, and
+an SMI window of the last 4 tokens of the step just completed (`smi_window="step"`: the whole step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import StepscopeError
+from ..formats import Format
+
+
+@dataclass
+class StepFlowConfig:
+    """StepFlow settings.
+
+    `oeb_layers` / `smi_layers`: layer indices (negative ones count from the end), or None for the default
+    bands. `fmt` / `markers` tell the step segmenter how thinking is marked ("auto" reads the tokenizer's chat
+    template). `collect_stats` accumulates firing counts and bridge masses on the device (a few tiny ops per
+    band layer); turn it off for the last bit of speed.
+    """
+
+    oeb_layers: list[int] | None = None
+    smi_layers: list[int] | None = None
+    tau_max: float = 0.15
+    alpha: float = 0.06
+    smi_window: int | str = 4
+    oeb: bool = True
+    smi: bool = True
+    fmt: str | Format = "auto"
+    markers: tuple[str, str] | None = None
+    collect_stats: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fmt, Format):  # keep the config JSON-able: a custom Format becomes its markers
+            if self.fmt.name in ("think", "harmony"):
+                self.fmt = self.fmt.name
+            else:
+                self.markers, self.fmt = (self.fmt.think_start, self.fmt.think_end), "markers"
+        if self.fmt not in ("auto", "think", "harmony", "markers"):
+            raise StepscopeError(f"fmt must be auto, think, harmony or markers, got {self.fmt!r}")
+        if self.markers is not None:
+            if len(self.markers) != 2 or not all(isinstance(m, str) and m for m in self.markers):
+                raise StepscopeError("markers must be two non-empty strings (start, end)")
+            self.markers = (self.markers[0], self.markers[1])
+        for name in ("oeb_layers", "smi_layers"):
+            v = getattr(self, name)
+            if v is not None:
+                if isinstance(v, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+                    raise StepscopeError(f"{name} must be a list of layer indices, got {v!r}")
+                setattr(self, name, [int(i) for i in v])
+        if not isinstance(self.tau_max, (int, float)) or not math.isfinite(self.tau_max) \
+                or not 0.0 <= self.tau_max < 1.0:
+            raise StepscopeError(f"tau_max must be in [0, 1), got {self.tau_max!r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise StepscopeError(f"alpha must be a finite number, got {self.alpha!r}")
+        w = self.smi_window
+        if isinstance(w, str) and w.isdigit():
+            w = int(w)
+        if isinstance(w, bool) or not (w == "step" or (isinstance(w, int) and w >= 1)):
+            raise StepscopeError(f"smi_window must be a positive integer or 'step', got {self.smi_window!r}")
+        self.smi_window = w
+
+    # -- layers ---------------------------------------------------------------------------------------------
+
+    def resolve(self, num_layers: int) -> tuple[list[int], list[int]]:
+        """(oeb_layers, smi_layers) as sorted concrete indices for a model of `num_layers` layers.
+
+        A band that is switched off (`oeb=False` / `smi=False`) is empty.
+        """
+        if num_layers < 1:
+            raise StepscopeError(f"the model has {num_layers} layers")
+        q = max(1, num_layers // 4)
+
+        def concrete(given: list[int] | None, default: range, name: str) -> list[int]:
+            if given is None:
+                return list(default)
+            out = set()
+            for i in given:
+                j = i + num_layers if i < 0 else i
+                if not 0 <= j < num_layers:
+                    raise StepscopeError(f"{name} holds layer {i}, but the model has {num_layers} layers")
+                out.add(j)
+            return sorted(out)
+
+        oeb = concrete(self.oeb_layers, range(0, q), "oeb_layers") if self.oeb else []
+        smi = concrete(self.smi_layers, range(num_layers - q, num_layers), "smi_layers") if self.smi else []
+        return oeb, smi
+
+    # -- JSON -----------------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["markers"] = list(self.markers) if self.markers else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict | str) -> StepFlowConfig:
+        if isinstance(d, str):
+            try:
+                d = json.loads(d)
+            except json.JSONDecodeError as e:
+                raise StepscopeError(f"StepFlow config is not valid JSON ({e.msg})") from None
+        if not isinstance(d, dict):
+            raise StepscopeError("StepFlow config JSON must be an object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise StepscopeError(f"unknown StepFlow config key(s): {', '.join(unknown)}")
+        d = dict(d)
+        if d.get("markers") is not None:
+            d["markers"] = tuple(d["markers"])
+        return cls(**d)

@@ -1,0 +1,323 @@
+"""StepFlow: the test-time repair (METHOD.md §5) as a context manager around any transformers causal LM.
+
+    with StepFlow(model, tokenizer) as flow:
+        out = model.generate(**inputs, max_new_tokens=512)
+    print(flow.stats.summary())
+
+How it hooks the model (DESIGN.md, "How the model is hooked"):
+- On enter it registers an attention function wrapping the model's own implementation (sdpa, eager or flash)
+  and that implementation's mask function, under "stepscope_flow_<impl>", and switches every config of the
+  model to it (`config._attn_implementation_internal`, the field `set_attn_implementation` writes, so that
+  no weight or module changes). Each attention module gets a `_stepscope_flow` attribute pointing here.
+- A forward pre-hook on the base model sees every forward's input_ids, attention mask and cache length. It
+  copies the new token ids (with their mask columns) to the host once per forward, the only device-to-host
+  transfer, feeds each row's incremental segmenter, and uploads the rows' state in one host-to-device copy.
+  A forward with no cache, or an empty one, starts fresh rows; a cache whose length does not match what
+  StepFlow has seen is an error (beam search, which reorders cache rows, is not supported).
+- On exit, also after an exception, it restores the original implementation names, removes the hook and the
+  module attributes. The registered names stay registered (harmless, and another StepFlow may use them), so
+  the model is bit-identical to before.
+
+Supported: Llama, Qwen2, Qwen3, Mistral, GPT-OSS (sinks, sliding windows) and any model whose attention goes
+through transformers' AttentionInterface; greedy and sampling generation, left-padded batches, the dynamic
+KV cache (default), plain forwards with or without a cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import StepscopeError
+from ..formats import Format, get_format
+from ..segment import Segmenter
+from ..tokens import token_bytes
+from .attention import PREFIX, register
+from .config import StepFlowConfig
+from .state import ForwardState, RowTracker, build_forward_state
+
+
+@dataclass
+class StepFlowStats:
+    """How often StepFlow acted, per band layer.
+
+    OEB counts are over (query, head) pairs: `oeb_eligible` pairs had a query in thinking or summary and a
+    non-empty bridge; `oeb_fires` of them were below tau_B and got projected. `bridge_mass_before/after` are
+    the mean bridge probability p(B) over eligible pairs before and after OEB. `smi_fires` counts the query
+    positions that received step momentum. `tokens`: real tokens fed to the segmenters.
+    """
+
+    oeb_layers: list[int]
+    smi_layers: list[int]
+    oeb_fires: dict[int, int]
+    oeb_eligible: dict[int, int]
+    bridge_mass_before: dict[int, float]
+    bridge_mass_after: dict[int, float]
+    smi_fires: dict[int, int]
+    forwards: int
+    tokens: int
+
+    @property
+    def total_oeb_fires(self) -> int:
+        return sum(self.oeb_fires.values())
+
+    @property
+    def total_smi_fires(self) -> int:
+        return sum(self.smi_fires.values())
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("oeb_fires", "oeb_eligible", "bridge_mass_before", "bridge_mass_after", "smi_fires"):
+            d[k] = {str(i): v for i, v in d[k].items()}
+        return d
+
+    def summary(self) -> str:
+        lines = [f"StepFlow: {self.forwards} forwards, {self.tokens} tokens"]
+        for i in self.oeb_layers:
+            e = self.oeb_eligible[i]
+            rate = self.oeb_fires[i] / e if e else 0.0
+            lines.append(f"  OEB layer {i:>3}: fired {self.oeb_fires[i]:>9} of {e:>9} query-heads ({rate:6.1%}), "
+                         f"bridge mass {self.bridge_mass_before[i]:.4f} -> {self.bridge_mass_after[i]:.4f}")
+        for i in self.smi_layers:
+            lines.append(f"  SMI layer {i:>3}: fired {self.smi_fires[i]:>9} times")
+        return "\n".join(lines)
+
+
+def _configs_of(model) -> list:
+    """Every distinct config object of the model and its sub-models (and their sub-configs)."""
+    seen: dict[int, object] = {}
+    stack = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
+    while stack:
+        c = stack.pop()
+        if id(c) in seen:
+            continue
+        seen[id(c)] = c
+        for key in getattr(c, "sub_configs", {}) or {}:
+            sub = getattr(c, key, None)
+            if sub is not None and hasattr(sub, "_attn_implementation"):
+                stack.append(sub)
+    return list(seen.values())
+
+
+def _attention_modules(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "layer_idx", None), int) and "Attention" in type(m).__name__
+            and hasattr(m, "config")]
+
+
+class StepFlow:
+    """Odds-Equal Bridge and Step Momentum Injection on a transformers model, per batch row, as a context.
+
+    `StepFlow(model, tokenizer, config=None, **overrides)`: `config` is a StepFlowConfig (paper defaults when
+    None); keyword overrides replace its fields (`StepFlow(model, tok, alpha=0.1)`). Inside the `with` block,
+    `model.generate(...)` and `model(...)` apply StepFlow; `stats` reports how often it acted.
+    """
+
+    def __init__(self, model, tokenizer, config: StepFlowConfig | None = None, **overrides):
+        config = config or StepFlowConfig()
+        if overrides:
+            try:
+                config = dataclasses.replace(config, **overrides)
+            except TypeError as e:
+                raise StepscopeError(f"unknown StepFlow option: {e}") from None
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.num_layers = int(text_cfg.num_hidden_layers)
+        self.oeb_layers, self.smi_layers = config.resolve(self.num_layers)
+        self._oeb_set = frozenset(self.oeb_layers)
+        self._smi_set = frozenset(self.smi_layers)
+        if tokenizer is None:
+            raise StepscopeError("StepFlow needs the model's tokenizer to find the thinking steps")
+        self.format: Format = get_format(config.fmt, tokenizer, markers=config.markers)
+        self._tokbytes = token_bytes(tokenizer)
+        self.device = next(model.parameters()).device
+        # most scores (floats) one OEB block may hold: 128 MiB on a GPU, 16 MiB on a CPU (cache friendly)
+        self.block_elems = (1 << 25) if self.device.type == "cuda" else (1 << 22)
+        self._active = False
+        self._saved: list[tuple[object, str | None]] = []
+        self._modules: list[torch.nn.Module] = []
+        self._hook = None
+        self._fwd: ForwardState | None = None
+        self._rows: list[RowTracker] | None = None
+        self._total = 0
+        self._stats: torch.Tensor | None = None
+        self._smi_fires = [0] * self.num_layers
+        self._forwards = 0
+        self._tokens = 0
+        if config.collect_stats:
+            self._stats = torch.zeros(self.num_layers, 4, dtype=torch.float64, device=self.device)
+
+    # -- context ----------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> StepFlow:
+        if self._active:
+            raise StepscopeError("this StepFlow is already active")
+        if getattr(self.model, "_stepscope_flow_open", False):
+            raise StepscopeError("a StepFlow context is already open on this model")
+        configs = _configs_of(self.model)
+        impls = {c._attn_implementation for c in configs}
+        if any(isinstance(i, str) and i.startswith(PREFIX) for i in impls):
+            raise StepscopeError("the model already runs a StepFlow attention function")
+        names = {}
+        for impl in impls:
+            if impl is None:
+                continue
+            names[impl] = register(impl)
+        modules = _attention_modules(self.model)
+        if not modules:
+            raise StepscopeError("no attention layers with a layer index were found in this model")
+        base = getattr(self.model, "base_model", self.model)
+        try:
+            for c in configs:
+                impl = c._attn_implementation
+                self._saved.append((c, impl))
+                if impl is not None:
+                    self._set_impl(c, names[impl])
+            for m in modules:
+                m._stepscope_flow = self
+                self._modules.append(m)
+            self._hook = base.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+            self.model._stepscope_flow_open = True
+        except BaseException:
+            self._restore()
+            raise
+        self._active = True
+        self._fwd = None
+        self._rows = None
+        self._total = 0
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._restore()
+        return False
+
+    @staticmethod
+    def _set_impl(config, name: str | None) -> None:
+        if hasattr(config, "_attn_implementation_internal"):
+            config._attn_implementation_internal = name
+        else:  # older transformers
+            config._attn_implementation = name
+
+    def _restore(self) -> None:
+        for c, impl in reversed(self._saved):
+            self._set_impl(c, impl)
+        self._saved = []
+        for m in self._modules:
+            if "_stepscope_flow" in m.__dict__:
+                del m.__dict__["_stepscope_flow"]
+        self._modules = []
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.model.__dict__.get("_stepscope_flow_open"):
+            del self.model.__dict__["_stepscope_flow_open"]
+        self._fwd = None
+        self._active = False
+
+    # -- per forward --------------------------------------------------------------------------------------
+
+    def _pre_forward(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise StepscopeError("StepFlow needs input_ids: a forward with inputs_embeds alone cannot be segmented")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        mask2 = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        B, Q = ids.shape
+        # the one device-to-host copy of this forward: new token ids and their mask columns
+        both = ids if mask2 is None else torch.cat([ids, mask2[:, -Q:].to(ids.dtype)], dim=1)
+        host = both.cpu().numpy()
+        ids_h = host[:, :Q]
+        if past == 0:
+            self._rows = None
+        elif self._rows is None or len(self._rows) != B or past != self._total:
+            seen = 0 if self._rows is None else self._total
+            raise StepscopeError(f"StepFlow lost track of the cache: it holds {past} tokens of {B} rows, StepFlow "
+                                 f"has seen {seen}; start from an empty cache (beam search and reused caches are "
+                                 "not supported)")
+        his: list[int] = []
+        if self._rows is None:  # a fresh sequence: find each row's real tokens
+            rows = []
+            for b in range(B):
+                if mask2 is None:
+                    lo, hi = 0, Q
+                else:
+                    m = host[b, Q:] != 0
+                    n = int(m.sum())
+                    lo = int(np.argmax(m)) if n else Q
+                    hi = lo + n
+                    if n and not m[lo:hi].all():
+                        raise StepscopeError("StepFlow needs each row's real tokens to be contiguous "
+                                             "(left or right padding)")
+                seg = Segmenter(self.tokenizer, self.format, tokbytes=self._tokbytes)
+                rows.append(RowTracker(seg, lo, self.config.smi_window))
+                rows[-1].hi = hi
+                his.append(hi)
+            self._rows = rows
+            starts = [(tr.lo, hi) for tr, hi in zip(rows, his)]
+        else:
+            if (mask2 is not None and not (host[:, Q:] != 0).all()) or any(tr.hi != past for tr in self._rows):
+                raise StepscopeError("StepFlow cannot follow padding after a row's real tokens "
+                                     "(continue right-padded rows, or mask new tokens)")
+            starts = [(0, Q)] * B
+            his = [past + Q] * B
+        fires = []
+        n_tok = 0
+        for b, tr in enumerate(self._rows):
+            a, e = starts[b]
+            if e > a:
+                fires.append(tr.feed(ids_h[b, a:e].tolist()))
+                n_tok += e - a
+            else:
+                fires.append([])
+        for tr, hi in zip(self._rows, his):
+            tr.hi = hi
+        self._total = past + Q
+        self._forwards += 1
+        self._tokens += n_tok
+        self._fwd = build_forward_state(self._rows, past, Q, his, fires, ids.device)
+        return None
+
+    def select_rows(self, keep: list[int]) -> None:
+        """Keep only these rows, in this order: call it together with `cache.batch_select_indices(keep)` when a
+        decode loop drops finished rows from the batch (the sequence axis, and so each row's offsets, stay)."""
+        if self._rows is None:
+            raise StepscopeError("select_rows: StepFlow has no rows yet")
+        if any(not 0 <= i < len(self._rows) for i in keep):
+            raise StepscopeError(f"select_rows: row index out of range 0..{len(self._rows) - 1}")
+        self._rows = [self._rows[i] for i in keep]
+        self._fwd = None
+
+    # -- results ------------------------------------------------------------------------------------------
+
+    @property
+    def segmenters(self) -> list[Segmenter]:
+        """Each row's segmenter as of the last forward (read them, do not feed them)."""
+        return [tr.seg for tr in (self._rows or [])]
+
+    def reset_stats(self) -> None:
+        if self._stats is not None:
+            self._stats.zero_()
+        self._smi_fires = [0] * self.num_layers
+        self._forwards = self._tokens = 0
+
+    @property
+    def stats(self) -> StepFlowStats:
+        """Counts so far (reading them synchronizes with the device once)."""
+        if self._stats is not None:
+            s = self._stats.cpu().numpy()
+        else:
+            s = np.zeros((self.num_layers, 4))
+        fires = {i: int(round(s[i, 0])) for i in self.oeb_layers}
+        elig = {i: int(round(s[i, 1])) for i in self.oeb_layers}
+        before = {i: float(s[i, 2] / s[i, 1]) if s[i, 1] else 0.0 for i in self.oeb_layers}
+        after = {i: float(s[i, 3] / s[i, 1]) if s[i, 1] else 0.0 for i in self.oeb_layers}
+        smi = {i: self._smi_fires[i] for i in self.smi_layers}
+        return StepFlowStats(list(self.oeb_layers), list(self.smi_layers), fires, elig, before, after, smi,
+                             self._forwards, self._tokens)

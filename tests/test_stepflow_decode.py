@@ -1,0 +1,194 @@
+"""StepFlow while decoding: cached decoding equals one teacher-forced forward; padded batches equal rows alone.
+
+Reference here is StepFlow's own teacher-forced forward, which test_stepflow.py checks against the slow
+independent implementation. Tolerance 1e-5 on float32 logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_stepflow import QUESTIONS, build, harmony_response, left_pad, think_response
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+
+from stepscope.errors import StepscopeError
+from stepscope.flow import StepFlow, StepFlowConfig
+
+TOL = 1e-5
+
+
+def prompt_and_continuation(tok, fam: str, i: int) -> tuple[list[int], list[int]]:
+    msgs = [{"role": "user", "content": QUESTIONS[i]}]
+    prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    resp = harmony_response(i) if fam == "harmony" else think_response(i)
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    c = tok(resp, add_special_tokens=False)["input_ids"]
+    return p, c
+
+
+def teacher_forced(model, tok, cfg, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad(), StepFlow(model, tok, cfg):
+        return model(torch.tensor([ids])).logits[0]  # [T, V]
+
+
+class Force(LogitsProcessor):
+    """Greedy decoding that must follow given continuations (one per row)."""
+
+    def __init__(self, conts: list[list[int]], start: int):
+        self.conts, self.start = conts, start
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.start
+        out = torch.full_like(scores, float("-inf"))
+        for b, c in enumerate(self.conts):
+            out[b, c[step]] = 0.0
+        return out
+
+
+@pytest.mark.parametrize("arch,fam", [("llama", "think"), ("gptoss", "harmony")])
+def test_generate_logits_equal_teacher_forced(arch, fam):
+    """model.generate on a left-padded batch, its continuations forced so that thinking steps (and SMI) occur
+    while decoding: the raw logits of every step equal each row's own teacher-forced forward."""
+    model, tok = build(arch, fam)
+    cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt=fam)
+    pc = [prompt_and_continuation(tok, fam, i) for i in range(2)]
+    n = min(len(c) for _, c in pc)
+    ids, mask, _, los = left_pad([p for p, _ in pc], pad=tok.pad_token_id or 0)
+    with torch.no_grad(), StepFlow(model, tok, cfg) as flow:
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, logits_processor=LogitsProcessorList([Force([c for _, c in pc],
+                                                                                           ids.shape[1])]),
+                             output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=tok.pad_token_id or 0)
+    st = flow.stats
+    assert st.total_smi_fires >= 4 and st.total_oeb_fires > 0
+    raw = torch.stack(out.logits, dim=1)  # [B, n, V]
+    for b, (p, c) in enumerate(pc):
+        assert out.sequences[b, ids.shape[1]:].tolist() == c[:n]
+        want = teacher_forced(model, tok, cfg, p + c[:n])[len(p) - 1:len(p) - 1 + n]
+        assert (raw[b] - want).abs().max().item() < TOL
+
+
+def test_greedy_generate_equals_teacher_forced_argmax():
+    """Unforced greedy decoding (the model's own tokens), batch and rows alone, generate and a manual loop."""
+    model, tok = build("qwen3", "think")
+    cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt="think")
+    prompts = []
+    for i in range(2):
+        p, c = prompt_and_continuation(tok, "think", i)
+        prompts.append(p + c[:25 + 10 * i])  # a prefix of thinking with a few closed steps
+    ids, mask, _, _ = left_pad(prompts, pad=0)
+    n = 24
+    with torch.no_grad(), StepFlow(model, tok, cfg) as flow:
+        batch = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                               min_new_tokens=n, pad_token_id=0)[:, ids.shape[1]:]
+        alone = [model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                pad_token_id=0)[0, len(p):] for p in prompts]
+    assert flow.stats.total_oeb_fires > 0
+    for b, p in enumerate(prompts):
+        gen = batch[b].tolist()
+        assert gen == alone[b].tolist()
+        logits = teacher_forced(model, tok, cfg, p + gen)
+        assert logits[len(p) - 1:-1].argmax(-1).tolist() == gen
+        # a manual cached loop gives the same tokens and logits
+        cache = DynamicCache()
+        with torch.no_grad(), StepFlow(model, tok, cfg):
+            x = torch.tensor([p])
+            got = []
+            for _ in range(n):
+                lg = model(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1]
+                got.append(lg)
+                x = lg.argmax().view(1, 1)
+        got = torch.stack(got)
+        assert got.argmax(-1).tolist() == gen
+        assert (got - logits[len(p) - 1:-1]).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("arch,fam,over,window", [
+    ("gptoss", "harmony", {}, "step"),
+    ("mistral", "think", {"sliding_window": 12}, 4),
+])
+def test_token_by_token_with_sliding_cache(arch, fam, over, window):
+    """One token at a time through a cache that keeps only the sliding window (GPT-OSS: alternate layers), after
+    a prompt fed in two chunks: every logit equals the teacher-forced forward, SMI windows clipped alike."""
+    model, tok = build(arch, fam, **over)
+    cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], smi_window=window, fmt=fam)
+    p, c = prompt_and_continuation(tok, fam, 0)
+    seq = p + c
+    want = teacher_forced(model, tok, cfg, seq)
+    cache = DynamicCache(config=model.config)
+    got = []
+    with torch.no_grad(), StepFlow(model, tok, cfg) as flow:
+        half = len(p) // 2
+        got.append(model(input_ids=torch.tensor([seq[:half]]), past_key_values=cache, use_cache=True).logits[0])
+        got.append(model(input_ids=torch.tensor([seq[half:len(p)]]), past_key_values=cache,
+                         use_cache=True).logits[0])
+        for t in range(len(p), len(seq)):
+            got.append(model(input_ids=torch.tensor([[seq[t]]]), past_key_values=cache, use_cache=True).logits[0])
+    got = torch.cat(got)
+    assert (got - want).abs().max().item() < TOL
+    assert flow.stats.total_smi_fires >= 4
+
+
+def test_rows_leave_the_batch():
+    """A decode loop drops a finished row (cache.batch_select_indices + select_rows): the other row goes on
+    exactly as if alone."""
+    model, tok = build("llama", "think")
+    cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt="think")
+    pc = [prompt_and_continuation(tok, "think", i) for i in range(2)]
+    ids, mask, pos, _ = left_pad([p for p, _ in pc])
+    T = ids.shape[1]
+    cache = DynamicCache()
+    out = []
+    with torch.no_grad(), StepFlow(model, tok, cfg) as flow:
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        rows = [0, 1]
+        for step in range(40):
+            if step == 10:  # row 1 finishes; row 0 (left-padded) goes on
+                cache.batch_select_indices(torch.tensor([0]))
+                flow.select_rows([0])
+                mask, pos, rows = mask[:1], pos[:1], [0]
+            x = torch.tensor([[pc[r][1][step]] for r in rows])
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], 1)
+            p = pos[:, -1:] + 1
+            pos = torch.cat([pos, p], 1)
+            lg = model(input_ids=x, attention_mask=mask, position_ids=p, past_key_values=cache,
+                       use_cache=True).logits
+            out.append(lg[0, -1])
+    p0, c0 = pc[0]
+    want = teacher_forced(model, tok, cfg, p0 + c0[:40])[len(p0):]
+    assert (torch.stack(out) - want).abs().max().item() < TOL
+    assert T > len(p0)  # row 0 was padded
+
+
+def test_sampling_runs_and_fires():
+    model, tok = build("qwen2", "think")
+    pc = [prompt_and_continuation(tok, "think", i) for i in range(2)]
+    ids, mask, _, _ = left_pad([p for p, _ in pc])
+    torch.manual_seed(0)
+    with torch.no_grad(), StepFlow(model, tok, tau_max=0.6, fmt="think") as flow:
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.8, top_p=0.95,
+                             max_new_tokens=12, num_return_sequences=2, pad_token_id=0)
+    assert out.shape == (4, ids.shape[1] + 12)
+    # every real prompt token (each prompt twice) and 11 fed-back tokens per row reached the segmenters
+    assert flow.stats.total_oeb_fires > 0 and flow.stats.tokens == 2 * int(mask.sum()) + 4 * 11
+
+
+def test_wrapping_eager_equals_wrapping_sdpa():
+    pc = prompt_and_continuation(build("llama", "think")[1], "think", 1)
+    logits = []
+    for impl in ("sdpa", "eager"):
+        model, tok = build("llama", "think", attn_implementation=impl)
+        logits.append(teacher_forced(model, tok, StepFlowConfig(tau_max=0.6, alpha=0.5, fmt="think"),
+                                     pc[0] + pc[1]))
+    assert (logits[0] - logits[1]).abs().max().item() < TOL
+
+
+def test_cache_it_did_not_see_is_an_error():
+    model, tok = build("llama", "think")
+    p, c = prompt_and_continuation(tok, "think", 0)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([p]), past_key_values=cache, use_cache=True)
+        with StepFlow(model, tok, fmt="think"), pytest.raises(StepscopeError, match="lost track"):
+            model(input_ids=torch.tensor([c[:1]]), past_key_values=cache, use_cache=True)
