@@ -8,4 +8,6 @@ from .stepflow import StepFlow, StepFlowStats
 
 __all__ = ["StepFlow", "StepFlowConfig", "StepFlowStats"]
 
-# generation (issue 5, item 5) is added below by its owner:
+from .generate import generate_traces  # noqa: E402
+
+__all__ += ["generate_traces"]
