@@ -8,6 +8,7 @@ work headless and in threads. Titles never go through mathtext (`$` in a trace i
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import tempfile
@@ -238,12 +239,21 @@ def diagnosis_depth_figure(diagnoses: Sequence[Diagnosis], metrics: Sequence[str
     return fig
 
 
+@functools.cache
+def _umask() -> int:
+    """The process umask, read once (reading it means setting it, briefly)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a figure is for sharing, like any new file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

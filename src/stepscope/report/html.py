@@ -234,6 +234,7 @@ h2 { font-size: 15px; margin: 0 0 8px; }
 .pill { display: inline-block; border-radius: 9px; padding: 0 8px; font-size: 12px; margin-right: 6px;
         background: #eee; } .pill.flagged { background: #fde2e2; color: var(--bad); }
 .pill.ok { background: #e3f4ef; color: #1b6f5d; }
+#heat-section, #chart-section { flex: 1 1 540px; min-width: 0; }
 #heat-wrap { position: relative; }
 #heat { border: 1px solid #ddd; image-rendering: pixelated; cursor: crosshair; max-width: 100%; }
 .controls { display: flex; gap: 12px; align-items: center; flex-wrap: wrap; margin-bottom: 8px; }
