@@ -364,3 +364,13 @@ def test_smollm2_short_run_plain_and_stepflow():
         t.validate()
         assert t.fmt == "think" and t.meta["budget_forced"] and t.thinking_closed
         assert "</think>" in response_text(t)
+
+
+def test_ids_beyond_the_tokenizer_are_never_picked(tok):
+    """Models pad their embedding table (Qwen2.5: 152064 rows, 151665 tokens): those ids must never come out."""
+    model = scripted(tok, QUESTIONS[:1], ["x"])
+    model.vocab_size = len(tok) + 16
+    model.table[0, 0] = len(tok) + 3  # the script's first token lies beyond the tokenizer
+    for kw in (dict(temperature=0), dict(temperature=1.0, top_p=1.0)):
+        tr = generate_traces(model, tok, QUESTIONS[:1], max_new_tokens=3, progress=False, **kw)[0]
+        assert all(t < len(tok) for t in new_ids(tr))

@@ -246,8 +246,8 @@ def _new_cache(model):
 
 def _run_batch(model, rows: list[_Row], s: _Settings, stop_ids: set[int], forced_ids: list[int],
                stream: Callable[[str], None] | None, tokbytes, on_row_done: Callable[[_Row], None],
-               can_compact: bool, sf=None) -> dict:
-    """Generate for `rows` in place; return the batch timing."""
+               can_compact: bool, sf=None, vocab: int | None = None) -> dict:
+    """Generate for `rows` in place; return the batch timing. `vocab`: ids at or above it are never picked."""
     device = _model_device(model)
     cache_kw, has_keep = _forward_kwargs(model)
     B = len(rows)
@@ -281,7 +281,7 @@ def _run_batch(model, rows: list[_Row], s: _Settings, stop_ids: set[int], forced
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)  # [B, L + 1]
             last_pos = last_pos + 1
             out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=last_pos[:, None], **kw)
-        logits = out.logits[:, -1, :]  # [B, V]
+        logits = out.logits[:, -1, :vocab]  # [B, V]: never an id the tokenizer lacks (padded embeddings)
         if s.do_sample:
             tok = sample_tokens(logits, uniforms.column(step), s.temperature, s.top_k, s.top_p)
         else:
@@ -476,7 +476,7 @@ def generate_traces(model, tokenizer, questions: Sequence[str], *, stepflow=None
                 if sf is not None and callable(getattr(sf, "reset_stats", None)):
                     sf.reset_stats()  # stats per batch
                 timing = _run_batch(model, batch, s, stop_ids, forced_ids, stream, tb, on_row_done,
-                                    can_compact, sf)
+                                    can_compact, sf, vocab=len(tokenizer))
                 stats = _stats_dict(sf) if sf is not None else None
                 done = []
                 for r in batch:
