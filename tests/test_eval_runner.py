@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,13 +237,20 @@ def test_shards_in_one_process_merge_to_the_single_run(tmp_path):
     assert not list(out.glob("results.rank*.jsonl")) and summary["complete"]
 
 
-def test_rank0_stops_when_another_rank_failed(tmp_path):
+def test_rank0_stops_when_another_rank_fails_and_ignores_stale_statuses(tmp_path):
     bench_file = write_bench(tmp_path)
     out = tmp_path / "run"
     out.mkdir()
-    (out / "status.rank1.json").write_text(json.dumps({"rank": 1, "state": "failed", "error": "CUDA OOM"}))
-    with pytest.raises(StepscopeError, match="rank 1 failed: CUDA OOM"):
-        run_fake(out, bench_file, rank=0, world=2)
+    stale = {"rank": 1, "state": "interrupted", "time": time.time() - 5}  # left by an earlier launch
+    (out / "status.rank1.json").write_text(json.dumps(stale))
+    with cf.ThreadPoolExecutor(1) as ex:
+        r0 = ex.submit(run_fake, out, bench_file, rank=0, world=2)
+        time.sleep(1.0)
+        assert not r0.done()  # still waiting for rank 1: the stale status does not stop it
+        (out / "status.rank1.json").write_text(json.dumps({"rank": 1, "state": "failed", "error": "CUDA OOM",
+                                                            "time": time.time()}))
+        with pytest.raises(StepscopeError, match="rank 1 failed: CUDA OOM"):
+            r0.result(timeout=60)
 
 
 CHILD = """

@@ -39,6 +39,10 @@ def arm_label(arm: str) -> str:
 
 
 def model_label(model: str) -> str:
+    if model == "default":
+        from ..models import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
     return Path(str(model).rstrip("/")).name or str(model)
 
 

@@ -238,13 +238,15 @@ def _write_status(out: Path, rank: int, state: str, **extra) -> None:
                                                             **extra})
 
 
-def _other_rank_failed(out: Path, world: int) -> str | None:
+def _other_rank_failed(out: Path, world: int, since: float) -> str | None:
+    """A failure or interruption that another rank reported during this launch (statuses older than `since`,
+    rank 0's start, were left by an earlier launch and are ignored)."""
     for r in range(1, world):
         p = out / f"status.rank{r}.json"
         if p.exists():
-            with contextlib.suppress(OSError, json.JSONDecodeError):
+            with contextlib.suppress(OSError, json.JSONDecodeError, TypeError, ValueError):
                 st = json.loads(p.read_text(encoding="utf-8"))
-                if st.get("state") in ("failed", "interrupted"):
+                if st.get("state") in ("failed", "interrupted") and float(st.get("time", 0)) >= since:
                     return f"rank {r} {st['state']}" + (f": {st['error']}" if st.get("error") else "")
     return None
 
@@ -316,6 +318,7 @@ def run_eval(model, tokenizer, benchmark: Benchmark, settings: EvalSettings, out
     Returns the summary (on rank 0; other ranks return None after finishing their share).
     """
     out = Path(out)
+    started = time.time()
     env_rank, env_world = dist_env()
     rank = env_rank if rank is None else rank
     world = env_world if world_size is None else world_size
@@ -412,7 +415,7 @@ def run_eval(model, tokenizer, benchmark: Benchmark, settings: EvalSettings, out
     if rank != 0:
         return None
     expected = {(p.id, s, a) for p, s in units for a in arms}
-    _wait_for_all(out, files, expected, world, poll_seconds, wait_timeout)
+    _wait_for_all(out, files, expected, world, poll_seconds, wait_timeout, started)
     merge_results(out, units, arms)
     from .report import write_summary
 
@@ -420,7 +423,7 @@ def run_eval(model, tokenizer, benchmark: Benchmark, settings: EvalSettings, out
 
 
 def _wait_for_all(out: Path, files: ResultFiles, expected: set, world: int, poll: float,
-                  timeout: float | None) -> None:
+                  timeout: float | None, started: float) -> None:
     """Rank 0 waits until every expected record is in some results file (a file barrier)."""
     start = time.monotonic()
     while True:
@@ -430,7 +433,7 @@ def _wait_for_all(out: Path, files: ResultFiles, expected: set, world: int, poll
             return
         if world == 1:
             raise StepscopeError(f"{len(missing)} samples are missing after the run; resume with --resume")
-        failed = _other_rank_failed(out, world)
+        failed = _other_rank_failed(out, world, started)
         if failed:
             raise StepscopeError(f"{failed}; {len(missing)} samples missing; rerun with --resume")
         if timeout is not None and time.monotonic() - start > timeout:
