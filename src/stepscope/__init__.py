@@ -19,16 +19,20 @@ _EXPORTS = {
     "StepscopeError": "stepscope.errors",
     "step_saliency": "stepscope.saliency",
     "SaliencyResult": "stepscope.saliency",
-    "diagnose": "stepscope.diagnose",
     "StepFlow": "stepscope.flow",
     "StepFlowConfig": "stepscope.flow",
     "generate_traces": "stepscope.flow",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", "diagnose", *_EXPORTS]
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'stepscope' has no attribute {name!r}")
+
+
+# `stepscope.diagnose(result)` is the function; importing the submodule here first keeps a later
+# `import stepscope.diagnose` from rebinding the name to the module (numpy only: cheap).
+from .diagnose import diagnose  # noqa: E402

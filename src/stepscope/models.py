@@ -152,5 +152,5 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
     if not device_map:
         model = model.to(device)
     model.eval()
-    model.name_or_path = str(name_or_path)
+    model.name_or_path = DEFAULT_MODEL_NAME if path != str(name_or_path) else str(name_or_path)
     return model, tokenizer
