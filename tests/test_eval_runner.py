@@ -298,3 +298,21 @@ def test_summary_of_an_incomplete_run_and_tables():
     assert "| Model-7B | AIME24 | 25.0 ± 25.0 | 75.0 ± 25.0 | +50.0 [" in md and "run incomplete" in md
     table = paper_table([s])
     assert "| Model-7B, baseline → StepFlow | 25.0 → 75.0 |" in table
+
+
+def test_cli_summarize_table_and_errors(tmp_path, capsys):
+    from stepscope import cli
+
+    bench_file = write_bench(tmp_path)
+    run_fake(tmp_path / "run", bench_file)
+    (tmp_path / "run" / "summary.md").unlink()
+    assert cli.main(["eval", "--summarize", "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "summary.md").exists()
+    assert "| model | benchmark | baseline | StepFlow |" in capsys.readouterr().out
+    assert cli.main(["eval", "--table", str(tmp_path / "run")]) == 0
+    assert "| fake-model, baseline → StepFlow |" in capsys.readouterr().out
+    assert cli.main(["eval", "--benchmark", "gsm8k", "--arms", "baseline,magic", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown arm 'magic'" in capsys.readouterr().err
+    assert cli.main(["eval", "--summarize", "--out", str(tmp_path / "nothing")]) == 2
+    assert "no run.json" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
