@@ -20,7 +20,9 @@ key to attend (and no sink) gets A = 0 and output 0 rather than NaN.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -116,19 +118,56 @@ class active_run:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _block_probs(qb: torch.Tensor, k: torch.Tensor, R: int, allowed: torch.Tensor | None, bias: torch.Tensor | None,
-                 sinks: torch.Tensor | None, scale: float, softcap: float | None):
+FORCE_FP32_MATMUL = os.environ.get("STEPSCOPE_SALIENCY_FP32_MATMUL", "") not in ("", "0")
+_LOWP_OK: dict[str, bool] = {}
+
+
+def lowp_matmul_ok(device: torch.device) -> bool:
+    """Whether `torch.bmm(bf16, bf16, out_dtype=float32)` works on `device` and matches a float32 matmul.
+
+    bf16 -> float32 is exact, so a tensor-core product of bf16 inputs accumulated and returned in float32 gives
+    the float32 product of the same numbers (up to summation order), many times faster. Probed once per device;
+    CUDA only; off when STEPSCOPE_SALIENCY_FP32_MATMUL=1.
+    """
+    if FORCE_FP32_MATMUL or device.type != "cuda":
+        return False
+    key = str(device)
+    if key not in _LOWP_OK:
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            a = torch.randn(2, 64, 128, device=device, generator=g).to(torch.bfloat16)
+            b = torch.randn(2, 128, 96, device=device, generator=g).to(torch.bfloat16)
+            got = torch.bmm(a, b, out_dtype=torch.float32)
+            want = torch.bmm(a.float(), b.float())
+            _LOWP_OK[key] = got.dtype == torch.float32 and bool(torch.allclose(got, want, rtol=1e-5, atol=1e-4))
+        except (RuntimeError, TypeError):
+            _LOWP_OK[key] = False
+    return _LOWP_OK[key]
+
+
+def _matmul_wide(a: torch.Tensor, b: torch.Tensor, cdt: torch.dtype, lowp: bool) -> torch.Tensor:
+    """a [..., n, d] @ b [..., d, m] with products and sums in `cdt`; `lowp`: bf16/fp16 inputs, float32 output."""
+    if lowp:
+        out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+        return out.view(*a.shape[:-1], b.shape[-1])
+    return torch.matmul(a.to(cdt), b.to(cdt))
+
+
+def _block_probs(qb: torch.Tensor, k: torch.Tensor, R: int, allowed: torch.Tensor | None, col0: int,
+                 bias: torch.Tensor | None, sinks: torch.Tensor | None, scale: float, softcap: float | None,
+                 cdt: torch.dtype, lowp: bool):
     """Probabilities of a block of query rows over keys [k0, k1).
 
-    qb: [B, Hkv, n_rep * R, D] (compute dtype, the n_rep query heads of a KV head stacked along rows);
-    k: [B, Hkv, K, D]; allowed: bool broadcastable to
-    [B, 1, 1, R, K] or None (all allowed); bias: float like `allowed` or None; sinks: [Hkv, n_rep] or None.
-    Returns A [B, Hkv, n_rep, R, K], the softcap tanh (or None), the row max m and denominator
+    qb: [B, Hkv, n_rep * R, D] (the n_rep query heads of a KV head stacked along rows); k: [B, Hkv, K, D];
+    both in the model's dtype when `lowp`, else anything (cast to `cdt`). allowed: bool broadcastable to
+    [B, 1, 1, R, K - col0] for keys col0.. of the block, or None (all allowed); bias: float broadcastable to
+    [B, 1, 1, R, K] or None; sinks: [Hkv, n_rep] or None.
+    Returns A [B, Hkv, n_rep, R, K] (cdt), the softcap tanh (or None), the row max m and denominator
     [B, Hkv, n_rep, R, 1] (for the sink probability exp(sink - m) / denom).
     """
     B, Hkv, nR, D = qb.shape
     n_rep = nR // R
-    z = torch.matmul(qb, k.transpose(-1, -2))  # [B, Hkv, n_rep*R, K]
+    z = _matmul_wide(qb, k.transpose(-1, -2), cdt, lowp)  # [B, Hkv, n_rep*R, K]
     z = z.view(B, Hkv, n_rep, R, z.shape[-1]).mul_(scale)
     tanh = None
     if softcap:
@@ -137,7 +176,7 @@ def _block_probs(qb: torch.Tensor, k: torch.Tensor, R: int, allowed: torch.Tenso
     if bias is not None:
         z = z + bias
     if allowed is not None:
-        z.masked_fill_(~allowed, -math.inf)
+        z[..., col0:].masked_fill_(~allowed, -math.inf)
     m = z.amax(dim=-1, keepdim=True)  # [B, Hkv, n_rep, R, 1]
     if sinks is not None:
         m = torch.maximum(m, sinks.view(1, Hkv, n_rep, 1, 1))
@@ -151,22 +190,27 @@ def _block_probs(qb: torch.Tensor, k: torch.Tensor, R: int, allowed: torch.Tenso
     return a, tanh, m, denom
 
 
-def _mask_block(mask: torch.Tensor | None, r0: int, r1: int, k0: int, k1: int, causal_offset: int | None,
+def _mask_block(mask: torch.Tensor | None, r0: int, r1: int, k0: int, k1: int, causal_offset: int,
                 window: int | None, device: torch.device, cdtype: torch.dtype):
-    """(allowed, bias) for rows [r0, r1) and keys [k0, k1), shaped [B|1, 1, 1, R, K] (or None)."""
+    """(allowed, col0, bias) for rows [r0, r1) and keys [k0, k1).
+
+    allowed: bool [B|1, 1, 1, R, K - col0] for keys col0.. of the block (None: all); bias: float or None.
+    Plain causal: keys before the block's first row are visible to every row, so only the diagonal part is masked.
+    """
     if mask is None:
+        c0 = k0 if window is not None else max(k0, r0 + causal_offset)
         q_idx = torch.arange(r0, r1, device=device)[:, None] + causal_offset
-        k_idx = torch.arange(k0, k1, device=device)[None, :]
+        k_idx = torch.arange(c0, k1, device=device)[None, :]
         allowed = k_idx <= q_idx
         if window is not None:
             allowed &= k_idx > q_idx - window
-        return allowed, None
+        return allowed, c0 - k0, None
     blk = mask[:, :, r0:r1, k0:k1].unsqueeze(2)  # [B|1, 1|H, 1, R, K]
     if blk.shape[1] != 1:
         raise ValueError("per-head attention masks are not supported")
     if blk.dtype == torch.bool:
-        return blk, None
-    return None, blk.to(cdtype)
+        return blk, 0, None
+    return None, 0, blk.to(cdtype)
 
 
 def _key_range(mask: torch.Tensor | None, r0: int, r1: int, kv_len: int, causal_offset: int,
@@ -191,7 +235,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def choose_block_rows(run: SaliencyRun | None, batch: int, heads: int, kv_len: int, device: torch.device,
                       softcap: bool) -> int:
-    """Rows per block so that the block's temporaries (about 5 [B, H, rows, T] float32 tensors) fit the budget.
+    """Rows per block: the block's temporaries (about 5 [B, H, rows, T] float32 tensors) fit the budget.
 
     CUDA: a quarter of the free memory at the start of the layer's backward; elsewhere `run.cpu_budget_bytes`.
     """
@@ -206,7 +250,10 @@ def choose_block_rows(run: SaliencyRun | None, batch: int, heads: int, kv_len: i
     rows = int(budget // per_row)
     if rows >= 64:
         rows = rows // 64 * 64
-    return max(16, min(rows, 8192))
+    # at least ~8 blocks: a block of rows [r0, r1) only looks at keys < r1, so smaller blocks skip more of the
+    # causal upper triangle ((n + 1) / 2n of the square for n blocks)
+    causal_cap = max(128, 64 * -(-kv_len // (8 * 64)))
+    return max(16, min(rows, causal_cap, 8192))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,13 +292,14 @@ def _blockwise_forward(q, k, v, mask, sinks, scale, softcap, causal_offset, wind
     out = torch.empty(B, hkv, H // hkv, Tq, v.shape[-1], dtype=q.dtype, device=q.device)
     qg = _grouped(q, hkv)
     s = None if sinks is None else sinks.to(cdt).view(hkv, H // hkv)
+    lowp = q.dtype in (torch.bfloat16, torch.float16) and cdt == torch.float32 and lowp_matmul_ok(q.device)
     for r0 in range(0, Tq, rows):
         r1 = min(Tq, r0 + rows)
         k0, k1 = _key_range(mask, r0, r1, k.shape[2], causal_offset, window)
-        allowed, bias = _mask_block(mask, r0, r1, k0, k1, causal_offset, window, q.device, cdt)
+        allowed, col0, bias = _mask_block(mask, r0, r1, k0, k1, causal_offset, window, q.device, cdt)
         R = r1 - r0
-        qb = qg[:, :, :, r0:r1].to(cdt).reshape(B, hkv, -1, D)  # [B, Hkv, n_rep*R, D]
-        a, _, _, _ = _block_probs(qb, k[:, :, k0:k1].to(cdt), R, allowed, bias, s, scale, softcap)
+        qb = qg[:, :, :, r0:r1].reshape(B, hkv, -1, D)  # [B, Hkv, n_rep*R, D]
+        a, _, _, _ = _block_probs(qb, k[:, :, k0:k1], R, allowed, col0, bias, s, scale, softcap, cdt, lowp)
         o = torch.matmul(a.view(B, hkv, -1, k1 - k0), v[:, :, k0:k1].to(cdt))  # [B, Hkv, n_rep*R, Dv]
         out[:, :, :, r0:r1] = o.view(B, hkv, -1, R, v.shape[-1]).to(q.dtype)
     return out.flatten(1, 2)  # [B, H, Tq, Dv]
@@ -278,66 +326,88 @@ class SaliencyAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, sinks, mask = ctx.saved_tensors
-        run: SaliencyRun | None = ctx.run
-        scale, softcap, window, off = ctx.scale, ctx.softcap, ctx.window, ctx.causal_offset
-        B, H, Tq, D = q.shape
-        hkv, Tk = k.shape[1], k.shape[2]
-        n_rep = H // hkv
-        dev = q.device
-        cdt = _compute_dtype(q.dtype)
-        slot = None if run is None else run.layer_slot.get(ctx.layer_idx)
+        with exact_float32_matmul(dout.device):
+            return _backward(ctx, dout)
 
-        qg = _grouped(q, hkv)  # [B, Hkv, n_rep, Tq, D]
-        dog = _grouped(dout, hkv)  # [B, Hkv, n_rep, Tq, Dv]
-        kc, vc = k.to(cdt), v.to(cdt)  # [B, Hkv, Tk, D]
-        s = None if sinks is None else sinks.to(cdt).view(hkv, n_rep)
-        dq = torch.empty(B, hkv, n_rep, Tq, D, dtype=cdt, device=dev)
-        dk = torch.zeros(B, hkv, Tk, D, dtype=cdt, device=dev)
-        dv = torch.zeros(B, hkv, Tk, v.shape[-1], dtype=cdt, device=dev)
-        dsinks = torch.zeros(hkv, n_rep, dtype=cdt, device=dev) if sinks is not None else None
-        if slot is not None:
-            run.ensure_maps(B, H, dev, cdt)
-            ids = run.ids_on(dev)  # [B, T]
-        rows = choose_block_rows(run, B, H, Tk, dev, bool(softcap))
-        if run is not None:
-            run.block_rows_used = max(run.block_rows_used, rows)
 
-        for r0 in range(0, Tq, rows):
-            r1 = min(Tq, r0 + rows)
-            R = r1 - r0
-            k0, k1 = _key_range(mask, r0, r1, Tk, off, window)
-            allowed, bias = _mask_block(mask, r0, r1, k0, k1, off, window, dev, cdt)
-            qb = qg[:, :, :, r0:r1].to(cdt).reshape(B, hkv, n_rep * R, D)  # [B, Hkv, n_rep*R, D]
-            a, tanh, m, denom = _block_probs(qb, kc[:, :, k0:k1], R, allowed, bias, s, scale, softcap)
-            dob = dog[:, :, :, r0:r1].to(cdt).reshape(B, hkv, n_rep * R, -1)  # [B, Hkv, n_rep*R, Dv]
-            vb = vc[:, :, k0:k1]
-            prod = torch.matmul(dob, vb.transpose(-1, -2)).view(B, hkv, n_rep, R, -1)  # dA
-            prod.mul_(a)  # A * dA   [B, Hkv, n_rep, R, K]
+@contextlib.contextmanager
+def exact_float32_matmul(device: torch.device):
+    """float32 matmuls in full precision (no TF32) for the duration, whatever the global setting; restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
-            if slot is not None:  # pool |A * dA| into the step map
-                _pool_block(run, slot, prod, ids, r0 + off, r1 + off, k0, k1, H)  # query row r is token r + off
 
-            rowdot = prod.sum(dim=-1, keepdim=True)  # sum_k A dA = rowsum(dO * O)   [B, Hkv, n_rep, R, 1]
-            if dsinks is not None:
-                p_sink = torch.exp(s.view(1, hkv, n_rep, 1, 1) - m) / denom
-                dsinks -= (p_sink * rowdot).sum(dim=(0, 3, 4))
-            dz = prod.addcmul_(a, rowdot, value=-1.0)  # A * (dA - rowdot)
-            if tanh is not None:
-                dz.mul_(1.0 - tanh * tanh)
-            dz = dz.view(B, hkv, n_rep * R, -1)
-            dq[:, :, :, r0:r1] = torch.matmul(dz, kc[:, :, k0:k1]).view(B, hkv, n_rep, R, D).mul_(scale)
-            dk[:, :, k0:k1] += torch.matmul(dz.transpose(-1, -2), qb).mul_(scale)
-            dv[:, :, k0:k1] += torch.matmul(a.view(B, hkv, n_rep * R, -1).transpose(-1, -2), dob)
-            del a, prod, dz, tanh
+def _backward(ctx, dout):
+    """The blockwise backward of SaliencyAttention (see the module docstring)."""
+    q, k, v, sinks, mask = ctx.saved_tensors
+    run: SaliencyRun | None = ctx.run
+    scale, softcap, window, off = ctx.scale, ctx.softcap, ctx.window, ctx.causal_offset
+    B, H, Tq, D = q.shape
+    hkv, Tk = k.shape[1], k.shape[2]
+    n_rep = H // hkv
+    dev = q.device
+    cdt = _compute_dtype(q.dtype)
+    slot = None if run is None else run.layer_slot.get(ctx.layer_idx)
 
-        if run is not None and run.on_layer_done is not None and slot is not None:
-            run.on_layer_done(ctx.layer_idx)
-        dsk = None
-        if sinks is not None and ctx.needs_input_grad[3]:
-            dsk = dsinks.reshape(H).to(sinks.dtype)
-        return (dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsk,
-                None, None, None, None, None, None)
+    lowp = q.dtype in (torch.bfloat16, torch.float16) and cdt == torch.float32 and lowp_matmul_ok(dev)
+    qg = _grouped(q, hkv)  # [B, Hkv, n_rep, Tq, D]
+    dog = _grouped(dout, hkv)  # [B, Hkv, n_rep, Tq, Dv]
+    kc = k.to(cdt)  # [B, Hkv, Tk, D]
+    s = None if sinks is None else sinks.to(cdt).view(hkv, n_rep)
+    dq = torch.empty(B, hkv, n_rep, Tq, D, dtype=cdt, device=dev)
+    dk = torch.zeros(B, hkv, Tk, D, dtype=cdt, device=dev)
+    dv = torch.zeros(B, hkv, Tk, v.shape[-1], dtype=cdt, device=dev)
+    dsinks = torch.zeros(hkv, n_rep, dtype=cdt, device=dev) if sinks is not None else None
+    if slot is not None:
+        run.ensure_maps(B, H, dev, cdt)
+        ids = run.ids_on(dev)  # [B, T]
+    rows = choose_block_rows(run, B, H, Tk, dev, bool(softcap))
+    if run is not None:
+        run.block_rows_used = max(run.block_rows_used, rows)
+
+    for r0 in range(0, Tq, rows):
+        r1 = min(Tq, r0 + rows)
+        R = r1 - r0
+        k0, k1 = _key_range(mask, r0, r1, Tk, off, window)
+        allowed, col0, bias = _mask_block(mask, r0, r1, k0, k1, off, window, dev, cdt)
+        qb = qg[:, :, :, r0:r1].reshape(B, hkv, n_rep * R, D)  # [B, Hkv, n_rep*R, D], model dtype
+        a, tanh, m, denom = _block_probs(qb, k[:, :, k0:k1] if lowp else kc[:, :, k0:k1], R, allowed, col0,
+                                         bias, s, scale, softcap, cdt, lowp)
+        dob = dog[:, :, :, r0:r1].reshape(B, hkv, n_rep * R, -1)  # [B, Hkv, n_rep*R, Dv], model dtype
+        prod = _matmul_wide(dob, v[:, :, k0:k1].transpose(-1, -2), cdt, lowp).view(B, hkv, n_rep, R, -1)  # dA
+        prod.mul_(a)  # A * dA   [B, Hkv, n_rep, R, K]
+        qb, dob = qb.to(cdt), dob.to(cdt)
+
+        if slot is not None:  # pool |A * dA| into the step map
+            _pool_block(run, slot, prod, ids, r0 + off, r1 + off, k0, k1, H)  # query row r is token r + off
+
+        rowdot = prod.sum(dim=-1, keepdim=True)  # sum_k A dA = rowsum(dO * O)   [B, Hkv, n_rep, R, 1]
+        if dsinks is not None:
+            p_sink = torch.exp(s.view(1, hkv, n_rep, 1, 1) - m) / denom
+            dsinks -= (p_sink * rowdot).sum(dim=(0, 3, 4))
+        dz = prod.addcmul_(a, rowdot, value=-1.0)  # A * (dA - rowdot)
+        if tanh is not None:
+            dz.mul_(1.0 - tanh * tanh)
+        dz = dz.view(B, hkv, n_rep * R, -1)
+        dq[:, :, :, r0:r1] = torch.matmul(dz, kc[:, :, k0:k1]).view(B, hkv, n_rep, R, D).mul_(scale)
+        dk[:, :, k0:k1] += torch.matmul(dz.transpose(-1, -2), qb).mul_(scale)
+        dv[:, :, k0:k1] += torch.matmul(a.view(B, hkv, n_rep * R, -1).transpose(-1, -2), dob)
+        del a, prod, dz, tanh
+
+    if run is not None and run.on_layer_done is not None and slot is not None:
+        run.on_layer_done(ctx.layer_idx)
+    dsk = None
+    if sinks is not None and ctx.needs_input_grad[3]:
+        dsk = dsinks.reshape(H).to(sinks.dtype)
+    return (dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsk,
+            None, None, None, None, None, None)
 
 
 def _pool_block(run: SaliencyRun, slot: int, prod: torch.Tensor, ids: torch.Tensor, r0: int, r1: int, k0: int,
