@@ -352,11 +352,11 @@ def test_smollm2_short_run_plain_and_stepflow():
 
     model, tok = load_model("default", device="cpu", dtype="float32")
     qs = ["What is 12 + 30?", "A train travels 60 km in 1.5 hours. What is its average speed?"]
-    n = 10
+    n = 8
     plain = generate_traces(model, tok, qs, max_new_tokens=n, temperature=0, progress=False)
     assert [new_ids(t) for t in plain] == hf_generate(model, tok, qs, n, stop_token_ids(model, tok))
     flow = generate_traces(model, tok, qs, stepflow=StepFlowConfig(), max_new_tokens=n, temperature=0.6,
-                           max_thinking_tokens=4, progress=False)
+                           max_thinking_tokens=2, progress=False)
     st = flow[0].meta["stepflow_stats"]
     assert st["oeb_layers"] == list(range(7)) and st["smi_layers"] == list(range(23, 30))
     assert sum(st["oeb_eligible"].values()) > 0 and st["forwards"] == n
