@@ -16,6 +16,13 @@ matmul against the shared K/V serves the group and dK/dV sum over the group for 
 h // n_rep, as `repeat_kv` does). Masks: `None` means causal (query t sees keys <= t) plus the layer's sliding
 window if one is passed; a boolean mask means True = attend; a float mask is added to the logits. A row with no
 key to attend (and no sink) gets A = 0 and output 0 rather than NaN.
+
+Speed without giving up exactness: a block of rows [r0, r1) only touches keys [0, r1) (or the mask's range), so
+layers are cut into at least ~8 row blocks to skip most of the causal upper triangle, and only the diagonal part
+of a block is masked. On CUDA, the two products whose inputs are the model's own bf16/fp16 tensors (Q K^T and
+dO V^T) run on tensor cores with float32 accumulation and float32 output (bf16 -> float32 is exact, so these are
+the float32 products of the same numbers); everything else, and everything on CPU, is plain float32 (float64 for
+a float64 model), with TF32 switched off for the duration of the backward.
 """
 
 from __future__ import annotations
@@ -430,13 +437,13 @@ def _pool_block(run: SaliencyRun, slot: int, prod: torch.Tensor, ids: torch.Tens
     if run.head_maps is not None:
         sh = sal.view(B, H, R, K)
         pooled_h = torch.matmul(pq.transpose(1, 2).unsqueeze(1), torch.matmul(sh, pk.unsqueeze(1)))  # [B,H,Sq,Sk]
-        run.head_maps[:, slot, :, sq0:sq1, sk0:sk1] += pooled_h
+        run.head_maps[:, slot, :, sq0:sq1, sk0:sk1] += pooled_h.to(run.head_maps.device)
         mean = sh.sum(dim=1)
     else:
         mean = sal.sum(dim=(1, 2))  # [B, R, K]
     del sal
     pooled = torch.matmul(pq.transpose(1, 2), torch.matmul(mean, pk)) / H  # [B, Sq, Sk]
-    run.maps[:, slot, sq0:sq1, sk0:sk1] += pooled
+    run.maps[:, slot, sq0:sq1, sk0:sk1] += pooled.to(run.maps.device)  # layers may sit on several devices
 
 
 # ---------------------------------------------------------------------------------------------------------------

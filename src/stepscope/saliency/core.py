@@ -80,6 +80,10 @@ def _trace_name(trace: Trace) -> str:
     return f" (trace {trace.id})" if trace.id is not None else ""
 
 
+def _trace_label(trace: Trace) -> str:
+    return f"trace {trace.id}" if trace.id is not None else "a trace"
+
+
 def max_positions(model) -> int | None:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     v = getattr(cfg, "max_position_embeddings", None)
@@ -125,10 +129,10 @@ def _check_traces(model, traces: Sequence[Trace], loss: str) -> None:
         if not isinstance(tr, Trace):
             raise SaliencyError(f"expected a Trace, got {type(tr).__name__}")
         if limit is not None and len(tr) > limit:
-            raise SaliencyError(f"trace{_trace_name(tr)} has {len(tr)} tokens, more than the model's context of "
+            raise SaliencyError(f"{_trace_label(tr)} has {len(tr)} tokens, more than the model's context of "
                                 f"{limit} (max_position_embeddings)")
         if tr.token_ids and (max(tr.token_ids) >= vocab or min(tr.token_ids) < 0):
-            raise SaliencyError(f"trace{_trace_name(tr)} holds token ids outside the model's vocabulary of {vocab}"
+            raise SaliencyError(f"{_trace_label(tr)} holds token ids outside the model's vocabulary of {vocab}"
                                 " (was it made with another tokenizer?)")
         loss_targets(tr, loss)
 
