@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when available)")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
-                   help="attention implementation StepFlow wraps (default sdpa; GPT-OSS uses eager)")
+                   help="attention implementation StepFlow wraps (default sdpa; pass eager for GPT-OSS)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
     f = p.add_argument_group("StepFlow (paper defaults: OEB on the bottom quarter of layers, SMI on the top quarter)")
     f.add_argument("--stepflow", action=argparse.BooleanOptionalAction, default=True,
@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--alpha", type=float, default=None, help="SMI strength (default 0.06)")
     f.add_argument("--oeb-layers", default=None, metavar="LAYERS",
                    help="OEB layers, e.g. 0-6 or 0,1,2 (ranges inclusive; negative counts from the end)")
-    f.add_argument("--smi-layers", default=None, metavar="LAYERS", help="SMI layers, e.g. 21-27 or -7--1")
+    f.add_argument("--smi-layers", default=None, metavar="LAYERS", help="SMI layers, e.g. 21-27, or --smi-layers=-7--1 for the last seven")
     f.add_argument("--smi-window", default=None, metavar="W",
                    help="SMI averages the last W tokens of the finished step (default 4), or 'step' for all")
     f.add_argument("--no-oeb", action="store_true", help="turn the Odds-Equal Bridge off")

@@ -5,11 +5,13 @@ One loop serves the baseline and StepFlow arms alike, so the two are paired:
 - Per-row reproducible sampling. Each row owns a CPU `torch.Generator` seeded with its seed; it draws one
   uniform number per generated token (in blocks of 64, moved to the device once per block), and the token is
   picked by inverse-CDF sampling over the filtered distribution in vocabulary order. A row's tokens therefore
-  depend only on (seed, its own logits), never on which other rows share its batch, nor on the device.
+  depend only on (seed, its own logits), never on which other rows share its batch; the uniforms themselves
+  are the same on every device.
 - temperature, top-k (first), then top-p (the smallest set of most likely tokens holding `top_p` of the mass);
   greedy (argmax) when temperature == 0 or do_sample=False.
 - Per-row stop at end-of-sequence / end-of-turn tokens or at `max_new_tokens`; finished rows leave the batch
-  (their KV cache rows are dropped) so they stop costing compute.
+  (their KV cache rows are dropped) so they stop costing compute. Under StepFlow they leave only when the
+  StepFlow object can drop rows too (`select_rows(indices)`); otherwise they ride along, ignored.
 - Budget forcing: a row that has written `max_thinking_tokens` tokens inside the thinking without closing it is
   made to write the format's end marker ("\\n</think>\\n\\n"; for harmony "<|end|><|start|>assistant<|channel|>
   final<|message|>") and then continues with the summary.
@@ -288,7 +290,8 @@ def _run_batch(model, rows: list[_Row], s: _Settings, stop_ids: set[int], forced
             tok = logits.argmax(dim=-1)  # [B]
         forcing = [r.force[0] if r.force and r.stop_reason is None else -1 for r in live]
         if any(f >= 0 for f in forcing):
-            f = torch.tensor(forcing, dtype=torch.long).to(device, non_blocking=True)
+            f = torch.tensor(forcing, dtype=torch.long)  # [B], rare: only while a budget is being forced
+            f = (f.pin_memory() if device.type == "cuda" else f).to(device, non_blocking=True)
             tok = torch.where(f >= 0, f, tok)
         host = tok.tolist()  # the one host round trip of this step
         if t_first is None:
