@@ -65,6 +65,8 @@ def test_loop_under_stepflow_equals_generate_under_stepflow(tok, arch):
         assert sf.stats.total_oeb_fires > 0
     assert [new_ids(t) for t in got] == first_stop(out[:, P:].tolist(), eos)
     assert got[0].meta["stop_reason"] == "eos" and len(new_ids(got[0])) < n
+    k = len(new_ids(got[0]))  # the stopped row left the batch (StepFlow.select_rows): fewer tokens were fed
+    assert got[1].meta["stepflow_stats"]["tokens"] == sum(len(p) for p in prompts) + 3 * (k - 1) + 2 * (n - k)
     assert [new_ids(t) for t in first] != [new_ids(t) for t in plain]  # StepFlow did act
     st = first[0].meta["stepflow_stats"]
     assert sum(st["oeb_fires"].values()) > 0 and st["forwards"] == n
