@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import StepscopeError
-from .state import LayerGeometry, oeb_geometry, smi_geometry
+from .state import LayerGeometry, layer_geometry
 
 PREFIX = "stepscope_flow_"
 SUPPORTED = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
@@ -104,19 +104,12 @@ def flow_attention(flow, fn: Callable, module, query: torch.Tensor, key: torch.T
     K = key.shape[-2]
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     window = int(window) if window else None
-    k_offset = max(fs.total - K, 0)  # a sliding-window cache holds only the last K keys
     mask4 = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None
-    gkey = (k_offset, K, window, id(mask4))
+    gkey = (K, window, id(mask4), do_oeb)
     geo = fs.geometry.get(gkey)
     if geo is None:
-        geo = oeb_geometry(fs, k_offset, K, window, mask4, flow.config.tau_max) if do_oeb else \
-            LayerGeometry(k_offset)
-        fs.geometry[gkey] = geo
+        geo = fs.geometry[gkey] = layer_geometry(fs, K, window, mask4, do_oeb)
         fs.geometry[("mask", id(mask4))] = mask4  # keep the mask alive so that its id stays unique
-    elif do_oeb and geo.onehot is None:
-        g = oeb_geometry(fs, k_offset, K, window, mask4, flow.config.tau_max)
-        g.pair_kidx, g.pair_weight = geo.pair_kidx, geo.pair_weight
-        geo = fs.geometry[gkey] = g
     weights = None
     if do_oeb:
         sinks = kwargs.get("s_aux", getattr(module, "sinks", None))
@@ -126,8 +119,10 @@ def flow_attention(flow, fn: Callable, module, query: torch.Tensor, key: torch.T
         out, weights = fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if do_smi:
         if geo.pair_kidx is None:
-            smi_geometry(fs, geo, K, window, float(flow.config.alpha))
-        out = smi_inject(out, value, fs.fires, fs.pairs[0], geo.pair_kidx, geo.pair_weight, fs.num_fires)
+            geo.pair_kidx = (fs.dev["pairs"][1] - geo.k_offset).clamp_(0, K - 1)
+            geo.pair_weight = fs.smi_pair_weights(window)
+        out = smi_inject(out, value, fs.dev["fires"], fs.dev["pairs"][0], geo.pair_kidx, geo.pair_weight,
+                         fs.num_fires)
         flow._smi_fires[layer] += fs.num_fires
     return out, weights
 
@@ -135,60 +130,66 @@ def flow_attention(flow, fn: Callable, module, query: torch.Tensor, key: torch.T
 def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry,
                   scaling: float, sinks: torch.Tensor | None, flow, layer: int, dropout: float = 0.0
                   ) -> torch.Tensor:
-    """Attention with the Odds-Equal Bridge, in blocks of query rows. Returns [B, Q, H, D]."""
+    """Attention with the Odds-Equal Bridge, in blocks of query rows. Returns [B, Q, H, D].
+
+    The query heads of a GQA group are stacked as rows of one matrix per kv head ([B, Hkv, n_rep * R, D]), so
+    every product is a plain batched matmul (no broadcast copies of keys or values).
+    """
     B, H, Q, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
     n_rep = H // Hkv
-    q5 = query.reshape(B, Hkv, n_rep, Q, D)
-    k_t = key.transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, D, K]
-    v5 = value[:, :, None]  # [B, Hkv, 1, K, D]
-    sink5 = None
+    q5 = query.view(B, Hkv, n_rep, Q, D) if query.is_contiguous() else query.reshape(B, Hkv, n_rep, Q, D)
+    sink = None
     if sinks is not None:
-        sink5 = sinks.reshape(1, Hkv, n_rep, 1, 1).to(torch.float32)
+        sink = sinks.reshape(1, Hkv, n_rep, 1, 1).to(torch.float32)
     rows = max(1, flow.block_elems // max(1, B * H * K))
-    past_in_keys = flow._fwd.total - geo.k_offset - Q  # key index of the first query, minus one
+    first_q = flow._fwd.total - geo.k_offset - Q  # index, in this layer's keys, of this forward's first query
     outs = []
     for r0 in range(0, Q, rows):
         r1 = min(Q, r0 + rows)
-        kend = min(K, past_in_keys + r1)  # causal: later keys are hidden from these rows
-        outs.append(_oeb_block(q5[:, :, :, r0:r1], k_t[..., :kend], v5[:, :, :, :kend], geo, r0, r1, kend,
-                               scaling, sink5, flow, layer, dropout))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)  # [B, Hkv, n_rep, Q, D]
-    return out.reshape(B, H, Q, D).transpose(1, 2).contiguous()
+        kend = min(K, first_q + r1)  # causal: later keys are hidden from these rows
+        outs.append(_oeb_block(q5[:, :, :, r0:r1], key[:, :, :kend], value[:, :, :kend], geo, r0, r1,
+                               scaling, sink, flow, layer, dropout))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [B, H, Q, D]
+    return out.transpose(1, 2).contiguous()
 
 
-def _oeb_block(q5, k_t, v5, geo: LayerGeometry, r0: int, r1: int, kend: int, scaling: float,
-               sink5: torch.Tensor | None, flow, layer: int, dropout: float) -> torch.Tensor:
+def _oeb_block(q5: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry, r0: int, r1: int,
+               scaling: float, sink: torch.Tensor | None, flow, layer: int, dropout: float) -> torch.Tensor:
+    """Rows r0:r1 of the forward's queries against keys [0, K'). Returns [B, H, R, D]."""
     B, Hkv, n_rep, R, D = q5.shape
-    s = torch.matmul(q5, k_t)  # [B, Hkv, n_rep, R, K']
-    s = (s * scaling).to(torch.float32) + geo.addmask[:, :, :, r0:r1, :kend]
-    if sink5 is not None:
-        s = torch.cat([s, sink5.expand(B, Hkv, n_rep, R, 1)], dim=-1)
+    H, Kp = Hkv * n_rep, key.shape[2]
+    q4 = q5.reshape(B, Hkv, n_rep * R, D)
+    s = torch.matmul(q4, key.transpose(-1, -2)).to(torch.float32)  # [B, Hkv, n_rep * R, K']
+    am = geo.addmask if geo.addmask.shape[1] == 1 else geo.addmask[:, r0:r1]  # [B, R or 1, K]
+    s = s.view(B, Hkv, n_rep, R, Kp).mul_(scaling).add_(am[:, None, None, :, :Kp])
+    if sink is not None:  # GPT-OSS: one more logit per head, its mass part of O
+        s = torch.cat([s, sink.expand(B, Hkv, n_rep, R, 1)], dim=-1)
         s = s - s.amax(dim=-1, keepdim=True)
-        p = torch.softmax(s, dim=-1)[..., :-1]
+        p = torch.softmax(s, dim=-1)[..., :-1].contiguous()
     else:
         p = torch.softmax(s, dim=-1)  # [B, Hkv, n_rep, R, K']
-    onehot = geo.onehot[:, :, :, :kend]  # [B, 1, 1, K', 3]
-    mass = torch.matmul(p, onehot)  # [B, Hkv, n_rep, R, 3]: probability of question, thinking, summary keys
-    gidx = geo.gidx[:, :, :, r0:r1].expand(B, Hkv, n_rep, R, 2)
-    p_bs = mass.gather(-1, gidx)  # [B, Hkv, n_rep, R, 2]: p(B), p(S)
-    p_b, p_s = p_bs[..., 0], p_bs[..., 1]
-    tau_b = geo.tau_b[:, :, :, r0:r1]  # [B, 1, 1, R]
-    tau_s = p_b + p_s - tau_b  # 1 - p(O) - tau_B
-    fire = (p_b < tau_b) & (p_b > 0) & (p_s > 0) & (tau_s > 0)
-    one = torch.ones((), dtype=torch.float32, device=p.device)
-    factors = torch.stack([torch.where(fire, tau_b / p_b, one), torch.where(fire, tau_s / p_s, one)], dim=-1)
-    f3 = torch.ones_like(mass).scatter_(-1, gidx, factors)  # [B, Hkv, n_rep, R, 3]: factor per key segment
-    p = p * torch.matmul(f3, onehot.transpose(-1, -2))  # [B, Hkv, n_rep, R, K']
+    onehot = geo.onehot[:, :Kp]  # [B, K', 3]
+    mass = torch.bmm(p.view(B, H * R, Kp), onehot).view(B, H, R, 3)  # p of question, thinking, summary keys
+    gidx = geo.gidx[:, None, r0:r1].expand(B, H, R, 2)
+    p_bs = mass.gather(-1, gidx)  # [B, H, R, 2]: p(B), p(S)
+    p_b = p_bs[..., 0]
+    tau_b = geo.tau_b[:, None, r0:r1]  # [B, 1, R]
+    tau_s = p_bs.sum(-1) - tau_b  # 1 - p(O) - tau_B
+    fire = (p_b < tau_b) & (p_b > 0) & (tau_s > 0)  # (then p(S) > tau_B - p(B) > 0 too)
+    ratio = torch.stack([tau_b.expand(B, H, R), tau_s], dim=-1) / p_bs  # [B, H, R, 2]
+    factors = torch.where(fire[..., None], ratio, 1.0)
+    f3 = torch.ones_like(mass).scatter_(-1, gidx, factors)  # [B, H, R, 3]: factor per key segment
+    mult = torch.bmm(f3.view(B, H * R, 3), onehot.transpose(1, 2))  # [B, H * R, K']
+    p = p.view(B, H * R, Kp) * mult
     if dropout:
         p = torch.nn.functional.dropout(p, p=dropout, training=True)
     if flow._stats is not None:
-        elig = geo.eligible[:, :, :, r0:r1]  # [B, 1, 1, R]
-        after = torch.where(fire, tau_b, p_b)
-        flow._stats[layer] += torch.stack([
-            fire.sum().to(torch.float64), elig.sum().to(torch.float64) * (Hkv * n_rep),
-            (p_b * elig).sum().to(torch.float64), (after * elig).sum().to(torch.float64)])
-    return torch.matmul(p.to(v5.dtype), v5)  # [B, Hkv, n_rep, R, D]
+        el = geo.eligible[:, None, r0:r1].expand(B, H, R)
+        part = torch.stack([fire.to(torch.float32), p_b * el, torch.where(fire, tau_b - p_b, 0.0), el])
+        flow._stats[layer] += part.sum((1, 2, 3))
+    out = torch.matmul(p.view(B, Hkv, n_rep * R, Kp).to(value.dtype), value)  # [B, Hkv, n_rep * R, D]
+    return out.view(B, H, R, D)
 
 
 def smi_inject(out: torch.Tensor, value: torch.Tensor, fires: torch.Tensor, pair_fire: torch.Tensor,

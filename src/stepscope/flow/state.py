@@ -5,11 +5,16 @@ sequence, i.e. in a full cache). Row b's real tokens are the contiguous kv range
 sits at kv index lo_b + r. Left padding (generation) gives lo_b > 0; a right-padded teacher-forced batch gives
 hi_b < T. The segmenter of row b sees the real tokens only.
 
-Per forward, the host does all the bookkeeping (it must read the new token ids once anyway, to feed the
-segmenters): it packs the row state into one int64 array and uploads it in a single host-to-device copy. The
-attention function then derives, once per forward and per key layout (full or sliding-window layer), the
-tensors every band layer shares (`LayerGeometry`): key segment one-hots, the additive mask, the bridge target
-tau_B of every query, and the SMI gather plan. Nothing in the attention path reads device values back.
+Per forward, the host does all the bookkeeping: it must read the new token ids once anyway, to feed the
+segmenters, and everything StepFlow needs follows from the segmenters' answers and a few integers per row.
+With numpy it computes, for every query of the forward, the segment index of its bridge B and current group S
+and its target tau_B, the segment code of every new key, and the SMI plan; it packs them into one buffer and
+uploads it in one host-to-device copy (pinned, asynchronous on CUDA). Per layer nothing is read back.
+
+Keys keep their segment forever (a key is question until the thinking start is known, and that start is
+always after it), so the key-segment one-hots and the padding mask live in per-row device buffers that grow
+by the new keys of each forward (`KeyState`). A layer whose cache holds only its last K keys (sliding window)
+reads a slice.
 
 Segments follow the segmenter's boundaries: a token at real index r is question if r < thinking start,
 thinking if thinking start <= r < summary start, summary after (marker tokens belong to the segment they
@@ -30,10 +35,11 @@ import torch
 from ..segment import Segmenter, Step
 
 BIG = 1 << 62  # "not yet known" for a segment boundary, in kv index space
+NEG = float(np.finfo(np.float32).min)  # additive mask value of a hidden key (finite: no NaN on empty rows)
 
 
 class RowTracker:
-    """One row: its segmenter, its kv offset, and its pending SMI fires."""
+    """One row: its segmenter, its kv range, and its pending SMI fires."""
 
     def __init__(self, segmenter: Segmenter, lo: int, smi_window: int | str):
         self.seg = segmenter
@@ -41,10 +47,6 @@ class RowTracker:
         self.hi = lo  # kv index after the last real token
         self.smi_window = smi_window
         self.pending: list[tuple[int, int, int]] = []  # (fire real index, window start, window end)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.seg.num_tokens
 
     def _window(self, step: Step) -> tuple[int, int]:
         if self.smi_window == "step":
@@ -72,149 +74,257 @@ class RowTracker:
         self.pending = keep
         return fires
 
+    def bounds(self) -> tuple[int, int]:
+        """(thinking start, summary start) in kv index space; BIG where not known yet."""
+        th, su = self.seg.boundaries["thinking"], self.seg.boundaries["summary"]
+        return (BIG if th is None else self.lo + th), (BIG if su is None else self.lo + su)
+
+
+# -- host-side geometry ------------------------------------------------------------------------------------------
+
+def query_geometry(lo: np.ndarray, hi: np.ndarray, t0: np.ndarray, s0: np.ndarray, past: int, q_len: int,
+                   window: int | None, tau_max: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OEB groups of every query of a forward (METHOD.md §5): (gidx int64 [B, Q, 2], tau_b float32 [B, Q],
+    eligible float32 [B, Q]).
+
+    Query in thinking: S = thinking keys up to the query, B = question keys. Query in summary: S = summary keys
+    up to the query, B = thinking keys (O = question keys). Only visible keys count: real (not padding),
+    causal, inside the sliding window. tau_B = min(sqrt(|B| / (|B| + |S|)), tau_max), and 0 where OEB cannot
+    act (a question or padding query, an empty bridge). gidx holds the segment index (0 question, 1 thinking,
+    2 summary) of B and of S.
+    """
+    q = (past + np.arange(q_len, dtype=np.int64))[None, :]  # [1, Q]
+    lo, hi, t0, s0 = lo[:, None], hi[:, None], t0[:, None], s0[:, None]  # [B, 1]
+    qseg = (q >= t0).astype(np.int64) + (q >= s0)  # [B, Q]
+    summ = qseg == 2
+    vis_lo = np.maximum(lo, q - (window - 1)) if window else np.broadcast_to(lo, qseg.shape)
+    vis_hi = q + 1
+    b_lo = np.where(summ, t0, lo)
+    b_hi = np.where(summ, s0, t0)
+    n_b = np.clip(np.minimum(b_hi, vis_hi) - np.maximum(b_lo, vis_lo), 0, None).astype(np.float64)
+    n_s = np.clip(vis_hi - np.maximum(b_hi, vis_lo), 0, None).astype(np.float64)
+    elig = (q >= lo) & (q < hi) & (qseg >= 1) & (n_b > 0)
+    tau = np.minimum(np.sqrt(n_b / np.maximum(n_b + n_s, 1.0)), tau_max)
+    tau_b = np.where(elig, tau, 0.0).astype(np.float32)
+    gidx = np.stack([np.maximum(qseg - 1, 0), qseg], axis=-1)
+    return gidx, tau_b, elig.astype(np.float32)
+
+
+def smi_weights(fire_qabs: np.ndarray, pair_fire: np.ndarray, pair_k: np.ndarray, window: int | None,
+                alpha: float) -> np.ndarray:
+    """alpha / (number of window keys the query sees) for every (fire, key) pair; 0 for a hidden key.
+
+    In a sliding-window layer only the window keys the fire's query can see count (ours): it keeps cached
+    decoding (whose cache has dropped older keys) and one uncached forward identical."""
+    valid = np.ones(len(pair_k), dtype=bool)
+    if window:
+        valid = pair_k > fire_qabs[pair_fire] - window
+    count = np.bincount(pair_fire, weights=valid, minlength=len(fire_qabs))
+    return np.where(valid, alpha / np.maximum(count[pair_fire], 1.0), 0.0).astype(np.float32)
+
+
+class Upload:
+    """Numpy arrays packed into one buffer: one host-to-device copy, then typed views on the device."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[str, np.ndarray]] = []
+
+    def add(self, name: str, arr: np.ndarray) -> None:
+        self.parts.append((name, np.ascontiguousarray(arr)))
+
+    def send(self, device: torch.device) -> dict[str, torch.Tensor]:
+        sizes = [(-a.nbytes) % 8 + a.nbytes for _, a in self.parts]
+        buf = np.zeros(max(8, sum(sizes)), dtype=np.uint8)
+        o = 0
+        for (_, a), n in zip(self.parts, sizes):
+            buf[o:o + a.nbytes] = a.reshape(-1).view(np.uint8)
+            o += n
+        t = torch.from_numpy(buf)
+        if device.type == "cuda":
+            t = t.pin_memory()  # the caching host allocator keeps it until the copy is done
+        t = t.to(device, non_blocking=True)
+        out, o = {}, 0
+        for (name, a), n in zip(self.parts, sizes):
+            dt = torch.int64 if a.dtype == np.int64 else torch.float32
+            out[name] = t[o:o + a.nbytes].view(dt).view(a.shape)
+            o += n
+        return out
+
+
+# -- device-side state ---------------------------------------------------------------------------------------------
+
+class KeyState:
+    """Per-row key buffers on the device, grown by each forward's new keys.
+
+    onehot [B, cap, 3] float32: the key's segment (question, thinking, summary).
+    padmask [B, cap] float32: 0 for a real key, NEG for padding.
+    """
+
+    def __init__(self, batch: int, device: torch.device, cap: int):
+        self.onehot = torch.zeros(batch, cap, 3, dtype=torch.float32, device=device)
+        self.padmask = torch.zeros(batch, cap, dtype=torch.float32, device=device)
+
+    def ensure(self, total: int) -> None:
+        cap = self.onehot.shape[1]
+        if total <= cap:
+            return
+        new = max(total, 2 * cap)
+        B, dev = self.onehot.shape[0], self.onehot.device
+        oh = torch.zeros(B, new, 3, dtype=torch.float32, device=dev)
+        pm = torch.zeros(B, new, dtype=torch.float32, device=dev)
+        oh[:, :cap] = self.onehot
+        pm[:, :cap] = self.padmask
+        self.onehot, self.padmask = oh, pm
+
+    def append(self, past: int, codes: torch.Tensor, padmask: torch.Tensor | None) -> None:
+        """Keys [past, past + Q): segment codes int64 [B, Q] (and their padding mask, prefill only)."""
+        Q = codes.shape[1]
+        self.ensure(past + Q)
+        self.onehot[:, past:past + Q] = torch.nn.functional.one_hot(codes, 3)
+        if padmask is not None:
+            self.padmask[:, past:past + Q] = padmask
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.onehot = self.onehot.index_select(0, keep)
+        self.padmask = self.padmask.index_select(0, keep)
+
+
+@dataclass
+class LayerGeometry:
+    """What every band layer with the same key layout shares in one forward (B rows, Q queries, K keys)."""
+
+    k_offset: int  # kv index of key 0 (a sliding-window cache holds only the last keys)
+    onehot: torch.Tensor | None = None  # float32 [B, K, 3]: key segment
+    addmask: torch.Tensor | None = None  # float32 [B, Q or 1, K]: 0 visible, NEG hidden
+    gidx: torch.Tensor | None = None  # int64 [B, Q, 2]: segment index of the bridge B and of S per query
+    tau_b: torch.Tensor | None = None  # float32 [B, Q]: target bridge mass (0: OEB cannot act)
+    eligible: torch.Tensor | None = None  # float32 [B, Q]: 1 where OEB can act
+    pair_kidx: torch.Tensor | None = None  # int64 [P]: SMI window key index inside this layer's keys
+    pair_weight: torch.Tensor | None = None  # float32 [P]: alpha / visible window length (0 if hidden)
+
 
 @dataclass
 class ForwardState:
-    """What one forward pass needs: host ints, and device tensors (no host reads in the attention path)."""
+    """One forward: host ints and arrays, and the uploaded device tensors (no host reads in the attention)."""
 
     batch: int
     past: int  # kv length before this forward
     q_len: int
     device: torch.device
+    tau_max: float
+    alpha: float
     any_oeb: bool  # some query of this forward sits in thinking or summary
-    rows: torch.Tensor  # int64 [4, B]: lo, hi, thinking start, summary start (kv indices; BIG = unknown)
+    host: dict  # numpy: lo, hi, t0, s0 [B]; fire_b, fire_qi, fire_qabs [F]; pair_fire, pair_k [P]
+    dev: dict  # device views of the upload
+    keys: KeyState
     num_fires: int
-    fires: torch.Tensor | None  # int64 [3, F]: row, query index in this forward, query kv index
-    pairs: torch.Tensor | None  # int64 [2, P]: fire id, key kv index (the SMI windows, flattened)
-    pair_count: torch.Tensor | None  # int64 [P]: window length of the pair's fire (full layers)
-    geometry: dict = field(default_factory=dict)  # LayerGeometry per key layout, built on first use
+    windows: dict = field(default_factory=dict)  # window -> (gidx, tau_b, eligible) on the device
+    smi: dict = field(default_factory=dict)  # window -> pair weights on the device
+    geometry: dict = field(default_factory=dict)  # LayerGeometry per key layout
 
     @property
     def total(self) -> int:
         return self.past + self.q_len
 
+    def query_tensors(self, window: int | None):
+        """(gidx, tau_b, eligible) of this forward's queries for a layer with this sliding window."""
+        got = self.windows.get(window)
+        if got is None:  # a sliding window seen for the first time in this forward: one more small upload
+            h = self.host
+            g, t, e = query_geometry(h["lo"], h["hi"], h["t0"], h["s0"], self.past, self.q_len, window,
+                                     self.tau_max)
+            up = Upload()
+            up.add("gidx", g)
+            up.add("tau", t)
+            up.add("elig", e)
+            d = up.send(self.device)
+            got = self.windows[window] = (d["gidx"], d["tau"], d["elig"])
+        return got
 
-def build_forward_state(trackers: list[RowTracker], past: int, q_len: int, hi: list[int],
-                        fires: list[list[tuple[int, int, int]]], device: torch.device) -> ForwardState:
-    """Pack the rows' host state after feeding this forward's tokens into one upload."""
+    def smi_pair_weights(self, window: int | None) -> torch.Tensor:
+        got = self.smi.get(window)
+        if got is None:
+            h = self.host
+            up = Upload()
+            up.add("w", smi_weights(h["fire_qabs"], h["pair_fire"], h["pair_k"], window, self.alpha))
+            got = self.smi[window] = up.send(self.device)["w"]
+        return got
+
+
+def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q_len: int,
+                        fires: list[list[tuple[int, int, int]]], new_codes: np.ndarray,
+                        new_pad: np.ndarray | None, device: torch.device, tau_max: float, alpha: float,
+                        need_oeb: bool) -> ForwardState:
+    """Pack the rows' host state after feeding this forward's tokens into one upload.
+
+    new_codes int64 [B, Q]: segment code of each new key; new_pad float32 [B, Q] (prefill): its padding mask.
+    """
     B = len(trackers)
-    rows = np.empty((4, B), dtype=np.int64)
-    any_oeb = False
+    lo = np.fromiter((tr.lo for tr in trackers), dtype=np.int64, count=B)
+    hi = np.fromiter((tr.hi for tr in trackers), dtype=np.int64, count=B)
+    bounds = np.array([tr.bounds() for tr in trackers], dtype=np.int64).reshape(B, 2)
+    t0, s0 = bounds[:, 0], bounds[:, 1]
     last_q = past + q_len - 1
-    for b, tr in enumerate(trackers):
-        th, su = tr.seg.boundaries["thinking"], tr.seg.boundaries["summary"]
-        rows[0, b] = tr.lo
-        rows[1, b] = hi[b]
-        rows[2, b] = BIG if th is None else tr.lo + th
-        rows[3, b] = BIG if su is None else tr.lo + su
-        if th is not None and min(last_q, hi[b] - 1) >= tr.lo + th:
-            any_oeb = True
-    fb, fq, fk, pf, pk, pc = [], [], [], [], [], []
+    any_oeb = need_oeb and bool(np.any(np.minimum(last_q, hi - 1) >= t0))
+    fb, fq, fk, pf, pk = [], [], [], [], []
     for b, fl in enumerate(fires):
-        lo = trackers[b].lo
+        lo_b = trackers[b].lo
         for pos, ws, we in fl:
             f = len(fb)
             fb.append(b)
-            fq.append(lo + pos - past)
-            fk.append(lo + pos)
-            n = we - ws
-            pf.extend([f] * n)
-            pk.extend(range(lo + ws, lo + we))
-            pc.extend([n] * n)
-    F, P = len(fb), len(pf)
-    flat = np.concatenate([rows.reshape(-1), np.asarray(fb + fq + fk + pf + pk + pc, dtype=np.int64)])
-    dev = torch.from_numpy(flat).to(device, non_blocking=True)
-    rows_t = dev[:4 * B].view(4, B)
-    fires_t = pairs_t = count_t = None
-    if F:
-        o = 4 * B
-        fires_t = dev[o:o + 3 * F].view(3, F)
-        pairs_t = dev[o + 3 * F:o + 3 * F + 2 * P].view(2, P)
-        count_t = dev[o + 3 * F + 2 * P:]
-    return ForwardState(B, past, q_len, torch.device(device), any_oeb, rows_t, F, fires_t, pairs_t, count_t)
+            fq.append(lo_b + pos - past)
+            fk.append(lo_b + pos)
+            pf.extend([f] * (we - ws))
+            pk.extend(range(lo_b + ws, lo_b + we))
+    host = {"lo": lo, "hi": hi, "t0": t0, "s0": s0, "fire_b": np.asarray(fb, dtype=np.int64),
+            "fire_qi": np.asarray(fq, dtype=np.int64), "fire_qabs": np.asarray(fk, dtype=np.int64),
+            "pair_fire": np.asarray(pf, dtype=np.int64), "pair_k": np.asarray(pk, dtype=np.int64)}
+    up = Upload()
+    up.add("rows", np.stack([lo, hi, t0, s0]))
+    up.add("codes", new_codes)
+    if new_pad is not None:
+        up.add("pad", new_pad)
+    if any_oeb:
+        g, t, e = query_geometry(lo, hi, t0, s0, past, q_len, None, tau_max)
+        up.add("gidx", g)
+        up.add("tau", t)
+        up.add("elig", e)
+    if fb:
+        up.add("fires", np.stack([host["fire_b"], host["fire_qi"]]))
+        up.add("pairs", np.stack([host["pair_fire"], host["pair_k"]]))
+        up.add("pair_w", smi_weights(host["fire_qabs"], host["pair_fire"], host["pair_k"], None, alpha))
+    dev = up.send(device)
+    keys.append(past, dev["codes"], dev.get("pad"))
+    fs = ForwardState(B, past, q_len, device, tau_max, alpha, any_oeb, host, dev, keys, len(fb))
+    if any_oeb:
+        fs.windows[None] = (dev["gidx"], dev["tau"], dev["elig"])
+    if fb:
+        fs.smi[None] = dev["pair_w"]
+    return fs
 
 
-@dataclass
-class LayerGeometry:
-    """Tensors shared by every band layer with the same key layout (offset, length, sliding window) in one
-    forward. Shapes use B rows, Q queries of this forward, K keys of the layer."""
-
-    k_offset: int  # kv index of key 0 (a sliding-window cache holds only the last keys)
-    onehot: torch.Tensor | None = None  # float32 [B, 1, 1, K, 3]: key segment (question, thinking, summary)
-    addmask: torch.Tensor | None = None  # float32 [B, 1, 1, Q, K]: 0 visible, finfo.min hidden
-    gidx: torch.Tensor | None = None  # int64 [B, 1, 1, Q, 2]: segment index of the bridge B and of S per query
-    tau_b: torch.Tensor | None = None  # float32 [B, 1, 1, Q]: target bridge mass (0: OEB cannot act)
-    eligible: torch.Tensor | None = None  # float32 [B, 1, 1, Q]: 1 where OEB can act (segment and bridge)
-    pair_kidx: torch.Tensor | None = None  # int64 [P]: SMI window key index inside this layer's keys
-    pair_weight: torch.Tensor | None = None  # float32 [P]: alpha / visible window length (0 if hidden)
-
-
-def oeb_geometry(fs: ForwardState, k_offset: int, K: int, window: int | None, mask: torch.Tensor | None,
-                 tau_max: float) -> LayerGeometry:
-    """Key segments, visibility and bridge targets of every query (METHOD.md §5, OEB groups).
-
-    Query in thinking: S = thinking keys up to the query, B = question keys. Query in summary: S = summary
-    keys up to the query, B = thinking keys, O = question keys. Only visible keys count: real (not padding),
-    causal, inside the sliding window. tau_B = min(sqrt(|B| / (|B| + |S|)), tau_max); 0 where OEB cannot act
-    (question or padding query, empty bridge).
-    """
-    dev = fs.device
-    lo, hi, t0, s0 = fs.rows[0], fs.rows[1], fs.rows[2], fs.rows[3]  # [B]
-    kabs = torch.arange(k_offset, k_offset + K, device=dev)  # [K]
-    qabs = torch.arange(fs.past, fs.total, device=dev)  # [Q]
-    kseg = (kabs >= t0[:, None]).long() + (kabs >= s0[:, None]).long()  # [B, K]
-    onehot = torch.nn.functional.one_hot(kseg, 3).to(torch.float32)[:, None, None]  # [B, 1, 1, K, 3]
-
-    q2 = qabs[None, :]  # [1, Q]
-    real_q = (q2 >= lo[:, None]) & (q2 < hi[:, None])  # [B, Q]
-    qseg = (q2 >= t0[:, None]).long() + (q2 >= s0[:, None]).long()  # [B, Q]
-    in_summary = qseg == 2
-    vis_lo = lo[:, None].expand_as(qseg)
-    if window is not None:
-        vis_lo = torch.maximum(vis_lo, q2 - (window - 1))
-    vis_hi = q2 + 1  # exclusive
-    b_lo = torch.where(in_summary, t0[:, None], lo[:, None])
-    b_hi = torch.where(in_summary, s0[:, None], t0[:, None])
-    s_lo = b_hi
-    n_b = (torch.minimum(b_hi, vis_hi) - torch.maximum(b_lo, vis_lo)).clamp_min(0).to(torch.float32)
-    n_s = (vis_hi - torch.maximum(s_lo, vis_lo)).clamp_min(0).to(torch.float32)
-    elig = real_q & (qseg >= 1) & (n_b > 0)  # [B, Q]
-    tau = torch.sqrt(n_b / (n_b + n_s).clamp_min(1.0)).clamp_max(tau_max)
-    tau_b = torch.where(elig, tau, torch.zeros_like(tau))
-    gidx = torch.stack([(qseg - 1).clamp_min(0), qseg], dim=-1)  # [B, Q, 2]
-
-    if mask is not None and mask.dim() == 4:
-        m = mask[..., -K:] if mask.shape[-1] != K else mask
-        if m.dtype == torch.bool:
-            addmask = torch.zeros(m.shape, dtype=torch.float32, device=dev).masked_fill_(
-                ~m, torch.finfo(torch.float32).min)
-        else:
-            addmask = m.to(torch.float32)
-        addmask = addmask[:, :, None]  # [B, 1, 1, Q, K]
+def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Tensor | None,
+                   oeb: bool) -> LayerGeometry:
+    """Key segments, additive mask and query tensors for a layer with K keys (the last K of the forward's
+    kv range) and this sliding window. `mask`: the 4D mask transformers built (bool or additive), if any."""
+    k_offset = max(fs.total - K, 0)  # a sliding-window cache holds only the last K keys
+    geo = LayerGeometry(k_offset)
+    if not oeb:
+        return geo
+    fs.keys.ensure(k_offset + K)  # a static cache may hold more slots than tokens
+    geo.onehot = fs.keys.onehot[:, k_offset:k_offset + K]  # [B, K, 3]
+    if fs.q_len == 1 and (window is None or K <= window):
+        geo.addmask = fs.keys.padmask[:, None, k_offset:k_offset + K]  # decoding: only padding is hidden
+    elif mask is not None:
+        m = mask[:, 0, :, -K:]  # [B, Q, K] (the same for every head)
+        geo.addmask = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, NEG) \
+            if m.dtype == torch.bool else m.to(torch.float32)
     else:  # no mask given (sdpa's causal shortcut, flash): causal, padding and window from the row state
-        k2 = kabs[None, None, :]  # [1, 1, K]
-        vis = (k2 <= qabs[None, :, None]) & (k2 >= lo[:, None, None]) & (k2 < hi[:, None, None])
-        if window is not None:
-            vis &= k2 > qabs[None, :, None] - window
-        addmask = torch.zeros(vis.shape, dtype=torch.float32, device=dev).masked_fill_(
-            ~vis, torch.finfo(torch.float32).min)[:, None, None]  # [B, 1, 1, Q, K]
-    return LayerGeometry(k_offset, onehot, addmask, gidx[:, None, None], tau_b[:, None, None],
-                         elig.to(torch.float32)[:, None, None])
-
-
-def smi_geometry(fs: ForwardState, geo: LayerGeometry, K: int, window: int | None, alpha: float) -> None:
-    """The SMI gather plan for a key layout: each window key's index in the layer's keys and its weight
-    alpha / (visible window length). In a sliding-window layer only the keys the query can see count (ours):
-    the decision keeps cached decoding and one uncached forward identical."""
-    fire_id, kabs = fs.pairs[0], fs.pairs[1]  # [P]
-    kidx = (kabs - geo.k_offset).clamp(0, K - 1)
-    if window is None:
-        weight = alpha / fs.pair_count.to(torch.float32)
-    else:
-        qabs = fs.fires[2][fire_id]  # [P]
-        valid = (kabs > qabs - window) & (kabs >= geo.k_offset)
-        count = torch.zeros(fs.num_fires, dtype=torch.float32, device=fs.device).index_add_(
-            0, fire_id, valid.to(torch.float32))
-        weight = torch.where(valid, alpha / count[fire_id].clamp_min(1.0), torch.zeros((), device=fs.device))
-    geo.pair_kidx, geo.pair_weight = kidx, weight
-
+        kabs = torch.arange(k_offset, k_offset + K, device=fs.device)[None, None, :]  # [1, 1, K]
+        qabs = torch.arange(fs.past, fs.total, device=fs.device)[None, :, None]  # [1, Q, 1]
+        hidden = kabs > qabs
+        if window:
+            hidden |= kabs <= qabs - window
+        geo.addmask = fs.keys.padmask[:, None, k_offset:k_offset + K].masked_fill(hidden, NEG)  # [B, Q, K]
+    geo.gidx, geo.tau_b, geo.eligible = fs.query_tensors(window)
+    return geo

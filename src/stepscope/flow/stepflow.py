@@ -37,7 +37,7 @@ from ..segment import Segmenter
 from ..tokens import token_bytes
 from .attention import PREFIX, register
 from .config import StepFlowConfig
-from .state import ForwardState, RowTracker, build_forward_state
+from .state import NEG, ForwardState, KeyState, RowTracker, build_forward_state
 
 
 @dataclass
@@ -144,6 +144,7 @@ class StepFlow:
         self._hook = None
         self._fwd: ForwardState | None = None
         self._rows: list[RowTracker] | None = None
+        self._keys: KeyState | None = None
         self._total = 0
         self._stats: torch.Tensor | None = None
         self._smi_fires = [0] * self.num_layers
@@ -241,7 +242,7 @@ class StepFlow:
             raise StepscopeError(f"StepFlow lost track of the cache: it holds {past} tokens of {B} rows, StepFlow "
                                  f"has seen {seen}; start from an empty cache (beam search and reused caches are "
                                  "not supported)")
-        his: list[int] = []
+        new_pad = None
         if self._rows is None:  # a fresh sequence: find each row's real tokens
             rows = []
             for b in range(B):
@@ -255,33 +256,40 @@ class StepFlow:
                     if n and not m[lo:hi].all():
                         raise StepscopeError("StepFlow needs each row's real tokens to be contiguous "
                                              "(left or right padding)")
-                seg = Segmenter(self.tokenizer, self.format, tokbytes=self._tokbytes)
-                rows.append(RowTracker(seg, lo, self.config.smi_window))
-                rows[-1].hi = hi
-                his.append(hi)
+                tr = RowTracker(Segmenter(self.tokenizer, self.format, tokbytes=self._tokbytes), lo,
+                                self.config.smi_window)
+                tr.hi = hi
+                rows.append(tr)
             self._rows = rows
-            starts = [(tr.lo, hi) for tr, hi in zip(rows, his)]
+            self._keys = KeyState(B, self.device, max(256, 2 * Q))
+            spans = [(tr.lo, tr.hi) for tr in rows]
+            if mask2 is not None:
+                new_pad = np.where(host[:, Q:] != 0, 0.0, NEG).astype(np.float32)
         else:
             if (mask2 is not None and not (host[:, Q:] != 0).all()) or any(tr.hi != past for tr in self._rows):
                 raise StepscopeError("StepFlow cannot follow padding after a row's real tokens "
                                      "(continue right-padded rows, or mask new tokens)")
-            starts = [(0, Q)] * B
-            his = [past + Q] * B
+            spans = [(0, Q)] * B
+            for tr in self._rows:
+                tr.hi = past + Q
         fires = []
         n_tok = 0
         for b, tr in enumerate(self._rows):
-            a, e = starts[b]
+            a, e = spans[b]
             if e > a:
                 fires.append(tr.feed(ids_h[b, a:e].tolist()))
                 n_tok += e - a
             else:
                 fires.append([])
-        for tr, hi in zip(self._rows, his):
-            tr.hi = hi
+        # segment code of every new key (final: a key's segment never changes once it is fed)
+        kabs = past + np.arange(Q, dtype=np.int64)[None, :]
+        bounds = np.array([tr.bounds() for tr in self._rows], dtype=np.int64).reshape(B, 2)
+        codes = (kabs >= bounds[:, :1]).astype(np.int64) + (kabs >= bounds[:, 1:])
         self._total = past + Q
         self._forwards += 1
         self._tokens += n_tok
-        self._fwd = build_forward_state(self._rows, past, Q, his, fires, ids.device)
+        self._fwd = build_forward_state(self._rows, self._keys, past, Q, fires, codes, new_pad, ids.device,
+                                        self.config.tau_max, float(self.config.alpha), bool(self.oeb_layers))
         return None
 
     def select_rows(self, keep: list[int]) -> None:
@@ -292,6 +300,7 @@ class StepFlow:
         if any(not 0 <= i < len(self._rows) for i in keep):
             raise StepscopeError(f"select_rows: row index out of range 0..{len(self._rows) - 1}")
         self._rows = [self._rows[i] for i in keep]
+        self._keys.select(torch.tensor(keep, dtype=torch.long, device=self.device))
         self._fwd = None
 
     # -- results ------------------------------------------------------------------------------------------
@@ -314,10 +323,11 @@ class StepFlow:
             s = self._stats.cpu().numpy()
         else:
             s = np.zeros((self.num_layers, 4))
+        # columns: fires, sum of p(B) over eligible query-heads, sum of the p(B) gain of fired ones, eligible
         fires = {i: int(round(s[i, 0])) for i in self.oeb_layers}
-        elig = {i: int(round(s[i, 1])) for i in self.oeb_layers}
-        before = {i: float(s[i, 2] / s[i, 1]) if s[i, 1] else 0.0 for i in self.oeb_layers}
-        after = {i: float(s[i, 3] / s[i, 1]) if s[i, 1] else 0.0 for i in self.oeb_layers}
+        elig = {i: int(round(s[i, 3])) for i in self.oeb_layers}
+        before = {i: float(s[i, 1] / s[i, 3]) if s[i, 3] else 0.0 for i in self.oeb_layers}
+        after = {i: float((s[i, 1] + s[i, 2]) / s[i, 3]) if s[i, 3] else 0.0 for i in self.oeb_layers}
         smi = {i: self._smi_fires[i] for i in self.smi_layers}
         return StepFlowStats(list(self.oeb_layers), list(self.smi_layers), fires, elig, before, after, smi,
                              self._forwards, self._tokens)

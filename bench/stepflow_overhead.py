@@ -1,0 +1,291 @@
+"""StepFlow's cost: generation tokens/s with and without StepFlow, side by side in one run, and the ratio.
+
+Three rows per batch size, same model, weights, prompts, backend and settings, timed in interleaved rounds
+(plain, StepFlow, eager, plain, ...) so that drift on a shared machine hits all of them alike:
+- plain: `model.generate` with the model's attention implementation (sdpa);
+- stepflow: the same inside `StepFlow(model, tokenizer)` (paper defaults: OEB on the bottom quarter of
+  layers, SMI on the top quarter);
+- eager: the released research code's approach at its cost floor: eager attention in every layer, the model
+  otherwise plain (its per-token host round trips per layer are not even counted).
+tokens/s = batch x new tokens / wall time of the whole `generate` call (prefill included).
+
+Modes:
+  python bench/stepflow_overhead.py --device cpu                      # SmolLM2-135M, batch 1 and 8
+  python bench/stepflow_overhead.py --device cuda --shape r1-distill-qwen-7b --tokenizer DIR
+  python bench/stepflow_overhead.py --device cpu --shape tiny --quick  # a smoke test of the GPU mode
+
+The r1-distill-qwen-7b shape is a random-weight Qwen2 model of R1-Distill-Qwen-7B's shape built on the GPU in
+bf16. Its prompts are real text (repeated to 1,024 tokens) in a user turn whose generation prompt ends with
+"<think>\\n", so every generated token is a thinking query and OEB acts on each of them. The generated text of
+a random model is noise: SMI fires only where that noise happens to close a step (". " after 15 characters, a
+blank line), so the SMI row of the stats is small there; OEB's cost is what this shape measures. Generated ids
+stay inside the tokenizer's vocabulary (the random lm_head rows beyond it are zeroed).
+
+Results are written after every measurement (JSON and Markdown) to bench/results/stepflow_<device>_<shape>.*
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from stepscope.flow import StepFlow, StepFlowConfig  # noqa: E402
+from stepscope.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+THINK_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}"
+    "{% endif %}"
+)
+
+QUESTIONS = [
+    "A farmer has 17 sheep and buys 3 times as many goats as sheep. He then sells 12 goats. How many animals "
+    "does he have now?",
+    "What is the sum of all positive divisors of 36?",
+    "A rectangle has a perimeter of 30 cm and its length is twice its width. What is its area?",
+    "If 4 workers build a wall in 9 days, how many days do 6 workers need for the same wall?",
+    "How many ways can 5 different books be arranged on a shelf if two of them must stand together?",
+    "Solve for x: 3x + 7 = 2x - 5 + 4x.",
+    "A car travels 150 km in 2.5 hours. At the same speed, how long does it take to travel 240 km?",
+    "What is the remainder when 2 to the power 20 is divided by 7?",
+]
+FILLER = (
+    "First, I need to understand what the problem is asking. The quantities are given in words, so I will "
+    "translate each sentence into an equation. Let me write down what I know before computing anything. "
+    "Next, I check that the units agree, because a mismatch would make the final number meaningless. "
+    "Then I compute the intermediate values one at a time and keep every result in a short list.\n\n"
+    "Wait, let me double check the second step, since it is easy to drop a factor there. "
+    "The numbers still look consistent with the first equation. "
+)
+
+SHAPES = {
+    "r1-distill-qwen-7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                               num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+                               rope_theta=10000.0, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                               tie_word_embeddings=False, use_sliding_window=False),
+    "tiny": dict(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=49152, rope_theta=10000.0, max_position_embeddings=4096,
+                 tie_word_embeddings=False, use_sliding_window=False),
+}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def load(args):
+    """(model, tokenizer) for the chosen shape."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    from stepscope.models import load_model, load_tokenizer
+
+    if args.shape == "smollm2":
+        model, tok = load_model("default", device=args.device, dtype=args.dtype or "float32")
+    else:
+        tok = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else load_tokenizer("default")
+        cfg = Qwen2Config(**SHAPES[args.shape])
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[
+            args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+        with torch.no_grad():
+            model.lm_head.weight[len(tok):] = 0  # generated ids stay inside the tokenizer's vocabulary
+        model.eval()
+    if "<think>" not in (tok.chat_template or ""):
+        tok.chat_template = THINK_TEMPLATE
+    return model, tok
+
+
+def prompts(tok, batch: int, prompt_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids [B, P]: real text in a user turn, the generation prompt ending in <think>."""
+    rows = []
+    for b in range(batch):
+        head = tok.apply_chat_template([{"role": "user", "content": "X"}], add_generation_prompt=True,
+                                       tokenize=False)
+        fixed = len(tok(head, add_special_tokens=False)["input_ids"]) - 1
+        body = QUESTIONS[b % len(QUESTIONS)] + "\n\n"
+        while len(tok(body, add_special_tokens=False)["input_ids"]) < prompt_tokens - fixed:
+            body += FILLER
+        ids = tok(body, add_special_tokens=False)["input_ids"][:prompt_tokens - fixed - (b % 3)]
+        body = tok.decode(ids)
+        text = tok.apply_chat_template([{"role": "user", "content": body}], add_generation_prompt=True,
+                                       tokenize=False)
+        rows.append(tok(text, add_special_tokens=False)["input_ids"])
+    P = max(len(r) for r in rows)
+    ids = torch.zeros(batch, P, dtype=torch.long)
+    mask = torch.zeros(batch, P, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, P - len(r):] = torch.tensor(r)
+        mask[b, P - len(r):] = 1
+    return ids, mask
+
+
+def set_impl(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_once(model, tok, ids, mask, new_tokens: int, mode: str, device: str) -> tuple[float, dict | None]:
+    """Seconds for one generate call in `mode`, and StepFlow's stats for the stepflow mode."""
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+              min_new_tokens=new_tokens, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+    stats = None
+    if mode == "eager":
+        set_impl(model, "eager")
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if mode == "stepflow":
+                with StepFlow(model, tok, StepFlowConfig(fmt="think")) as flow:
+                    out = model.generate(**kw)
+                    sync(device)
+                    dt = time.perf_counter() - t0
+                stats = flow.stats.to_json()
+            else:
+                out = model.generate(**kw)
+                sync(device)
+                dt = time.perf_counter() - t0
+    finally:
+        if mode == "eager":
+            set_impl(model, "sdpa")
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return dt, stats
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# StepFlow overhead: {res['shape']} on {res['device_name']}", "",
+             f"{res['dtype']}, prompts of about {res['prompt_tokens']} tokens, {res['new_tokens']} new tokens "
+             f"(greedy, min_new_tokens = max_new_tokens), median of {res['repeats']} interleaved rounds; "
+             f"torch {res['torch']}, transformers {res['transformers']}.", "",
+             "| batch | plain tok/s | StepFlow tok/s | StepFlow / plain | eager (released code's floor) tok/s "
+             "| eager / plain | OEB fires / eligible | SMI fires |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for b, row in sorted(res["batches"].items(), key=lambda kv: int(kv[0])):
+        m = row.get("median_tokens_per_s", {})
+        if "plain" not in m:
+            continue
+        sf, eg = m.get("stepflow"), m.get("eager")
+        st = row.get("stepflow_stats") or {}
+        fires = sum(st.get("oeb_fires", {}).values()) if st else 0
+        elig = sum(st.get("oeb_eligible", {}).values()) if st else 0
+        smi = sum(st.get("smi_fires", {}).values()) if st else 0
+        lines.append(f"| {b} | {m['plain']:.1f} | {sf or 0:.1f} | {row.get('ratio_stepflow', 0):.3f} | "
+                     f"{eg or 0:.1f} | {row.get('ratio_eager', 0):.3f} | {fires} / {elig} | {smi} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shape", default=None, choices=["smollm2", *SHAPES],
+                    help="smollm2 (default on CPU) or a random model shape (r1-distill-qwen-7b default on CUDA)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder for random shapes (default: SmolLM2's)")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,8 on CPU, 1,16 on CUDA)")
+    ap.add_argument("--prompt-tokens", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved timed rounds (median reported)")
+    ap.add_argument("--modes", default="plain,stepflow,eager")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and rounds")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.shape = args.shape or ("r1-distill-qwen-7b" if cuda else "smollm2")
+    batches = [int(x) for x in (args.batch_sizes or ("1,16" if cuda else "1,8")).split(",")]
+    prompt_tokens = args.prompt_tokens or (1024 if cuda else 96)
+    new_tokens = args.new_tokens or (512 if cuda else 96)
+    repeats = args.repeats or (3 if cuda else 5)
+    if args.quick:
+        new_tokens = args.new_tokens or (256 if cuda else 16)
+        repeats = args.repeats or (2 if cuda else 1)
+        prompt_tokens = args.prompt_tokens or (1024 if cuda else 48)
+    modes = args.modes.split(",")
+
+    import transformers
+
+    t0 = time.perf_counter()
+    model, tok = load(args)
+    log(f"model {args.shape} loaded in {time.perf_counter() - t0:.1f}s on {device_name(args.device)}")
+    res = {"shape": args.shape, "device": args.device, "device_name": device_name(args.device),
+           "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "prompt_tokens": prompt_tokens,
+           "new_tokens": new_tokens, "repeats": repeats, "modes": modes, "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": platform.python_version(),
+           "cpu_threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "batches": {}}
+    out = Path(args.out)
+    stem = f"stepflow_{'cuda' if cuda else 'cpu'}_{args.shape}"
+
+    def save():
+        atomic_write_json(out / f"{stem}.json", res)
+        atomic_write_text(out / f"{stem}.md", markdown(res))
+
+    for B in batches:
+        ids, mask = prompts(tok, B, prompt_tokens)
+        ids, mask = ids.to(args.device), mask.to(args.device)
+        row = res["batches"][str(B)] = {"prompt_ids_shape": list(ids.shape), "seconds": {m: [] for m in modes}}
+        warm = min(new_tokens, 8)
+        for m in modes:  # warm-up: kernels, allocator, tokenizer caches
+            run_once(model, tok, ids, mask, warm, m, args.device)
+        for r in range(repeats):
+            for m in (modes if r % 2 == 0 else modes[::-1]):
+                dt, stats = run_once(model, tok, ids, mask, new_tokens, m, args.device)
+                row["seconds"][m].append(dt)
+                if stats is not None:
+                    row["stepflow_stats"] = stats
+                log(f"batch {B:>3} round {r + 1}/{repeats} {m:>8}: {dt:7.2f}s  {B * new_tokens / dt:9.1f} tok/s")
+            med = {m: B * new_tokens / statistics.median(v) for m, v in row["seconds"].items() if v}
+            row["median_tokens_per_s"] = med
+            if "plain" in med:
+                for m in med:
+                    if m != "plain":
+                        row[f"ratio_{m}"] = med[m] / med["plain"]
+            save()
+        ratios = ", ".join(f"{k[6:]} / plain = {v:.3f}" for k, v in row.items() if k.startswith("ratio_"))
+        log(f"batch {B}: {ratios}")
+    res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    save()
+    log(markdown(res))
+    log(json.dumps({b: {k: v for k, v in r.items() if k.startswith("ratio")} for b, r in res["batches"].items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
