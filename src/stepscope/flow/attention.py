@@ -106,10 +106,14 @@ def flow_attention(flow, fn: Callable, module, query: torch.Tensor, key: torch.T
     window = int(window) if window else None
     mask4 = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None
     gkey = (K, window, id(mask4), do_oeb)
+    if K > fs.total:  # a static cache: slots after the tokens seen so far are empty
+        K = fs.total
+        key, value = key[:, :, :K], value[:, :, :K]
+        mask4 = mask4[..., :K] if mask4 is not None else None
     geo = fs.geometry.get(gkey)
     if geo is None:
         geo = fs.geometry[gkey] = layer_geometry(fs, K, window, mask4, do_oeb)
-        fs.geometry[("mask", id(mask4))] = mask4  # keep the mask alive so that its id stays unique
+        fs.geometry[("mask", gkey)] = attention_mask  # keep the mask alive so that its id stays unique
     weights = None
     if do_oeb:
         sinks = kwargs.get("s_aux", getattr(module, "sinks", None))
@@ -142,6 +146,8 @@ def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
     sink = None
     if sinks is not None:
         sink = sinks.reshape(1, Hkv, n_rep, 1, 1).to(torch.float32)
+    if Q == 1 and geo.groups is not None:
+        return _oeb_decode(query, key, value, geo, scaling, sink, flow, layer, dropout)
     rows = max(1, flow.block_elems // max(1, B * H * K))
     first_q = flow._fwd.total - geo.k_offset - Q  # index, in this layer's keys, of this forward's first query
     outs = []
@@ -151,7 +157,51 @@ def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
         outs.append(_oeb_block(q5[:, :, :, r0:r1], key[:, :, :kend], value[:, :, :kend], geo, r0, r1,
                                scaling, sink, flow, layer, dropout))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [B, H, Q, D]
+    if flow._stats is not None:
+        flow._eligible[layer] += geo.n_eligible * H
     return out.transpose(1, 2).contiguous()
+
+
+def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry, scaling: float,
+                sink: torch.Tensor | None, flow, layer: int, dropout: float) -> torch.Tensor:
+    """One query per row (decoding): the same mathematics as `_oeb_block`, in about 15 kernels.
+
+    Scores and mask come from one baddbmm, the group masses (p_B, p_S) from one bmm with the group indicators,
+    the targets (tau_B, tau_S) from one more, and the reweighting of every key from one baddbmm
+    (O keys x 1 + B keys x factor_B + S keys x factor_S). Returns [B, 1, H, D]."""
+    B, H, _, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    n_rep = H // Hkv
+    mkey = (Hkv, n_rep, query.dtype)
+    mask = geo.masks.get(mkey)
+    if mask is None:  # [B * Hkv, n_rep, K] in the score dtype, once per forward
+        m = geo.addmask[:, 0, :].to(query.dtype) if query.dtype != torch.float32 else geo.addmask[:, 0, :]
+        mask = geo.masks[mkey] = m[:, None, None, :].expand(B, Hkv, n_rep, K).reshape(B * Hkv, n_rep, K)
+    q3 = (query * scaling).reshape(B * Hkv, n_rep, D)
+    s = torch.baddbmm(mask, q3, key.reshape(B * Hkv, K, D).transpose(1, 2))  # [B * Hkv, n_rep, K]
+    if sink is not None:  # GPT-OSS: one more logit per head, its mass part of O
+        s = torch.cat([s.to(torch.float32), sink.reshape(1, H, 1).expand(B, H, 1).reshape(B * Hkv, n_rep, 1)], -1)
+        p = torch.softmax(s, dim=-1)[..., :-1].reshape(B, H, K)
+    else:
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).view(B, H, K)
+    p_bs = torch.bmm(p, geo.groups)  # [B, H, 2]: p(B), p(S)
+    num = torch.baddbmm(geo.tau_pair, p_bs, geo.sum_s)  # [B, H, 2]: tau_B, tau_S = p(B) + p(S) - tau_B
+    ratio = num / p_bs
+    # fire where 1 < tau_B / p(B) < inf (0 < p(B) < tau_B) and tau_S > 0 (then p(S) > 0)
+    fire = ((ratio > flow._thresholds) & (ratio < float("inf"))).all(-1, keepdim=True)  # [B, H, 1]
+    factors = torch.where(fire, ratio, 1.0)  # [B, H, 2]
+    p = p * torch.baddbmm(geo.others, factors, geo.groups_t)  # [B, H, K]
+    if dropout:
+        p = torch.nn.functional.dropout(p, p=dropout, training=True)
+    if flow._stats is not None:  # fired, then p(B), p(S) before and after, summed over eligible query-heads
+        el = geo.el_rows.get(H)
+        if el is None:
+            el = geo.el_rows[H] = (geo.tau_b[:, :1] > 0).to(torch.float32).expand(B, H).reshape(1, B * H)
+        part = torch.cat([fire.to(torch.float32), p_bs, factors * p_bs], -1)  # [B, H, 5]
+        flow._stats[layer] += torch.mm(el, part.view(B * H, 5))[0]
+        flow._eligible[layer] += geo.n_eligible * H
+    out = torch.bmm(p.view(B * Hkv, n_rep, K).to(value.dtype), value.reshape(B * Hkv, K, D))
+    return out.view(B, 1, H, D)
 
 
 def _oeb_block(q5: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry, r0: int, r1: int,
@@ -184,10 +234,10 @@ def _oeb_block(q5: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: La
     p = p.view(B, H * R, Kp) * mult
     if dropout:
         p = torch.nn.functional.dropout(p, p=dropout, training=True)
-    if flow._stats is not None:
-        el = geo.eligible[:, None, r0:r1].expand(B, H, R)
-        part = torch.stack([fire.to(torch.float32), p_b * el, torch.where(fire, tau_b - p_b, 0.0), el])
-        flow._stats[layer] += part.sum((1, 2, 3))
+    if flow._stats is not None:  # fired, then p(B), p(S) before and after, summed over eligible query-heads
+        el = geo.eligible[:, None, r0:r1, None]  # [B, 1, R, 1]
+        part = torch.cat([fire[..., None].to(torch.float32), p_bs, factors * p_bs], -1) * el  # [B, H, R, 5]
+        flow._stats[layer] += part.sum((0, 1, 2))
     out = torch.matmul(p.view(B, Hkv, n_rep * R, Kp).to(value.dtype), value)  # [B, Hkv, n_rep * R, D]
     return out.view(B, H, R, D)
 

@@ -199,8 +199,17 @@ class LayerGeometry:
     gidx: torch.Tensor | None = None  # int64 [B, Q, 2]: segment index of the bridge B and of S per query
     tau_b: torch.Tensor | None = None  # float32 [B, Q]: target bridge mass (0: OEB cannot act)
     eligible: torch.Tensor | None = None  # float32 [B, Q]: 1 where OEB can act
+    n_eligible: int = 0  # eligible queries (host count, for the stats)
     pair_kidx: torch.Tensor | None = None  # int64 [P]: SMI window key index inside this layer's keys
     pair_weight: torch.Tensor | None = None  # float32 [P]: alpha / visible window length (0 if hidden)
+    # decoding (one query per row): the groups as key indicators, so that each step is a few batched matmuls
+    groups: torch.Tensor | None = None  # float32 [B, K, 2]: key in the row's bridge B, key in its group S
+    groups_t: torch.Tensor | None = None  # float32 [B, 2, K]
+    others: torch.Tensor | None = None  # float32 [B, 1, K]: 1 - (B + S) indicator (O keys keep their mass)
+    tau_pair: torch.Tensor | None = None  # float32 [B, 1, 2]: (tau_B, -tau_B)
+    sum_s: torch.Tensor | None = None  # float32 [B, 2, 2]: maps (p_B, p_S) to (0, p_B + p_S)
+    masks: dict = field(default_factory=dict)  # (Hkv, n_rep, dtype) -> additive mask [B * Hkv, n_rep, K]
+    el_rows: dict = field(default_factory=dict)  # H -> float32 [1, B * H]: eligible rows (stats weights)
 
 
 @dataclass
@@ -218,7 +227,7 @@ class ForwardState:
     dev: dict  # device views of the upload
     keys: KeyState
     num_fires: int
-    windows: dict = field(default_factory=dict)  # window -> (gidx, tau_b, eligible) on the device
+    windows: dict = field(default_factory=dict)  # window -> (gidx, tau_b, eligible, host count of eligible)
     smi: dict = field(default_factory=dict)  # window -> pair weights on the device
     geometry: dict = field(default_factory=dict)  # LayerGeometry per key layout
 
@@ -238,7 +247,7 @@ class ForwardState:
             up.add("tau", t)
             up.add("elig", e)
             d = up.send(self.device)
-            got = self.windows[window] = (d["gidx"], d["tau"], d["elig"])
+            got = self.windows[window] = (d["gidx"], d["tau"], d["elig"], int(e.sum()))
         return got
 
     def smi_pair_weights(self, window: int | None) -> torch.Tensor:
@@ -289,6 +298,7 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
         up.add("gidx", g)
         up.add("tau", t)
         up.add("elig", e)
+        n_elig = int(e.sum())
     if fb:
         up.add("fires", np.stack([host["fire_b"], host["fire_qi"]]))
         up.add("pairs", np.stack([host["pair_fire"], host["pair_k"]]))
@@ -297,7 +307,7 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
     keys.append(past, dev["codes"], dev.get("pad"))
     fs = ForwardState(B, past, q_len, device, tau_max, alpha, any_oeb, host, dev, keys, len(fb))
     if any_oeb:
-        fs.windows[None] = (dev["gidx"], dev["tau"], dev["elig"])
+        fs.windows[None] = (dev["gidx"], dev["tau"], dev["elig"], n_elig)
     if fb:
         fs.smi[None] = dev["pair_w"]
     return fs
@@ -326,5 +336,13 @@ def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Ten
         if window:
             hidden |= kabs <= qabs - window
         geo.addmask = fs.keys.padmask[:, None, k_offset:k_offset + K].masked_fill(hidden, NEG)  # [B, Q, K]
-    geo.gidx, geo.tau_b, geo.eligible = fs.query_tensors(window)
+    geo.gidx, geo.tau_b, geo.eligible, geo.n_eligible = fs.query_tensors(window)
+    if fs.q_len == 1:
+        sel = torch.nn.functional.one_hot(geo.gidx[:, 0, :], 3).transpose(1, 2).to(torch.float32)  # [B, 3, 2]
+        geo.groups = torch.bmm(geo.onehot, sel)  # [B, K, 2]
+        geo.groups_t = geo.groups.transpose(1, 2).contiguous()
+        geo.others = (1.0 - geo.groups.sum(-1))[:, None, :]
+        tau = geo.tau_b[:, :1]
+        geo.tau_pair = torch.stack([tau, -tau], dim=-1)  # [B, 1, 2]
+        geo.sum_s = torch.tensor([[0.0, 1.0], [0.0, 1.0]], device=fs.device).expand(fs.batch, 2, 2).contiguous()
     return geo

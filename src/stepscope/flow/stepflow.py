@@ -46,7 +46,8 @@ class StepFlowStats:
 
     OEB counts are over (query, head) pairs: `oeb_eligible` pairs had a query in thinking or summary and a
     non-empty bridge; `oeb_fires` of them were below tau_B and got projected. `bridge_mass_before/after` are
-    the mean bridge probability p(B) over eligible pairs before and after OEB. `smi_fires` counts the query
+    the mean bridge probability p(B) over eligible pairs before and after OEB, `group_mass_before/after` the
+    same for the query's own group S (O keeps its mass). `smi_fires` counts the query
     positions that received step momentum. `tokens`: real tokens fed to the segmenters.
     """
 
@@ -56,6 +57,8 @@ class StepFlowStats:
     oeb_eligible: dict[int, int]
     bridge_mass_before: dict[int, float]
     bridge_mass_after: dict[int, float]
+    group_mass_before: dict[int, float]
+    group_mass_after: dict[int, float]
     smi_fires: dict[int, int]
     forwards: int
     tokens: int
@@ -70,7 +73,8 @@ class StepFlowStats:
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("oeb_fires", "oeb_eligible", "bridge_mass_before", "bridge_mass_after", "smi_fires"):
+        for k in ("oeb_fires", "oeb_eligible", "bridge_mass_before", "bridge_mass_after", "group_mass_before",
+                  "group_mass_after", "smi_fires"):
             d[k] = {str(i): v for i, v in d[k].items()}
         return d
 
@@ -150,8 +154,10 @@ class StepFlow:
         self._smi_fires = [0] * self.num_layers
         self._forwards = 0
         self._tokens = 0
+        self._eligible = [0] * self.num_layers
+        self._thresholds = torch.tensor([1.0, 0.0], device=self.device)  # decode firing test (attention.py)
         if config.collect_stats:
-            self._stats = torch.zeros(self.num_layers, 4, dtype=torch.float64, device=self.device)
+            self._stats = torch.zeros(self.num_layers, 5, dtype=torch.float64, device=self.device)
 
     # -- context ----------------------------------------------------------------------------------------------
 
@@ -314,6 +320,7 @@ class StepFlow:
         if self._stats is not None:
             self._stats.zero_()
         self._smi_fires = [0] * self.num_layers
+        self._eligible = [0] * self.num_layers
         self._forwards = self._tokens = 0
 
     @property
@@ -322,12 +329,15 @@ class StepFlow:
         if self._stats is not None:
             s = self._stats.cpu().numpy()
         else:
-            s = np.zeros((self.num_layers, 4))
-        # columns: fires, sum of p(B) over eligible query-heads, sum of the p(B) gain of fired ones, eligible
+            s = np.zeros((self.num_layers, 5))
+        # columns, summed over eligible query-heads: fired, p(B), p(S) before, p(B), p(S) after
+        n = self._eligible
         fires = {i: int(round(s[i, 0])) for i in self.oeb_layers}
-        elig = {i: int(round(s[i, 3])) for i in self.oeb_layers}
-        before = {i: float(s[i, 1] / s[i, 3]) if s[i, 3] else 0.0 for i in self.oeb_layers}
-        after = {i: float((s[i, 1] + s[i, 2]) / s[i, 3]) if s[i, 3] else 0.0 for i in self.oeb_layers}
+        elig = {i: n[i] for i in self.oeb_layers}
+        before = {i: float(s[i, 1] / n[i]) if n[i] else 0.0 for i in self.oeb_layers}
+        after = {i: float(s[i, 3] / n[i]) if n[i] else 0.0 for i in self.oeb_layers}
+        g_before = {i: float(s[i, 2] / n[i]) if n[i] else 0.0 for i in self.oeb_layers}
+        g_after = {i: float(s[i, 4] / n[i]) if n[i] else 0.0 for i in self.oeb_layers}
         smi = {i: self._smi_fires[i] for i in self.smi_layers}
-        return StepFlowStats(list(self.oeb_layers), list(self.smi_layers), fires, elig, before, after, smi,
-                             self._forwards, self._tokens)
+        return StepFlowStats(list(self.oeb_layers), list(self.smi_layers), fires, elig, before, after, g_before,
+                             g_after, smi, self._forwards, self._tokens)
