@@ -237,16 +237,18 @@ def test_pool_sum_and_heads_and_layers(tok, trace):
 
 
 def test_real_weights_smollm2_real_trace(traces_available):
-    """SmolLM2 (30 layers, 9 heads, 3 KV heads) on a ~250-token prefix of a real R1 trace, every layer."""
+    """SmolLM2 (30 layers, 9 heads, 3 KV heads) on a whole real R1 trace (230 tokens with its tokenizer), every layer."""
     from stepscope.models import load_model
 
-    recs = [json.loads(x) for x in (traces_available / "tli_r1-distill-qwen-1.5b_gsm8k.jsonl").read_text(
-        encoding="utf-8").splitlines() if x.strip()]
+    path = traces_available / "tli_r1-distill-qwen-14b_math500.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path.name} is absent")
+    rec = next(r for r in map(json.loads, filter(str.strip, path.read_text(encoding="utf-8").splitlines()))
+               if r["id"] == "tli-math500-src289-r1-distill-qwen-14b")
     model, _ = load_model("default", device="cpu", dtype="float32")
     tok = make_tokenizer("think")  # the SmolLM2 tokenizer with an R1-style template
-    full = Trace.from_text(tok, question=recs[0]["problem"], response=recs[0]["response"])
-    tr = Trace.from_ids(tok, full.token_ids[:250])
-    assert tr.steps_of("thinking") and tr.steps_of("summary")
+    tr = Trace.from_text(tok, question=rec["problem"], response=rec["response"])
+    assert len(tr) < 300 and tr.steps_of("thinking") and tr.steps_of("summary")
     c = step_saliency(model, tr, loss="response")
     r = step_saliency(model, tr, loss="response", method="reference")
     assert c.maps.shape == (30, tr.num_steps, tr.num_steps)
@@ -322,6 +324,15 @@ def test_model_restored_after_run_and_after_error(tok, trace):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, logits, rtol=0, atol=0)
+
+
+def test_works_under_no_grad_and_inference_mode(tok, trace):
+    model = make_model("llama", vocab_size=len(tok), layers=2)
+    want = step_saliency(model, trace).maps
+    with torch.no_grad():
+        assert_maps_close(step_saliency(model, trace).maps, want)
+    with torch.inference_mode():
+        assert_maps_close(step_saliency(model, trace, method="reference").maps, want)
 
 
 def test_errors_are_clear(tok, trace):

@@ -59,7 +59,7 @@ class SaliencyRun:
     layer_slot: dict[int, int]
     heads: bool = False
     block_rows: int | None = None  # fixed rows per block, else chosen from the memory budget
-    cpu_budget_bytes: int = 256 * 2**20
+    cpu_budget_bytes: int = 256 * 2**20  # CPU_BLOCK_BUDGET
     on_layer_done: Callable[[int], None] | None = None
     # filled during the run
     phase: str = "forward"  # "forward" (record reached layers) or "backward"
@@ -240,27 +240,35 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def choose_block_rows(run: SaliencyRun | None, batch: int, heads: int, kv_len: int, device: torch.device,
-                      softcap: bool) -> int:
-    """Rows per block: the block's temporaries (about 5 [B, H, rows, T] float32 tensors) fit the budget.
+CPU_BLOCK_BUDGET = 256 * 2**20
 
-    CUDA: a quarter of the free memory at the start of the layer's backward; elsewhere `run.cpu_budget_bytes`.
-    """
-    if run is not None and run.block_rows:
-        return max(1, run.block_rows)
+
+def block_budget(device: torch.device, run: SaliencyRun | None = None) -> int:
+    """Bytes for one block's temporaries: a quarter of the free CUDA memory, else a fixed CPU budget."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = free // 4
-    else:
-        budget = run.cpu_budget_bytes if run is not None else 256 * 2**20
+        return int(free // 4)
+    return run.cpu_budget_bytes if run is not None else CPU_BLOCK_BUDGET
+
+
+def rows_for_budget(batch: int, heads: int, kv_len: int, budget: int, softcap: bool = False) -> int:
+    """Rows per block: the block's temporaries (about 5 [B, H, rows, T] float32 tensors) fit `budget`, and a layer
+    has at least ~8 blocks (a block of rows [r0, r1) only looks at keys < r1, so n blocks compute (n + 1) / 2n
+    of the causal square)."""
     per_row = batch * heads * max(kv_len, 1) * 4 * (6 if softcap else 5)
     rows = int(budget // per_row)
     if rows >= 64:
         rows = rows // 64 * 64
-    # at least ~8 blocks: a block of rows [r0, r1) only looks at keys < r1, so smaller blocks skip more of the
-    # causal upper triangle ((n + 1) / 2n of the square for n blocks)
     causal_cap = max(128, 64 * -(-kv_len // (8 * 64)))
     return max(16, min(rows, causal_cap, 8192))
+
+
+def choose_block_rows(run: SaliencyRun | None, batch: int, heads: int, kv_len: int, device: torch.device,
+                      softcap: bool) -> int:
+    """Rows per block for this layer now (`run.block_rows` when fixed), from the free memory of the moment."""
+    if run is not None and run.block_rows:
+        return max(1, run.block_rows)
+    return rows_for_budget(batch, heads, kv_len, block_budget(device, run), softcap)
 
 
 # ---------------------------------------------------------------------------------------------------------------

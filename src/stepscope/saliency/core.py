@@ -474,7 +474,8 @@ def step_saliency(model, trace_or_traces: Trace | Sequence[Trace], pool: str = "
 
             name = batch[0].id if len(batch) == 1 and batch[0].id is not None else f"traces {start}-{start + len(batch) - 1}"
             bar = tqdm(total=len(layer_list), desc=f"saliency {name}", unit="layer", leave=False)
-        with Measure(device) as meas, frozen_eval(model):
+        # gradients are needed even when the caller is under torch.no_grad() or torch.inference_mode()
+        with Measure(device) as meas, frozen_eval(model), torch.inference_mode(False), torch.enable_grad():
             if method == "reference":
                 from .reference import reference_saliency
 

@@ -79,7 +79,8 @@ def estimate_memory(model, num_tokens: int, batch: int = 1, num_steps: int = 64,
     """Rough peak memory (bytes) of a saliency run, by part; `total` is their sum.
 
     chunked: weights + one checkpointed hidden state per layer + one layer's recomputed activations + the
-    attention block temporaries + one loss chunk + the maps. reference: weights + every layer's probabilities,
+    attention block temporaries (sized as the run sizes them: from the free CUDA memory now, or the CPU budget)
+    + one loss chunk + the maps. reference: weights + every layer's probabilities,
     kept with their gradients (T x T per head and layer) + full activations + full logits.
     """
     s = model_shape(model)
@@ -95,17 +96,21 @@ def estimate_memory(model, num_tokens: int, batch: int = 1, num_steps: int = 64,
         parts = {"weights": weights, "attention_probs_and_grads": probs, "activations": acts, "logits": logits,
                  "maps": maps}
     else:
+        from .attention import block_budget, rows_for_budget
+
+        device = next(model.parameters()).device
         if block_budget_bytes is None:
-            block_budget_bytes = 256 * 2**20
+            block_budget_bytes = block_budget(device)
+        rows = min(T, rows_for_budget(B, s["heads"], T, block_budget_bytes))
         per_row = B * s["heads"] * T * 4 * 5
-        rows = max(16, min(T, block_budget_bytes // max(per_row, 1)))
+        loss_budget = max(64 * 2**20, block_budget_bytes // 2) if device.type == "cuda" else 256 * 2**20
         parts = {
             "weights": weights,
             "checkpoints": B * T * s["hidden"] * e * (L + 3),
             "layer_recompute": B * T * (8 * s["hidden"] + 3 * s["intermediate"] + 3 * qkv) * e
             + B * T * qkv * 4 * 2,  # float32 gradient accumulators of Q, K, V
             "attention_block": rows * per_row,
-            "loss_chunk": min(T, max(16, (256 * 2**20) // max(B * s["vocab"] * 12, 1))) * B * s["vocab"] * 12,
+            "loss_chunk": min(T, max(16, loss_budget // max(B * s["vocab"] * 12, 1))) * B * s["vocab"] * 12,
             "maps": maps,
         }
     parts["total"] = sum(parts.values())
