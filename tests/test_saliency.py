@@ -177,7 +177,7 @@ def test_attention_function_block_size_does_not_matter():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gptoss"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gptoss"])
 def test_chunked_matches_reference_float32(arch, tok, trace):
     if arch == "gptoss":
         htok = make_tokenizer("harmony")
