@@ -186,11 +186,52 @@ def run_once(model, tok, ids, mask, new_tokens: int, mode: str, device: str) -> 
     return dt, stats
 
 
+def self_check(tok, device: str) -> dict:
+    """StepFlow on this device: a tiny float32 model's cached greedy decoding (left-padded batch of two) must
+    give the logits of one teacher-forced forward per row. Returns the largest difference and the stats."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(1)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**SHAPES["tiny"]), attn_implementation="sdpa",
+                                                 dtype=torch.float32).eval()
+        for layer in model.model.layers:  # peaky attention, so that OEB fires
+            layer.self_attn.q_proj.weight.data.mul_(12.0)
+    cfg = StepFlowConfig(fmt="think", tau_max=0.6, alpha=0.5)
+    rows = []
+    for i in range(2):
+        text = tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i]}], add_generation_prompt=True,
+                                       tokenize=False) + FILLER[:200 + 150 * i]
+        rows.append(tok(text, add_special_tokens=False)["input_ids"])
+    P = max(len(r) for r in rows)
+    ids = torch.zeros(2, P, dtype=torch.long)
+    mask = torch.zeros(2, P, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, P - len(r):] = torch.tensor(r)
+        mask[b, P - len(r):] = 1
+    n = 24
+    with torch.inference_mode():
+        with StepFlow(model, tok, cfg) as flow:
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=n, min_new_tokens=n, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=0)
+        stats = flow.stats
+        raw = torch.stack(out.logits, 1)  # [2, n, V]
+        worst = 0.0
+        for b, r in enumerate(rows):
+            seq = r + out.sequences[b, P:].tolist()
+            with StepFlow(model, tok, cfg):
+                tf = model(torch.tensor([seq], device=device)).logits[0, len(r) - 1:len(r) - 1 + n]
+            worst = max(worst, (tf - raw[b]).abs().max().item())
+    return {"max_abs_logit_diff": worst, "oeb_fires": stats.total_oeb_fires, "smi_fires": stats.total_smi_fires,
+            "passed": worst < 1e-4}
+
+
 def markdown(res: dict) -> str:
     lines = [f"# StepFlow overhead: {res['shape']} on {res['device_name']}", "",
              f"{res['dtype']}, prompts of about {res['prompt_tokens']} tokens, {res['new_tokens']} new tokens "
              f"(greedy, min_new_tokens = max_new_tokens), median of {res['repeats']} interleaved rounds; "
-             f"torch {res['torch']}, transformers {res['transformers']}.", "",
+             f"torch {res['torch']}, transformers {res['transformers']}; machine load {res.get('load')}.", "",
              "| batch | plain tok/s | StepFlow tok/s | StepFlow / plain | eager (released code's floor) tok/s "
              "| eager / plain | OEB fires / eligible | SMI fires |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -205,6 +246,11 @@ def markdown(res: dict) -> str:
         smi = sum(st.get("smi_fires", {}).values()) if st else 0
         lines.append(f"| {b} | {m['plain']:.1f} | {sf or 0:.1f} | {row.get('ratio_stepflow', 0):.3f} | "
                      f"{eg or 0:.1f} | {row.get('ratio_eager', 0):.3f} | {fires} / {elig} | {smi} |")
+    if res.get("self_check"):
+        c = res["self_check"]
+        lines += ["", f"Self-check on this device (tiny float32 model, cached greedy decoding of a left-padded batch "
+                      f"versus one teacher-forced forward per row): max |logit difference| "
+                      f"{c['max_abs_logit_diff']:.2e}, OEB fires {c['oeb_fires']}, SMI fires {c['smi_fires']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -222,6 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="plain,stepflow,eager")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and rounds")
+    ap.add_argument("--self-check", action="store_true",
+                    help="first check StepFlow's cached decoding against teacher forcing on this device")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -248,7 +296,7 @@ def main(argv=None) -> int:
            "new_tokens": new_tokens, "repeats": repeats, "modes": modes, "torch": torch.__version__,
            "transformers": transformers.__version__, "python": platform.python_version(),
            "cpu_threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "batches": {}}
+           "load": " ".join(f"{x:.1f}" for x in os.getloadavg()), "batches": {}}
     out = Path(args.out)
     stem = f"stepflow_{'cuda' if cuda else 'cpu'}_{args.shape}"
 
@@ -256,6 +304,10 @@ def main(argv=None) -> int:
         atomic_write_json(out / f"{stem}.json", res)
         atomic_write_text(out / f"{stem}.md", markdown(res))
 
+    if args.self_check:
+        res["self_check"] = self_check(tok, args.device)
+        log(f"self-check: {res['self_check']}")
+        save()
     for B in batches:
         ids, mask = prompts(tok, B, prompt_tokens)
         ids, mask = ids.to(args.device), mask.to(args.device)
@@ -280,6 +332,7 @@ def main(argv=None) -> int:
         ratios = ", ".join(f"{k[6:]} / plain = {v:.3f}" for k, v in row.items() if k.startswith("ratio_"))
         log(f"batch {B}: {ratios}")
     res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    res["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     save()
     log(markdown(res))
     log(json.dumps({b: {k: v for k, v in r.items() if k.startswith("ratio")} for b, r in res["batches"].items()}))

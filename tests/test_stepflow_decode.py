@@ -63,10 +63,17 @@ def test_generate_logits_equal_teacher_forced(arch, fam):
     st = flow.stats
     assert st.total_smi_fires >= 4 and st.total_oeb_fires > 0
     raw = torch.stack(out.logits, dim=1)  # [B, n, V]
+    tf_fires = tf_elig = 0
     for b, (p, c) in enumerate(pc):
         assert out.sequences[b, ids.shape[1]:].tolist() == c[:n]
         want = teacher_forced(model, tok, cfg, p + c[:n])[len(p) - 1:len(p) - 1 + n]
         assert (raw[b] - want).abs().max().item() < TOL
+        with torch.no_grad(), StepFlow(model, tok, cfg) as tf:  # the queries decoding saw: all but the last
+            model(torch.tensor([p + c[:n - 1]]))
+        tf_fires += tf.stats.total_oeb_fires
+        tf_elig += sum(tf.stats.oeb_eligible.values())
+    # the same OEB decisions, query-head by query-head, counted by the decode path's deferred stats
+    assert st.total_oeb_fires == tf_fires and sum(st.oeb_eligible.values()) == tf_elig
 
 
 def test_greedy_generate_equals_teacher_forced_argmax():

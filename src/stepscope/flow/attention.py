@@ -146,7 +146,7 @@ def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
     sink = None
     if sinks is not None:
         sink = sinks.reshape(1, Hkv, n_rep, 1, 1).to(torch.float32)
-    if Q == 1 and geo.groups is not None:
+    if Q == 1 and geo.groups is not None and sinks is None:
         return _oeb_decode(query, key, value, geo, scaling, sink, flow, layer, dropout)
     rows = max(1, flow.block_elems // max(1, B * H * K))
     first_q = flow._fwd.total - geo.k_offset - Q  # index, in this layer's keys, of this forward's first query
@@ -158,7 +158,7 @@ def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
                                scaling, sink, flow, layer, dropout))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [B, H, Q, D]
     if flow._stats is not None:
-        flow._eligible[layer] += geo.n_eligible * H
+        flow._eligible[layer] += geo.qt.n_eligible * H
     return out.transpose(1, 2).contiguous()
 
 
@@ -166,40 +166,36 @@ def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo
                 sink: torch.Tensor | None, flow, layer: int, dropout: float) -> torch.Tensor:
     """One query per row (decoding): the same mathematics as `_oeb_block`, in about 15 kernels.
 
-    Scores and mask come from one baddbmm, the group masses (p_B, p_S) from one bmm with the group indicators,
-    the targets (tau_B, tau_S) from one more, and the reweighting of every key from one baddbmm
-    (O keys x 1 + B keys x factor_B + S keys x factor_S). Returns [B, 1, H, D]."""
+    Scores, scale and mask come from one baddbmm, the group masses (p_B, p_S) from one bmm with the group
+    indicators, the targets (tau_B, tau_S) from one more, and the reweighting of every key from one baddbmm
+    (O keys x 1 + B keys x factor_B + S keys x factor_S). The stats are reduced once per forward, later
+    (`StepFlow._flush_stats`). Returns [B, 1, H, D]."""
     B, H, _, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
     n_rep = H // Hkv
-    mkey = (Hkv, n_rep, query.dtype)
+    mkey = (Hkv, query.dtype)
     mask = geo.masks.get(mkey)
-    if mask is None:  # [B * Hkv, n_rep, K] in the score dtype, once per forward
-        m = geo.addmask[:, 0, :].to(query.dtype) if query.dtype != torch.float32 else geo.addmask[:, 0, :]
-        mask = geo.masks[mkey] = m[:, None, None, :].expand(B, Hkv, n_rep, K).reshape(B * Hkv, n_rep, K)
-    q3 = (query * scaling).reshape(B * Hkv, n_rep, D)
-    s = torch.baddbmm(mask, q3, key.reshape(B * Hkv, K, D).transpose(1, 2))  # [B * Hkv, n_rep, K]
-    if sink is not None:  # GPT-OSS: one more logit per head, its mass part of O
-        s = torch.cat([s.to(torch.float32), sink.reshape(1, H, 1).expand(B, H, 1).reshape(B * Hkv, n_rep, 1)], -1)
-        p = torch.softmax(s, dim=-1)[..., :-1].reshape(B, H, K)
-    else:
-        p = torch.softmax(s, dim=-1, dtype=torch.float32).view(B, H, K)
-    p_bs = torch.bmm(p, geo.groups)  # [B, H, 2]: p(B), p(S)
-    num = torch.baddbmm(geo.tau_pair, p_bs, geo.sum_s)  # [B, H, 2]: tau_B, tau_S = p(B) + p(S) - tau_B
+    if mask is None:  # [B * Hkv, 1, K] in the score dtype, once per forward
+        m = geo.addmask[:, 0, :]
+        if query.dtype != torch.float32:  # keep hidden keys finite in bf16/fp16 too
+            m = m.clamp_min(torch.finfo(query.dtype).min).to(query.dtype)
+        mask = geo.masks[mkey] = m[:, None, :].expand(B, Hkv, K).reshape(B * Hkv, 1, K)
+    s = torch.baddbmm(mask, query.reshape(B * Hkv, n_rep, D), key.reshape(B * Hkv, K, D).transpose(1, 2),
+                      alpha=scaling)  # [B * Hkv, n_rep, K]
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).view(B, H, K)
+    groups = geo.groups  # [B, K, 3]: in B, in S, in O
+    p_bs = torch.bmm(p, groups[:, :, :2])  # [B, H, 2]: p(B), p(S)
+    num = torch.baddbmm(geo.qt.tau_pair, p_bs, flow._sum_s.expand(B, 2, 2))  # (tau_B, p(B) + p(S) - tau_B)
     ratio = num / p_bs
     # fire where 1 < tau_B / p(B) < inf (0 < p(B) < tau_B) and tau_S > 0 (then p(S) > 0)
     fire = ((ratio > flow._thresholds) & (ratio < float("inf"))).all(-1, keepdim=True)  # [B, H, 1]
     factors = torch.where(fire, ratio, 1.0)  # [B, H, 2]
-    p = p * torch.baddbmm(geo.others, factors, geo.groups_t)  # [B, H, K]
+    p = p * torch.baddbmm(groups[:, None, :, 2], factors, geo.groups_t)  # [B, H, K]
     if dropout:
         p = torch.nn.functional.dropout(p, p=dropout, training=True)
-    if flow._stats is not None:  # fired, then p(B), p(S) before and after, summed over eligible query-heads
-        el = geo.el_rows.get(H)
-        if el is None:
-            el = geo.el_rows[H] = (geo.tau_b[:, :1] > 0).to(torch.float32).expand(B, H).reshape(1, B * H)
-        part = torch.cat([fire.to(torch.float32), p_bs, factors * p_bs], -1)  # [B, H, 5]
-        flow._stats[layer] += torch.mm(el, part.view(B * H, 5))[0]
-        flow._eligible[layer] += geo.n_eligible * H
+    if flow._stats is not None:
+        flow._pending.append((layer, fire, p_bs, factors, geo.qt.tau_b))
+        flow._eligible[layer] += geo.qt.n_eligible * H
     out = torch.bmm(p.view(B * Hkv, n_rep, K).to(value.dtype), value.reshape(B * Hkv, K, D))
     return out.view(B, 1, H, D)
 
@@ -221,10 +217,10 @@ def _oeb_block(q5: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: La
         p = torch.softmax(s, dim=-1)  # [B, Hkv, n_rep, R, K']
     onehot = geo.onehot[:, :Kp]  # [B, K', 3]
     mass = torch.bmm(p.view(B, H * R, Kp), onehot).view(B, H, R, 3)  # p of question, thinking, summary keys
-    gidx = geo.gidx[:, None, r0:r1].expand(B, H, R, 2)
+    gidx = geo.qt.gidx[:, None, r0:r1].expand(B, H, R, 2)
     p_bs = mass.gather(-1, gidx)  # [B, H, R, 2]: p(B), p(S)
     p_b = p_bs[..., 0]
-    tau_b = geo.tau_b[:, None, r0:r1]  # [B, 1, R]
+    tau_b = geo.qt.tau_b[:, None, r0:r1]  # [B, 1, R]
     tau_s = p_bs.sum(-1) - tau_b  # 1 - p(O) - tau_B
     fire = (p_b < tau_b) & (p_b > 0) & (tau_s > 0)  # (then p(S) > tau_B - p(B) > 0 too)
     ratio = torch.stack([tau_b.expand(B, H, R), tau_s], dim=-1) / p_bs  # [B, H, R, 2]
@@ -235,7 +231,7 @@ def _oeb_block(q5: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: La
     if dropout:
         p = torch.nn.functional.dropout(p, p=dropout, training=True)
     if flow._stats is not None:  # fired, then p(B), p(S) before and after, summed over eligible query-heads
-        el = geo.eligible[:, None, r0:r1, None]  # [B, 1, R, 1]
+        el = geo.qt.eligible[:, None, r0:r1, None]  # [B, 1, R, 1]
         part = torch.cat([fire[..., None].to(torch.float32), p_bs, factors * p_bs], -1) * el  # [B, H, R, 5]
         flow._stats[layer] += part.sum((0, 1, 2))
     out = torch.matmul(p.view(B, Hkv, n_rep * R, Kp).to(value.dtype), value)  # [B, Hkv, n_rep * R, D]

@@ -110,6 +110,20 @@ def query_geometry(lo: np.ndarray, hi: np.ndarray, t0: np.ndarray, s0: np.ndarra
     return gidx, tau_b, elig.astype(np.float32)
 
 
+def decode_selectors(gidx: np.ndarray, tau_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For one query per row: sel float32 [B, 3, 3] maps a key's segment one-hot to (in B, in S, in O), with the
+    O column = 1 - B - S (so that keys of any segment keep weight 1 when nothing fires); and tau_pair float32
+    [B, 1, 2] = (tau_B, -tau_B)."""
+    B = gidx.shape[0]
+    sel = np.zeros((B, 3, 3), dtype=np.float32)
+    rows = np.arange(B)
+    sel[rows, gidx[:, 0, 0], 0] = 1.0
+    sel[rows, gidx[:, 0, 1], 1] += 1.0
+    sel[:, :, 2] = 1.0 - sel[:, :, 0] - sel[:, :, 1]
+    tau = tau_b[:, :1]
+    return sel, np.stack([tau, -tau], axis=-1).astype(np.float32)
+
+
 def smi_weights(fire_qabs: np.ndarray, pair_fire: np.ndarray, pair_k: np.ndarray, window: int | None,
                 alpha: float) -> np.ndarray:
     """alpha / (number of window keys the query sees) for every (fire, key) pair; 0 for a hidden key.
@@ -196,20 +210,39 @@ class LayerGeometry:
     k_offset: int  # kv index of key 0 (a sliding-window cache holds only the last keys)
     onehot: torch.Tensor | None = None  # float32 [B, K, 3]: key segment
     addmask: torch.Tensor | None = None  # float32 [B, Q or 1, K]: 0 visible, NEG hidden
-    gidx: torch.Tensor | None = None  # int64 [B, Q, 2]: segment index of the bridge B and of S per query
-    tau_b: torch.Tensor | None = None  # float32 [B, Q]: target bridge mass (0: OEB cannot act)
-    eligible: torch.Tensor | None = None  # float32 [B, Q]: 1 where OEB can act
-    n_eligible: int = 0  # eligible queries (host count, for the stats)
+    qt: QueryTensors | None = None  # the queries' groups and targets
     pair_kidx: torch.Tensor | None = None  # int64 [P]: SMI window key index inside this layer's keys
     pair_weight: torch.Tensor | None = None  # float32 [P]: alpha / visible window length (0 if hidden)
     # decoding (one query per row): the groups as key indicators, so that each step is a few batched matmuls
-    groups: torch.Tensor | None = None  # float32 [B, K, 2]: key in the row's bridge B, key in its group S
-    groups_t: torch.Tensor | None = None  # float32 [B, 2, K]
-    others: torch.Tensor | None = None  # float32 [B, 1, K]: 1 - (B + S) indicator (O keys keep their mass)
-    tau_pair: torch.Tensor | None = None  # float32 [B, 1, 2]: (tau_B, -tau_B)
-    sum_s: torch.Tensor | None = None  # float32 [B, 2, 2]: maps (p_B, p_S) to (0, p_B + p_S)
-    masks: dict = field(default_factory=dict)  # (Hkv, n_rep, dtype) -> additive mask [B * Hkv, n_rep, K]
-    el_rows: dict = field(default_factory=dict)  # H -> float32 [1, B * H]: eligible rows (stats weights)
+    groups: torch.Tensor | None = None  # float32 [B, K, 3]: key in the row's bridge B, in its group S, in O
+    groups_t: torch.Tensor | None = None  # float32 [B, 2, K]: the B and S columns, transposed
+    masks: dict = field(default_factory=dict)  # (Hkv, dtype) -> additive mask [B * Hkv, 1, K]
+
+
+@dataclass
+class QueryTensors:
+    """Per-query OEB inputs of one forward for one sliding window (None: full attention), on the device."""
+
+    gidx: torch.Tensor  # int64 [B, Q, 2]
+    tau_b: torch.Tensor  # float32 [B, Q]
+    eligible: torch.Tensor | None  # float32 [B, Q] (prefill stats)
+    n_eligible: int  # host count
+    sel: torch.Tensor | None = None  # float32 [B, 3, 3] (decoding)
+    tau_pair: torch.Tensor | None = None  # float32 [B, 1, 2] (decoding)
+
+
+def _query_upload(up: Upload, g: np.ndarray, t: np.ndarray, e: np.ndarray, q_len: int) -> None:
+    up.add("gidx", g)
+    up.add("tau", t)
+    up.add("elig", e)
+    if q_len == 1:
+        sel, tp = decode_selectors(g, t)
+        up.add("sel", sel)
+        up.add("tau_pair", tp)
+
+
+def _query_tensors(d: dict, n_elig: int) -> QueryTensors:
+    return QueryTensors(d["gidx"], d["tau"], d.get("elig"), n_elig, d.get("sel"), d.get("tau_pair"))
 
 
 @dataclass
@@ -227,7 +260,7 @@ class ForwardState:
     dev: dict  # device views of the upload
     keys: KeyState
     num_fires: int
-    windows: dict = field(default_factory=dict)  # window -> (gidx, tau_b, eligible, host count of eligible)
+    windows: dict = field(default_factory=dict)  # window -> QueryTensors
     smi: dict = field(default_factory=dict)  # window -> pair weights on the device
     geometry: dict = field(default_factory=dict)  # LayerGeometry per key layout
 
@@ -235,19 +268,16 @@ class ForwardState:
     def total(self) -> int:
         return self.past + self.q_len
 
-    def query_tensors(self, window: int | None):
-        """(gidx, tau_b, eligible) of this forward's queries for a layer with this sliding window."""
+    def query_tensors(self, window: int | None) -> QueryTensors:
+        """OEB inputs of this forward's queries for a layer with this sliding window."""
         got = self.windows.get(window)
         if got is None:  # a sliding window seen for the first time in this forward: one more small upload
             h = self.host
             g, t, e = query_geometry(h["lo"], h["hi"], h["t0"], h["s0"], self.past, self.q_len, window,
                                      self.tau_max)
             up = Upload()
-            up.add("gidx", g)
-            up.add("tau", t)
-            up.add("elig", e)
-            d = up.send(self.device)
-            got = self.windows[window] = (d["gidx"], d["tau"], d["elig"], int(e.sum()))
+            _query_upload(up, g, t, e, self.q_len)
+            got = self.windows[window] = _query_tensors(up.send(self.device), int(e.sum()))
         return got
 
     def smi_pair_weights(self, window: int | None) -> torch.Tensor:
@@ -289,15 +319,12 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
             "fire_qi": np.asarray(fq, dtype=np.int64), "fire_qabs": np.asarray(fk, dtype=np.int64),
             "pair_fire": np.asarray(pf, dtype=np.int64), "pair_k": np.asarray(pk, dtype=np.int64)}
     up = Upload()
-    up.add("rows", np.stack([lo, hi, t0, s0]))
     up.add("codes", new_codes)
     if new_pad is not None:
         up.add("pad", new_pad)
     if any_oeb:
         g, t, e = query_geometry(lo, hi, t0, s0, past, q_len, None, tau_max)
-        up.add("gidx", g)
-        up.add("tau", t)
-        up.add("elig", e)
+        _query_upload(up, g, t, e, q_len)
         n_elig = int(e.sum())
     if fb:
         up.add("fires", np.stack([host["fire_b"], host["fire_qi"]]))
@@ -307,7 +334,7 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
     keys.append(past, dev["codes"], dev.get("pad"))
     fs = ForwardState(B, past, q_len, device, tau_max, alpha, any_oeb, host, dev, keys, len(fb))
     if any_oeb:
-        fs.windows[None] = (dev["gidx"], dev["tau"], dev["elig"], n_elig)
+        fs.windows[None] = _query_tensors(dev, n_elig)
     if fb:
         fs.smi[None] = dev["pair_w"]
     return fs
@@ -336,13 +363,9 @@ def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Ten
         if window:
             hidden |= kabs <= qabs - window
         geo.addmask = fs.keys.padmask[:, None, k_offset:k_offset + K].masked_fill(hidden, NEG)  # [B, Q, K]
-    geo.gidx, geo.tau_b, geo.eligible, geo.n_eligible = fs.query_tensors(window)
+    geo.qt = fs.query_tensors(window)
     if fs.q_len == 1:
-        sel = torch.nn.functional.one_hot(geo.gidx[:, 0, :], 3).transpose(1, 2).to(torch.float32)  # [B, 3, 2]
-        geo.groups = torch.bmm(geo.onehot, sel)  # [B, K, 2]
-        geo.groups_t = geo.groups.transpose(1, 2).contiguous()
-        geo.others = (1.0 - geo.groups.sum(-1))[:, None, :]
-        tau = geo.tau_b[:, :1]
-        geo.tau_pair = torch.stack([tau, -tau], dim=-1)  # [B, 1, 2]
-        geo.sum_s = torch.tensor([[0.0, 1.0], [0.0, 1.0]], device=fs.device).expand(fs.batch, 2, 2).contiguous()
+        sel = geo.qt.sel  # [B, 3, 3]
+        geo.groups = torch.bmm(geo.onehot, sel)  # [B, K, 3]
+        geo.groups_t = torch.bmm(sel[:, :, :2].transpose(1, 2), geo.onehot.transpose(1, 2))  # [B, 2, K]
     return geo

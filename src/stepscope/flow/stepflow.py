@@ -155,7 +155,11 @@ class StepFlow:
         self._forwards = 0
         self._tokens = 0
         self._eligible = [0] * self.num_layers
-        self._thresholds = torch.tensor([1.0, 0.0], device=self.device)  # decode firing test (attention.py)
+        # constants of the decode path (attention.py): firing thresholds, and (p_B, p_S) -> (0, p_B + p_S)
+        self._thresholds = torch.tensor([1.0, 0.0], device=self.device)
+        self._sum_s = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]], device=self.device)
+        self._pending: list[tuple] = []  # decode-path stats of the last forward, reduced at the next one
+        self._layer_ids: dict[tuple, torch.Tensor] = {}
         if config.collect_stats:
             self._stats = torch.zeros(self.num_layers, 5, dtype=torch.float64, device=self.device)
 
@@ -211,6 +215,10 @@ class StepFlow:
             config._attn_implementation = name
 
     def _restore(self) -> None:
+        try:
+            self._flush_stats()
+        except Exception:  # never let bookkeeping mask the error that ended the context
+            self._pending = []
         for c, impl in reversed(self._saved):
             self._set_impl(c, impl)
         self._saved = []
@@ -228,7 +236,24 @@ class StepFlow:
 
     # -- per forward --------------------------------------------------------------------------------------
 
+    def _flush_stats(self) -> None:
+        """Reduce the decode path's per-layer stats of the last forward in a dozen kernels."""
+        pend, self._pending = self._pending, []
+        if not pend or self._stats is None:
+            return
+        layers = tuple(e[0] for e in pend)
+        idx = self._layer_ids.get(layers)
+        if idx is None:
+            idx = self._layer_ids[layers] = torch.tensor(layers, device=self.device)
+        fire = torch.stack([e[1] for e in pend]).to(torch.float32)  # [n, B, H, 1]
+        p_bs = torch.stack([e[2] for e in pend])  # [n, B, H, 2]
+        fac = torch.stack([e[3] for e in pend])  # [n, B, H, 2]
+        el = (torch.stack([e[4][:, :1] for e in pend]) > 0).to(torch.float32)[:, :, None]  # [n, B, 1, 1]
+        part = (torch.cat([fire, p_bs, fac * p_bs], -1) * el).sum((1, 2))  # [n, 5]
+        self._stats.index_add_(0, idx, part.to(torch.float64))
+
     def _pre_forward(self, module, args, kwargs):
+        self._flush_stats()
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise StepscopeError("StepFlow needs input_ids: a forward with inputs_embeds alone cannot be segmented")
@@ -319,6 +344,7 @@ class StepFlow:
     def reset_stats(self) -> None:
         if self._stats is not None:
             self._stats.zero_()
+        self._pending = []
         self._smi_fires = [0] * self.num_layers
         self._eligible = [0] * self.num_layers
         self._forwards = self._tokens = 0
@@ -326,6 +352,7 @@ class StepFlow:
     @property
     def stats(self) -> StepFlowStats:
         """Counts so far (reading them synchronizes with the device once)."""
+        self._flush_stats()
         if self._stats is not None:
             s = self._stats.cpu().numpy()
         else:
