@@ -27,6 +27,7 @@ at real index max(step_i.token_start, step_{i-1}.closed_at); the window is the l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -299,12 +300,14 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
     new_codes int64 [B, Q]: segment code of each new key; new_pad float32 [B, Q] (prefill): its padding mask.
     """
     B = len(trackers)
-    lo = np.fromiter((tr.lo for tr in trackers), dtype=np.int64, count=B)
-    hi = np.fromiter((tr.hi for tr in trackers), dtype=np.int64, count=B)
-    bounds = np.array([tr.bounds() for tr in trackers], dtype=np.int64).reshape(B, 2)
-    t0, s0 = bounds[:, 0], bounds[:, 1]
+    lo_l = [tr.lo for tr in trackers]
+    hi_l = [tr.hi for tr in trackers]
+    bounds = [tr.bounds() for tr in trackers]
+    lo, hi = np.array(lo_l, dtype=np.int64), np.array(hi_l, dtype=np.int64)
+    t0 = np.array([x[0] for x in bounds], dtype=np.int64)
+    s0 = np.array([x[1] for x in bounds], dtype=np.int64)
     last_q = past + q_len - 1
-    any_oeb = need_oeb and bool(np.any(np.minimum(last_q, hi - 1) >= t0))
+    any_oeb = need_oeb and any(min(last_q, h - 1) >= b[0] for h, b in zip(hi_l, bounds))
     fb, fq, fk, pf, pk = [], [], [], [], []
     for b, fl in enumerate(fires):
         lo_b = trackers[b].lo
@@ -319,10 +322,16 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
             "fire_qi": np.asarray(fq, dtype=np.int64), "fire_qabs": np.asarray(fk, dtype=np.int64),
             "pair_fire": np.asarray(pf, dtype=np.int64), "pair_k": np.asarray(pk, dtype=np.int64)}
     up = Upload()
-    up.add("codes", new_codes)
+    fast = q_len == 1 and any_oeb
+    if fast:  # decoding: the same geometry as query_geometry + decode_selectors, in plain Python (tiny arrays)
+        ints, floats, n_elig = _decode_pack(lo_l, hi_l, bounds, past, tau_max)
+        up.add("ints", ints)
+        up.add("floats", floats)
+    else:
+        up.add("codes", new_codes)
     if new_pad is not None:
         up.add("pad", new_pad)
-    if any_oeb:
+    if any_oeb and not fast:
         g, t, e = query_geometry(lo, hi, t0, s0, past, q_len, None, tau_max)
         _query_upload(up, g, t, e, q_len)
         n_elig = int(e.sum())
@@ -331,6 +340,11 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
         up.add("pairs", np.stack([host["pair_fire"], host["pair_k"]]))
         up.add("pair_w", smi_weights(host["fire_qabs"], host["pair_fire"], host["pair_k"], None, alpha))
     dev = up.send(device)
+    if fast:
+        ints, floats = dev.pop("ints"), dev.pop("floats")
+        dev.update(codes=ints[:B].view(B, 1), gidx=ints[B:].view(B, 1, 2), tau=floats[:B].view(B, 1),
+                   elig=floats[B:2 * B].view(B, 1), sel=floats[2 * B:11 * B].view(B, 3, 3),
+                   tau_pair=floats[11 * B:].view(B, 1, 2))
     keys.append(past, dev["codes"], dev.get("pad"))
     fs = ForwardState(B, past, q_len, device, tau_max, alpha, any_oeb, host, dev, keys, len(fb))
     if any_oeb:
@@ -338,6 +352,37 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
     if fb:
         fs.smi[None] = dev["pair_w"]
     return fs
+
+
+def _decode_pack(lo: list[int], hi: list[int], bounds: list[tuple[int, int]], q: int, tau_max: float
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
+    """One query per row, at kv index q, full attention: int64 [3B] (key codes, then gidx pairs) and float32
+    [13B] (tau_B, eligible, sel 3x3, tau_pair) exactly as query_geometry and decode_selectors give them."""
+    codes, gidx, tau, elig, sel, pair = [], [], [], [], [], []
+    n_elig = 0
+    for lo_b, hi_b, (t0, s0) in zip(lo, hi, bounds):
+        seg = (q >= t0) + (q >= s0)
+        codes.append(seg)
+        gb, gs = max(seg - 1, 0), seg
+        gidx += (gb, gs)
+        if seg == 2:
+            n_b, n_s = s0 - t0, q - s0 + 1
+        else:
+            n_b, n_s = t0 - lo_b, q - t0 + 1
+        ok = lo_b <= q < hi_b and seg >= 1 and n_b > 0
+        t = min(math.sqrt(n_b / (n_b + n_s)), tau_max) if ok else 0.0
+        n_elig += ok
+        tau.append(t)
+        elig.append(1.0 if ok else 0.0)
+        m = [[0.0, 0.0, 1.0] for _ in range(3)]
+        m[gb][0] = 1.0
+        m[gs][1] += 1.0
+        for r in m:
+            r[2] = 1.0 - r[0] - r[1]
+            sel += r
+        pair += (t, -t)
+    return (np.array(codes + gidx, dtype=np.int64),
+            np.array(tau + elig + sel + pair, dtype=np.float32), n_elig)
 
 
 def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Tensor | None,

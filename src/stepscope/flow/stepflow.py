@@ -253,8 +253,9 @@ class StepFlow:
         self._stats.index_add_(0, idx, part.to(torch.float64))
 
     def _pre_forward(self, module, args, kwargs):
-        self._flush_stats()
         ids = kwargs.get("input_ids", args[0] if args else None)
+        if self._pending and (len(self._pending) >= 512 or ids is None or self._pending[0][1].shape[0] != ids.shape[0]):
+            self._flush_stats()  # stats of many forwards are reduced together
         if ids is None:
             raise StepscopeError("StepFlow needs input_ids: a forward with inputs_embeds alone cannot be segmented")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -330,6 +331,7 @@ class StepFlow:
             raise StepscopeError("select_rows: StepFlow has no rows yet")
         if any(not 0 <= i < len(self._rows) for i in keep):
             raise StepscopeError(f"select_rows: row index out of range 0..{len(self._rows) - 1}")
+        self._flush_stats()
         self._rows = [self._rows[i] for i in keep]
         self._keys.select(torch.tensor(keep, dtype=torch.long, device=self.device))
         self._fwd = None
