@@ -158,8 +158,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_once(model, tok, ids, mask, new_tokens: int, mode: str, device: str) -> tuple[float, dict | None]:
-    """Seconds for one generate call in `mode`, and StepFlow's stats for the stepflow mode."""
+def run_once(model, tok, ids, mask, new_tokens: int, mode: str, device: str) -> tuple[float, float, dict | None]:
+    """Wall seconds and process CPU seconds of one generate call in `mode`, and StepFlow's stats."""
     kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
               min_new_tokens=new_tokens, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
     stats = None
@@ -167,6 +167,7 @@ def run_once(model, tok, ids, mask, new_tokens: int, mode: str, device: str) -> 
         set_impl(model, "eager")
     try:
         sync(device)
+        c0 = time.process_time()
         t0 = time.perf_counter()
         with torch.inference_mode():
             if mode == "stepflow":
@@ -174,16 +175,18 @@ def run_once(model, tok, ids, mask, new_tokens: int, mode: str, device: str) -> 
                     out = model.generate(**kw)
                     sync(device)
                     dt = time.perf_counter() - t0
+                    dc = time.process_time() - c0
                 stats = flow.stats.to_json()
             else:
                 out = model.generate(**kw)
                 sync(device)
                 dt = time.perf_counter() - t0
+                dc = time.process_time() - c0
     finally:
         if mode == "eager":
             set_impl(model, "sdpa")
     assert out.shape[1] == ids.shape[1] + new_tokens
-    return dt, stats
+    return dt, dc, stats
 
 
 def self_check(tok, device: str) -> dict:
@@ -233,8 +236,8 @@ def markdown(res: dict) -> str:
              f"(greedy, min_new_tokens = max_new_tokens), median of {res['repeats']} interleaved rounds; "
              f"torch {res['torch']}, transformers {res['transformers']}; machine load {res.get('load')}.", "",
              "| batch | plain tok/s | StepFlow tok/s | StepFlow / plain | eager (released code's floor) tok/s "
-             "| eager / plain | OEB fires / eligible | SMI fires |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| eager / plain | StepFlow / plain by CPU time | OEB fires / eligible | SMI fires |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b, row in sorted(res["batches"].items(), key=lambda kv: int(kv[0])):
         m = row.get("median_tokens_per_s", {})
         if "plain" not in m:
@@ -245,7 +248,8 @@ def markdown(res: dict) -> str:
         elig = sum(st.get("oeb_eligible", {}).values()) if st else 0
         smi = sum(st.get("smi_fires", {}).values()) if st else 0
         lines.append(f"| {b} | {m['plain']:.1f} | {sf or 0:.1f} | {row.get('ratio_stepflow', 0):.3f} | "
-                     f"{eg or 0:.1f} | {row.get('ratio_eager', 0):.3f} | {fires} / {elig} | {smi} |")
+                     f"{eg or 0:.1f} | {row.get('ratio_eager', 0):.3f} | "
+                     f"{row.get('cpu_time_ratio_stepflow', float('nan')):.3f} | {fires} / {elig} | {smi} |")
     if res.get("self_check"):
         c = res["self_check"]
         lines += ["", f"Self-check on this device (tiny float32 model, cached greedy decoding of a left-padded batch "
@@ -267,6 +271,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="interleaved timed rounds (median reported)")
     ap.add_argument("--modes", default="plain,stepflow,eager")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--warmup-tokens", type=int, default=None,
+                    help="new tokens of the untimed warm-up run of each mode (default: --new-tokens; a short "
+                         "warm-up left the first timed GPU run 3x slow)")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and rounds")
     ap.add_argument("--self-check", action="store_true",
                     help="first check StepFlow's cached decoding against teacher forcing on this device")
@@ -311,14 +318,16 @@ def main(argv=None) -> int:
     for B in batches:
         ids, mask = prompts(tok, B, prompt_tokens)
         ids, mask = ids.to(args.device), mask.to(args.device)
-        row = res["batches"][str(B)] = {"prompt_ids_shape": list(ids.shape), "seconds": {m: [] for m in modes}}
-        warm = min(new_tokens, 8)
-        for m in modes:  # warm-up: kernels, allocator, tokenizer caches
+        row = res["batches"][str(B)] = {"prompt_ids_shape": list(ids.shape), "seconds": {m: [] for m in modes},
+                                        "cpu_seconds": {m: [] for m in modes}}
+        warm = args.warmup_tokens if args.warmup_tokens is not None else new_tokens
+        for m in modes:  # untimed warm-up at full length: kernels, allocator and autotuning for every KV size
             run_once(model, tok, ids, mask, warm, m, args.device)
         for r in range(repeats):
             for m in (modes if r % 2 == 0 else modes[::-1]):
-                dt, stats = run_once(model, tok, ids, mask, new_tokens, m, args.device)
+                dt, dc, stats = run_once(model, tok, ids, mask, new_tokens, m, args.device)
                 row["seconds"][m].append(dt)
+                row["cpu_seconds"][m].append(dc)
                 if stats is not None:
                     row["stepflow_stats"] = stats
                 log(f"batch {B:>3} round {r + 1}/{repeats} {m:>8}: {dt:7.2f}s  {B * new_tokens / dt:9.1f} tok/s")
@@ -328,6 +337,9 @@ def main(argv=None) -> int:
                 for m in med:
                     if m != "plain":
                         row[f"ratio_{m}"] = med[m] / med["plain"]
+                        if not cuda:  # CPU time is robust to other processes on a shared machine
+                            c = row["cpu_seconds"]
+                            row[f"cpu_time_ratio_{m}"] = statistics.median(c["plain"]) / statistics.median(c[m])
             save()
         ratios = ", ".join(f"{k[6:]} / plain = {v:.3f}" for k, v in row.items() if k.startswith("ratio_"))
         log(f"batch {B}: {ratios}")

@@ -276,7 +276,7 @@ def test_defaults_fire_on_real_model(traces_available):
     model, tok = load_model("default", device="cpu")
     rec = min((r for r in shared_trace_records() if "</think>" in r["response"]), key=lambda r: len(r["response"]))
     trace = Trace.from_text(tok, question=rec["problem"], response=rec["response"], fmt="think", strict=False)
-    trace = Trace.from_ids(tok, trace.token_ids[:200], fmt="think")
+    trace = Trace.from_ids(tok, trace.token_ids[:140], fmt="think")
     assert trace.segments["summary"][1] > trace.segments["summary"][0] + 10  # thinking and some summary
     cfg = StepFlowConfig(fmt="think")
     with torch.no_grad(), StepFlow(model, tok, cfg) as flow:

@@ -52,7 +52,7 @@ def test_generate_logits_equal_teacher_forced(arch, fam):
     model, tok = build(arch, fam)
     cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt=fam)
     pc = [prompt_and_continuation(tok, fam, i) for i in range(2)]
-    n = min(len(c) for _, c in pc)
+    n = min(40, *(len(c) for _, c in pc))  # several thinking steps, so SMI fires while decoding
     ids, mask, _, los = left_pad([p for p, _ in pc], pad=tok.pad_token_id or 0)
     with torch.no_grad(), StepFlow(model, tok, cfg) as flow:
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
