@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny import make_model, make_tokenizer
+from tiny import make_model, make_tokenizer, new_ids, peaked
 
 from stepscope.errors import StepscopeError
 from stepscope.flow.generate import generate_traces, response_text, sample_tokens, stop_token_ids
@@ -24,19 +24,6 @@ def tok():
 @pytest.fixture(scope="module")
 def llama():
     return peaked(make_model("llama", layers=2))
-
-
-def peaked(model, factor: float = 40.0):
-    """Sharpen a random model's next-token distribution, as a trained model's is. On a random model's nearly
-    flat distribution over 49k tokens, float noise of 1e-7 in the logits (a batched forward against a lone one)
-    can move the top-p cut or an inverse-CDF boundary by one token; on a peaked one it cannot."""
-    with torch.no_grad():
-        model.lm_head.weight.mul_(factor)
-    return model
-
-
-def new_ids(trace) -> list[int]:
-    return trace.token_ids[trace.meta["num_prompt_tokens"]:]
 
 
 def hf_generate(model, tok, questions, max_new_tokens, eos):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import make_model, make_tokenizer
+from tiny import make_model, make_tokenizer, new_ids, peaked
 
 from stepscope.flow.config import StepFlowConfig
 from stepscope.flow.generate import generate_traces, stop_token_ids
@@ -13,19 +13,6 @@ from stepscope.prompts import build_prompt
 
 QUESTIONS = ["What is 2+3?", "Name a prime bigger than 10, and explain why it is prime.", "hi"]
 STRONG = StepFlowConfig(tau_max=0.9, alpha=2.0, smi_window="step")  # acts visibly on a random model
-
-
-def peaked(model, factor: float = 40.0):
-    """Sharpen a random model's next-token distribution, as a trained model's is. On a random model's nearly
-    flat distribution over 49k tokens, float noise of 1e-7 in the logits (a batched forward against a lone one)
-    can move the top-p cut or an inverse-CDF boundary by one token; on a peaked one it cannot."""
-    with torch.no_grad():
-        model.lm_head.weight.mul_(factor)
-    return model
-
-
-def new_ids(trace) -> list[int]:
-    return trace.token_ids[trace.meta["num_prompt_tokens"]:]
 
 
 @pytest.fixture(scope="module")

@@ -90,3 +90,16 @@ def make_model(arch: str = "llama", vocab_size: int = 49152, layers: int = 4, se
             torch.nn.init.normal_(layer.self_attn.sinks, std=1.0)
     model.eval()
     return model
+
+
+def peaked(model, factor: float = 40.0):
+    """Sharpen a random model's next-token distribution, as a trained model's is. On a random model's nearly
+    flat distribution over 49k tokens, float noise of 1e-7 in the logits (a batched forward against a lone one)
+    can move the top-p cut or an inverse-CDF boundary by one token; on a peaked one it cannot."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(factor)
+    return model
+
+
+def new_ids(trace) -> list[int]:
+    return trace.token_ids[trace.meta["num_prompt_tokens"]:]
