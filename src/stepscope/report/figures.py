@@ -147,6 +147,16 @@ def layer_grid_figure(maps: Any, step_kinds: Sequence[str], layers: Sequence[int
     return fig
 
 
+def _metric_grid(metrics: Sequence[str], ncols: int) -> tuple[Figure, Any]:
+    """A figure with one panel per metric in rows of `ncols`; unused panels are hidden."""
+    nrows = -(-len(metrics) // ncols)
+    fig = _figure(3.4 * ncols, 2.4 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_axis_off()
+    return fig, axes
+
+
 def _band_shading(ax: Any, num_model_layers: int) -> None:
     """Shade the shallow and deep quarters of a model's layers (x = model layer index)."""
     g = layer_groups(num_model_layers)
@@ -162,12 +172,8 @@ def metric_depth_figure(comparison: Comparison, metrics: Sequence[str] = METRICS
     """
     depth = comparison.num_model_layers or comparison.num_layers
     x = np.array(comparison.layer_ids)
-    nrows = -(-len(metrics) // ncols)
     with matplotlib.rc_context(RC):
-        fig = _figure(3.4 * ncols, 2.4 * nrows)
-        axes = fig.subplots(nrows, ncols, squeeze=False)
-        for ax in axes.flat[len(metrics):]:
-            ax.set_axis_off()
+        fig, axes = _metric_grid(metrics, ncols)
         for ax, name in zip(axes.flat, metrics):
             _band_shading(ax, depth)
             for group in ("correct", "wrong"):
@@ -218,12 +224,8 @@ def diagnosis_depth_figure(diagnoses: Sequence[Diagnosis], metrics: Sequence[str
     """Metric versus layer for single traces (one line each); with a baseline, flagged layers are circled."""
     depth = diagnoses[0].model_layers
     labels = list(labels or [d.id or f"trace {i}" for i, d in enumerate(diagnoses)])
-    nrows = -(-len(metrics) // ncols)
     with matplotlib.rc_context(RC):
-        fig = _figure(3.4 * ncols, 2.4 * nrows)
-        axes = fig.subplots(nrows, ncols, squeeze=False)
-        for ax in axes.flat[len(metrics):]:
-            ax.set_axis_off()
+        fig, axes = _metric_grid(metrics, ncols)
         for ax, name in zip(axes.flat, metrics):
             _band_shading(ax, depth)
             for d, label in zip(diagnoses, labels):
