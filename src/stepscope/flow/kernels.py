@@ -1,0 +1,341 @@
+"""Fused Triton kernels for one decoding step (one query per row) of attention with the Odds-Equal Bridge.
+
+Mathematics (the same as `attention._oeb_block` for Q = 1). Per row b and query head h (kv head h // n_rep):
+
+    s_k   = scaling * <q, k_k>                   for the visible keys (kseg != 3; 3 = hidden / padding)
+    p     = softmax(s) over the visible keys, plus the sink logit of head h if `sinks` is given (GPT-OSS: its
+            mass belongs to O, it has no value vector)
+    p_B   = sum of p over the keys whose segment is qgroups[b, 0] (the bridge B)
+    p_S   = sum of p over the keys whose segment is qgroups[b, 1] (the query's own group S)
+            (every other visible key, and the sink, is O)
+    tau_B = tau_b[b] (0: the row is not eligible),  tau_S = p_B + p_S - tau_B
+    fire  = p_B > 0 and p_B < tau_B and tau_S > 0
+    f_B, f_S = (tau_B / p_B, tau_S / p_S) if fire else (1, 1)
+    out   = sum_k p_k * f(k) * v_k                 (f = f_B on B keys, f_S on S keys, 1 on O keys)
+
+and optionally stats[b, h] = eligible * (fire, p_B, p_S, f_B * p_B, f_S * p_S), eligible = (tau_B > 0).
+A row without any visible key and without a sink gets out = 0 (softmax over nothing; no NaN).
+
+Layout. query [B, H, 1, D] (any strides, last dim contiguous), key [B, Hkv, K, D], value [B, Hkv, K, Dv]
+(any strides, last dim contiguous), kseg int8 [B, K] (row stride free: a column slice of a wider buffer is
+fine), qgroups int32 [B, 2], tau_b float32 [B], sinks [H] (any float dtype) or None, stats float32 [B, H, 5]
+contiguous or None. The output is [B, 1, H, Dv] contiguous in value's dtype. Scores, probabilities and
+accumulators are float32.
+
+One program handles one (row, kv head) pair and all its n_rep query heads: every block of BK keys and values
+is loaded once and used by the NR = next_pow2(n_rep) query heads (scores [NR, BK] by a broadcast product and
+a sum over D; no tl.dot, so no minimum sizes). The keys are read in a single pass with an online softmax: one
+running max m per head, three running sums l_B, l_S, l_O and three accumulators acc_B, acc_S, acc_O [Dv] (all
+rescaled by exp(m_old - m_new) when the max moves). At the end p_X = l_X / l with l = l_B + l_S + l_O
+(+ exp(sink - m)), and out = (f_B * acc_B + f_S * acc_S + acc_O) / l, computed as tau_B * acc_B / l_B +
+tau_S * acc_S / l_S + acc_O / l where it fires (no huge factor when p_B is tiny). The group factors are only
+known once every key has been seen, which is why B, S and O keep separate accumulators.
+
+Split-K (flash-decoding). For long contexts the keys of a pair are cut into `num_splits` contiguous ranges
+(whole blocks); grid (B * Hkv, num_splits). Each split writes its partial state (m, l_B, l_S, l_O, acc_B,
+acc_S, acc_O for its NR heads) to a float32 workspace, and a second small kernel (grid B * Hkv) merges the
+splits with the usual max rescaling, decides fire and writes out and stats. With num_splits = 1 the first
+kernel finishes by itself (one launch, no workspace). A split (or block) without visible keys keeps
+m = -1e30 (finite) and zero sums; probabilities of masked keys are zeroed explicitly, so no exp(-inf + inf).
+
+Only long-stable triton.language features are used (load/store with masks, arange, program_id, sum, max,
+exp, where, zeros, full, constexpr power-of-two blocks), so that the same code runs on triton 3.5 to 3.9.
+It is validated on CPU with Triton's interpreter (TRITON_INTERPRET=1, tests/test_flow_kernels.py) against an
+explicit float64 reference. triton is imported lazily: importing this module never needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+NUM_SMS_DEFAULT = 132  # H100 / H200
+_MIN_KEYS_PER_SPLIT = 256
+_ELEMS_BUDGET = 8192  # elements of the [NR, BK, BD] broadcast product per program
+
+
+def available(device: torch.device) -> bool:
+    """Whether `oeb_decode` can run on tensors of this device."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return NUM_SMS_DEFAULT
+
+
+def choose_num_splits(K: int, pairs: int, block_k: int, num_sms: int = NUM_SMS_DEFAULT) -> int:
+    """Splits per (row, kv head) pair: about 2 programs per SM in all, each split at least 256 keys (so 1 for
+    K < 512), whole blocks of keys per split and no empty split."""
+    nblocks = max(1, -(-K // block_k))
+    want = -(-2 * num_sms // max(1, pairs))
+    s = max(1, min(want, K // _MIN_KEYS_PER_SPLIT, nblocks))
+    per = -(-nblocks // s)
+    return -(-nblocks // per)
+
+
+@functools.cache
+def _kernels():
+    """The kernels, defined on first use (triton is imported here, not at module import). Every name they use
+    is a module global (declared below), never a closure variable, so that any triton version resolves it."""
+    global tl, _oeb_finish, _oeb_split_kernel, _oeb_combine_kernel
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _oeb_finish(b64, g, m, lb, ls, lo, acc_b, acc_s, acc_o, tau_ptr, s_tau, sink_ptr, out_ptr, stats_ptr,
+                    H, Dv, n_rep, NR: tl.constexpr, BDV: tl.constexpr, HAS_SINK: tl.constexpr,
+                    HAS_STATS: tl.constexpr):
+        # from the merged state of the NR heads of pair (b, g): add the sink, decide fire, write out and stats
+        offs_r = tl.arange(0, NR)
+        offs_d = tl.arange(0, BDV)
+        rmask = offs_r < n_rep
+        heads = g * n_rep + offs_r
+        if HAS_SINK:
+            sink = tl.load(sink_ptr + heads, mask=rmask, other=0.0).to(tl.float32)
+            m_fin = tl.maximum(m, sink)
+            alpha = tl.exp(m - m_fin)
+            lb = lb * alpha
+            ls = ls * alpha
+            lo = lo * alpha + tl.exp(sink - m_fin)
+            acc_b = acc_b * alpha[:, None]
+            acc_s = acc_s * alpha[:, None]
+            acc_o = acc_o * alpha[:, None]
+        l_tot = lb + ls + lo
+        l_safe = tl.where(l_tot > 0.0, l_tot, 1.0)
+        p_b = lb / l_safe
+        p_s = ls / l_safe
+        tau_b = tl.load(tau_ptr + b64 * s_tau).to(tl.float32)
+        tau_s = p_b + p_s - tau_b
+        fire = (p_b > 0.0) & (p_b < tau_b) & (tau_s > 0.0)
+        # f_B / l = tau_B / l_B and f_S / l = tau_S / l_S: weights of the three accumulators, never a huge
+        # factor (l_B, l_S > 0 where it fires: p_B > 0, and p_S > tau_B - p_B > 0)
+        w_o = 1.0 / l_safe
+        w_b = tl.where(fire, tau_b / tl.where(fire, lb, 1.0), w_o)
+        w_s = tl.where(fire, tau_s / tl.where(fire, ls, 1.0), w_o)
+        out = acc_b * w_b[:, None] + acc_s * w_s[:, None] + acc_o * w_o[:, None]
+        optr = out_ptr + (b64 * H + heads)[:, None] * Dv + offs_d[None, :]
+        tl.store(optr, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & (offs_d[None, :] < Dv))
+        if HAS_STATS:
+            el = tl.where(tau_b > 0.0, 1.0, 0.0)
+            sptr = stats_ptr + (b64 * H + heads) * 5
+            tl.store(sptr, el * tl.where(fire, 1.0, 0.0), mask=rmask)
+            tl.store(sptr + 1, el * p_b, mask=rmask)
+            tl.store(sptr + 2, el * p_s, mask=rmask)
+            tl.store(sptr + 3, el * tl.where(fire, tau_b, p_b), mask=rmask)  # f_B * p_B
+            tl.store(sptr + 4, el * tl.where(fire, tau_s, p_s), mask=rmask)  # f_S * p_S
+
+    @triton.jit
+    def _oeb_split_kernel(q_ptr, s_qb, s_qh, k_ptr, s_kb, s_kh, s_kk, v_ptr, s_vb, s_vh, s_vk,
+                         seg_ptr, s_seg, qg_ptr, s_qg0, s_qg1, tau_ptr, s_tau, sink_ptr, out_ptr, stats_ptr,
+                         ws_ptr, scaling, H, Hkv, K, D, Dv, n_rep, keys_per_split,
+                         NR: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                         FINAL: tl.constexpr, HAS_SINK: tl.constexpr, HAS_STATS: tl.constexpr):
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // Hkv
+        g = pid % Hkv
+        b64 = b.to(tl.int64)
+        g64 = g.to(tl.int64)
+        offs_r = tl.arange(0, NR)
+        offs_d = tl.arange(0, BD)
+        offs_dv = tl.arange(0, BDV)
+        offs_k = tl.arange(0, BK)
+        rmask = offs_r < n_rep
+        dmask = offs_d < D
+        dvmask = offs_dv < Dv
+
+        heads = g64 * n_rep + offs_r
+        q = tl.load(q_ptr + b64 * s_qb + heads[:, None] * s_qh + offs_d[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scaling  # [NR, BD]
+        g_b = tl.load(qg_ptr + b64 * s_qg0)
+        g_s = tl.load(qg_ptr + b64 * s_qg0 + s_qg1)
+
+        m = tl.full([NR], -1.0e30, tl.float32)
+        lb = tl.zeros([NR], tl.float32)
+        ls = tl.zeros([NR], tl.float32)
+        lo = tl.zeros([NR], tl.float32)
+        acc_b = tl.zeros([NR, BDV], tl.float32)
+        acc_s = tl.zeros([NR, BDV], tl.float32)
+        acc_o = tl.zeros([NR, BDV], tl.float32)
+
+        k_base = k_ptr + b64 * s_kb + g64 * s_kh
+        v_base = v_ptr + b64 * s_vb + g64 * s_vh
+        seg_base = seg_ptr + b64 * s_seg
+        start = split * keys_per_split
+        end = tl.minimum(start + keys_per_split, K)
+        for k0 in range(start, end, BK):
+            kk = k0 + offs_k
+            kmask = kk < end
+            seg = tl.load(seg_base + kk, mask=kmask, other=3).to(tl.int32)
+            vis = kmask & (seg != 3)
+            in_b = vis & (seg == g_b)
+            in_s = vis & (seg == g_s)
+            in_o = vis & (seg != g_b) & (seg != g_s)
+            kt = tl.load(k_base + kk.to(tl.int64)[:, None] * s_kk + offs_d[None, :],
+                         mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BK, BD]
+            s = tl.sum(q[:, None, :] * kt[None, :, :], axis=2)  # [NR, BK]
+            s = tl.where(vis[None, :], s, -1.0e30)
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.where(vis[None, :], tl.exp(s - m_new[:, None]), 0.0)  # [NR, BK]
+            p_b = tl.where(in_b[None, :], p, 0.0)
+            p_s = tl.where(in_s[None, :], p, 0.0)
+            p_o = tl.where(in_o[None, :], p, 0.0)
+            vt = tl.load(v_base + kk.to(tl.int64)[:, None] * s_vk + offs_dv[None, :],
+                         mask=kmask[:, None] & dvmask[None, :], other=0.0).to(tl.float32)  # [BK, BDV]
+            lb = lb * alpha + tl.sum(p_b, axis=1)
+            ls = ls * alpha + tl.sum(p_s, axis=1)
+            lo = lo * alpha + tl.sum(p_o, axis=1)
+            acc_b = acc_b * alpha[:, None] + tl.sum(p_b[:, :, None] * vt[None, :, :], axis=1)
+            acc_s = acc_s * alpha[:, None] + tl.sum(p_s[:, :, None] * vt[None, :, :], axis=1)
+            acc_o = acc_o * alpha[:, None] + tl.sum(p_o[:, :, None] * vt[None, :, :], axis=1)
+            m = m_new
+
+        if FINAL:
+            _oeb_finish(b64, g64, m, lb, ls, lo, acc_b, acc_s, acc_o, tau_ptr, s_tau, sink_ptr, out_ptr,
+                        stats_ptr, H, Dv, n_rep, NR, BDV, HAS_SINK, HAS_STATS)
+        else:
+            # workspace per (pair, split): m [NR], l [3, NR], acc [3, NR, BDV]
+            per = NR * 4 + 3 * NR * BDV
+            ws = ws_ptr + (pid.to(tl.int64) * tl.num_programs(1) + split) * per
+            tl.store(ws + offs_r, m)
+            tl.store(ws + NR + offs_r, lb)
+            tl.store(ws + 2 * NR + offs_r, ls)
+            tl.store(ws + 3 * NR + offs_r, lo)
+            a_off = 4 * NR + offs_r[:, None] * BDV + offs_dv[None, :]
+            tl.store(ws + a_off, acc_b)
+            tl.store(ws + NR * BDV + a_off, acc_s)
+            tl.store(ws + 2 * NR * BDV + a_off, acc_o)
+
+    @triton.jit
+    def _oeb_combine_kernel(ws_ptr, tau_ptr, s_tau, sink_ptr, out_ptr, stats_ptr,
+                           H, Hkv, Dv, n_rep, num_splits,
+                           NR: tl.constexpr, BDV: tl.constexpr, HAS_SINK: tl.constexpr,
+                           HAS_STATS: tl.constexpr):
+        pid = tl.program_id(0)
+        b = pid // Hkv
+        g = pid % Hkv
+        b64 = b.to(tl.int64)
+        g64 = g.to(tl.int64)
+        offs_r = tl.arange(0, NR)
+        offs_dv = tl.arange(0, BDV)
+        a_off = 4 * NR + offs_r[:, None] * BDV + offs_dv[None, :]
+        per = NR * 4 + 3 * NR * BDV
+
+        m = tl.full([NR], -1.0e30, tl.float32)
+        lb = tl.zeros([NR], tl.float32)
+        ls = tl.zeros([NR], tl.float32)
+        lo = tl.zeros([NR], tl.float32)
+        acc_b = tl.zeros([NR, BDV], tl.float32)
+        acc_s = tl.zeros([NR, BDV], tl.float32)
+        acc_o = tl.zeros([NR, BDV], tl.float32)
+        base = ws_ptr + pid.to(tl.int64) * num_splits * per
+        for sp in range(0, num_splits):
+            ws = base + sp * per
+            m_i = tl.load(ws + offs_r)
+            m_new = tl.maximum(m, m_i)
+            a = tl.exp(m - m_new)
+            c = tl.exp(m_i - m_new)
+            lb = lb * a + tl.load(ws + NR + offs_r) * c
+            ls = ls * a + tl.load(ws + 2 * NR + offs_r) * c
+            lo = lo * a + tl.load(ws + 3 * NR + offs_r) * c
+            acc_b = acc_b * a[:, None] + tl.load(ws + a_off) * c[:, None]
+            acc_s = acc_s * a[:, None] + tl.load(ws + NR * BDV + a_off) * c[:, None]
+            acc_o = acc_o * a[:, None] + tl.load(ws + 2 * NR * BDV + a_off) * c[:, None]
+            m = m_new
+        _oeb_finish(b64, g64, m, lb, ls, lo, acc_b, acc_s, acc_o, tau_ptr, s_tau, sink_ptr, out_ptr,
+                    stats_ptr, H, Dv, n_rep, NR, BDV, HAS_SINK, HAS_STATS)
+
+    return _oeb_split_kernel, _oeb_combine_kernel
+
+
+def _block_k(NR: int, BD: int, BDV: int) -> int:
+    """Keys per block: a power of two in [16, 128], NR * BK * max(BD, BDV) within the budget where possible."""
+    bk = max(1, _ELEMS_BUDGET // (NR * max(BD, BDV)))
+    return max(16, min(128, 1 << (bk.bit_length() - 1)))
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg: torch.Tensor,
+               qgroups: torch.Tensor, tau_b: torch.Tensor, scaling: float, sinks: torch.Tensor | None = None,
+               stats: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """One decoding step of attention with the Odds-Equal Bridge (see the module docstring).
+
+    query [B, H, 1, D], key [B, Hkv, K, D], value [B, Hkv, K, Dv], kseg int8 [B, K] (0 question, 1 thinking,
+    2 summary, 3 hidden), qgroups int32 [B, 2] (segment of B, segment of S), tau_b float32 [B] (0: not
+    eligible), sinks [H] or None, stats float32 [B, H, 5] contiguous or None (written, not accumulated).
+    num_splits: None chooses it (`choose_num_splits`); an explicit value is used as given (empty splits are
+    fine). Returns [B, 1, H, Dv] contiguous in value's dtype. Compilation errors propagate."""
+    split_kernel, combine_kernel = _kernels()
+    B, H, Q, D = query.shape
+    Bk, Hkv, K, Dk = key.shape
+    Dv = value.shape[-1]
+    if Q != 1:
+        raise ValueError(f"oeb_decode needs one query per row, got {Q}")
+    if Bk != B or Dk != D or value.shape[:3] != key.shape[:3] or H % Hkv:
+        raise ValueError(f"shapes do not fit: query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                         f"value {tuple(value.shape)}")
+    if kseg.dtype != torch.int8 or tuple(kseg.shape) != (B, K):
+        raise ValueError(f"kseg must be int8 [{B}, {K}], got {kseg.dtype} {tuple(kseg.shape)}")
+    if qgroups.dtype != torch.int32 or tuple(qgroups.shape) != (B, 2):
+        raise ValueError(f"qgroups must be int32 [{B}, 2], got {qgroups.dtype} {tuple(qgroups.shape)}")
+    if tau_b.dtype != torch.float32 or tuple(tau_b.shape) != (B,):
+        raise ValueError(f"tau_b must be float32 [{B}], got {tau_b.dtype} {tuple(tau_b.shape)}")
+    if sinks is not None and tuple(sinks.shape) != (H,):
+        raise ValueError(f"sinks must be [{H}], got {tuple(sinks.shape)}")
+    if stats is not None and (stats.dtype != torch.float32 or tuple(stats.shape) != (B, H, 5)
+                              or not stats.is_contiguous()):
+        raise ValueError(f"stats must be a contiguous float32 [{B}, {H}, 5] tensor")
+    query, key, value = _last_contiguous(query), _last_contiguous(key), _last_contiguous(value)
+    kseg = _last_contiguous(kseg)
+    if sinks is not None:
+        sinks = sinks.contiguous()
+
+    n_rep = H // Hkv
+    NR = _next_pow2(n_rep)
+    BD = max(16, _next_pow2(D))
+    BDV = max(16, _next_pow2(Dv))
+    BK = _block_k(NR, BD, BDV)
+    pairs = B * Hkv
+    if num_splits is None:
+        num_splits = choose_num_splits(K, pairs, BK, _num_sms(query.device))
+    num_splits = max(1, int(num_splits))
+    nblocks = max(1, -(-K // BK))
+    keys_per_split = -(-nblocks // num_splits) * BK
+    num_warps = 4 if NR * BK * max(BD, BDV) <= _ELEMS_BUDGET else 8
+
+    out = torch.empty(B, 1, H, Dv, dtype=value.dtype, device=value.device)
+    final = num_splits == 1
+    ws = (out if final else
+          torch.empty(pairs * num_splits * (4 * NR + 3 * NR * BDV), dtype=torch.float32, device=query.device))
+    sink_arg = sinks if sinks is not None else tau_b
+    stats_arg = stats if stats is not None else tau_b
+    split_kernel[(pairs, num_splits)](
+        query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1), key.stride(2),
+        value, value.stride(0), value.stride(1), value.stride(2), kseg, kseg.stride(0),
+        qgroups, qgroups.stride(0), qgroups.stride(1), tau_b, tau_b.stride(0), sink_arg, out, stats_arg,
+        ws, float(scaling), H, Hkv, K, D, Dv, n_rep, keys_per_split,
+        NR=NR, BK=BK, BD=BD, BDV=BDV, FINAL=final, HAS_SINK=sinks is not None, HAS_STATS=stats is not None,
+        num_warps=num_warps)
+    if not final:
+        combine_kernel[(pairs,)](
+            ws, tau_b, tau_b.stride(0), sink_arg, out, stats_arg,
+            H, Hkv, Dv, n_rep, num_splits,
+            NR=NR, BDV=BDV, HAS_SINK=sinks is not None, HAS_STATS=stats is not None, num_warps=4)
+    return out

@@ -1,0 +1,265 @@
+"""The fused OEB decoding kernel (stepscope.flow.kernels), run by Triton's interpreter on CPU, against an
+independent float64 reference that loops over rows and heads.
+
+TRITON_INTERPRET=1 must be in the environment when triton is imported (triton.language's own helpers are
+decorated then) and when the kernels are defined (lazily, on the first call, inside these tests). It is set
+before anything else is imported, triton is imported right away, and the variable is then given back its old
+value except while this module's tests run, so that `kernels.available` stays False on CPU for the rest of
+the session."""
+
+import os
+import sys
+
+_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
+_TRITON_PREIMPORTED = "triton" in sys.modules
+os.environ["TRITON_INTERPRET"] = "1"
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def _restore_env():
+    if _INTERPRET_BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+
+
+try:
+    import triton  # noqa: E402, F401  (imported now, in interpreter mode)
+except ImportError:
+    _restore_env()
+    pytest.skip("triton is not installed", allow_module_level=True)
+_restore_env()
+if _TRITON_PREIMPORTED and _INTERPRET_BEFORE != "1":
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run this file alone",
+                allow_module_level=True)
+
+from stepscope.flow import kernels  # noqa: E402
+from stepscope.flow.kernels import available, choose_num_splits, oeb_decode  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter():
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    _restore_env()
+
+
+HIDDEN = 3
+
+
+def reference(query, key, value, kseg, qgroups, tau_b, scaling, sinks=None):
+    """Explicit OEB for one query per row, float64: (out [B, 1, H, Dv], stats [B, H, 5], tau_s [B, H])."""
+    B, H, _, D = query.shape
+    Hkv, K, Dv = key.shape[1], key.shape[2], value.shape[3]
+    n_rep = H // Hkv
+    q, k, v = query.double(), key.double(), value.double()
+    out = torch.zeros(B, 1, H, Dv, dtype=torch.float64)
+    stats = torch.zeros(B, H, 5, dtype=torch.float64)
+    tau_s_all = torch.zeros(B, H, dtype=torch.float64)
+    for b in range(B):
+        g_b, g_s = int(qgroups[b, 0]), int(qgroups[b, 1])
+        tau_b_ = float(tau_b[b])
+        eligible = 1.0 if tau_b_ > 0 else 0.0
+        visible = [i for i in range(K) if int(kseg[b, i]) != HIDDEN]
+        for h in range(H):
+            kv = h // n_rep
+            logits = [scaling * float(torch.dot(q[b, h, 0], k[b, kv, i])) for i in visible]
+            if sinks is not None:
+                logits.append(float(sinks[h]))
+            if not logits:
+                continue
+            top = max(logits)
+            e = [math.exp(x - top) for x in logits]
+            z = sum(e)
+            p = {i: e[j] / z for j, i in enumerate(visible)}  # the sink's mass is left out: it is O's
+            p_b = sum(pi for i, pi in p.items() if int(kseg[b, i]) == g_b)
+            p_s = sum(pi for i, pi in p.items() if int(kseg[b, i]) == g_s)
+            tau_s = p_b + p_s - tau_b_
+            tau_s_all[b, h] = tau_s
+            fire = p_b > 0 and p_b < tau_b_ and tau_s > 0
+            f_b = tau_b_ / p_b if fire else 1.0
+            f_s = tau_s / p_s if fire else 1.0
+            acc = torch.zeros(Dv, dtype=torch.float64)
+            for i, pi in p.items():
+                seg = int(kseg[b, i])
+                f = f_b if seg == g_b else f_s if seg == g_s else 1.0
+                acc += pi * f * v[b, kv, i]
+            out[b, 0, h] = acc
+            stats[b, h] = eligible * torch.tensor([float(fire), p_b, p_s, f_b * p_b, f_s * p_s],
+                                                  dtype=torch.float64)
+    return out, stats, tau_s_all
+
+
+def make_inputs(B, H, Hkv, K, D, dtype=torch.float32, seed=0, peak=3.0, pad=True, sinks=False,
+                contiguous_query=False):
+    """Random inputs laid out as in a real decoding step: the query a transposed view of [B, 1, H, D], key
+    and value a slice of a longer cache, kseg a column slice of a wider int8 buffer."""
+    g = torch.Generator().manual_seed(seed)
+    q_store = torch.randn(B, 1, H, D, generator=g) * peak
+    query = q_store.transpose(1, 2).to(dtype)
+    if contiguous_query:
+        query = query.contiguous()
+    cache = torch.randn(2, B, Hkv, K + 5, D, generator=g).to(dtype)
+    key, value = cache[0, :, :, :K], cache[1, :, :, :K]
+    wide = torch.full((B, K + 9), HIDDEN, dtype=torch.int8)
+    seg = torch.randint(0, 3, (B, K), generator=g, dtype=torch.int8)
+    if pad and B > 1 and K > 2:
+        seg[1, : K // 3] = HIDDEN  # left padding of row 1
+    wide[:, 4 : 4 + K] = seg
+    kseg = wide[:, 4 : 4 + K]
+    qgroups = torch.tensor([[0, 1] if b % 2 == 0 else [1, 2] for b in range(B)], dtype=torch.int32)
+    tau_b = torch.rand(B, generator=g) * 0.85 + 0.05
+    if B > 2:
+        tau_b[2] = 0.0  # not eligible
+    sk = torch.randn(H, generator=g) * 2.0 if sinks else None
+    return query, key, value, kseg, qgroups, tau_b, 1.0 / math.sqrt(D), sk
+
+
+def check(inputs, num_splits=None, atol=1e-5, rel=None):
+    query, key, value, kseg, qgroups, tau_b, scaling, sinks = inputs
+    B, H = query.shape[:2]
+    stats = torch.full((B, H, 5), float("nan"))
+    out = oeb_decode(query, key, value, kseg, qgroups, tau_b, scaling, sinks=sinks, stats=stats,
+                     num_splits=num_splits)
+    assert out.shape == (B, 1, H, value.shape[-1]) and out.dtype == value.dtype and out.is_contiguous()
+    ref, ref_stats, tau_s = reference(query, key, value, kseg, qgroups, tau_b, scaling, sinks)
+    got = out.double()
+    assert torch.isfinite(got).all() and torch.isfinite(stats).all()
+    if rel is None:
+        torch.testing.assert_close(got, ref, atol=atol, rtol=0)
+        torch.testing.assert_close(stats.double(), ref_stats, atol=atol, rtol=0)
+    else:
+        tol = rel * max(ref.abs().max().item(), 1e-6)
+        assert (got - ref).abs().max().item() <= tol
+        assert (stats.double() - ref_stats).abs().max().item() <= rel
+    return out, stats, ref_stats, tau_s
+
+
+CASES = [  # B, H, Hkv, K, D, sinks, num_splits
+    (1, 4, 4, 1, 16, False, None),
+    (3, 6, 2, 5, 24, True, 1),
+    (3, 7, 1, 37, 16, False, 4),
+    (1, 6, 2, 37, 64, True, None),
+    (3, 4, 4, 300, 16, False, 1),
+    (3, 6, 2, 300, 24, True, 4),
+    (1, 7, 1, 300, 16, True, 64),  # far more splits than blocks: most splits are empty
+    (3, 7, 1, 1100, 16, False, None),
+    (1, 4, 4, 1100, 64, True, 3),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,K,D,sinks,num_splits", CASES)
+def test_matches_reference_float32(B, H, Hkv, K, D, sinks, num_splits):
+    check(make_inputs(B, H, Hkv, K, D, sinks=sinks, seed=K + D + H), num_splits=num_splits)
+
+
+@pytest.mark.parametrize("B,H,Hkv,K,D,sinks,num_splits", [
+    (3, 6, 2, 37, 64, True, 1),
+    (3, 7, 1, 300, 64, False, 4),  # NR = 8, BD = 64: BK = 16
+])
+def test_matches_reference_bfloat16(B, H, Hkv, K, D, sinks, num_splits):
+    out, *_ = check(make_inputs(B, H, Hkv, K, D, dtype=torch.bfloat16, sinks=sinks, seed=7), num_splits,
+                    rel=2e-2)
+    assert out.dtype == torch.bfloat16
+
+
+def test_float16_and_contiguous_query():
+    out, *_ = check(make_inputs(3, 4, 2, 37, 16, dtype=torch.float16, contiguous_query=True, seed=3), rel=2e-2)
+    assert out.dtype == torch.float16
+
+
+def test_fires_and_not_and_splits_agree():
+    """Peaky attention: some eligible heads fire, some do not; the split count does not change the result."""
+    inputs = make_inputs(3, 6, 2, 300, 16, sinks=True, peak=4.0, seed=11)
+    results = [check(inputs, num_splits=n) for n in (1, 2, 4, 16)]
+    _, stats, ref_stats, _ = results[0]
+    fired = ref_stats[:2, :, 0]  # rows 0 and 1 are eligible, row 2 is not
+    assert (fired == 1).any() and (fired == 0).any()
+    assert (stats[2] == 0).all()  # not eligible: all stats zero
+    for out, st, *_ in results[1:]:
+        torch.testing.assert_close(out, results[0][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(st, stats, atol=1e-5, rtol=0)
+
+
+def test_wrong_groups_or_plain_attention_differ():
+    """Where OEB fires, other groups (or tau_b = 0, plain attention) give another output: the test can fail."""
+    query, key, value, kseg, qgroups, tau_b, scaling, sinks = make_inputs(1, 4, 2, 64, 16, peak=4.0, seed=5)
+    tau_b = torch.tensor([0.85])
+    stats = torch.zeros(1, 4, 5)
+    out = oeb_decode(query, key, value, kseg, qgroups, tau_b, scaling, stats=stats)
+    assert stats[0, :, 0].sum() > 0
+    wrong = oeb_decode(query, key, value, kseg, torch.tensor([[0, 2]], dtype=torch.int32), tau_b, scaling)
+    plain = oeb_decode(query, key, value, kseg, qgroups, torch.zeros(1), scaling)
+    assert (out - wrong).abs().max() > 1e-3
+    assert (out - plain).abs().max() > 1e-3
+    ref, _, _ = reference(query, key, value, kseg, qgroups, torch.zeros(1), scaling)
+    torch.testing.assert_close(plain.double(), ref, atol=1e-5, rtol=0)
+    # plain attention is ordinary softmax attention over the visible keys
+    vis = kseg[0] != HIDDEN
+    k_rep = key.repeat_interleave(2, dim=1)[0, :, vis]  # [H, K', D]
+    p = torch.softmax(scaling * torch.einsum("hd,hkd->hk", query[0, :, 0], k_rep), -1)
+    sdpa = torch.einsum("hk,hkd->hd", p, value.repeat_interleave(2, dim=1)[0, :, vis])
+    torch.testing.assert_close(plain[0, 0], sdpa, atol=1e-5, rtol=0)
+
+
+def test_empty_bridge_and_negative_tau_s():
+    """Row 0: no key in the bridge (p_B = 0); row 1: O holds almost all the mass (tau_S <= 0). Neither fires."""
+    B, H, Hkv, K, D = 2, 4, 2, 40, 16
+    query, key, value, kseg, qgroups, _, scaling, _ = make_inputs(B, H, Hkv, K, D, pad=False, seed=2)
+    kseg[0][kseg[0] == 0] = 2  # row 0, groups (0, 1): no question key
+    kseg[1, :10] = 0  # row 1, groups (1, 2): O = question keys, made to dominate
+    key[1, :, :10] = query[1, :, 0].reshape(Hkv, 2, D).sum(1)[:, None, :] * 3.0
+    tau_b = torch.tensor([0.6, 0.5])
+    _, stats, ref_stats, tau_s = check((query, key, value, kseg, qgroups, tau_b, scaling, None), num_splits=2)
+    assert (ref_stats[0, :, 1] == 0).all()  # p_B = 0
+    assert (ref_stats[1, :, 1] < 0.5).all() and (tau_s[1] <= 0).all()  # p_B < tau_B but tau_S <= 0
+    assert (stats[:, :, 0] == 0).all()
+
+
+def test_no_visible_key():
+    """A row whose keys are all hidden: zeros (no NaN); with a sink, also zeros (the sink has no value)."""
+    query, key, value, kseg, qgroups, tau_b, scaling, _ = make_inputs(2, 4, 4, 5, 16, seed=4)
+    kseg[0] = HIDDEN
+    for sinks in (None, torch.randn(4)):
+        stats = torch.full((2, 4, 5), float("nan"))
+        out = oeb_decode(query, key, value, kseg, qgroups, tau_b, scaling, sinks=sinks, stats=stats,
+                         num_splits=2)
+        assert (out[0] == 0).all() and torch.isfinite(out).all() and (stats[0] == 0).all()
+        ref, ref_stats, _ = reference(query, key, value, kseg, qgroups, tau_b, scaling, sinks)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(stats.double(), ref_stats, atol=1e-5, rtol=0)
+
+
+def test_value_dim_differs_from_key_dim():
+    query, key, value, kseg, qgroups, tau_b, scaling, _ = make_inputs(3, 4, 2, 37, 16, seed=6)
+    value = torch.randn(3, 2, 37, 24)
+    check((query, key, value, kseg, qgroups, tau_b, scaling, None), num_splits=2)
+
+
+def test_choose_num_splits():
+    assert choose_num_splits(300, 8, 128) == 1
+    assert choose_num_splits(511, 1, 16) == 1
+    for K, pairs, bk in ((1100, 1, 16), (4096, 8, 64), (32768, 64, 16), (100_000, 2, 128), (2048, 512, 32)):
+        s = choose_num_splits(K, pairs, bk)
+        nblocks = -(-K // bk)
+        per = -(-nblocks // s)
+        assert 1 <= s <= max(1, K // 256) and (s - 1) * per < nblocks  # no empty split
+        assert pairs * s < 2 * 132 + pairs  # about two programs per SM
+    assert choose_num_splits(32768, 1, 64) > 1
+    assert choose_num_splits(0, 1, 16) == 1
+
+
+def test_available_and_argument_checks():
+    assert available(torch.device("cpu"))  # the interpreter is on
+    query, key, value, kseg, qgroups, tau_b, scaling, _ = make_inputs(1, 4, 2, 5, 16)
+    with pytest.raises(ValueError):
+        oeb_decode(query, key, value, kseg.long(), qgroups, tau_b, scaling)
+    with pytest.raises(ValueError):
+        oeb_decode(query, key, value, kseg, qgroups.long(), tau_b, scaling)
+    with pytest.raises(ValueError):
+        oeb_decode(query.expand(1, 4, 2, 16), key, value, kseg, qgroups, tau_b, scaling)
+    assert kernels.NUM_SMS_DEFAULT == 132
