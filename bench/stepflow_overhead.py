@@ -74,6 +74,12 @@ SHAPES = {
                                num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
                                rope_theta=10000.0, max_position_embeddings=131072, rms_norm_eps=1e-6,
                                tie_word_embeddings=False, use_sliding_window=False),
+    # R1-Distill-Qwen-7B's layer and head counts with tiny widths: on a CPU its step time is almost all
+    # per-op dispatch, as a batch-1 GPU decoding step of the real model is (launch bound); a proxy for the
+    # GPU's batch-1 ratio that runs anywhere
+    "proxy-7b": dict(hidden_size=224, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                     intermediate_size=448, vocab_size=49152, rope_theta=10000.0, max_position_embeddings=4096,
+                     tie_word_embeddings=False, use_sliding_window=False),
     "tiny": dict(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=49152, rope_theta=10000.0, max_position_embeddings=4096,
                  tie_word_embeddings=False, use_sliding_window=False),

@@ -1,5 +1,11 @@
 import json
+import os
 from pathlib import Path
+
+# Triton (when installed) is imported in interpreter mode in the tests, so that the fused decoding kernel runs
+# on CPU (tests/test_flow_kernels.py, kernel="triton" in test_stepflow_decode.py); StepFlow's kernel="auto"
+# picks the kernel on CUDA devices only, so every other test runs the PyTorch path as users' CPUs do.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 from tiny import make_model, make_tokenizer  # noqa: F401  (re-exported for tests)

@@ -6,6 +6,8 @@ independent implementation. Tolerance 1e-5 on float32 logits.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from test_stepflow import QUESTIONS, build, harmony_response, left_pad, think_response
@@ -15,6 +17,12 @@ from stepscope.errors import StepscopeError
 from stepscope.flow import StepFlow, StepFlowConfig
 
 TOL = 1e-5
+
+try:  # the fused decoding kernel runs on CPU through Triton's interpreter (conftest sets TRITON_INTERPRET=1)
+    import triton  # noqa: F401
+    KERNELS = ["torch", "triton"]
+except ImportError:  # CI installs triton (the test extra); without it only the PyTorch path can be tested
+    KERNELS = ["torch"]
 
 
 def prompt_and_continuation(tok, fam: str, i: int) -> tuple[list[int], list[int]]:
@@ -45,16 +53,19 @@ class Force(LogitsProcessor):
         return out
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("arch,fam", [("llama", "think"), ("gptoss", "harmony")])
-def test_generate_logits_equal_teacher_forced(arch, fam):
+def test_generate_logits_equal_teacher_forced(arch, fam, kernel):
     """model.generate on a left-padded batch, its continuations forced so that thinking steps (and SMI) occur
-    while decoding: the raw logits of every step equal each row's own teacher-forced forward."""
+    while decoding: the raw logits of every step equal each row's own teacher-forced forward. kernel="triton":
+    the fused decoding kernel (GPT-OSS: with sinks and sliding windows) gives the same logits and stats."""
     model, tok = build(arch, fam)
     cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt=fam)
     pc = [prompt_and_continuation(tok, fam, i) for i in range(2)]
     n = min(40, *(len(c) for _, c in pc))  # several thinking steps, so SMI fires while decoding
     ids, mask, _, los = left_pad([p for p, _ in pc], pad=tok.pad_token_id or 0)
-    with torch.no_grad(), StepFlow(model, tok, cfg) as flow:
+    with torch.no_grad(), StepFlow(model, tok, cfg, kernel=kernel) as flow:
+        assert flow._fused is (kernel == "triton")
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
                              min_new_tokens=n, logits_processor=LogitsProcessorList([Force([c for _, c in pc],
                                                                                            ids.shape[1])]),
@@ -74,6 +85,7 @@ def test_generate_logits_equal_teacher_forced(arch, fam):
         tf_elig += sum(tf.stats.oeb_eligible.values())
     # the same OEB decisions, query-head by query-head, counted by the decode path's deferred stats
     assert st.total_oeb_fires == tf_fires and sum(st.oeb_eligible.values()) == tf_elig
+    assert flow._fused is (kernel == "triton")  # the kernel stayed in use (no silent fallback)
 
 
 def test_greedy_generate_equals_teacher_forced_argmax():
@@ -137,7 +149,8 @@ def test_token_by_token_with_sliding_cache(arch, fam, over, window):
     assert flow.stats.total_smi_fires >= 4
 
 
-def test_rows_leave_the_batch():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_rows_leave_the_batch(kernel):
     """A decode loop drops a finished row (cache.batch_select_indices + select_rows): the other row goes on
     exactly as if alone."""
     model, tok = build("llama", "think")
@@ -147,7 +160,7 @@ def test_rows_leave_the_batch():
     T = ids.shape[1]
     cache = DynamicCache()
     out = []
-    with torch.no_grad(), StepFlow(model, tok, cfg) as flow:
+    with torch.no_grad(), StepFlow(model, tok, cfg, kernel=kernel) as flow:
         model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         rows = [0, 1]
         for step in range(40):
@@ -199,3 +212,63 @@ def test_cache_it_did_not_see_is_an_error():
         model(input_ids=torch.tensor([p]), past_key_values=cache, use_cache=True)
         with StepFlow(model, tok, fmt="think"), pytest.raises(StepscopeError, match="lost track"):
             model(input_ids=torch.tensor([c[:1]]), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="needs triton (the test extra installs it)")
+@pytest.mark.parametrize("fault", [None, "raise", "wrong"])
+def test_auto_kernel_is_checked_once_and_dropped_when_it_fails(fault, monkeypatch):
+    """kernel="auto" (as on CUDA): the first decoding step compares the fused kernel with the PyTorch path. A
+    good kernel stays in use; one that raises or disagrees is dropped with a warning, and the logits are the
+    PyTorch path's all the same."""
+    from stepscope.flow import kernels
+
+    model, tok = build("llama", "think")
+    cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt="think")
+    p, c = prompt_and_continuation(tok, "think", 0)
+    real = kernels.oeb_decode
+    calls = []
+
+    def faulty(*a, **k):
+        calls.append(1)
+        if fault == "raise":
+            raise RuntimeError("triton compile error (simulated)")
+        out = real(*a, **k)
+        return out + 1e-2 if fault == "wrong" else out
+
+    monkeypatch.setattr(kernels, "oeb_decode", faulty)
+    n = 12
+    with torch.no_grad():
+        want = teacher_forced(model, tok, cfg, p + c[:n])[len(p) - 1:len(p) - 1 + n]
+        flow = StepFlow(model, tok, cfg)
+        flow._fused = None  # what kernel="auto" starts with on a CUDA device with triton
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with flow:
+                out = model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=n,
+                                     min_new_tokens=n, output_logits=True, return_dict_in_generate=True,
+                                     logits_processor=LogitsProcessorList([Force([c], len(p))]), pad_token_id=0)
+    raw = torch.stack(out.logits, dim=1)[0]
+    assert (raw - want).abs().max().item() < TOL
+    msgs = [str(w.message) for w in caught if "fused decoding kernel" in str(w.message)]
+    if fault is None:
+        assert flow._fused is True and not msgs and len(calls) == 2 * (n - 1)  # every decode step, both layers
+    else:
+        assert flow._fused is False and len(msgs) == 1 and len(calls) == 1
+        assert ("failed" if fault == "raise" else "differs") in msgs[0]
+
+
+def test_kernel_choice_is_checked():
+    model, tok = build("llama", "think")
+    with pytest.raises(StepscopeError, match="kernel must be"):
+        StepFlow(model, tok, kernel="cuda")
+    if "triton" in KERNELS:
+        import os
+
+        old = os.environ.pop("TRITON_INTERPRET", None)
+        try:  # on a CPU without the interpreter, the kernel cannot run
+            with pytest.raises(StepscopeError, match="needs triton and a CUDA device"):
+                StepFlow(model, tok, kernel="triton")
+        finally:
+            if old is not None:
+                os.environ["TRITON_INTERPRET"] = old
+    assert StepFlow(model, tok)._fused is False  # auto on a CPU: the PyTorch path

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import StepscopeError
-from .state import LayerGeometry, layer_geometry
+from .state import LayerGeometry, decode_groups, layer_geometry
 
 PREFIX = "stepscope_flow_"
 SUPPORTED = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
@@ -146,7 +146,11 @@ def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
     sink = None
     if sinks is not None:
         sink = sinks.reshape(1, Hkv, n_rep, 1, 1).to(torch.float32)
-    if Q == 1 and geo.groups is not None and sinks is None:
+    if Q == 1 and geo.kseg is not None and flow._fused is not False and not dropout:
+        out = _oeb_decode_fused(query, key, value, geo, scaling, sinks, flow, layer)
+        if out is not None:
+            return out
+    if Q == 1 and geo.decode and sinks is None:
         return _oeb_decode(query, key, value, geo, scaling, sink, flow, layer, dropout)
     rows = max(1, flow.block_elems // max(1, B * H * K))
     first_q = flow._fwd.total - geo.k_offset - Q  # index, in this layer's keys, of this forward's first query
@@ -162,6 +166,62 @@ def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
     return out.transpose(1, 2).contiguous()
 
 
+def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry,
+                      scaling: float, sinks: torch.Tensor | None, flow, layer: int) -> torch.Tensor | None:
+    """One decoding step of an OEB layer in one fused Triton kernel (flow/kernels.py), or None when the
+    caller must use the PyTorch path.
+
+    With kernel="auto" the first call is checked against the PyTorch path on the same inputs (output within
+    1e-4 of its largest magnitude in float32, 3e-2 in bf16/fp16; GPT-OSS's sink layers, which the PyTorch
+    path runs in row blocks, are compared with the block path); a mismatch or an error (e.g. a Triton that
+    cannot compile it) warns once and switches this StepFlow to the PyTorch path."""
+    from .kernels import oeb_decode
+
+    B, H = query.shape[0], query.shape[1]
+    qt = geo.qt
+    part = None
+    if flow._stats is not None:
+        part = torch.empty(B, H, 5, dtype=torch.float32, device=query.device)
+    try:
+        out = oeb_decode(query, key, value, geo.kseg, qt.qgroups, qt.tau_b.view(B), scaling, sinks, part)
+    except Exception as e:  # noqa: BLE001 - any failure of an optional kernel means: use the PyTorch path
+        if flow._fused is True and flow.kernel == "triton":
+            raise
+        flow._disable_fused(f"the fused decoding kernel failed ({type(e).__name__}: {str(e)[:200]})")
+        return None
+    if flow._fused is None:  # first use under kernel="auto": check it once against the PyTorch path
+        ref = _reference_decode(query, key, value, geo, scaling, sinks, flow, layer)
+        tol = (1e-4 if value.dtype == torch.float32 else 3e-2) * max(1.0, ref.abs().max().item())
+        err = (out.float() - ref.float()).abs().max().item()
+        if not err <= tol:
+            flow._disable_fused(f"the fused decoding kernel differs from the PyTorch path by {err:.3g} "
+                                f"(tolerance {tol:.3g})")
+            return None
+        flow._fused = True
+    if part is not None:
+        flow._pending.append((layer, part))
+        flow._eligible[layer] += qt.n_eligible * H
+    return out
+
+
+def _reference_decode(query, key, value, geo: LayerGeometry, scaling: float, sinks, flow, layer: int
+                      ) -> torch.Tensor:
+    """The PyTorch path's output for the same decoding step, without recording stats."""
+    stats, eligible, pending = flow._stats, list(flow._eligible), len(flow._pending)
+    flow._stats = None
+    try:
+        if sinks is None:
+            return _oeb_decode(query, key, value, geo, scaling, None, flow, layer, 0.0)
+        B, H, _, D = query.shape
+        Hkv = key.shape[1]
+        sink = sinks.reshape(1, Hkv, H // Hkv, 1, 1).to(torch.float32)
+        q5 = query.reshape(B, Hkv, H // Hkv, 1, D)
+        return _oeb_block(q5, key, value, geo, 0, 1, scaling, sink, flow, layer, 0.0).transpose(1, 2)
+    finally:
+        flow._stats, flow._eligible = stats, eligible
+        del flow._pending[pending:]
+
+
 def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry, scaling: float,
                 sink: torch.Tensor | None, flow, layer: int, dropout: float) -> torch.Tensor:
     """One query per row (decoding): the same mathematics as `_oeb_block`, in about 15 kernels.
@@ -173,6 +233,7 @@ def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo
     B, H, _, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
     n_rep = H // Hkv
+    decode_groups(geo)
     mkey = (Hkv, query.dtype)
     mask = geo.masks.get(mkey)
     if mask is None:  # [B * Hkv, 1, K] in the score dtype, once per forward

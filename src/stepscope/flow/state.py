@@ -138,6 +138,10 @@ def smi_weights(fire_qabs: np.ndarray, pair_fire: np.ndarray, pair_k: np.ndarray
     return np.where(valid, alpha / np.maximum(count[pair_fire], 1.0), 0.0).astype(np.float32)
 
 
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32,
+                 np.dtype(np.int32): torch.int32, np.dtype(np.int8): torch.int8}
+
+
 class Upload:
     """Numpy arrays packed into one buffer: one host-to-device copy, then typed views on the device."""
 
@@ -160,7 +164,7 @@ class Upload:
         t = t.to(device, non_blocking=True)
         out, o = {}, 0
         for (name, a), n in zip(self.parts, sizes):
-            dt = torch.int64 if a.dtype == np.int64 else torch.float32
+            dt = _TORCH_DTYPES[a.dtype]
             out[name] = t[o:o + a.nbytes].view(dt).view(a.shape)
             o += n
         return out
@@ -173,11 +177,13 @@ class KeyState:
 
     onehot [B, cap, 3] float32: the key's segment (question, thinking, summary).
     padmask [B, cap] float32: 0 for a real key, NEG for padding.
+    seg [B, cap] int8 (only for the fused decoding kernel): the segment code, 3 for padding.
     """
 
-    def __init__(self, batch: int, device: torch.device, cap: int):
+    def __init__(self, batch: int, device: torch.device, cap: int, with_seg: bool = False):
         self.onehot = torch.zeros(batch, cap, 3, dtype=torch.float32, device=device)
         self.padmask = torch.zeros(batch, cap, dtype=torch.float32, device=device)
+        self.seg = torch.full((batch, cap), 3, dtype=torch.int8, device=device) if with_seg else None
 
     def ensure(self, total: int) -> None:
         cap = self.onehot.shape[1]
@@ -190,18 +196,28 @@ class KeyState:
         oh[:, :cap] = self.onehot
         pm[:, :cap] = self.padmask
         self.onehot, self.padmask = oh, pm
+        if self.seg is not None:
+            sg = torch.full((B, new), 3, dtype=torch.int8, device=dev)
+            sg[:, :cap] = self.seg
+            self.seg = sg
 
-    def append(self, past: int, codes: torch.Tensor, padmask: torch.Tensor | None) -> None:
-        """Keys [past, past + Q): segment codes int64 [B, Q] (and their padding mask, prefill only)."""
+    def append(self, past: int, codes: torch.Tensor, padmask: torch.Tensor | None,
+               seg: torch.Tensor | None = None) -> None:
+        """Keys [past, past + Q): segment codes int64 [B, Q] (and their padding mask, prefill only; and their
+        int8 codes with padding as 3, when the fused kernel is in use)."""
         Q = codes.shape[1]
         self.ensure(past + Q)
         self.onehot[:, past:past + Q] = torch.nn.functional.one_hot(codes, 3)
         if padmask is not None:
             self.padmask[:, past:past + Q] = padmask
+        if self.seg is not None and seg is not None:
+            self.seg[:, past:past + Q] = seg
 
     def select(self, keep: torch.Tensor) -> None:
         self.onehot = self.onehot.index_select(0, keep)
         self.padmask = self.padmask.index_select(0, keep)
+        if self.seg is not None:
+            self.seg = self.seg.index_select(0, keep)
 
 
 @dataclass
@@ -214,7 +230,10 @@ class LayerGeometry:
     qt: QueryTensors | None = None  # the queries' groups and targets
     pair_kidx: torch.Tensor | None = None  # int64 [P]: SMI window key index inside this layer's keys
     pair_weight: torch.Tensor | None = None  # float32 [P]: alpha / visible window length (0 if hidden)
-    # decoding (one query per row): the groups as key indicators, so that each step is a few batched matmuls
+    # decoding (one query per row)
+    decode: bool = False
+    kseg: torch.Tensor | None = None  # int8 [B, K]: key segment, 3 hidden (the fused kernel's input)
+    # the groups as key indicators, so that each step is a few batched matmuls (PyTorch path, made on first use)
     groups: torch.Tensor | None = None  # float32 [B, K, 3]: key in the row's bridge B, in its group S, in O
     groups_t: torch.Tensor | None = None  # float32 [B, 2, K]: the B and S columns, transposed
     masks: dict = field(default_factory=dict)  # (Hkv, dtype) -> additive mask [B * Hkv, 1, K]
@@ -230,6 +249,7 @@ class QueryTensors:
     n_eligible: int  # host count
     sel: torch.Tensor | None = None  # float32 [B, 3, 3] (decoding)
     tau_pair: torch.Tensor | None = None  # float32 [B, 1, 2] (decoding)
+    qgroups: torch.Tensor | None = None  # int32 [B, 2]: segment of B and of S (decoding, fused kernel)
 
 
 def _query_upload(up: Upload, g: np.ndarray, t: np.ndarray, e: np.ndarray, q_len: int) -> None:
@@ -240,10 +260,12 @@ def _query_upload(up: Upload, g: np.ndarray, t: np.ndarray, e: np.ndarray, q_len
         sel, tp = decode_selectors(g, t)
         up.add("sel", sel)
         up.add("tau_pair", tp)
+        up.add("qg", g[:, 0, :].astype(np.int32))
 
 
 def _query_tensors(d: dict, n_elig: int) -> QueryTensors:
-    return QueryTensors(d["gidx"], d["tau"], d.get("elig"), n_elig, d.get("sel"), d.get("tau_pair"))
+    return QueryTensors(d["gidx"], d["tau"], d.get("elig"), n_elig, d.get("sel"), d.get("tau_pair"),
+                        d.get("qg"))
 
 
 @dataclass
@@ -327,8 +349,14 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
         ints, floats, n_elig = _decode_pack(lo_l, hi_l, bounds, past, tau_max)
         up.add("ints", ints)
         up.add("floats", floats)
+        if keys.seg is not None:  # the fused kernel's inputs: the new keys' int8 codes, the rows' groups
+            up.add("seg8", ints[:B].astype(np.int8).reshape(B, 1))
+            up.add("qg", ints[B:].astype(np.int32).reshape(B, 2))
     else:
         up.add("codes", new_codes)
+        if keys.seg is not None:
+            seg8 = new_codes if new_pad is None else np.where(new_pad < 0, 3, new_codes)
+            up.add("seg8", seg8.astype(np.int8))
     if new_pad is not None:
         up.add("pad", new_pad)
     if any_oeb and not fast:
@@ -345,7 +373,7 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
         dev.update(codes=ints[:B].view(B, 1), gidx=ints[B:].view(B, 1, 2), tau=floats[:B].view(B, 1),
                    elig=floats[B:2 * B].view(B, 1), sel=floats[2 * B:11 * B].view(B, 3, 3),
                    tau_pair=floats[11 * B:].view(B, 1, 2))
-    keys.append(past, dev["codes"], dev.get("pad"))
+    keys.append(past, dev["codes"], dev.get("pad"), dev.get("seg8"))
     fs = ForwardState(B, past, q_len, device, tau_max, alpha, any_oeb, host, dev, keys, len(fb))
     if any_oeb:
         fs.windows[None] = _query_tensors(dev, n_elig)
@@ -395,8 +423,11 @@ def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Ten
         return geo
     fs.keys.ensure(k_offset + K)  # a static cache may hold more slots than tokens
     geo.onehot = fs.keys.onehot[:, k_offset:k_offset + K]  # [B, K, 3]
+    geo.decode = fs.q_len == 1
     if fs.q_len == 1 and (window is None or K <= window):
         geo.addmask = fs.keys.padmask[:, None, k_offset:k_offset + K]  # decoding: only padding is hidden
+        if fs.keys.seg is not None:  # every visible key is in the cache: the kernel needs no other mask
+            geo.kseg = fs.keys.seg[:, k_offset:k_offset + K]
     elif mask is not None:
         m = mask[:, 0, :, -K:]  # [B, Q, K] (the same for every head)
         geo.addmask = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, NEG) \
@@ -409,8 +440,12 @@ def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Ten
             hidden |= kabs <= qabs - window
         geo.addmask = fs.keys.padmask[:, None, k_offset:k_offset + K].masked_fill(hidden, NEG)  # [B, Q, K]
     geo.qt = fs.query_tensors(window)
-    if fs.q_len == 1:
+    return geo
+
+
+def decode_groups(geo: LayerGeometry) -> None:
+    """The decoding path's key indicators (in B, in S, in O) of a layer geometry, made once per forward."""
+    if geo.groups is None:
         sel = geo.qt.sel  # [B, 3, 3]
         geo.groups = torch.bmm(geo.onehot, sel)  # [B, K, 3]
         geo.groups_t = torch.bmm(sel[:, :, :2].transpose(1, 2), geo.onehot.transpose(1, 2))  # [B, 2, K]
-    return geo

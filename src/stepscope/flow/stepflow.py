@@ -26,6 +26,8 @@ KV cache (default), plain forwards with or without a cache.
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,12 +117,19 @@ def _attention_modules(model) -> list[torch.nn.Module]:
 class StepFlow:
     """Odds-Equal Bridge and Step Momentum Injection on a transformers model, per batch row, as a context.
 
-    `StepFlow(model, tokenizer, config=None, **overrides)`: `config` is a StepFlowConfig (paper defaults when
-    None); keyword overrides replace its fields (`StepFlow(model, tok, alpha=0.1)`). Inside the `with` block,
-    `model.generate(...)` and `model(...)` apply StepFlow; `stats` reports how often it acted.
+    `StepFlow(model, tokenizer, config=None, *, kernel=None, **overrides)`: `config` is a StepFlowConfig (paper
+    defaults when None); keyword overrides replace its fields (`StepFlow(model, tok, alpha=0.1)`). Inside the
+    `with` block, `model.generate(...)` and `model(...)` apply StepFlow; `stats` reports how often it acted.
+
+    `kernel` picks how an OEB layer runs a decoding step (one query per row): "auto" (default; also read from
+    `$STEPSCOPE_FLOW_KERNEL`) uses the fused Triton kernel on CUDA when triton imports, checked once against
+    the PyTorch path on the first step and dropped (with a warning) if it fails or disagrees; "triton" insists
+    on it (errors propagate); "torch" always uses the PyTorch path. Prefill and every other layer are the same
+    either way. This is an implementation choice, not a setting of the method, so it is not in the config.
     """
 
-    def __init__(self, model, tokenizer, config: StepFlowConfig | None = None, **overrides):
+    def __init__(self, model, tokenizer, config: StepFlowConfig | None = None, *, kernel: str | None = None,
+                 **overrides):
         config = config or StepFlowConfig()
         if overrides:
             try:
@@ -140,6 +149,16 @@ class StepFlow:
         self.format: Format = get_format(config.fmt, tokenizer, markers=config.markers)
         self._tokbytes = token_bytes(tokenizer)
         self.device = next(model.parameters()).device
+        self.kernel = kernel or os.environ.get("STEPSCOPE_FLOW_KERNEL") or "auto"
+        if self.kernel not in ("auto", "triton", "torch"):
+            raise StepscopeError(f"kernel must be auto, triton or torch, got {self.kernel!r}")
+        from .kernels import available
+
+        if self.kernel == "triton" and not available(self.device):
+            raise StepscopeError(f"kernel='triton' needs triton and a CUDA device; the model is on {self.device}")
+        # None: not checked yet (auto); True: in use; False: the PyTorch path
+        self._fused: bool | None = {"triton": True, "torch": False}.get(
+            self.kernel, None if self.device.type == "cuda" and available(self.device) else False)
         # most scores (floats) one OEB block may hold: 128 MiB on a GPU, 16 MiB on a CPU (cache friendly)
         self.block_elems = (1 << 25) if self.device.type == "cuda" else (1 << 22)
         self._active = False
@@ -236,21 +255,33 @@ class StepFlow:
 
     # -- per forward --------------------------------------------------------------------------------------
 
+    def _disable_fused(self, why: str) -> None:
+        warnings.warn(f"StepFlow: {why}; using the PyTorch path for the rest of this StepFlow", RuntimeWarning,
+                      stacklevel=4)
+        self._fused = False
+
     def _flush_stats(self) -> None:
-        """Reduce the decode path's per-layer stats of the last forward in a dozen kernels."""
+        """Reduce the decode path's per-layer stats of the last forwards in a dozen kernels. An entry is either
+        (layer, fire, p_bs, factors, tau_b) from the PyTorch path or (layer, part [B, H, 5]) from the kernel."""
         pend, self._pending = self._pending, []
         if not pend or self._stats is None:
             return
-        layers = tuple(e[0] for e in pend)
-        idx = self._layer_ids.get(layers)
-        if idx is None:
-            idx = self._layer_ids[layers] = torch.tensor(layers, device=self.device)
-        fire = torch.stack([e[1] for e in pend]).to(torch.float32)  # [n, B, H, 1]
-        p_bs = torch.stack([e[2] for e in pend])  # [n, B, H, 2]
-        fac = torch.stack([e[3] for e in pend])  # [n, B, H, 2]
-        el = (torch.stack([e[4][:, :1] for e in pend]) > 0).to(torch.float32)[:, :, None]  # [n, B, 1, 1]
-        part = (torch.cat([fire, p_bs, fac * p_bs], -1) * el).sum((1, 2))  # [n, 5]
-        self._stats.index_add_(0, idx, part.to(torch.float64))
+        for group in ([e for e in pend if len(e) == 5], [e for e in pend if len(e) == 2]):
+            if not group:
+                continue
+            layers = tuple(e[0] for e in group)
+            idx = self._layer_ids.get(layers)
+            if idx is None:
+                idx = self._layer_ids[layers] = torch.tensor(layers, device=self.device)
+            if len(group[0]) == 2:
+                part = torch.stack([e[1] for e in group]).sum((1, 2))  # [n, 5]
+            else:
+                fire = torch.stack([e[1] for e in group]).to(torch.float32)  # [n, B, H, 1]
+                p_bs = torch.stack([e[2] for e in group])  # [n, B, H, 2]
+                fac = torch.stack([e[3] for e in group])  # [n, B, H, 2]
+                el = (torch.stack([e[4][:, :1] for e in group]) > 0).to(torch.float32)[:, :, None]  # [n, B, 1, 1]
+                part = (torch.cat([fire, p_bs, fac * p_bs], -1) * el).sum((1, 2))  # [n, 5]
+            self._stats.index_add_(0, idx, part.to(torch.float64))
 
     def _pre_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -293,7 +324,8 @@ class StepFlow:
                 tr.hi = hi
                 rows.append(tr)
             self._rows = rows
-            self._keys = KeyState(B, self.device, max(256, 2 * Q))
+            self._keys = KeyState(B, self.device, max(256, 2 * Q),
+                                  with_seg=self._fused is not False and bool(self.oeb_layers))
             spans = [(tr.lo, tr.hi) for tr in rows]
             if mask2 is not None:
                 new_pad = np.where(host[:, Q:] != 0, 0.0, NEG).astype(np.float32)
