@@ -4,7 +4,9 @@ Three rows per batch size, same model, weights, prompts, backend and settings, t
 (plain, StepFlow, eager, plain, ...) so that drift on a shared machine hits all of them alike:
 - plain: `model.generate` with the model's attention implementation (sdpa);
 - stepflow: the same inside `StepFlow(model, tokenizer)` (paper defaults: OEB on the bottom quarter of
-  layers, SMI on the top quarter);
+  layers, SMI on the top quarter; kernel="auto": on CUDA the OEB layers decode with the fused Triton kernel);
+- stepflow_torch (optional, `--modes plain,stepflow,stepflow_torch`): StepFlow with kernel="torch", the
+  PyTorch decoding path, to show what the fused kernel buys;
 - eager: the released research code's approach at its cost floor: eager attention in every layer, the model
   otherwise plain (its per-token host round trips per layer are not even counted).
 tokens/s = batch x new tokens / wall time of the whole `generate` call (prefill included).
@@ -176,13 +178,15 @@ def run_once(model, tok, ids, mask, new_tokens: int, mode: str, device: str) -> 
         c0 = time.process_time()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            if mode == "stepflow":
-                with StepFlow(model, tok, StepFlowConfig(fmt="think")) as flow:
+            if mode.startswith("stepflow"):
+                kernel = "torch" if mode == "stepflow_torch" else "auto"
+                with StepFlow(model, tok, StepFlowConfig(fmt="think"), kernel=kernel) as flow:
                     out = model.generate(**kw)
                     sync(device)
                     dt = time.perf_counter() - t0
                     dc = time.process_time() - c0
                 stats = flow.stats.to_json()
+                stats["kernel"] = "triton" if flow._fused else "torch"  # what the OEB layers decoded with
             else:
                 out = model.generate(**kw)
                 sync(device)
@@ -233,7 +237,7 @@ def self_check(tok, device: str) -> dict:
                 tf = model(torch.tensor([seq], device=device)).logits[0, len(r) - 1:len(r) - 1 + n]
             worst = max(worst, (tf - raw[b]).abs().max().item())
     return {"max_abs_logit_diff": worst, "oeb_fires": stats.total_oeb_fires, "smi_fires": stats.total_smi_fires,
-            "passed": worst < 1e-4}
+            "kernel": "triton" if flow._fused else "torch", "passed": worst < 1e-4}
 
 
 def markdown(res: dict) -> str:
@@ -241,9 +245,10 @@ def markdown(res: dict) -> str:
              f"{res['dtype']}, prompts of about {res['prompt_tokens']} tokens, {res['new_tokens']} new tokens "
              f"(greedy, min_new_tokens = max_new_tokens), median of {res['repeats']} interleaved rounds; "
              f"torch {res['torch']}, transformers {res['transformers']}; machine load {res.get('load')}.", "",
-             "| batch | plain tok/s | StepFlow tok/s | StepFlow / plain | eager (released code's floor) tok/s "
+             "| batch | plain tok/s | StepFlow tok/s | StepFlow / plain | OEB decoding kernel "
+             "| StepFlow (kernel=torch) / plain | eager (released code's floor) tok/s "
              "| eager / plain | StepFlow / plain by CPU time | OEB fires / eligible | SMI fires |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|:--|---:|---:|---:|---:|---:|---:|"]
     for b, row in sorted(res["batches"].items(), key=lambda kv: int(kv[0])):
         m = row.get("median_tokens_per_s", {})
         if "plain" not in m:
@@ -253,14 +258,17 @@ def markdown(res: dict) -> str:
         fires = sum(st.get("oeb_fires", {}).values()) if st else 0
         elig = sum(st.get("oeb_eligible", {}).values()) if st else 0
         smi = sum(st.get("smi_fires", {}).values()) if st else 0
+        st_torch = row.get("ratio_stepflow_torch")
         lines.append(f"| {b} | {m['plain']:.1f} | {sf or 0:.1f} | {row.get('ratio_stepflow', 0):.3f} | "
+                     f"{st.get('kernel', 'torch')} | {'-' if st_torch is None else f'{st_torch:.3f}'} | "
                      f"{eg or 0:.1f} | {row.get('ratio_eager', 0):.3f} | "
                      f"{row.get('cpu_time_ratio_stepflow', float('nan')):.3f} | {fires} / {elig} | {smi} |")
     if res.get("self_check"):
         c = res["self_check"]
         lines += ["", f"Self-check on this device (tiny float32 model, cached greedy decoding of a left-padded batch "
                       f"versus one teacher-forced forward per row): max |logit difference| "
-                      f"{c['max_abs_logit_diff']:.2e}, OEB fires {c['oeb_fires']}, SMI fires {c['smi_fires']}."]
+                      f"{c['max_abs_logit_diff']:.2e}, OEB fires {c['oeb_fires']}, SMI fires {c['smi_fires']}, OEB decoding "
+                      f"kernel {c.get('kernel', 'torch')}."]
     return "\n".join(lines) + "\n"
 
 
@@ -335,7 +343,7 @@ def main(argv=None) -> int:
                 row["seconds"][m].append(dt)
                 row["cpu_seconds"][m].append(dc)
                 if stats is not None:
-                    row["stepflow_stats"] = stats
+                    row["stepflow_stats" if m == "stepflow" else f"{m}_stats"] = stats
                 log(f"batch {B:>3} round {r + 1}/{repeats} {m:>8}: {dt:7.2f}s  {B * new_tokens / dt:9.1f} tok/s")
             med = {m: B * new_tokens / statistics.median(v) for m, v in row["seconds"].items() if v}
             row["median_tokens_per_s"] = med
