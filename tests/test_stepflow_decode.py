@@ -272,3 +272,24 @@ def test_kernel_choice_is_checked():
             if old is not None:
                 os.environ["TRITON_INTERPRET"] = old
     assert StepFlow(model, tok)._fused is False  # auto on a CPU: the PyTorch path
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="needs triton (the test extra installs it)")
+def test_auto_kernel_check_keeps_a_good_kernel_in_bfloat16():
+    """In bf16 the PyTorch path rounds its scores to bf16; the first-step check compares the kernel with that
+    path in float32, so a correct kernel is kept (no false fallback) even with sharp attention."""
+    model, tok = build("qwen2", "think")
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        for layer in model.model.layers:  # sharp attention, as trained models have: large scores
+            layer.self_attn.q_proj.weight.mul_(8.0)
+    p, c = prompt_and_continuation(tok, "think", 1)
+    p = p + c[:40]  # decoding deep inside the thinking, where the bridge is small
+    flow = StepFlow(model, tok, StepFlowConfig(tau_max=0.6, fmt="think"))
+    flow._fused = None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with flow:
+            model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=4, min_new_tokens=4,
+                           pad_token_id=0)
+    assert flow._fused is True and flow.stats.total_oeb_fires > 0

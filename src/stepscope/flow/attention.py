@@ -171,10 +171,12 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     """One decoding step of an OEB layer in one fused Triton kernel (flow/kernels.py), or None when the
     caller must use the PyTorch path.
 
-    With kernel="auto" the first call is checked against the PyTorch path on the same inputs (output within
-    1e-4 of its largest magnitude in float32, 3e-2 in bf16/fp16; GPT-OSS's sink layers, which the PyTorch
-    path runs in row blocks, are compared with the block path); a mismatch or an error (e.g. a Triton that
-    cannot compile it) warns once and switches this StepFlow to the PyTorch path."""
+    With kernel="auto" the first call is checked against the PyTorch path on the same inputs upcast to float32
+    (so that bf16 rounding of the scores in that path does not count against the kernel, which works in
+    float32): within 1e-4 of the output's largest magnitude for float32 inputs, 1e-2 for bf16/fp16 (the
+    rounding of the output itself). GPT-OSS's sink layers are compared with the PyTorch block path. A mismatch
+    or an error (e.g. a Triton that cannot compile it) warns once and switches this StepFlow to the PyTorch
+    path."""
     from .kernels import oeb_decode
 
     B, H = query.shape[0], query.shape[1]
@@ -191,7 +193,7 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         return None
     if flow._fused is None:  # first use under kernel="auto": check it once against the PyTorch path
         ref = _reference_decode(query, key, value, geo, scaling, sinks, flow, layer)
-        tol = (1e-4 if value.dtype == torch.float32 else 3e-2) * max(1.0, ref.abs().max().item())
+        tol = (1e-4 if value.dtype == torch.float32 else 1e-2) * max(1.0, ref.abs().max().item())
         err = (out.float() - ref.float()).abs().max().item()
         if not err <= tol:
             flow._disable_fused(f"the fused decoding kernel differs from the PyTorch path by {err:.3g} "
@@ -206,9 +208,11 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 def _reference_decode(query, key, value, geo: LayerGeometry, scaling: float, sinks, flow, layer: int
                       ) -> torch.Tensor:
-    """The PyTorch path's output for the same decoding step, without recording stats."""
+    """The PyTorch path's output for the same decoding step in float32, without recording stats."""
     stats, eligible, pending = flow._stats, list(flow._eligible), len(flow._pending)
     flow._stats = None
+    query, key, value = query.float(), key.float(), value.float()
+    masks, geo.masks = geo.masks, {}  # the float32 additive mask is made (and dropped) here
     try:
         if sinks is None:
             return _oeb_decode(query, key, value, geo, scaling, None, flow, layer, 0.0)
@@ -218,7 +222,7 @@ def _reference_decode(query, key, value, geo: LayerGeometry, scaling: float, sin
         q5 = query.reshape(B, Hkv, H // Hkv, 1, D)
         return _oeb_block(q5, key, value, geo, 0, 1, scaling, sink, flow, layer, 0.0).transpose(1, 2)
     finally:
-        flow._stats, flow._eligible = stats, eligible
+        flow._stats, flow._eligible, geo.masks = stats, eligible, masks
         del flow._pending[pending:]
 
 
