@@ -154,3 +154,50 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
     model.eval()
     model.name_or_path = DEFAULT_MODEL_NAME if path != str(name_or_path) else str(name_or_path)
     return model, tokenizer
+
+
+# -- attention implementation switching (StepFlow and Step-Saliency) --------------------------------------------
+
+def model_configs(model) -> list:
+    """Every distinct config object of the model, its sub-models and their sub-configs."""
+    seen: dict[int, object] = {}
+    stack = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
+    while stack:
+        cfg = stack.pop()
+        if id(cfg) in seen:
+            continue
+        seen[id(cfg)] = cfg
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            sub = getattr(cfg, key, None)
+            if sub is not None and hasattr(sub, "_attn_implementation"):
+                stack.append(sub)
+    return list(seen.values())
+
+
+def swap_attn_implementations(model, rename) -> list[tuple[object, str, object]]:
+    """Set every config's attention implementation to `rename(current name)`, in the field
+    `set_attn_implementation` writes (`_attn_implementation_internal`; `_attn_implementation` on older
+    transformers), so that no weight or module changes. Returns what `restore_attn_implementations` needs; on an
+    error part-way, the configs already changed are restored before it propagates."""
+    saved = []
+    try:
+        for cfg in model_configs(model):
+            attr = "_attn_implementation_internal" if "_attn_implementation_internal" in vars(cfg) \
+                else "_attn_implementation"
+            old = vars(cfg).get(attr, getattr(cfg, attr, None))
+            new = rename(cfg._attn_implementation)
+            saved.append((cfg, attr, old))
+            if attr == "_attn_implementation_internal":
+                cfg._attn_implementation_internal = new
+            else:
+                cfg._attn_implementation = new
+    except BaseException:
+        restore_attn_implementations(saved)
+        raise
+    return saved
+
+
+def restore_attn_implementations(saved: list[tuple[object, str, object]]) -> None:
+    """Put back what `swap_attn_implementations` changed, exactly (last changed first)."""
+    for cfg, attr, value in reversed(saved):
+        cfg.__dict__[attr] = value

@@ -35,6 +35,7 @@ import torch
 
 from ..errors import StepscopeError
 from ..formats import Format, get_format
+from ..models import model_configs, restore_attn_implementations, swap_attn_implementations
 from ..segment import Segmenter
 from ..tokens import token_bytes
 from .attention import PREFIX, register
@@ -92,22 +93,6 @@ class StepFlowStats:
         return "\n".join(lines)
 
 
-def _configs_of(model) -> list:
-    """Every distinct config object of the model and its sub-models (and their sub-configs)."""
-    seen: dict[int, object] = {}
-    stack = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
-    while stack:
-        c = stack.pop()
-        if id(c) in seen:
-            continue
-        seen[id(c)] = c
-        for key in getattr(c, "sub_configs", {}) or {}:
-            sub = getattr(c, key, None)
-            if sub is not None and hasattr(sub, "_attn_implementation"):
-                stack.append(sub)
-    return list(seen.values())
-
-
 def _attention_modules(model) -> list[torch.nn.Module]:
     return [m for m in model.modules()
             if isinstance(getattr(m, "layer_idx", None), int) and "Attention" in type(m).__name__
@@ -162,7 +147,7 @@ class StepFlow:
         # most scores (floats) one OEB block may hold: 128 MiB on a GPU, 16 MiB on a CPU (cache friendly)
         self.block_elems = (1 << 25) if self.device.type == "cuda" else (1 << 22)
         self._active = False
-        self._saved: list[tuple[object, str | None]] = []
+        self._saved: list[tuple[object, str, object]] = []
         self._modules: list[torch.nn.Module] = []
         self._hook = None
         self._fwd: ForwardState | None = None
@@ -189,8 +174,7 @@ class StepFlow:
             raise StepscopeError("this StepFlow is already active")
         if getattr(self.model, "_stepscope_flow_open", False):
             raise StepscopeError("a StepFlow context is already open on this model")
-        configs = _configs_of(self.model)
-        impls = {c._attn_implementation for c in configs}
+        impls = {c._attn_implementation for c in model_configs(self.model)}
         if any(isinstance(i, str) and i.startswith(PREFIX) for i in impls):
             raise StepscopeError("the model already runs a StepFlow attention function")
         names = {}
@@ -203,11 +187,7 @@ class StepFlow:
             raise StepscopeError("no attention layers with a layer index were found in this model")
         base = getattr(self.model, "base_model", self.model)
         try:
-            for c in configs:
-                impl = c._attn_implementation
-                self._saved.append((c, impl))
-                if impl is not None:
-                    self._set_impl(c, names[impl])
+            self._saved = swap_attn_implementations(self.model, lambda impl: names.get(impl, impl))
             for m in modules:
                 m._stepscope_flow = self
                 self._modules.append(m)
@@ -226,20 +206,12 @@ class StepFlow:
         self._restore()
         return False
 
-    @staticmethod
-    def _set_impl(config, name: str | None) -> None:
-        if hasattr(config, "_attn_implementation_internal"):
-            config._attn_implementation_internal = name
-        else:  # older transformers
-            config._attn_implementation = name
-
     def _restore(self) -> None:
         try:
             self._flush_stats()
         except Exception:  # never let bookkeeping mask the error that ended the context
             self._pending = []
-        for c, impl in reversed(self._saved):
-            self._set_impl(c, impl)
+        restore_attn_implementations(self._saved)
         self._saved = []
         for m in self._modules:
             if "_stepscope_flow" in m.__dict__:

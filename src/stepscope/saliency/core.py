@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import StepscopeError
+from ..models import restore_attn_implementations, swap_attn_implementations
 from ..trace import Trace
 from .attention import ATTN_NAME, SaliencyRun, active_run, register
 from .memory import Measure, model_shape
@@ -142,43 +143,14 @@ def _check_traces(model, traces: Sequence[Trace], loss: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _configs(model) -> list:
-    """Every distinct config object of the model and its sub-configs."""
-    seen: dict[int, object] = {}
-    stack = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")]
-    while stack:
-        cfg = stack.pop()
-        if id(cfg) in seen:
-            continue
-        seen[id(cfg)] = cfg
-        for key in getattr(cfg, "sub_configs", {}) or {}:
-            sub = getattr(cfg, key, None)
-            if sub is not None and hasattr(sub, "to_dict"):
-                stack.append(sub)
-    return list(seen.values())
-
-
 @contextlib.contextmanager
 def attn_implementation(model, name: str) -> Iterator[None]:
     """Use attention implementation `name` in every config of `model`; restore each config's own value after."""
-    saved = []
-    for cfg in _configs(model):
-        attr = "_attn_implementation_internal" if "_attn_implementation_internal" in vars(cfg) \
-            else "_attn_implementation"
-        saved.append((cfg, attr, getattr(cfg, attr, None)))
+    saved = swap_attn_implementations(model, lambda _old: name)
     try:
-        for cfg, attr, _ in saved:
-            if attr == "_attn_implementation_internal":
-                cfg._attn_implementation_internal = name
-            else:
-                cfg._attn_implementation = name
         yield
     finally:
-        for cfg, attr, value in saved:
-            if attr == "_attn_implementation_internal":
-                cfg._attn_implementation_internal = value
-            else:
-                cfg.__dict__[attr] = value
+        restore_attn_implementations(saved)
 
 
 @contextlib.contextmanager
