@@ -332,6 +332,11 @@ def test_errors_are_clear():
                 pass
         finally:
             model.config._attn_implementation_internal = "sdpa"
+    split, _ = build("llama", "think")
+    split.model.layers[-1].to("meta")  # weights on two devices, as a device_map over several GPUs gives
+    with pytest.raises(StepscopeError, match="one device"), StepFlow(split, tok, fmt="think"):
+        pass
+    assert split.config._attn_implementation == "sdpa"  # nothing was switched
 
 
 def test_config_defaults_and_json():

@@ -320,6 +320,10 @@ def oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg
     keys_per_split = -(-nblocks // num_splits) * BK
     num_warps = 4 if NR * BK * max(BD, BDV) <= _ELEMS_BUDGET else 8
 
+    if query.device.type == "cuda" and query.device.index != torch.cuda.current_device():
+        # a model split over several GPUs (device_map): triton launches on the current device
+        with torch.cuda.device(query.device):
+            return oeb_decode(query, key, value, kseg, qgroups, tau_b, scaling, sinks, stats, num_splits)
     out = torch.empty(B, 1, H, Dv, dtype=value.dtype, device=value.device)
     final = num_splits == 1
     ws = (out if final else

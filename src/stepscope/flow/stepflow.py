@@ -174,6 +174,11 @@ class StepFlow:
             raise StepscopeError("this StepFlow is already active")
         if getattr(self.model, "_stepscope_flow_open", False):
             raise StepscopeError("a StepFlow context is already open on this model")
+        devices = {p.device for p in self.model.parameters()}
+        if len(devices) > 1:
+            raise StepscopeError(f"StepFlow needs the model on one device; its weights are on "
+                                 f"{', '.join(sorted(str(d) for d in devices))} (a device_map over several "
+                                 "devices is not supported yet)")
         impls = {c._attn_implementation for c in model_configs(self.model)}
         if any(isinstance(i, str) and i.startswith(PREFIX) for i in impls):
             raise StepscopeError("the model already runs a StepFlow attention function")
