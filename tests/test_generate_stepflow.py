@@ -1,6 +1,8 @@
-"""The generation loop under StepFlow: same tokens as transformers' generate under StepFlow, stats per batch."""
+"""The generation loop under StepFlow: same tokens as transformers' generate under StepFlow, stats per row."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -53,11 +55,14 @@ def test_loop_under_stepflow_equals_generate_under_stepflow(tok, arch):
     assert [new_ids(t) for t in got] == first_stop(out[:, P:].tolist(), eos)
     assert got[0].meta["stop_reason"] == "eos" and len(new_ids(got[0])) < n
     k = len(new_ids(got[0]))  # the stopped row left the batch (StepFlow.select_rows): fewer tokens were fed
-    assert got[1].meta["stepflow_stats"]["tokens"] == sum(len(p) for p in prompts) + 3 * (k - 1) + 2 * (n - k)
+    # each trace carries its own row's counts: its prompt, then its fed tokens (the stopped row fewer)
+    fed = [t.meta["stepflow_stats"]["tokens"] for t in got]
+    assert fed == [len(prompts[0]) + k - 1, len(prompts[1]) + n - 1, len(prompts[2]) + n - 1]
     assert [new_ids(t) for t in first] != [new_ids(t) for t in plain]  # StepFlow did act
     st = first[0].meta["stepflow_stats"]
     assert sum(st["oeb_fires"].values()) > 0 and st["forwards"] == n
-    assert st["tokens"] == sum(len(p) for p in prompts) + 3 * (n - 1)  # prompts, then every fed token
+    assert st["tokens"] == len(prompts[0]) + n - 1  # its prompt, then every fed token
+    assert len({json.dumps(t.meta["stepflow_stats"]["bridge_mass_before"]) for t in first}) == 3  # rows differ
     assert first[0].meta["config"]["stepflow"]["tau_max"] == 0.9
     # the model is itself again afterwards
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -72,8 +77,14 @@ def test_stepflow_rows_are_paired_and_independent_of_the_batch(tok):
     together = generate_traces(model, tok, QUESTIONS, seeds=[5, 6, 7], batch_size=3, **kw)
     alone = [generate_traces(model, tok, [q], seeds=[s], batch_size=1, **kw)[0] for q, s in zip(QUESTIONS, [5, 6, 7])]
     assert [new_ids(t) for t in together] == [new_ids(t) for t in alone]
-    # stats are per batch: three batches of one row each see only their own row
-    assert alone[0].meta["stepflow_stats"]["tokens"] < together[0].meta["stepflow_stats"]["tokens"]
+    # stats are per row: a row's counts are the same alone and in the batch (its bridge masses to rounding)
+    for a, t in zip(alone, together):
+        sa, st = a.meta["stepflow_stats"], t.meta["stepflow_stats"]
+        for key in ("oeb_fires", "oeb_eligible", "smi_fires", "tokens"):
+            assert sa[key] == st[key], key
+        for key in ("bridge_mass_before", "bridge_mass_after"):
+            assert sa[key] == pytest.approx(st[key], abs=1e-5), key
+    assert sum(sum(t.meta["stepflow_stats"]["oeb_fires"].values()) for t in together) > 0
 
 
 def test_budget_forcing_under_stepflow(tok):

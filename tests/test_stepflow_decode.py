@@ -83,6 +83,12 @@ def test_generate_logits_equal_teacher_forced(arch, fam, kernel):
             model(torch.tensor([p + c[:n - 1]]))
         tf_fires += tf.stats.total_oeb_fires
         tf_elig += sum(tf.stats.oeb_eligible.values())
+        # the row's own counts (prefill + decoding, through the deferred per-row reduction) = the row alone
+        rs, ts = flow.row_stats(b), tf.stats
+        assert (rs.oeb_fires, rs.oeb_eligible, rs.smi_fires) == (ts.oeb_fires, ts.oeb_eligible, ts.smi_fires)
+        for i in rs.oeb_layers:
+            assert rs.bridge_mass_before[i] == pytest.approx(ts.bridge_mass_before[i], abs=1e-5)
+            assert rs.bridge_mass_after[i] == pytest.approx(ts.bridge_mass_after[i], abs=1e-5)
     # the same OEB decisions, query-head by query-head, counted by the decode path's deferred stats
     assert st.total_oeb_fires == tf_fires and sum(st.oeb_eligible.values()) == tf_elig
     assert flow._fused is (kernel == "triton")  # the kernel stayed in use (no silent fallback)
@@ -178,6 +184,14 @@ def test_rows_leave_the_batch(kernel):
     p0, c0 = pc[0]
     want = teacher_forced(model, tok, cfg, p0 + c0[:40])[len(p0):]
     assert (torch.stack(out) - want).abs().max().item() < TOL
+    with torch.no_grad(), StepFlow(model, tok, cfg) as tf:
+        model(torch.tensor([p0 + c0[:40]]))
+    rs = flow.row_stats(0)  # row 0 kept its counts while row 1 left
+    assert (rs.oeb_fires, rs.oeb_eligible, rs.smi_fires) == (tf.stats.oeb_fires, tf.stats.oeb_eligible,
+                                                             tf.stats.smi_fires)
+    assert rs.total_oeb_fires > 0 and flow.row_stats(1).tokens == len(pc[1][0]) + 10
+    with pytest.raises(StepscopeError, match="out of range"):
+        flow.row_stats(2)
     assert T > len(p0)  # row 0 was padded
 
 

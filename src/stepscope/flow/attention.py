@@ -127,7 +127,7 @@ def flow_attention(flow, fn: Callable, module, query: torch.Tensor, key: torch.T
             geo.pair_weight = fs.smi_pair_weights(window)
         out = smi_inject(out, value, fs.dev["fires"], fs.dev["pairs"][0], geo.pair_kidx, geo.pair_weight,
                          fs.num_fires)
-        flow._smi_fires[layer] += fs.num_fires
+        flow._count_smi(layer, fs.host["fire_b"])
     return out, weights
 
 
@@ -162,7 +162,7 @@ def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
                                scaling, sink, flow, layer, dropout))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [B, H, Q, D]
     if flow._stats is not None:
-        flow._eligible[layer] += geo.qt.n_eligible * H
+        flow._count_eligible(layer, geo.qt, H)
     return out.transpose(1, 2).contiguous()
 
 
@@ -202,7 +202,7 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         flow._fused = True
     if part is not None:
         flow._pending.append((layer, part))
-        flow._eligible[layer] += qt.n_eligible * H
+        flow._count_eligible(layer, qt, H)
     return out
 
 
@@ -210,6 +210,7 @@ def _reference_decode(query, key, value, geo: LayerGeometry, scaling: float, sin
                       ) -> torch.Tensor:
     """The PyTorch path's output for the same decoding step in float32, without recording stats."""
     stats, eligible, pending = flow._stats, list(flow._eligible), len(flow._pending)
+    row_elig = None if flow._row_elig is None else flow._row_elig.copy()
     flow._stats = None
     query, key, value = query.float(), key.float(), value.float()
     masks, geo.masks = geo.masks, {}  # the float32 additive mask is made (and dropped) here
@@ -223,6 +224,7 @@ def _reference_decode(query, key, value, geo: LayerGeometry, scaling: float, sin
         return _oeb_block(q5, key, value, geo, 0, 1, scaling, sink, flow, layer, 0.0).transpose(1, 2)
     finally:
         flow._stats, flow._eligible, geo.masks = stats, eligible, masks
+        flow._row_elig = row_elig
         del flow._pending[pending:]
 
 
@@ -260,7 +262,7 @@ def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo
         p = torch.nn.functional.dropout(p, p=dropout, training=True)
     if flow._stats is not None:
         flow._pending.append((layer, fire, p_bs, factors, geo.qt.tau_b))
-        flow._eligible[layer] += geo.qt.n_eligible * H
+        flow._count_eligible(layer, geo.qt, H)
     out = torch.bmm(p.view(B * Hkv, n_rep, K).to(value.dtype), value.reshape(B * Hkv, K, D))
     return out.view(B, 1, H, D)
 
@@ -298,7 +300,7 @@ def _oeb_block(q5: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: La
     if flow._stats is not None:  # fired, then p(B), p(S) before and after, summed over eligible query-heads
         el = geo.qt.eligible[:, None, r0:r1, None]  # [B, 1, R, 1]
         part = torch.cat([fire[..., None].to(torch.float32), p_bs, factors * p_bs], -1) * el  # [B, H, R, 5]
-        flow._stats[layer] += part.sum((0, 1, 2))
+        flow._add_rows(layer, part.sum((1, 2)))
     out = torch.matmul(p.view(B, Hkv, n_rep * R, Kp).to(value.dtype), value)  # [B, Hkv, n_rep * R, D]
     return out.view(B, H, R, D)
 

@@ -477,12 +477,13 @@ def generate_traces(model, tokenizer, questions: Sequence[str], *, stepflow=None
             can_compact = sf is None or callable(getattr(sf, "select_rows", None))
             for batch in batches:
                 if sf is not None and callable(getattr(sf, "reset_stats", None)):
-                    sf.reset_stats()  # stats per batch
+                    sf.reset_stats()  # totals per batch (each trace gets its own row's counts)
                 timing = _run_batch(model, batch, s, stop_ids, forced_ids, stream, tb, on_row_done,
                                     can_compact, sf, vocab=len(tokenizer))
                 stats = _stats_dict(sf) if sf is not None else None
+                per_row = sf is not None and callable(getattr(sf, "row_stats", None))
                 done = []
-                for r in batch:
+                for i, r in enumerate(batch):  # row i of the batch's prefill
                     meta = dict((metas[r.index] or {}) if metas is not None else {})
                     meta.update({
                         "question": r.question, "seed": r.seed, "num_prompt_tokens": len(r.prompt_ids),
@@ -490,7 +491,9 @@ def generate_traces(model, tokenizer, questions: Sequence[str], *, stepflow=None
                         "budget_forced": r.budget_forced, "thinking_tokens": r.thinking_tokens,
                         "timing": {**timing, "row_seconds": r.seconds}, "config": config,
                     })
-                    if stats is not None:
+                    if per_row:  # this row's own counts
+                        meta["stepflow_stats"] = sf.row_stats(i).to_json()
+                    elif stats is not None:  # a StepFlow-like object without per-row counts: the batch's
                         meta["stepflow_stats"] = stats
                     trace = Trace.from_ids(tokenizer, r.prompt_ids + r.gen, fmt=f, meta=meta)
                     results[r.index] = trace

@@ -247,6 +247,7 @@ class QueryTensors:
     tau_b: torch.Tensor  # float32 [B, Q]
     eligible: torch.Tensor | None  # float32 [B, Q] (prefill stats)
     n_eligible: int  # host count
+    elig_rows: np.ndarray  # host: eligible queries of each row [B]
     sel: torch.Tensor | None = None  # float32 [B, 3, 3] (decoding)
     tau_pair: torch.Tensor | None = None  # float32 [B, 1, 2] (decoding)
     qgroups: torch.Tensor | None = None  # int32 [B, 2]: segment of B and of S (decoding, fused kernel)
@@ -263,9 +264,9 @@ def _query_upload(up: Upload, g: np.ndarray, t: np.ndarray, e: np.ndarray, q_len
         up.add("qg", g[:, 0, :].astype(np.int32))
 
 
-def _query_tensors(d: dict, n_elig: int) -> QueryTensors:
-    return QueryTensors(d["gidx"], d["tau"], d.get("elig"), n_elig, d.get("sel"), d.get("tau_pair"),
-                        d.get("qg"))
+def _query_tensors(d: dict, elig_rows: np.ndarray) -> QueryTensors:
+    return QueryTensors(d["gidx"], d["tau"], d.get("elig"), int(elig_rows.sum()), elig_rows, d.get("sel"),
+                        d.get("tau_pair"), d.get("qg"))
 
 
 @dataclass
@@ -300,7 +301,7 @@ class ForwardState:
                                      self.tau_max)
             up = Upload()
             _query_upload(up, g, t, e, self.q_len)
-            got = self.windows[window] = _query_tensors(up.send(self.device), int(e.sum()))
+            got = self.windows[window] = _query_tensors(up.send(self.device), e.sum(1))
         return got
 
     def smi_pair_weights(self, window: int | None) -> torch.Tensor:
@@ -362,7 +363,7 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
     if any_oeb and not fast:
         g, t, e = query_geometry(lo, hi, t0, s0, past, q_len, None, tau_max)
         _query_upload(up, g, t, e, q_len)
-        n_elig = int(e.sum())
+        n_elig = e.sum(1)
     if fb:
         up.add("fires", np.stack([host["fire_b"], host["fire_qi"]]))
         up.add("pairs", np.stack([host["pair_fire"], host["pair_k"]]))
@@ -383,11 +384,11 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
 
 
 def _decode_pack(lo: list[int], hi: list[int], bounds: list[tuple[int, int]], q: int, tau_max: float
-                 ) -> tuple[np.ndarray, np.ndarray, int]:
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One query per row, at kv index q, full attention: int64 [3B] (key codes, then gidx pairs) and float32
-    [13B] (tau_B, eligible, sel 3x3, tau_pair) exactly as query_geometry and decode_selectors give them."""
+    [13B] (tau_B, eligible, sel 3x3, tau_pair) exactly as query_geometry and decode_selectors give them, and
+    the eligible flag of each row (float64 [B])."""
     codes, gidx, tau, elig, sel, pair = [], [], [], [], [], []
-    n_elig = 0
     for lo_b, hi_b, (t0, s0) in zip(lo, hi, bounds):
         seg = (q >= t0) + (q >= s0)
         codes.append(seg)
@@ -399,7 +400,6 @@ def _decode_pack(lo: list[int], hi: list[int], bounds: list[tuple[int, int]], q:
             n_b, n_s = t0 - lo_b, q - t0 + 1
         ok = lo_b <= q < hi_b and seg >= 1 and n_b > 0
         t = min(math.sqrt(n_b / (n_b + n_s)), tau_max) if ok else 0.0
-        n_elig += ok
         tau.append(t)
         elig.append(1.0 if ok else 0.0)
         m = [[0.0, 0.0, 1.0] for _ in range(3)]
@@ -410,7 +410,7 @@ def _decode_pack(lo: list[int], hi: list[int], bounds: list[tuple[int, int]], q:
             sel += r
         pair += (t, -t)
     return (np.array(codes + gidx, dtype=np.int64),
-            np.array(tau + elig + sel + pair, dtype=np.float32), n_elig)
+            np.array(tau + elig + sel + pair, dtype=np.float32), np.array(elig))
 
 
 def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Tensor | None,

@@ -164,6 +164,14 @@ class StepFlow:
         self._sum_s = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]], device=self.device)
         self._pending: list[tuple] = []  # decode-path stats of the last forward, reduced at the next one
         self._layer_ids: dict[tuple, torch.Tensor] = {}
+        # per row of the current batch (reset by each fresh prefill; rows keep their prefill index when others
+        # leave): original index of each current row, and the same counts as the totals, per row
+        self._row_orig = np.zeros(0, dtype=np.int64)
+        self._row_orig_dev: torch.Tensor | None = None
+        self._row_stats: torch.Tensor | None = None  # float64 [B0, L, 5] on the device
+        self._row_elig: np.ndarray | None = None  # float64 [B0, L]
+        self._row_smi: np.ndarray | None = None  # int64 [B0, L]
+        self._row_trackers: list[RowTracker] = []
         if config.collect_stats:
             self._stats = torch.zeros(self.num_layers, 5, dtype=torch.float64, device=self.device)
 
@@ -237,6 +245,21 @@ class StepFlow:
                       stacklevel=4)
         self._fused = False
 
+    def _count_eligible(self, layer: int, qt, heads: int) -> None:
+        self._eligible[layer] += qt.n_eligible * heads
+        if self._row_elig is not None:
+            self._row_elig[self._row_orig, layer] += qt.elig_rows * heads
+
+    def _count_smi(self, layer: int, fire_rows: np.ndarray) -> None:
+        self._smi_fires[layer] += len(fire_rows)
+        if self._row_smi is not None:
+            np.add.at(self._row_smi[:, layer], self._row_orig[fire_rows], 1)
+
+    def _add_rows(self, layer: int, rows: torch.Tensor) -> None:
+        """Stats of one layer per current row ([B, 5]: fired, p(B), p(S) before, after), into both tallies."""
+        self._stats[layer] += rows.sum(0)
+        self._row_stats[:, layer].index_add_(0, self._row_orig_dev, rows.to(torch.float64))
+
     def _flush_stats(self) -> None:
         """Reduce the decode path's per-layer stats of the last forwards in a dozen kernels. An entry is either
         (layer, fire, p_bs, factors, tau_b) from the PyTorch path or (layer, part [B, H, 5]) from the kernel."""
@@ -251,14 +274,20 @@ class StepFlow:
             if idx is None:
                 idx = self._layer_ids[layers] = torch.tensor(layers, device=self.device)
             if len(group[0]) == 2:
-                part = torch.stack([e[1] for e in group]).sum((1, 2))  # [n, 5]
+                part = torch.stack([e[1] for e in group]).sum(2)  # [n, B, 5]
             else:
                 fire = torch.stack([e[1] for e in group]).to(torch.float32)  # [n, B, H, 1]
                 p_bs = torch.stack([e[2] for e in group])  # [n, B, H, 2]
                 fac = torch.stack([e[3] for e in group])  # [n, B, H, 2]
                 el = (torch.stack([e[4][:, :1] for e in group]) > 0).to(torch.float32)[:, :, None]  # [n, B, 1, 1]
-                part = (torch.cat([fire, p_bs, fac * p_bs], -1) * el).sum((1, 2))  # [n, 5]
-            self._stats.index_add_(0, idx, part.to(torch.float64))
+                part = (torch.cat([fire, p_bs, fac * p_bs], -1) * el).sum(2)  # [n, B, 5]
+            part = part.to(torch.float64)
+            self._stats.index_add_(0, idx, part.sum(1))
+            # per row: flat (original row, layer) index; every pending entry has the current rows (the
+            # pending list is flushed before rows change)
+            n_layers = self._row_stats.shape[1]
+            flat = (self._row_orig_dev[None, :] * n_layers + idx[:, None]).reshape(-1)
+            self._row_stats.view(-1, 5).index_add_(0, flat, part.reshape(-1, 5))
 
     def _pre_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -284,6 +313,7 @@ class StepFlow:
                                  "not supported)")
         new_pad = None
         if self._rows is None:  # a fresh sequence: find each row's real tokens
+            self._flush_stats()  # what is pending belongs to the previous rows
             rows = []
             for b in range(B):
                 if mask2 is None:
@@ -301,6 +331,13 @@ class StepFlow:
                 tr.hi = hi
                 rows.append(tr)
             self._rows = rows
+            self._row_trackers = list(rows)
+            self._row_orig = np.arange(B, dtype=np.int64)
+            self._row_orig_dev = torch.arange(B, device=self.device)
+            self._row_elig = np.zeros((B, self.num_layers))
+            self._row_smi = np.zeros((B, self.num_layers), dtype=np.int64)
+            if self._stats is not None:
+                self._row_stats = torch.zeros(B, self.num_layers, 5, dtype=torch.float64, device=self.device)
             self._keys = KeyState(B, self.device, max(256, 2 * Q),
                                   with_seg=self._fused is not False and bool(self.oeb_layers))
             spans = [(tr.lo, tr.hi) for tr in rows]
@@ -342,7 +379,10 @@ class StepFlow:
             raise StepscopeError(f"select_rows: row index out of range 0..{len(self._rows) - 1}")
         self._flush_stats()
         self._rows = [self._rows[i] for i in keep]
-        self._keys.select(torch.tensor(keep, dtype=torch.long, device=self.device))
+        keep_dev = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._keys.select(keep_dev)
+        self._row_orig = self._row_orig[keep]
+        self._row_orig_dev = self._row_orig_dev.index_select(0, keep_dev)
         self._fwd = None
 
     # -- results ------------------------------------------------------------------------------------------
@@ -359,23 +399,39 @@ class StepFlow:
         self._smi_fires = [0] * self.num_layers
         self._eligible = [0] * self.num_layers
         self._forwards = self._tokens = 0
+        if self._row_stats is not None:
+            self._row_stats.zero_()
+        if self._row_elig is not None:
+            self._row_elig[:] = 0
+            self._row_smi[:] = 0
 
     @property
     def stats(self) -> StepFlowStats:
         """Counts so far (reading them synchronizes with the device once)."""
         self._flush_stats()
-        if self._stats is not None:
-            s = self._stats.cpu().numpy()
-        else:
-            s = np.zeros((self.num_layers, 5))
-        # columns, summed over eligible query-heads: fired, p(B), p(S) before, p(B), p(S) after
-        n = self._eligible
+        s = self._stats.cpu().numpy() if self._stats is not None else np.zeros((self.num_layers, 5))
+        return self._make_stats(s, self._eligible, self._smi_fires, self._forwards, self._tokens)
+
+    def row_stats(self, row: int) -> StepFlowStats:
+        """The counts of one row of the last batch StepFlow started (its index in that prefill, also after
+        other rows left with `select_rows`): the same fields as `stats`, for that row alone. `forwards` counts
+        the forwards since the last `reset_stats`, `tokens` that row's real tokens."""
+        if not 0 <= row < len(self._row_trackers):
+            raise StepscopeError(f"row_stats: row {row} out of range (the last batch had "
+                                 f"{len(self._row_trackers)} rows)")
+        self._flush_stats()
+        s = self._row_stats[row].cpu().numpy() if self._row_stats is not None else np.zeros((self.num_layers, 5))
+        return self._make_stats(s, self._row_elig[row], self._row_smi[row], self._forwards,
+                                self._row_trackers[row].seg.num_tokens)
+
+    def _make_stats(self, s: np.ndarray, n, smi_fires, forwards: int, tokens: int) -> StepFlowStats:
+        # columns of s, summed over eligible query-heads: fired, p(B), p(S) before, p(B), p(S) after
         fires = {i: int(round(s[i, 0])) for i in self.oeb_layers}
-        elig = {i: n[i] for i in self.oeb_layers}
+        elig = {i: int(n[i]) for i in self.oeb_layers}
         before = {i: float(s[i, 1] / n[i]) if n[i] else 0.0 for i in self.oeb_layers}
         after = {i: float(s[i, 3] / n[i]) if n[i] else 0.0 for i in self.oeb_layers}
         g_before = {i: float(s[i, 2] / n[i]) if n[i] else 0.0 for i in self.oeb_layers}
         g_after = {i: float(s[i, 4] / n[i]) if n[i] else 0.0 for i in self.oeb_layers}
-        smi = {i: self._smi_fires[i] for i in self.smi_layers}
+        smi = {i: int(smi_fires[i]) for i in self.smi_layers}
         return StepFlowStats(list(self.oeb_layers), list(self.smi_layers), fires, elig, before, after, g_before,
-                             g_after, smi, self._forwards, self._tokens)
+                             g_after, smi, forwards, tokens)
