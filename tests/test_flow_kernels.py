@@ -1,52 +1,23 @@
 """The fused OEB decoding kernel (stepscope.flow.kernels), run by Triton's interpreter on CPU, against an
 independent float64 reference that loops over rows and heads.
 
-TRITON_INTERPRET=1 must be in the environment when triton is imported (triton.language's own helpers are
-decorated then) and when the kernels are defined (lazily, on the first call, inside these tests). It is set
-before anything else is imported, triton is imported right away, and the variable is then given back its old
-value except while this module's tests run, so that `kernels.available` stays False on CPU for the rest of
-the session."""
+TRITON_INTERPRET=1 must be in the environment when triton is imported and when the kernels are defined (lazily,
+on the first call): conftest.py sets it before anything is imported, for the whole session (StepFlow's
+kernel="auto" still picks the kernel on CUDA devices only)."""
 
+import math
 import os
-import sys
 
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-_TRITON_PREIMPORTED = "triton" in sys.modules
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-
-def _restore_env():
-    if _INTERPRET_BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
-
-
-try:
-    import triton  # noqa: E402, F401  (imported now, in interpreter mode)
-except ImportError:
-    _restore_env()
-    pytest.skip("triton is not installed", allow_module_level=True)
-_restore_env()
-if _TRITON_PREIMPORTED and _INTERPRET_BEFORE != "1":
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run this file alone",
+pytest.importorskip("triton", reason="triton is not installed (the test extra installs it)")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported (conftest.py sets it)",
                 allow_module_level=True)
 
 from stepscope.flow import kernels  # noqa: E402
 from stepscope.flow.kernels import available, choose_num_splits, oeb_decode  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    _restore_env()
-
 
 HIDDEN = 3
 

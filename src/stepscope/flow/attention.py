@@ -187,7 +187,7 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     try:
         out = oeb_decode(query, key, value, geo.kseg, qt.qgroups, qt.tau_b.view(B), scaling, sinks, part)
     except Exception as e:  # noqa: BLE001 - any failure of an optional kernel means: use the PyTorch path
-        if flow._fused is True and flow.kernel == "triton":
+        if flow.kernel == "triton":
             raise
         flow._disable_fused(f"the fused decoding kernel failed ({type(e).__name__}: {str(e)[:200]})")
         return None
@@ -208,24 +208,13 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 def _reference_decode(query, key, value, geo: LayerGeometry, scaling: float, sinks, flow, layer: int
                       ) -> torch.Tensor:
-    """The PyTorch path's output for the same decoding step in float32, without recording stats."""
-    stats, eligible, pending = flow._stats, list(flow._eligible), len(flow._pending)
-    row_elig = None if flow._row_elig is None else flow._row_elig.copy()
-    flow._stats = None
-    query, key, value = query.float(), key.float(), value.float()
-    masks, geo.masks = geo.masks, {}  # the float32 additive mask is made (and dropped) here
+    """The PyTorch path's output for the same decoding step in float32, recording no stats."""
+    fused, stats = flow._fused, flow._stats
+    flow._fused, flow._stats = False, None
     try:
-        if sinks is None:
-            return _oeb_decode(query, key, value, geo, scaling, None, flow, layer, 0.0)
-        B, H, _, D = query.shape
-        Hkv = key.shape[1]
-        sink = sinks.reshape(1, Hkv, H // Hkv, 1, 1).to(torch.float32)
-        q5 = query.reshape(B, Hkv, H // Hkv, 1, D)
-        return _oeb_block(q5, key, value, geo, 0, 1, scaling, sink, flow, layer, 0.0).transpose(1, 2)
+        return oeb_attention(query.float(), key.float(), value.float(), geo, scaling, sinks, flow, layer)
     finally:
-        flow._stats, flow._eligible, geo.masks = stats, eligible, masks
-        flow._row_elig = row_elig
-        del flow._pending[pending:]
+        flow._fused, flow._stats = fused, stats
 
 
 def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry, scaling: float,

@@ -480,8 +480,8 @@ def generate_traces(model, tokenizer, questions: Sequence[str], *, stepflow=None
                     sf.reset_stats()  # totals per batch (each trace gets its own row's counts)
                 timing = _run_batch(model, batch, s, stop_ids, forced_ids, stream, tb, on_row_done,
                                     can_compact, sf, vocab=len(tokenizer))
-                stats = _stats_dict(sf) if sf is not None else None
                 per_row = sf is not None and callable(getattr(sf, "row_stats", None))
+                stats = _stats_dict(sf) if sf is not None and not per_row else None
                 done = []
                 for i, r in enumerate(batch):  # row i of the batch's prefill
                     meta = dict((metas[r.index] or {}) if metas is not None else {})

@@ -90,9 +90,21 @@ def choose_num_splits(K: int, pairs: int, block_k: int, num_sms: int = NUM_SMS_D
 def _kernels():
     """The kernels, defined on first use (triton is imported here, not at module import). Every name they use
     is a module global (declared below), never a closure variable, so that any triton version resolves it."""
-    global tl, _oeb_finish, _oeb_split_kernel, _oeb_combine_kernel
+    global tl, _oeb_empty_state, _oeb_finish, _oeb_split_kernel, _oeb_combine_kernel
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _oeb_empty_state(NR: tl.constexpr, BDV: tl.constexpr):
+        # the online-softmax state of NR heads before any key: max, the three sums, the three accumulators
+        m = tl.full([NR], -1.0e30, tl.float32)
+        lb = tl.zeros([NR], tl.float32)
+        ls = tl.zeros([NR], tl.float32)
+        lo = tl.zeros([NR], tl.float32)
+        acc_b = tl.zeros([NR, BDV], tl.float32)
+        acc_s = tl.zeros([NR, BDV], tl.float32)
+        acc_o = tl.zeros([NR, BDV], tl.float32)
+        return m, lb, ls, lo, acc_b, acc_s, acc_o
 
     @triton.jit
     def _oeb_finish(b64, g, m, lb, ls, lo, acc_b, acc_s, acc_o, tau_ptr, s_tau, sink_ptr, out_ptr, stats_ptr,
@@ -163,13 +175,7 @@ def _kernels():
         g_b = tl.load(qg_ptr + b64 * s_qg0)
         g_s = tl.load(qg_ptr + b64 * s_qg0 + s_qg1)
 
-        m = tl.full([NR], -1.0e30, tl.float32)
-        lb = tl.zeros([NR], tl.float32)
-        ls = tl.zeros([NR], tl.float32)
-        lo = tl.zeros([NR], tl.float32)
-        acc_b = tl.zeros([NR, BDV], tl.float32)
-        acc_s = tl.zeros([NR, BDV], tl.float32)
-        acc_o = tl.zeros([NR, BDV], tl.float32)
+        m, lb, ls, lo, acc_b, acc_s, acc_o = _oeb_empty_state(NR, BDV)
 
         k_base = k_ptr + b64 * s_kb + g64 * s_kh
         v_base = v_ptr + b64 * s_vb + g64 * s_vh
@@ -235,13 +241,7 @@ def _kernels():
         a_off = 4 * NR + offs_r[:, None] * BDV + offs_dv[None, :]
         per = NR * 4 + 3 * NR * BDV
 
-        m = tl.full([NR], -1.0e30, tl.float32)
-        lb = tl.zeros([NR], tl.float32)
-        ls = tl.zeros([NR], tl.float32)
-        lo = tl.zeros([NR], tl.float32)
-        acc_b = tl.zeros([NR, BDV], tl.float32)
-        acc_s = tl.zeros([NR, BDV], tl.float32)
-        acc_o = tl.zeros([NR, BDV], tl.float32)
+        m, lb, ls, lo, acc_b, acc_s, acc_o = _oeb_empty_state(NR, BDV)
         base = ws_ptr + pid.to(tl.int64) * num_splits * per
         for sp in range(0, num_splits):
             ws = base + sp * per
