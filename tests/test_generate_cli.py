@@ -136,6 +136,18 @@ def test_bad_input_files(tmp_path, capsys):
     assert rc == 2 and "is a folder" in capsys.readouterr().err
 
 
+def test_failure_before_the_first_trace_leaves_no_file(model_dir, tmp_path, capsys, monkeypatch):
+    """An error raised while generating (here: a bad StepFlow kernel name from the environment) is one line,
+    exit 2, and the --out file this run created is gone again."""
+    monkeypatch.setenv("STEPSCOPE_FLOW_KERNEL", "fast")
+    out = tmp_path / "never.jsonl"
+    rc = main(["generate", "What is 2+3?", "--model", model_dir, "--out", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().splitlines()[-1] == ("stepscope generate: error: kernel must be auto, triton "
+                                                        "or torch, got 'fast'")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_parse_layers():
     assert parse_layers("0-3") == [0, 1, 2, 3]
     assert parse_layers("0,2, 5-6") == [0, 2, 5, 6]

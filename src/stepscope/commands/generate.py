@@ -251,9 +251,11 @@ def run(args: argparse.Namespace) -> int:
 
     single = question is not None
     fh = None
+    created = False  # this run made the file: a failure before any trace is saved leaves nothing behind
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(out, "w" if args.overwrite or not out.exists() else "a", encoding="utf-8")
+        created = not out.exists()
+        fh = open(out, "w" if args.overwrite or created else "a", encoding="utf-8")
 
     def save(traces) -> None:
         if fh is None:
@@ -274,6 +276,12 @@ def run(args: argparse.Namespace) -> int:
                                  metas=[{"id": rid} for _, rid, _ in todo], batch_size=args.batch_size,
                                  progress=not args.quiet and not single, stream=stream if single else None,
                                  on_batch=save, **settings)
+    except BaseException:
+        if fh is not None:
+            fh.close()
+            if created and out.stat().st_size == 0:
+                out.unlink()
+        raise
     finally:
         if fh is not None:
             fh.close()
