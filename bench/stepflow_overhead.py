@@ -240,6 +240,28 @@ def self_check(tok, device: str) -> dict:
             "kernel": "triton" if flow._fused else "torch", "passed": worst < 1e-4}
 
 
+def profile(model, tok, args, prompt_tokens: int, out: Path, stem: str) -> None:
+    """torch.profiler over `--profile-tokens` new tokens at batch 1, plain then StepFlow (each warmed up once):
+    the top ops by self CPU time and by device time, written to <stem>_profile_<mode>.txt."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    ids, mask = prompts(tok, 1, prompt_tokens)
+    ids, mask = ids.to(args.device), mask.to(args.device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    for mode in ("plain", "stepflow"):
+        run_once(model, tok, ids, mask, args.profile_tokens, mode, args.device)
+        with torch_profile(activities=acts) as prof:
+            dt, _, _ = run_once(model, tok, ids, mask, args.profile_tokens, mode, args.device)
+        ka = prof.key_averages()
+        dev_key = "self_device_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+        text = (f"{mode}: {args.profile_tokens} new tokens at batch 1 in {dt:.3f}s under the profiler\n\n"
+                f"by self CPU time\n{ka.table(sort_by='self_cpu_time_total', row_limit=40)}\n\n"
+                f"by {dev_key}\n{ka.table(sort_by=dev_key, row_limit=30)}\n")
+        atomic_write_text(out / f"{stem}_profile_{mode}.txt", text)
+        log(f"profile {mode}: {dt:.3f}s for {args.profile_tokens} tokens")
+
+
 def markdown(res: dict) -> str:
     lines = [f"# StepFlow overhead: {res['shape']} on {res['device_name']}", "",
              f"{res['dtype']}, prompts of about {res['prompt_tokens']} tokens, {res['new_tokens']} new tokens "
@@ -286,8 +308,12 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="plain,stepflow,eager")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--warmup-tokens", type=int, default=None,
-                    help="new tokens of the untimed warm-up run of each mode (default: --new-tokens; a short "
-                         "warm-up left the first timed GPU run 3x slow)")
+                    help="new tokens of the untimed warm-up run of every mode but the first (default: "
+                         "--new-tokens); the first mode always warms up at full length (a short warm-up left "
+                         "the first timed GPU run 3x slow: allocator and clocks)")
+    ap.add_argument("--profile-tokens", type=int, default=0,
+                    help="also profile N decoding tokens of plain and StepFlow at batch 1 with torch.profiler "
+                         "(tables of the top ops by self CPU and device time, written beside the results)")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and rounds")
     ap.add_argument("--self-check", action="store_true",
                     help="first check StepFlow's cached decoding against teacher forcing on this device")
@@ -329,14 +355,17 @@ def main(argv=None) -> int:
         res["self_check"] = self_check(tok, args.device)
         log(f"self-check: {res['self_check']}")
         save()
+    if args.profile_tokens:
+        profile(model, tok, args, prompt_tokens, out, stem)
     for B in batches:
         ids, mask = prompts(tok, B, prompt_tokens)
         ids, mask = ids.to(args.device), mask.to(args.device)
         row = res["batches"][str(B)] = {"prompt_ids_shape": list(ids.shape), "seconds": {m: [] for m in modes},
                                         "cpu_seconds": {m: [] for m in modes}}
         warm = args.warmup_tokens if args.warmup_tokens is not None else new_tokens
-        for m in modes:  # untimed warm-up at full length: kernels, allocator and autotuning for every KV size
-            run_once(model, tok, ids, mask, warm, m, args.device)
+        for i, m in enumerate(modes):  # untimed warm-up: allocator and clocks (first mode at full length),
+            # kernels and their compilation (every mode)
+            run_once(model, tok, ids, mask, new_tokens if i == 0 else min(warm, new_tokens), m, args.device)
         for r in range(repeats):
             for m in (modes if r % 2 == 0 else modes[::-1]):
                 dt, dc, stats = run_once(model, tok, ids, mask, new_tokens, m, args.device)

@@ -1,9 +1,11 @@
-"""The fused OEB decoding kernel (stepscope.flow.kernels), run by Triton's interpreter on CPU, against an
-independent float64 reference that loops over rows and heads.
+"""The fused OEB decoding kernel (stepscope.flow.kernels), against an independent float64 reference that loops
+over rows and heads.
 
-TRITON_INTERPRET=1 must be in the environment when triton is imported and when the kernels are defined (lazily,
-on the first call): conftest.py sets it before anything is imported, for the whole session (StepFlow's
-kernel="auto" still picks the kernel on CUDA devices only)."""
+Here (and in CI) Triton's interpreter runs it on CPU: TRITON_INTERPRET=1 must be in the environment when triton
+is imported and when the kernels are defined (lazily, on the first call); conftest.py sets it before anything is
+imported, for the whole session (StepFlow's kernel="auto" still picks the kernel on CUDA devices only).
+On a GPU machine, `TRITON_INTERPRET=0 pytest tests/test_flow_kernels.py` runs the same tests on the compiled
+kernel: inputs are built on CPU, moved to the GPU for the call, and compared on CPU."""
 
 import math
 import os
@@ -12,14 +14,28 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed (the test extra installs it)")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported (conftest.py sets it)",
-                allow_module_level=True)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported (conftest.py sets it) and there is "
+                "no GPU", allow_module_level=True)
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 
 from stepscope.flow import kernels  # noqa: E402
-from stepscope.flow.kernels import available, choose_num_splits, oeb_decode  # noqa: E402
+from stepscope.flow.kernels import available, choose_num_splits  # noqa: E402
 
 HIDDEN = 3
+
+
+def oeb_decode(query, key, value, kseg, qgroups, tau_b, scaling, sinks=None, stats=None, num_splits=None):
+    """kernels.oeb_decode on DEVICE for CPU inputs (strides kept where .to keeps them); the output comes back to
+    the CPU and `stats` is filled in place, as the kernel does."""
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    st = to(stats)
+    out = kernels.oeb_decode(to(query), to(key), to(value), to(kseg), to(qgroups), to(tau_b), scaling,
+                             sinks=to(sinks), stats=st, num_splits=num_splits)
+    if stats is not None:
+        stats.copy_(st.cpu())
+    return out.cpu()
 
 
 def reference(query, key, value, kseg, qgroups, tau_b, scaling, sinks=None):
@@ -225,7 +241,7 @@ def test_choose_num_splits():
 
 
 def test_available_and_argument_checks():
-    assert available(torch.device("cpu"))  # the interpreter is on
+    assert available(DEVICE)  # the interpreter is on, or a GPU
     query, key, value, kseg, qgroups, tau_b, scaling, _ = make_inputs(1, 4, 2, 5, 16)
     with pytest.raises(ValueError):
         oeb_decode(query, key, value, kseg.long(), qgroups, tau_b, scaling)
