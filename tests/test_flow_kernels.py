@@ -250,3 +250,31 @@ def test_available_and_argument_checks():
     with pytest.raises(ValueError):
         oeb_decode(query.expand(1, 4, 2, 16), key, value, kseg, qgroups, tau_b, scaling)
     assert kernels.NUM_SMS_DEFAULT == 132
+
+
+def test_one_plan_serves_every_layer_of_a_forward():
+    """StepFlow plans once per forward (kernels.plan_decode) and launches every OEB layer with that plan: each
+    layer's inputs (other values, other strides of the same shapes) still give the reference output."""
+    layers = [make_inputs(3, 6, 2, 300, 24, sinks=s, seed=20 + i, contiguous_query=i == 1) for i, s in
+              enumerate((False, True, False))]
+    q, k, v, kseg, qg, tau, scaling, _ = layers[0]
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    plan = kernels.plan_decode(to(q), to(k), to(v), to(kseg), to(qg), to(tau), num_splits=4)
+    assert plan.num_splits == 4 and plan.ws_elems > 0
+    for q, k, v, kseg, qg, tau, scaling, sinks in layers:
+        stats = torch.zeros(3, 6, 5, device=DEVICE)
+        out = kernels.oeb_decode(to(q), to(k), to(v), to(kseg), to(qg), to(tau), scaling, sinks=to(sinks),
+                                 stats=stats, plan=plan)
+        ref, ref_stats, _ = reference(q, k, v, kseg, qg, tau, scaling, sinks)
+        torch.testing.assert_close(out.cpu().double(), ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(stats.cpu().double(), ref_stats, atol=1e-5, rtol=0)
+
+
+def test_plan_checks_name_the_problem():
+    q, k, v, kseg, qg, tau, scaling, _ = make_inputs(2, 4, 2, 9, 16)
+    with pytest.raises(ValueError, match="tau_b must be float32"):
+        kernels.plan_decode(q, k, v, kseg, qg, tau.double())
+    with pytest.raises(ValueError, match="stats must be"):
+        kernels.plan_decode(q, k, v, kseg, qg, tau, stats=torch.zeros(2, 4, 4))
+    with pytest.raises(ValueError, match="one query per row"):
+        kernels.plan_decode(q.expand(2, 4, 3, 16), k, v, kseg, qg, tau)

@@ -156,3 +156,52 @@ def test_linear_time(think_tokenizer, n):
     per_token = (time.perf_counter() - t0) / len(ids)
     assert per_token < 200e-6, f"{per_token * 1e6:.1f} us per token"
     assert len(seg.steps) >= n // 10 - 1
+
+
+class CharByChar(Segmenter):
+    """The segmenter without its bulk path: every character goes through _scan_char and _match_marker."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self._marker_end = re.compile(r"[\s\S]")  # every token "may end a marker"
+
+
+def test_space_class_is_str_isspace():
+    import sys
+
+    from stepscope.segment import _TRAILING_NONSPACE
+
+    def trailing_start(s):  # where the run of non-space characters at the end begins
+        return _TRAILING_NONSPACE.search(s).start()
+
+    assert [c for c in range(sys.maxunicode + 1) if trailing_start("a" + chr(c)) != (2 if chr(c).isspace() else 0)] == []
+
+
+def _state(seg):
+    return (seg.segment, dict(seg.boundaries), seg.num_tokens, seg.num_chars, seg._tail, "".join(seg._piece_buf),
+            seg._piece_start, seg._prev_char, seg._prev_tok, seg._nl_run, seg._last_ns_pos, seg._last_ns_tok,
+            seg._armed, seg._step_start)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(thinking=TEXTS, summary=TEXTS, split=st.booleans())
+def test_bulk_path_equals_char_by_char(chatml_tokenizer, thinking, summary, split):
+    """Token by token, the segmenter's bulk path leaves exactly the state the character loop leaves."""
+    tok = chatml_tokenizer
+    text = ("<|im_start|>user\nQ. Yes?\n\nok<|im_end|>\n<|im_start|>assistant\n<think>\n" + thinking + "</think>"
+            + summary)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    fast, slow = Segmenter(tok, "think", split_question=split), CharByChar(tok, "think", split_question=split)
+    for i in ids:
+        assert spans(fast.feed((i,))) == spans(slow.feed((i,)))
+        assert _state(fast) == _state(slow)
+    assert spans(fast.finish()) == spans(slow.finish())
+
+
+def test_bulk_path_on_shared_traces(traces_available, chatml_tokenizer):
+    for rec in shared_trace_records()[:12]:
+        tr = Trace.from_text(chatml_tokenizer, question=rec["problem"], response=rec["response"])
+        _, fast = run_chunks(chatml_tokenizer, tr.token_ids, [1] * len(tr))
+        slow = CharByChar(chatml_tokenizer, "think")
+        got = [s for i in tr.token_ids for s in slow.feed((i,))] + slow.finish()
+        assert spans(fast) == spans(got) == spans(tr.steps)

@@ -31,6 +31,9 @@ from .tokens import TokenBytes, token_bytes
 KINDS = ("question", "thinking", "summary")
 _BARE_NUMBER = re.compile(r"^[-+(]?[$€£]?\d[\d,.\s]*[.):%]?$")
 _TABLE_ROW = re.compile(r"^\|.*\|$|^\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?$", re.S)
+# the run of non-space characters at the end of a string (\S is exactly "not str.isspace()": tested over all
+# code points)
+_TRAILING_NONSPACE = re.compile(r"\S*\Z")
 
 
 @dataclass
@@ -97,6 +100,8 @@ class Segmenter:
         self._token_texts: list[str] = []
         self._tail = ""  # the last characters, for marker matching
         self._max_marker = max(len(m) for m in self._markers_all())
+        # the last characters of the markers: a token without any of them cannot complete one
+        self._marker_end = re.compile("[" + re.escape("".join(sorted({m[-1] for m in self._markers_all()}))) + "]")
         self._reset_piece(step_start=0, char_pos=0)
 
     # -- state ------------------------------------------------------------------------------------------------
@@ -133,7 +138,31 @@ class Segmenter:
         chars = self._decoder.decode(self.tokbytes(tid))
         self.num_tokens += 1
         self._token_texts.append(chars)
-        self.token_char_ends.append(self.num_chars + len(chars))
+        start = self.num_chars
+        self.token_char_ends.append(start + len(chars))
+        if not chars:
+            return
+        if not self._marker_end.search(chars):
+            # the common case, in bulk: no character of this token can end a marker, so no transition and no
+            # arming (what _match_marker would find char by char); without white space nothing can be cut
+            # either (what _scan_char would find), only its "last character" bookkeeping moves
+            self.num_chars = start + len(chars)
+            self._tail = (self._tail + chars)[-self._max_marker:]
+            if self.segment != "question" or self.split_question:
+                # characters up to the last white space one by one (usually one leading space), the run of
+                # non-space characters after it in bulk
+                k = _TRAILING_NONSPACE.search(chars).start()
+                for i in range(k):
+                    self._scan_char(chars[i], start + i, t, closed)
+                    self._piece_buf.append(chars[i])
+                if k < len(chars):
+                    self._nl_run = 0
+                    self._last_ns_pos, self._last_ns_tok = self.num_chars - 1, t
+                    self._prev_char, self._prev_tok = chars[-1], t
+                    self._piece_buf.extend(chars[k:])
+                return
+            self._piece_buf.extend(chars)
+            return
         transition = None
         for ch in chars:
             pos = self.num_chars

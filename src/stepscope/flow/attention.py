@@ -140,16 +140,16 @@ def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
     every product is a plain batched matmul (no broadcast copies of keys or values).
     """
     B, H, Q, D = query.shape
+    if Q == 1 and geo.kseg is not None and flow._fused is not False and not dropout:
+        out = _oeb_decode_fused(query, key, value, geo, scaling, sinks, flow, layer)
+        if out is not None:
+            return out
     Hkv, K = key.shape[1], key.shape[2]
     n_rep = H // Hkv
     q5 = query.view(B, Hkv, n_rep, Q, D) if query.is_contiguous() else query.reshape(B, Hkv, n_rep, Q, D)
     sink = None
     if sinks is not None:
         sink = sinks.reshape(1, Hkv, n_rep, 1, 1).to(torch.float32)
-    if Q == 1 and geo.kseg is not None and flow._fused is not False and not dropout:
-        out = _oeb_decode_fused(query, key, value, geo, scaling, sinks, flow, layer)
-        if out is not None:
-            return out
     if Q == 1 and geo.decode and sinks is None:
         return _oeb_decode(query, key, value, geo, scaling, sink, flow, layer, dropout)
     rows = max(1, flow.block_elems // max(1, B * H * K))
@@ -177,15 +177,24 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     rounding of the output itself). GPT-OSS's sink layers are compared with the PyTorch block path. A mismatch
     or an error (e.g. a Triton that cannot compile it) warns once and switches this StepFlow to the PyTorch
     path."""
-    from .kernels import oeb_decode
+    from .kernels import oeb_decode, plan_decode
 
     B, H = query.shape[0], query.shape[1]
     qt = geo.qt
+    tau_b = qt.tau_b.view(B)
     part = None
     if flow._stats is not None:
-        part = torch.empty(B, H, 5, dtype=torch.float32, device=query.device)
+        # one zeroed stats buffer per forward for all OEB layers (a layer that does not run the kernel keeps
+        # zeros), reduced with the other forwards' at the next flush
+        if geo.fused_stats is None:
+            geo.fused_stats = torch.zeros(len(flow.oeb_layers), B, H, 5, dtype=torch.float32, device=query.device)
+            flow._pending.append(("fused", geo.fused_layers, geo.fused_stats, qt, H))
+        part = geo.fused_stats[flow._oeb_pos[layer]]
     try:
-        out = oeb_decode(query, key, value, geo.kseg, qt.qgroups, qt.tau_b.view(B), scaling, sinks, part)
+        plan = geo.plan
+        if plan is None or plan.H != H:  # checked and planned once per forward: every OEB layer has these shapes
+            plan = geo.plan = plan_decode(query, key, value, geo.kseg, qt.qgroups, tau_b, sinks, part)
+        out = oeb_decode(query, key, value, geo.kseg, qt.qgroups, tau_b, scaling, sinks, part, plan=plan)
     except Exception as e:  # noqa: BLE001 - any failure of an optional kernel means: use the PyTorch path
         if flow.kernel == "triton":
             raise
@@ -201,8 +210,7 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             return None
         flow._fused = True
     if part is not None:
-        flow._pending.append((layer, part))
-        flow._count_eligible(layer, qt, H)
+        geo.fused_layers.append(layer)  # counted (eligible pairs, stats) at the next flush
     return out
 
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -268,21 +269,31 @@ def _block_k(NR: int, BD: int, BDV: int) -> int:
     return max(16, min(128, 1 << (bk.bit_length() - 1)))
 
 
-def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+class DecodePlan(NamedTuple):
+    """Launch parameters of `oeb_decode` for one set of shapes: made once per forward by StepFlow and reused by
+    every OEB layer of that forward (the layers share B, H, Hkv, K, D and the device)."""
+
+    B: int
+    H: int
+    Hkv: int
+    K: int
+    D: int
+    Dv: int
+    n_rep: int
+    NR: int
+    BK: int
+    BD: int
+    BDV: int
+    num_splits: int
+    keys_per_split: int
+    num_warps: int
+    ws_elems: int  # float32 workspace elements (0: one launch, no workspace)
 
 
-def oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg: torch.Tensor,
-               qgroups: torch.Tensor, tau_b: torch.Tensor, scaling: float, sinks: torch.Tensor | None = None,
-               stats: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """One decoding step of attention with the Odds-Equal Bridge (see the module docstring).
-
-    query [B, H, 1, D], key [B, Hkv, K, D], value [B, Hkv, K, Dv], kseg int8 [B, K] (0 question, 1 thinking,
-    2 summary, 3 hidden), qgroups int32 [B, 2] (segment of B, segment of S), tau_b float32 [B] (0: not
-    eligible), sinks [H] or None, stats float32 [B, H, 5] contiguous or None (written, not accumulated).
-    num_splits: None chooses it (`choose_num_splits`); an explicit value is used as given (empty splits are
-    fine). Returns [B, 1, H, Dv] contiguous in value's dtype. Compilation errors propagate."""
-    split_kernel, combine_kernel = _kernels()
+def plan_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg: torch.Tensor,
+                qgroups: torch.Tensor, tau_b: torch.Tensor, sinks: torch.Tensor | None = None,
+                stats: torch.Tensor | None = None, num_splits: int | None = None) -> DecodePlan:
+    """Check the arguments of `oeb_decode` (ValueError naming the problem) and choose its launch parameters."""
     B, H, Q, D = query.shape
     Bk, Hkv, K, Dk = key.shape
     Dv = value.shape[-1]
@@ -302,11 +313,6 @@ def oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg
     if stats is not None and (stats.dtype != torch.float32 or tuple(stats.shape) != (B, H, 5)
                               or not stats.is_contiguous()):
         raise ValueError(f"stats must be a contiguous float32 [{B}, {H}, 5] tensor")
-    query, key, value = _last_contiguous(query), _last_contiguous(key), _last_contiguous(value)
-    kseg = _last_contiguous(kseg)
-    if sinks is not None:
-        sinks = sinks.contiguous()
-
     n_rep = H // Hkv
     NR = _next_pow2(n_rep)
     BD = max(16, _next_pow2(D))
@@ -319,27 +325,57 @@ def oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg
     nblocks = max(1, -(-K // BK))
     keys_per_split = -(-nblocks // num_splits) * BK
     num_warps = 4 if NR * BK * max(BD, BDV) <= _ELEMS_BUDGET else 8
+    ws_elems = 0 if num_splits == 1 else pairs * num_splits * (4 * NR + 3 * NR * BDV)
+    return DecodePlan(B, H, Hkv, K, D, Dv, n_rep, NR, BK, BD, BDV, num_splits, keys_per_split, num_warps,
+                      ws_elems)
 
+
+def oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg: torch.Tensor,
+               qgroups: torch.Tensor, tau_b: torch.Tensor, scaling: float, sinks: torch.Tensor | None = None,
+               stats: torch.Tensor | None = None, num_splits: int | None = None,
+               plan: DecodePlan | None = None) -> torch.Tensor:
+    """One decoding step of attention with the Odds-Equal Bridge (see the module docstring).
+
+    query [B, H, 1, D], key [B, Hkv, K, D], value [B, Hkv, K, Dv], kseg int8 [B, K] (0 question, 1 thinking,
+    2 summary, 3 hidden), qgroups int32 [B, 2] (segment of B, segment of S), tau_b float32 [B] (0: not
+    eligible), sinks [H] or None, stats float32 [B, H, 5] contiguous or None (written, not accumulated).
+    num_splits: None chooses it (`choose_num_splits`); an explicit value is used as given (empty splits are
+    fine). `plan`: the result of `plan_decode` for these shapes (its checks are then skipped: the caller
+    vouches that the shapes are the planned ones). Returns [B, 1, H, Dv] contiguous in value's dtype.
+    Compilation errors propagate."""
+    split_kernel, combine_kernel = _kernels()
+    if plan is None:
+        plan = plan_decode(query, key, value, kseg, qgroups, tau_b, sinks, stats, num_splits)
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    if value.stride(-1) != 1:
+        value = value.contiguous()
+    if kseg.stride(-1) != 1:
+        kseg = kseg.contiguous()
+    if sinks is not None and not sinks.is_contiguous():
+        sinks = sinks.contiguous()
     if query.device.type == "cuda" and query.device.index != torch.cuda.current_device():
         # a model split over several GPUs (device_map): triton launches on the current device
         with torch.cuda.device(query.device):
-            return oeb_decode(query, key, value, kseg, qgroups, tau_b, scaling, sinks, stats, num_splits)
+            return oeb_decode(query, key, value, kseg, qgroups, tau_b, scaling, sinks, stats, plan=plan)
+    B, H, Dv, pairs = plan.B, plan.H, plan.Dv, plan.B * plan.Hkv
     out = torch.empty(B, 1, H, Dv, dtype=value.dtype, device=value.device)
-    final = num_splits == 1
-    ws = (out if final else
-          torch.empty(pairs * num_splits * (4 * NR + 3 * NR * BDV), dtype=torch.float32, device=query.device))
+    final = plan.num_splits == 1
+    ws = out if final else torch.empty(plan.ws_elems, dtype=torch.float32, device=query.device)
     sink_arg = sinks if sinks is not None else tau_b
     stats_arg = stats if stats is not None else tau_b
-    split_kernel[(pairs, num_splits)](
+    split_kernel[(pairs, plan.num_splits)](
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1), key.stride(2),
         value, value.stride(0), value.stride(1), value.stride(2), kseg, kseg.stride(0),
         qgroups, qgroups.stride(0), qgroups.stride(1), tau_b, tau_b.stride(0), sink_arg, out, stats_arg,
-        ws, float(scaling), H, Hkv, K, D, Dv, n_rep, keys_per_split,
-        NR=NR, BK=BK, BD=BD, BDV=BDV, FINAL=final, HAS_SINK=sinks is not None, HAS_STATS=stats is not None,
-        num_warps=num_warps)
+        ws, float(scaling), H, plan.Hkv, plan.K, plan.D, Dv, plan.n_rep, plan.keys_per_split,
+        NR=plan.NR, BK=plan.BK, BD=plan.BD, BDV=plan.BDV, FINAL=final, HAS_SINK=sinks is not None,
+        HAS_STATS=stats is not None, num_warps=plan.num_warps)
     if not final:
         combine_kernel[(pairs,)](
             ws, tau_b, tau_b.stride(0), sink_arg, out, stats_arg,
-            H, Hkv, Dv, n_rep, num_splits,
-            NR=NR, BDV=BDV, HAS_SINK=sinks is not None, HAS_STATS=stats is not None, num_warps=4)
+            H, plan.Hkv, Dv, plan.n_rep, plan.num_splits,
+            NR=plan.NR, BDV=plan.BDV, HAS_SINK=sinks is not None, HAS_STATS=stats is not None, num_warps=4)
     return out

@@ -202,12 +202,13 @@ class KeyState:
             self.seg = sg
 
     def append(self, past: int, codes: torch.Tensor, padmask: torch.Tensor | None,
-               seg: torch.Tensor | None = None) -> None:
+               seg: torch.Tensor | None = None, onehot: torch.Tensor | None = None) -> None:
         """Keys [past, past + Q): segment codes int64 [B, Q] (and their padding mask, prefill only; and their
-        int8 codes with padding as 3, when the fused kernel is in use)."""
+        int8 codes with padding as 3, when the fused kernel is in use; and their one-hot float32 [B, Q, 3]
+        when the caller has it: no one_hot kernel then)."""
         Q = codes.shape[1]
         self.ensure(past + Q)
-        self.onehot[:, past:past + Q] = torch.nn.functional.one_hot(codes, 3)
+        self.onehot[:, past:past + Q] = onehot if onehot is not None else torch.nn.functional.one_hot(codes, 3)
         if padmask is not None:
             self.padmask[:, past:past + Q] = padmask
         if self.seg is not None and seg is not None:
@@ -237,6 +238,11 @@ class LayerGeometry:
     groups: torch.Tensor | None = None  # float32 [B, K, 3]: key in the row's bridge B, in its group S, in O
     groups_t: torch.Tensor | None = None  # float32 [B, 2, K]: the B and S columns, transposed
     masks: dict = field(default_factory=dict)  # (Hkv, dtype) -> additive mask [B * Hkv, 1, K]
+    # the fused kernel's launch plan (kernels.DecodePlan), its stats buffer [n_oeb, B, H, 5] for this forward
+    # and the OEB layers that wrote into it
+    plan: object | None = None
+    fused_stats: torch.Tensor | None = None
+    fused_layers: list = field(default_factory=list)
 
 
 @dataclass
@@ -373,8 +379,8 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
         ints, floats = dev.pop("ints"), dev.pop("floats")
         dev.update(codes=ints[:B].view(B, 1), gidx=ints[B:].view(B, 1, 2), tau=floats[:B].view(B, 1),
                    elig=floats[B:2 * B].view(B, 1), sel=floats[2 * B:11 * B].view(B, 3, 3),
-                   tau_pair=floats[11 * B:].view(B, 1, 2))
-    keys.append(past, dev["codes"], dev.get("pad"), dev.get("seg8"))
+                   tau_pair=floats[11 * B:13 * B].view(B, 1, 2), onehot=floats[13 * B:].view(B, 1, 3))
+    keys.append(past, dev["codes"], dev.get("pad"), dev.get("seg8"), dev.get("onehot"))
     fs = ForwardState(B, past, q_len, device, tau_max, alpha, any_oeb, host, dev, keys, len(fb))
     if any_oeb:
         fs.windows[None] = _query_tensors(dev, n_elig)
@@ -386,9 +392,9 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
 def _decode_pack(lo: list[int], hi: list[int], bounds: list[tuple[int, int]], q: int, tau_max: float
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One query per row, at kv index q, full attention: int64 [3B] (key codes, then gidx pairs) and float32
-    [13B] (tau_B, eligible, sel 3x3, tau_pair) exactly as query_geometry and decode_selectors give them, and
-    the eligible flag of each row (float64 [B])."""
-    codes, gidx, tau, elig, sel, pair = [], [], [], [], [], []
+    [16B] (tau_B, eligible, sel 3x3, tau_pair, the new key's one-hot segment) exactly as query_geometry,
+    decode_selectors and one_hot give them, and the eligible flag of each row (float64 [B])."""
+    codes, gidx, tau, elig, sel, pair, oh = [], [], [], [], [], [], []
     for lo_b, hi_b, (t0, s0) in zip(lo, hi, bounds):
         seg = (q >= t0) + (q >= s0)
         codes.append(seg)
@@ -409,8 +415,9 @@ def _decode_pack(lo: list[int], hi: list[int], bounds: list[tuple[int, int]], q:
             r[2] = 1.0 - r[0] - r[1]
             sel += r
         pair += (t, -t)
+        oh += (float(seg == 0), float(seg == 1), float(seg == 2))
     return (np.array(codes + gidx, dtype=np.int64),
-            np.array(tau + elig + sel + pair, dtype=np.float32), np.array(elig))
+            np.array(tau + elig + sel + pair + oh, dtype=np.float32), np.array(elig))
 
 
 def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Tensor | None,

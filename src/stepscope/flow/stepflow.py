@@ -128,6 +128,7 @@ class StepFlow:
         self.num_layers = int(text_cfg.num_hidden_layers)
         self.oeb_layers, self.smi_layers = config.resolve(self.num_layers)
         self._oeb_set = frozenset(self.oeb_layers)
+        self._oeb_pos = {layer: i for i, layer in enumerate(self.oeb_layers)}
         self._smi_set = frozenset(self.smi_layers)
         if tokenizer is None:
             raise StepscopeError("StepFlow needs the model's tokenizer to find the thinking steps")
@@ -262,25 +263,34 @@ class StepFlow:
 
     def _flush_stats(self) -> None:
         """Reduce the decode path's per-layer stats of the last forwards in a dozen kernels. An entry is either
-        (layer, fire, p_bs, factors, tau_b) from the PyTorch path or (layer, part [B, H, 5]) from the kernel."""
+        (layer, fire, p_bs, factors, tau_b) from the PyTorch path or ("fused", layers, stats [n_oeb, B, H, 5],
+        query tensors, heads) from one forward of the kernel (its eligible pairs are counted here too)."""
         pend, self._pending = self._pending, []
         if not pend or self._stats is None:
             return
-        for group in ([e for e in pend if len(e) == 5], [e for e in pend if len(e) == 2]):
+        fused = [e for e in pend if e[0] == "fused"]
+        for _, layers, _, qt, heads in fused:
+            if layers:
+                for layer in layers:
+                    self._eligible[layer] += qt.n_eligible * heads
+                if self._row_elig is not None:
+                    self._row_elig[np.ix_(self._row_orig, layers)] += qt.elig_rows[:, None] * heads
+        for group in ([e for e in pend if e[0] != "fused"], fused):
             if not group:
                 continue
-            layers = tuple(e[0] for e in group)
-            idx = self._layer_ids.get(layers)
-            if idx is None:
-                idx = self._layer_ids[layers] = torch.tensor(layers, device=self.device)
-            if len(group[0]) == 2:
-                part = torch.stack([e[1] for e in group]).sum(2)  # [n, B, 5]
+            if group[0][0] == "fused":  # every OEB layer's slot, zeros where a layer did not run the kernel
+                layers = tuple(self.oeb_layers)
+                part = torch.stack([e[2] for e in group]).sum((0, 3))  # [n_oeb, B, 5]
             else:
+                layers = tuple(e[0] for e in group)
                 fire = torch.stack([e[1] for e in group]).to(torch.float32)  # [n, B, H, 1]
                 p_bs = torch.stack([e[2] for e in group])  # [n, B, H, 2]
                 fac = torch.stack([e[3] for e in group])  # [n, B, H, 2]
                 el = (torch.stack([e[4][:, :1] for e in group]) > 0).to(torch.float32)[:, :, None]  # [n, B, 1, 1]
                 part = (torch.cat([fire, p_bs, fac * p_bs], -1) * el).sum(2)  # [n, B, 5]
+            idx = self._layer_ids.get(layers)
+            if idx is None:
+                idx = self._layer_ids[layers] = torch.tensor(layers, device=self.device)
             part = part.to(torch.float64)
             self._stats.index_add_(0, idx, part.sum(1))
             # per row: flat (original row, layer) index; every pending entry has the current rows (the
@@ -289,9 +299,13 @@ class StepFlow:
             flat = (self._row_orig_dev[None, :] * n_layers + idx[:, None]).reshape(-1)
             self._row_stats.view(-1, 5).index_add_(0, flat, part.reshape(-1, 5))
 
+    def _pending_rows(self) -> int:
+        e = self._pending[0]
+        return e[2].shape[1] if e[0] == "fused" else e[1].shape[0]
+
     def _pre_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if self._pending and (len(self._pending) >= 512 or ids is None or self._pending[0][1].shape[0] != ids.shape[0]):
+        if self._pending and (len(self._pending) >= 512 or ids is None or self._pending_rows() != ids.shape[0]):
             self._flush_stats()  # stats of many forwards are reduced together
         if ids is None:
             raise StepscopeError("StepFlow needs input_ids: a forward with inputs_embeds alone cannot be segmented")
