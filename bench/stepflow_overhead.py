@@ -9,7 +9,10 @@ Three rows per batch size, same model, weights, prompts, backend and settings, t
   PyTorch decoding path, to show what the fused kernel buys;
 - eager: the released research code's approach at its cost floor: eager attention in every layer, the model
   otherwise plain (its per-token host round trips per layer are not even counted).
-tokens/s = batch x new tokens / wall time of the whole `generate` call (prefill included).
+tokens/s = batch x new tokens / wall time of the whole `generate` call (prefill included). Every timed run also
+notes the host time of each decoding step (a logits processor that does no device work, the same in every
+mode): the median step of the first and last quarter and the slowest step go to the JSON under "steps"; on CUDA
+the GPU's temperature, SM clock and power after each run go under "telemetry".
 
 Modes:
   python bench/stepflow_overhead.py --device cpu                      # SmolLM2-135M, batch 1 and 8
@@ -166,10 +169,35 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_once(model, tok, ids, mask, new_tokens: int, mode: str, device: str) -> tuple[float, float, dict | None]:
+class StepClock:
+    """A logits processor that only notes the host time of each decoding step (no device work, no sync), so
+    that a run's slow steps can be told apart: early or late, steady or spiky."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+    def summary(self) -> dict:
+        d = [b - a for a, b in zip(self.times, self.times[1:])]
+        if len(d) < 8:
+            return {}
+        q = len(d) // 4
+        return {"first_quarter_ms": statistics.median(d[:q]) * 1e3, "last_quarter_ms": statistics.median(d[-q:]) * 1e3,
+                "max_ms": max(d) * 1e3}
+
+
+def run_once(model, tok, ids, mask, new_tokens: int, mode: str, device: str, clock: StepClock | None = None
+             ) -> tuple[float, float, dict | None]:
     """Wall seconds and process CPU seconds of one generate call in `mode`, and StepFlow's stats."""
+    from transformers import LogitsProcessorList
+
     kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
               min_new_tokens=new_tokens, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+    if clock is not None:
+        kw["logits_processor"] = LogitsProcessorList([clock])
     stats = None
     if mode == "eager":
         set_impl(model, "eager")
@@ -197,6 +225,18 @@ def run_once(model, tok, ids, mask, new_tokens: int, mode: str, device: str) -> 
             set_impl(model, "sdpa")
     assert out.shape[1] == ids.shape[1] + new_tokens
     return dt, dc, stats
+
+
+def telemetry(device: str) -> dict | None:
+    """The GPU's temperature (C), SM clock (MHz) and power draw (mW) right after a run (None off CUDA or without
+    pynvml): a slowing GPU shows here, a slowing host does not."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        return {"temp_c": torch.cuda.temperature(), "sm_mhz": torch.cuda.clock_rate(),
+                "power_mw": torch.cuda.power_draw()}
+    except Exception:  # noqa: BLE001 - pynvml missing or unsupported: no telemetry
+        return None
 
 
 def self_check(tok, device: str) -> dict:
@@ -368,9 +408,14 @@ def main(argv=None) -> int:
             run_once(model, tok, ids, mask, new_tokens if i == 0 else min(warm, new_tokens), m, args.device)
         for r in range(repeats):
             for m in (modes if r % 2 == 0 else modes[::-1]):
-                dt, dc, stats = run_once(model, tok, ids, mask, new_tokens, m, args.device)
+                clock = StepClock()
+                dt, dc, stats = run_once(model, tok, ids, mask, new_tokens, m, args.device, clock)
+                row.setdefault("steps", {mm: [] for mm in modes})[m].append(clock.summary())
                 row["seconds"][m].append(dt)
                 row["cpu_seconds"][m].append(dc)
+                tel = telemetry(args.device)
+                if tel is not None:
+                    row.setdefault("telemetry", {m: [] for m in modes})[m].append(tel)
                 if stats is not None:
                     row["stepflow_stats" if m == "stepflow" else f"{m}_stats"] = stats
                 log(f"batch {B:>3} round {r + 1}/{repeats} {m:>8}: {dt:7.2f}s  {B * new_tokens / dt:9.1f} tok/s")
