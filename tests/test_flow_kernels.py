@@ -278,3 +278,23 @@ def test_plan_checks_name_the_problem():
         kernels.plan_decode(q, k, v, kseg, qg, tau, stats=torch.zeros(2, 4, 4))
     with pytest.raises(ValueError, match="one query per row"):
         kernels.plan_decode(q.expand(2, 4, 3, 16), k, v, kseg, qg, tau)
+
+
+@pytest.mark.parametrize("dot", [True, False])
+@pytest.mark.parametrize("B,H,Hkv,K,D,sinks,num_splits", [CASES[1], CASES[5], (2, 7, 1, 300, 64, True, 1)])
+def test_both_product_forms(dot, B, H, Hkv, K, D, sinks, num_splits):
+    """Products by tl.dot (the default: 16 query rows at least, blocks of 64 keys) and by broadcast
+    multiply-and-sum give the reference output, float32 and bfloat16 (on CPU, Triton's interpreter runs the
+    dot form in float32: its bf16 tl.dot is wrong; the GPU run of these tests covers bf16 operands)."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        q, k, v, kseg, qg, tau, scaling, sk = make_inputs(B, H, Hkv, K, D, dtype=dtype, sinks=sinks, seed=9)
+        to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+        stats = torch.zeros(B, H, 5, device=DEVICE)
+        plan = kernels.plan_decode(to(q), to(k), to(v), to(kseg), to(qg), to(tau), to(sk), stats,
+                                   num_splits=num_splits, dot=dot)
+        assert plan.dot == dot and (plan.NR >= 16) == (dot or H // Hkv > 8)
+        out = kernels.oeb_decode(to(q), to(k), to(v), to(kseg), to(qg), to(tau), scaling, to(sk), stats, plan=plan)
+        ref, ref_stats, _ = reference(q, k, v, kseg, qg, tau, scaling, sk)
+        err = (out.cpu().double() - ref).abs().max().item()
+        assert err <= tol * max(1.0, ref.abs().max().item()), (dtype, err)
+        assert (stats.cpu().double() - ref_stats).abs().max().item() <= tol

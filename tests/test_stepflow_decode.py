@@ -229,11 +229,12 @@ def test_cache_it_did_not_see_is_an_error():
 
 
 @pytest.mark.skipif("triton" not in KERNELS, reason="needs triton (the test extra installs it)")
-@pytest.mark.parametrize("fault", [None, "raise", "wrong"])
+@pytest.mark.parametrize("fault", [None, "raise", "wrong", "dot_raises", "dot_wrong"])
 def test_auto_kernel_is_checked_once_and_dropped_when_it_fails(fault, monkeypatch):
     """kernel="auto" (as on CUDA): the first decoding step compares the fused kernel with the PyTorch path. A
-    good kernel stays in use; one that raises or disagrees is dropped with a warning, and the logits are the
-    PyTorch path's all the same."""
+    good kernel stays in use; when its tl.dot form raises or disagrees, its broadcast form is tried (no
+    warning when that one is good); a kernel whose both forms raise or disagree is dropped with a warning. The
+    logits are right in every case."""
     from stepscope.flow import kernels
 
     model, tok = build("llama", "think")
@@ -243,11 +244,13 @@ def test_auto_kernel_is_checked_once_and_dropped_when_it_fails(fault, monkeypatc
     calls = []
 
     def faulty(*a, **k):
-        calls.append(1)
-        if fault == "raise":
+        dot = k["plan"].dot
+        calls.append(dot)
+        bad = fault in ("raise", "wrong") or (fault or "").startswith("dot_") and dot
+        if bad and fault.endswith("raise"):
             raise RuntimeError("triton compile error (simulated)")
         out = real(*a, **k)
-        return out + 1e-2 if fault == "wrong" else out
+        return out + 1e-2 if bad else out
 
     monkeypatch.setattr(kernels, "oeb_decode", faulty)
     n = 12
@@ -266,8 +269,11 @@ def test_auto_kernel_is_checked_once_and_dropped_when_it_fails(fault, monkeypatc
     msgs = [str(w.message) for w in caught if "fused decoding kernel" in str(w.message)]
     if fault is None:
         assert flow._fused is True and not msgs and len(calls) == 2 * (n - 1)  # every decode step, both layers
-    else:
-        assert flow._fused is False and len(msgs) == 1 and len(calls) == 1
+        assert all(calls)  # the tl.dot form throughout
+    elif fault.startswith("dot_"):  # the dot form once, then the broadcast form for the rest
+        assert flow._fused is True and not msgs and calls == [True] + [False] * (2 * (n - 1))
+    else:  # both forms tried once, then the PyTorch path
+        assert flow._fused is False and len(msgs) == 1 and calls == [True, False]
         assert ("failed" if fault == "raise" else "differs") in msgs[0]
 
 

@@ -175,8 +175,9 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     (so that bf16 rounding of the scores in that path does not count against the kernel, which works in
     float32): within 1e-4 of the output's largest magnitude for float32 inputs, 1e-2 for bf16/fp16 (the
     rounding of the output itself). GPT-OSS's sink layers are compared with the PyTorch block path. A mismatch
-    or an error (e.g. a Triton that cannot compile it) warns once and switches this StepFlow to the PyTorch
-    path."""
+    or an error (e.g. a Triton that cannot compile it) of the tl.dot form first retries the broadcast form of
+    the kernel (for the rest of this StepFlow); a failure of that one warns once and switches this StepFlow to
+    the PyTorch path."""
     from .kernels import oeb_decode, plan_decode
 
     B, H = query.shape[0], query.shape[1]
@@ -190,25 +191,34 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             geo.fused_stats = torch.zeros(len(flow.oeb_layers), B, H, 5, dtype=torch.float32, device=query.device)
             flow._pending.append(("fused", geo.fused_layers, geo.fused_stats, qt, H))
         part = geo.fused_stats[flow._oeb_pos[layer]]
-    try:
-        plan = geo.plan
-        if plan is None or plan.H != H:  # checked and planned once per forward: every OEB layer has these shapes
-            plan = geo.plan = plan_decode(query, key, value, geo.kseg, qt.qgroups, tau_b, sinks, part)
-        out = oeb_decode(query, key, value, geo.kseg, qt.qgroups, tau_b, scaling, sinks, part, plan=plan)
-    except Exception as e:  # noqa: BLE001 - any failure of an optional kernel means: use the PyTorch path
-        if flow.kernel == "triton":
-            raise
-        flow._disable_fused(f"the fused decoding kernel failed ({type(e).__name__}: {str(e)[:200]})")
+    while True:
+        try:
+            plan = geo.plan
+            if plan is None or plan.H != H:  # checked and planned once per forward: the OEB layers share shapes
+                plan = geo.plan = plan_decode(query, key, value, geo.kseg, qt.qgroups, tau_b, sinks, part,
+                                              dot=flow._kernel_dot)
+            out = oeb_decode(query, key, value, geo.kseg, qt.qgroups, tau_b, scaling, sinks, part, plan=plan)
+            why = None
+        except Exception as e:  # noqa: BLE001 - any failure of an optional kernel means: use another path
+            if flow.kernel == "triton" and not (geo.plan is not None and geo.plan.dot):
+                raise
+            why = f"the fused decoding kernel failed ({type(e).__name__}: {str(e)[:200]})"
+        if why is None and flow._fused is None:  # first use under kernel="auto": check it against PyTorch's
+            ref = _reference_decode(query, key, value, geo, scaling, sinks, flow, layer)
+            tol = (1e-4 if value.dtype == torch.float32 else 1e-2) * max(1.0, ref.abs().max().item())
+            err = (out.float() - ref.float()).abs().max().item()
+            if not err <= tol:
+                why = f"the fused decoding kernel differs from the PyTorch path by {err:.3g} (tolerance {tol:.3g})"
+        if why is None:
+            if flow._fused is None:
+                flow._fused = True
+            break
+        if geo.plan is not None and geo.plan.dot:  # the tl.dot form failed here: the broadcast form, once
+            flow._kernel_dot = False
+            geo.plan = None
+            continue
+        flow._disable_fused(why)
         return None
-    if flow._fused is None:  # first use under kernel="auto": check it once against the PyTorch path
-        ref = _reference_decode(query, key, value, geo, scaling, sinks, flow, layer)
-        tol = (1e-4 if value.dtype == torch.float32 else 1e-2) * max(1.0, ref.abs().max().item())
-        err = (out.float() - ref.float()).abs().max().item()
-        if not err <= tol:
-            flow._disable_fused(f"the fused decoding kernel differs from the PyTorch path by {err:.3g} "
-                                f"(tolerance {tol:.3g})")
-            return None
-        flow._fused = True
     if part is not None:
         geo.fused_layers.append(layer)  # counted (eligible pairs, stats) at the next flush
     return out

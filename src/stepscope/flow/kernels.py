@@ -23,8 +23,12 @@ contiguous or None. The output is [B, 1, H, Dv] contiguous in value's dtype. Sco
 accumulators are float32.
 
 One program handles one (row, kv head) pair and all its n_rep query heads: every block of BK keys and values
-is loaded once and used by the NR = next_pow2(n_rep) query heads (scores [NR, BK] by a broadcast product and
-a sum over D; no tl.dot, so no minimum sizes). The keys are read in a single pass with an online softmax: one
+is loaded once and used by the query heads of that pair. Products: by tl.dot (the default, `USE_DOT`; tensor
+cores on a GPU): NR = max(16, next_pow2(n_rep)) rows (tl.dot's minimum), blocks of 64 keys, scores
+q.k^T accumulated in float32, and each group's probabilities cast to the value dtype times the values,
+accumulated in float32 (what sdpa does); or (dot=False) by broadcast multiply-and-sum in float32 with
+NR = next_pow2(n_rep), no minimum sizes. On an H100 the broadcast form took 165 us per call at batch 1 and
+1,024 keys, 30x sdpa. The keys are read in a single pass with an online softmax: one
 running max m per head, three running sums l_B, l_S, l_O and three accumulators acc_B, acc_S, acc_O [Dv] (all
 rescaled by exp(m_old - m_new) when the max moves). At the end p_X = l_X / l with l = l_B + l_S + l_O
 (+ exp(sink - m)), and out = (f_B * acc_B + f_S * acc_S + acc_O) / l, computed as tau_B * acc_B / l_B +
@@ -39,9 +43,12 @@ kernel finishes by itself (one launch, no workspace). A split (or block) without
 m = -1e30 (finite) and zero sums; probabilities of masked keys are zeroed explicitly, so no exp(-inf + inf).
 
 Only long-stable triton.language features are used (load/store with masks, arange, program_id, sum, max,
-exp, where, zeros, full, constexpr power-of-two blocks), so that the same code runs on triton 3.5 to 3.9.
-It is validated on CPU with Triton's interpreter (TRITON_INTERPRET=1, tests/test_flow_kernels.py) against an
-explicit float64 reference. triton is imported lazily: importing this module never needs it.
+exp, where, zeros, full, trans, dot with input_precision, constexpr power-of-two blocks), so that the same code
+runs on triton 3.0 to 3.9. It is validated on CPU with Triton's interpreter (TRITON_INTERPRET=1,
+tests/test_flow_kernels.py; the interpreter's tl.dot runs in float32 there, since its bf16/fp16 tl.dot is wrong)
+and, compiled, on a GPU by the same tests, against an explicit float64 reference (the broadcast form passed
+them on an H100 with Triton 3.6; the tl.dot form has not yet run on a GPU: StepFlow's first-step check guards
+it). triton is imported lazily: importing this module never needs it.
 """
 
 from __future__ import annotations
@@ -54,7 +61,10 @@ import torch
 
 NUM_SMS_DEFAULT = 132  # H100 / H200
 _MIN_KEYS_PER_SPLIT = 256
-_ELEMS_BUDGET = 8192  # elements of the [NR, BK, BD] broadcast product per program
+_ELEMS_BUDGET = 8192  # elements of the [NR, BK, BD] broadcast product per program (dot=False)
+# products by tl.dot (tensor cores on a GPU). The broadcast form (dot=False) was 30x slower than sdpa on an
+# H100 (165 us per call at batch 1, 1,024 keys: bench/results/stepflow_cuda_r1-distill-qwen-7b_h100_profile_*)
+USE_DOT = True
 
 
 def available(device: torch.device) -> bool:
@@ -155,7 +165,8 @@ def _kernels():
                          seg_ptr, s_seg, qg_ptr, s_qg0, s_qg1, tau_ptr, s_tau, sink_ptr, out_ptr, stats_ptr,
                          ws_ptr, scaling, H, Hkv, K, D, Dv, n_rep, keys_per_split,
                          NR: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                         FINAL: tl.constexpr, HAS_SINK: tl.constexpr, HAS_STATS: tl.constexpr):
+                         FINAL: tl.constexpr, HAS_SINK: tl.constexpr, HAS_STATS: tl.constexpr,
+                         DOT: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // Hkv
@@ -172,7 +183,11 @@ def _kernels():
 
         heads = g64 * n_rep + offs_r
         q = tl.load(q_ptr + b64 * s_qb + heads[:, None] * s_qh + offs_d[None, :],
-                    mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scaling  # [NR, BD]
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)  # [NR, BD], the input dtype
+        if not DOT:
+            q = q.to(tl.float32) * scaling
+        elif DOT_F32:
+            q = q.to(tl.float32)
         g_b = tl.load(qg_ptr + b64 * s_qg0)
         g_s = tl.load(qg_ptr + b64 * s_qg0 + s_qg1)
 
@@ -192,8 +207,13 @@ def _kernels():
             in_s = vis & (seg == g_s)
             in_o = vis & (seg != g_b) & (seg != g_s)
             kt = tl.load(k_base + kk.to(tl.int64)[:, None] * s_kk + offs_d[None, :],
-                         mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # [BK, BD]
-            s = tl.sum(q[:, None, :] * kt[None, :, :], axis=2)  # [NR, BK]
+                         mask=kmask[:, None] & dmask[None, :], other=0.0)  # [BK, BD], the input dtype
+            if DOT:  # tensor cores: scores accumulated in float32 (PREC "ieee" keeps float32 inputs exact)
+                if DOT_F32:
+                    kt = kt.to(tl.float32)
+                s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scaling  # [NR, BK]
+            else:
+                s = tl.sum(q[:, None, :] * kt.to(tl.float32)[None, :, :], axis=2)  # [NR, BK]
             s = tl.where(vis[None, :], s, -1.0e30)
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp(m - m_new)
@@ -202,13 +222,21 @@ def _kernels():
             p_s = tl.where(in_s[None, :], p, 0.0)
             p_o = tl.where(in_o[None, :], p, 0.0)
             vt = tl.load(v_base + kk.to(tl.int64)[:, None] * s_vk + offs_dv[None, :],
-                         mask=kmask[:, None] & dvmask[None, :], other=0.0).to(tl.float32)  # [BK, BDV]
+                         mask=kmask[:, None] & dvmask[None, :], other=0.0)  # [BK, BDV], the input dtype
             lb = lb * alpha + tl.sum(p_b, axis=1)
             ls = ls * alpha + tl.sum(p_s, axis=1)
             lo = lo * alpha + tl.sum(p_o, axis=1)
-            acc_b = acc_b * alpha[:, None] + tl.sum(p_b[:, :, None] * vt[None, :, :], axis=1)
-            acc_s = acc_s * alpha[:, None] + tl.sum(p_s[:, :, None] * vt[None, :, :], axis=1)
-            acc_o = acc_o * alpha[:, None] + tl.sum(p_o[:, :, None] * vt[None, :, :], axis=1)
+            if DOT:  # probabilities in the value dtype times values, accumulated in float32 (as sdpa does)
+                if DOT_F32:
+                    vt = vt.to(tl.float32)
+                acc_b = acc_b * alpha[:, None] + tl.dot(p_b.to(vt.dtype), vt, input_precision=PREC)
+                acc_s = acc_s * alpha[:, None] + tl.dot(p_s.to(vt.dtype), vt, input_precision=PREC)
+                acc_o = acc_o * alpha[:, None] + tl.dot(p_o.to(vt.dtype), vt, input_precision=PREC)
+            else:
+                v32 = vt.to(tl.float32)
+                acc_b = acc_b * alpha[:, None] + tl.sum(p_b[:, :, None] * v32[None, :, :], axis=1)
+                acc_s = acc_s * alpha[:, None] + tl.sum(p_s[:, :, None] * v32[None, :, :], axis=1)
+                acc_o = acc_o * alpha[:, None] + tl.sum(p_o[:, :, None] * v32[None, :, :], axis=1)
             m = m_new
 
         if FINAL:
@@ -288,12 +316,16 @@ class DecodePlan(NamedTuple):
     keys_per_split: int
     num_warps: int
     ws_elems: int  # float32 workspace elements (0: one launch, no workspace)
+    dot: bool  # scores and value sums by tl.dot (NR >= 16) instead of broadcast products
+    prec: str  # tl.dot input_precision; "ieee" also means: upcast the operands to float32 first
 
 
 def plan_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg: torch.Tensor,
                 qgroups: torch.Tensor, tau_b: torch.Tensor, sinks: torch.Tensor | None = None,
-                stats: torch.Tensor | None = None, num_splits: int | None = None) -> DecodePlan:
-    """Check the arguments of `oeb_decode` (ValueError naming the problem) and choose its launch parameters."""
+                stats: torch.Tensor | None = None, num_splits: int | None = None, dot: bool | None = None
+                ) -> DecodePlan:
+    """Check the arguments of `oeb_decode` (ValueError naming the problem) and choose its launch parameters.
+    dot: products by tl.dot (tensor cores; the default, `USE_DOT`) or by broadcast multiply-and-sum."""
     B, H, Q, D = query.shape
     Bk, Hkv, K, Dk = key.shape
     Dv = value.shape[-1]
@@ -314,20 +346,24 @@ def plan_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kse
                               or not stats.is_contiguous()):
         raise ValueError(f"stats must be a contiguous float32 [{B}, {H}, 5] tensor")
     n_rep = H // Hkv
-    NR = _next_pow2(n_rep)
+    dot = USE_DOT if dot is None else dot
+    NR = max(16, _next_pow2(n_rep)) if dot else _next_pow2(n_rep)  # tl.dot needs 16 rows at least
     BD = max(16, _next_pow2(D))
     BDV = max(16, _next_pow2(Dv))
-    BK = _block_k(NR, BD, BDV)
+    BK = (64 if max(BD, BDV) <= 128 else 32) if dot else _block_k(NR, BD, BDV)
     pairs = B * Hkv
     if num_splits is None:
         num_splits = choose_num_splits(K, pairs, BK, _num_sms(query.device))
     num_splits = max(1, int(num_splits))
     nblocks = max(1, -(-K // BK))
     keys_per_split = -(-nblocks // num_splits) * BK
-    num_warps = 4 if NR * BK * max(BD, BDV) <= _ELEMS_BUDGET else 8
+    num_warps = 4 if dot or NR * BK * max(BD, BDV) <= _ELEMS_BUDGET else 8
     ws_elems = 0 if num_splits == 1 else pairs * num_splits * (4 * NR + 3 * NR * BDV)
+    # "ieee": float32 products, exact (float32 inputs; and every input under Triton's interpreter, whose bf16/fp16
+    # tl.dot is wrong: seen with Triton 3.9); "tf32" is ignored for bf16/fp16 inputs (the GPU's case)
+    prec = "ieee" if query.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1" else "tf32"
     return DecodePlan(B, H, Hkv, K, D, Dv, n_rep, NR, BK, BD, BDV, num_splits, keys_per_split, num_warps,
-                      ws_elems)
+                      ws_elems, dot, prec)
 
 
 def oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg: torch.Tensor,
@@ -372,7 +408,8 @@ def oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg
         qgroups, qgroups.stride(0), qgroups.stride(1), tau_b, tau_b.stride(0), sink_arg, out, stats_arg,
         ws, float(scaling), H, plan.Hkv, plan.K, plan.D, Dv, plan.n_rep, plan.keys_per_split,
         NR=plan.NR, BK=plan.BK, BD=plan.BD, BDV=plan.BDV, FINAL=final, HAS_SINK=sinks is not None,
-        HAS_STATS=stats is not None, num_warps=plan.num_warps)
+        HAS_STATS=stats is not None, DOT=plan.dot, PREC=plan.prec, DOT_F32=plan.prec == "ieee",
+        num_warps=plan.num_warps)
     if not final:
         combine_kernel[(pairs,)](
             ws, tau_b, tau_b.stride(0), sink_arg, out, stats_arg,

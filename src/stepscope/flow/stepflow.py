@@ -145,6 +145,8 @@ class StepFlow:
         # None: not checked yet (auto); True: in use; False: the PyTorch path
         self._fused: bool | None = {"triton": True, "torch": False}.get(
             self.kernel, None if self.device.type == "cuda" and available(self.device) else False)
+        self._kernel_dot: bool | None = None  # the kernel's product form (None: kernels.USE_DOT); False after
+        # the tl.dot form failed on this machine
         # most scores (floats) one OEB block may hold: 128 MiB on a GPU, 16 MiB on a CPU (cache friendly)
         self.block_elems = (1 << 25) if self.device.type == "cuda" else (1 << 22)
         self._active = False
