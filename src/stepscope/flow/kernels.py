@@ -43,7 +43,7 @@ kernel finishes by itself (one launch, no workspace). A split (or block) without
 m = -1e30 (finite) and zero sums; probabilities of masked keys are zeroed explicitly, so no exp(-inf + inf).
 
 Only long-stable triton.language features are used (load/store with masks, arange, program_id, sum, max,
-exp, where, zeros, full, trans, dot with input_precision, constexpr power-of-two blocks), so that the same code
+exp, where, zeros, full, trans, dot (input_precision="ieee" for float32), constexpr power-of-two blocks), so that the same code
 runs on triton 3.0 to 3.9. It is validated on CPU with Triton's interpreter (TRITON_INTERPRET=1,
 tests/test_flow_kernels.py; the interpreter's tl.dot runs in float32 there, since its bf16/fp16 tl.dot is wrong)
 and, compiled, on a GPU by the same tests, against an explicit float64 reference (the broadcast form passed
@@ -166,7 +166,7 @@ def _kernels():
                          ws_ptr, scaling, H, Hkv, K, D, Dv, n_rep, keys_per_split,
                          NR: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                          FINAL: tl.constexpr, HAS_SINK: tl.constexpr, HAS_STATS: tl.constexpr,
-                         DOT: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+                         DOT: tl.constexpr, DOT_F32: tl.constexpr):
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // Hkv
@@ -208,10 +208,11 @@ def _kernels():
             in_o = vis & (seg != g_b) & (seg != g_s)
             kt = tl.load(k_base + kk.to(tl.int64)[:, None] * s_kk + offs_d[None, :],
                          mask=kmask[:, None] & dmask[None, :], other=0.0)  # [BK, BD], the input dtype
-            if DOT:  # tensor cores: scores accumulated in float32 (PREC "ieee" keeps float32 inputs exact)
-                if DOT_F32:
-                    kt = kt.to(tl.float32)
-                s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scaling  # [NR, BK]
+            if DOT:
+                if DOT_F32:  # float32 operands, exact products ("ieee", not tf32)
+                    s = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee") * scaling  # [NR, BK]
+                else:  # bf16/fp16 operands on tensor cores, accumulated in float32
+                    s = tl.dot(q, tl.trans(kt)) * scaling
             else:
                 s = tl.sum(q[:, None, :] * kt.to(tl.float32)[None, :, :], axis=2)  # [NR, BK]
             s = tl.where(vis[None, :], s, -1.0e30)
@@ -226,12 +227,16 @@ def _kernels():
             lb = lb * alpha + tl.sum(p_b, axis=1)
             ls = ls * alpha + tl.sum(p_s, axis=1)
             lo = lo * alpha + tl.sum(p_o, axis=1)
-            if DOT:  # probabilities in the value dtype times values, accumulated in float32 (as sdpa does)
+            if DOT:
                 if DOT_F32:
-                    vt = vt.to(tl.float32)
-                acc_b = acc_b * alpha[:, None] + tl.dot(p_b.to(vt.dtype), vt, input_precision=PREC)
-                acc_s = acc_s * alpha[:, None] + tl.dot(p_s.to(vt.dtype), vt, input_precision=PREC)
-                acc_o = acc_o * alpha[:, None] + tl.dot(p_o.to(vt.dtype), vt, input_precision=PREC)
+                    v32 = vt.to(tl.float32)
+                    acc_b = acc_b * alpha[:, None] + tl.dot(p_b, v32, input_precision="ieee")
+                    acc_s = acc_s * alpha[:, None] + tl.dot(p_s, v32, input_precision="ieee")
+                    acc_o = acc_o * alpha[:, None] + tl.dot(p_o, v32, input_precision="ieee")
+                else:  # probabilities in the value dtype times values, accumulated in float32 (as sdpa does)
+                    acc_b = acc_b * alpha[:, None] + tl.dot(p_b.to(vt.dtype), vt)
+                    acc_s = acc_s * alpha[:, None] + tl.dot(p_s.to(vt.dtype), vt)
+                    acc_o = acc_o * alpha[:, None] + tl.dot(p_o.to(vt.dtype), vt)
             else:
                 v32 = vt.to(tl.float32)
                 acc_b = acc_b * alpha[:, None] + tl.sum(p_b[:, :, None] * v32[None, :, :], axis=1)
@@ -317,7 +322,7 @@ class DecodePlan(NamedTuple):
     num_warps: int
     ws_elems: int  # float32 workspace elements (0: one launch, no workspace)
     dot: bool  # scores and value sums by tl.dot (NR >= 16) instead of broadcast products
-    prec: str  # tl.dot input_precision; "ieee" also means: upcast the operands to float32 first
+    dot_f32: bool  # tl.dot on float32 operands with input_precision="ieee" (exact); else bf16/fp16 operands
 
 
 def plan_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg: torch.Tensor,
@@ -359,11 +364,11 @@ def plan_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kse
     keys_per_split = -(-nblocks // num_splits) * BK
     num_warps = 4 if dot or NR * BK * max(BD, BDV) <= _ELEMS_BUDGET else 8
     ws_elems = 0 if num_splits == 1 else pairs * num_splits * (4 * NR + 3 * NR * BDV)
-    # "ieee": float32 products, exact (float32 inputs; and every input under Triton's interpreter, whose bf16/fp16
-    # tl.dot is wrong: seen with Triton 3.9); "tf32" is ignored for bf16/fp16 inputs (the GPU's case)
-    prec = "ieee" if query.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1" else "tf32"
+    # float32 operands for float32 inputs, and for every input under Triton's interpreter (its bf16/fp16 tl.dot is
+    # wrong: seen with Triton 3.9); bf16/fp16 operands on a GPU
+    dot_f32 = query.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     return DecodePlan(B, H, Hkv, K, D, Dv, n_rep, NR, BK, BD, BDV, num_splits, keys_per_split, num_warps,
-                      ws_elems, dot, prec)
+                      ws_elems, dot, dot_f32)
 
 
 def oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg: torch.Tensor,
@@ -408,7 +413,7 @@ def oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg
         qgroups, qgroups.stride(0), qgroups.stride(1), tau_b, tau_b.stride(0), sink_arg, out, stats_arg,
         ws, float(scaling), H, plan.Hkv, plan.K, plan.D, Dv, plan.n_rep, plan.keys_per_split,
         NR=plan.NR, BK=plan.BK, BD=plan.BD, BDV=plan.BDV, FINAL=final, HAS_SINK=sinks is not None,
-        HAS_STATS=stats is not None, DOT=plan.dot, PREC=plan.prec, DOT_F32=plan.prec == "ieee",
+        HAS_STATS=stats is not None, DOT=plan.dot, DOT_F32=plan.dot_f32,
         num_warps=plan.num_warps)
     if not final:
         combine_kernel[(pairs,)](
