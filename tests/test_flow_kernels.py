@@ -26,10 +26,14 @@ from stepscope.flow.kernels import available, choose_num_splits  # noqa: E402
 HIDDEN = 3
 
 
+def to(t):
+    """A CPU input on DEVICE (strides kept where .to keeps them); None stays None."""
+    return None if t is None else t.to(DEVICE)
+
+
 def oeb_decode(query, key, value, kseg, qgroups, tau_b, scaling, sinks=None, stats=None, num_splits=None):
-    """kernels.oeb_decode on DEVICE for CPU inputs (strides kept where .to keeps them); the output comes back to
-    the CPU and `stats` is filled in place, as the kernel does."""
-    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    """kernels.oeb_decode on DEVICE for CPU inputs; the output comes back to the CPU and `stats` is filled in
+    place, as the kernel does."""
     st = to(stats)
     out = kernels.oeb_decode(to(query), to(key), to(value), to(kseg), to(qgroups), to(tau_b), scaling,
                              sinks=to(sinks), stats=st, num_splits=num_splits)
@@ -258,7 +262,6 @@ def test_one_plan_serves_every_layer_of_a_forward():
     layers = [make_inputs(3, 6, 2, 300, 24, sinks=s, seed=20 + i, contiguous_query=i == 1) for i, s in
               enumerate((False, True, False))]
     q, k, v, kseg, qg, tau, scaling, _ = layers[0]
-    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     plan = kernels.plan_decode(to(q), to(k), to(v), to(kseg), to(qg), to(tau), num_splits=4)
     assert plan.num_splits == 4 and plan.ws_elems > 0
     for q, k, v, kseg, qg, tau, scaling, sinks in layers:
@@ -288,7 +291,6 @@ def test_both_product_forms(dot, B, H, Hkv, K, D, sinks, num_splits):
     dot form in float32: its bf16 tl.dot is wrong; the GPU run of these tests covers bf16 operands)."""
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         q, k, v, kseg, qg, tau, scaling, sk = make_inputs(B, H, Hkv, K, D, dtype=dtype, sinks=sinks, seed=9)
-        to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
         stats = torch.zeros(B, H, 5, device=DEVICE)
         plan = kernels.plan_decode(to(q), to(k), to(v), to(kseg), to(qg), to(tau), to(sk), stats,
                                    num_splits=num_splits, dot=dot)

@@ -43,8 +43,8 @@ kernel finishes by itself (one launch, no workspace). A split (or block) without
 m = -1e30 (finite) and zero sums; probabilities of masked keys are zeroed explicitly, so no exp(-inf + inf).
 
 Only long-stable triton.language features are used (load/store with masks, arange, program_id, sum, max,
-exp, where, zeros, full, trans, dot (input_precision="ieee" for float32), constexpr power-of-two blocks), so that the same code
-runs on triton 3.0 to 3.9. It is validated on CPU with Triton's interpreter (TRITON_INTERPRET=1,
+exp, where, zeros, full, trans, dot (input_precision="ieee" for float32), constexpr power-of-two blocks), so
+that the same code runs on triton 3.0 to 3.9. It is validated on CPU with Triton's interpreter (TRITON_INTERPRET=1,
 tests/test_flow_kernels.py; the interpreter's tl.dot runs in float32 there, since its bf16/fp16 tl.dot is wrong)
 and, compiled, on a GPU by the same tests, against an explicit float64 reference (the broadcast form passed
 them on an H100 with Triton 3.6; the tl.dot form has not yet run on a GPU: StepFlow's first-step check guards
@@ -62,8 +62,8 @@ import torch
 NUM_SMS_DEFAULT = 132  # H100 / H200
 _MIN_KEYS_PER_SPLIT = 256
 _ELEMS_BUDGET = 8192  # elements of the [NR, BK, BD] broadcast product per program (dot=False)
-# products by tl.dot (tensor cores on a GPU). The broadcast form (dot=False) was 30x slower than sdpa on an
-# H100 (165 us per call at batch 1, 1,024 keys: bench/results/stepflow_cuda_r1-distill-qwen-7b_h100_profile_*)
+# products by tl.dot (tensor cores on a GPU) rather than the broadcast form (see the module docstring; profile:
+# bench/results/stepflow_cuda_r1-distill-qwen-7b_h100_profile_stepflow.txt)
 USE_DOT = True
 
 
@@ -302,6 +302,10 @@ def _block_k(NR: int, BD: int, BDV: int) -> int:
     return max(16, min(128, 1 << (bk.bit_length() - 1)))
 
 
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 class DecodePlan(NamedTuple):
     """Launch parameters of `oeb_decode` for one set of shapes: made once per forward by StepFlow and reused by
     every OEB layer of that forward (the layers share B, H, Hkv, K, D and the device)."""
@@ -387,15 +391,9 @@ def oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg
     split_kernel, combine_kernel = _kernels()
     if plan is None:
         plan = plan_decode(query, key, value, kseg, qgroups, tau_b, sinks, stats, num_splits)
-    if query.stride(-1) != 1:
-        query = query.contiguous()
-    if key.stride(-1) != 1:
-        key = key.contiguous()
-    if value.stride(-1) != 1:
-        value = value.contiguous()
-    if kseg.stride(-1) != 1:
-        kseg = kseg.contiguous()
-    if sinks is not None and not sinks.is_contiguous():
+    query, key, value = _last_contiguous(query), _last_contiguous(key), _last_contiguous(value)
+    kseg = _last_contiguous(kseg)
+    if sinks is not None:
         sinks = sinks.contiguous()
     if query.device.type == "cuda" and query.device.index != torch.cuda.current_device():
         # a model split over several GPUs (device_map): triton launches on the current device

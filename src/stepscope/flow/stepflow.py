@@ -272,11 +272,8 @@ class StepFlow:
             return
         fused = [e for e in pend if e[0] == "fused"]
         for _, layers, _, qt, heads in fused:
-            if layers:
-                for layer in layers:
-                    self._eligible[layer] += qt.n_eligible * heads
-                if self._row_elig is not None:
-                    self._row_elig[np.ix_(self._row_orig, layers)] += qt.elig_rows[:, None] * heads
+            for layer in layers:
+                self._count_eligible(layer, qt, heads)
         for group in ([e for e in pend if e[0] != "fused"], fused):
             if not group:
                 continue
