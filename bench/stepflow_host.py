@@ -147,6 +147,9 @@ def main(argv=None) -> int:
     trees = {"ours": str(ROOT / "src")}
     if args.baseline_src:
         trees["baseline"] = str(Path(args.baseline_src).resolve())
+        if not (Path(trees["baseline"]) / "stepscope" / "flow" / "stepflow.py").is_file():
+            sys.exit(f"--baseline-src {args.baseline_src}: no stepscope/flow/stepflow.py there (give a checkout's "
+                     "src folder)")
     commits = {}
     for name, src in trees.items():
         g = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
