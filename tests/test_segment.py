@@ -159,11 +159,49 @@ def test_linear_time(think_tokenizer, n):
 
 
 class CharByChar(Segmenter):
-    """The segmenter without its bulk path: every character goes through _scan_char and _match_marker."""
+    """The segmenter without its bulk paths, as a reference: every character of every token goes through
+    _scan_char (cuts) and then through a marker match of the whole tail, one by one."""
 
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
-        self._marker_end = re.compile(r"[\s\S]")  # every token "may end a marker"
+    def _feed_one(self, tid, closed):
+        t = self.num_tokens
+        chars = self._decoder.decode(self.tokbytes(tid))
+        self.num_tokens += 1
+        self._token_texts.append(chars)
+        self.token_char_ends.append(self.num_chars + len(chars))
+        transition = None
+        for ch in chars:
+            pos = self.num_chars
+            self.num_chars += 1
+            if transition is None:
+                if self.segment != "question" or self.split_question:
+                    self._scan_char(ch, pos, t, closed)
+                self._piece_buf.append(ch)
+                transition = self._match_char(ch)
+            else:
+                self._piece_buf.append(ch)
+        if transition is not None:
+            self._close(t + 1, closed_at=t, closed=closed)
+            self.segment = transition
+            self.boundaries[transition] = t + 1
+            if transition == "summary" and self.boundaries["thinking"] is None:
+                self.boundaries["thinking"] = t + 1
+            self._reset_piece(step_start=t + 1, char_pos=self.num_chars)
+
+    def _match_char(self, ch):
+        self._tail = (self._tail + ch)[-self._max_marker:]
+        f = self.fmt
+        if self.segment == "question":
+            if not self._armed:
+                if any(self._tail.endswith(a) for a in f.assistant_start):
+                    self._armed = True
+                return None
+            if self._tail.endswith(f.think_start):
+                return "thinking"
+            if f.summary_start and self._tail.endswith(f.summary_start):
+                return "summary"
+        elif self.segment == "thinking" and self._tail.endswith(f.think_end):
+            return "summary"
+        return None
 
 
 def test_space_class_is_str_isspace():

@@ -313,3 +313,104 @@ def test_auto_kernel_check_keeps_a_good_kernel_in_bfloat16():
             model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=4, min_new_tokens=4,
                            pad_token_id=0)
     assert flow._fused is True and flow.stats.total_oeb_fires > 0
+
+
+def _decode_steps(model, tok, cfg, p: list[int], c: list[int], n: int, hook=None):
+    """Prefill p, then decode the forced tokens c[:n] one per forward; returns the StepFlow and the segmenter
+    token counts seen by `hook(layer, flow)` at each attention layer of each decoding step."""
+    cache = DynamicCache()
+    seen = []
+    with torch.no_grad(), StepFlow(model, tok, cfg) as flow:
+        if hook is not None:
+            handles = [m.register_forward_pre_hook(lambda m, a: seen.append((m.layer_idx, hook(flow))))
+                       for m in flow._modules]
+        model(input_ids=torch.tensor([p]), past_key_values=cache, use_cache=True)
+        seen.clear()
+        for t in c[:n]:
+            model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            assert flow._unfed is None  # fed by the end of every forward
+            assert flow.segmenters[0].num_tokens == cache.get_seq_length()
+        if hook is not None:
+            for h in handles:
+                h.remove()
+    return flow, seen
+
+
+def test_decoding_feeds_the_segmenters_at_the_first_smi_layer():
+    """A decoding step's token reaches the segmenters after the layers below the first SMI layer have been
+    called (so that the device runs them meanwhile), inside that layer's attention."""
+    model, tok = build("llama", "think")
+    cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt="think")
+    p, c = prompt_and_continuation(tok, "think", 0)
+    flow, seen = _decode_steps(model, tok, cfg, p, c, 6, hook=lambda f: f._unfed is not None)
+    assert len(seen) == 6 * 4
+    for i in range(0, len(seen), 4):
+        # (a module's pre-hook runs before its attention function, which feeds in layer 2)
+        assert seen[i:i + 4] == [(0, True), (1, True), (2, True), (3, False)]
+
+
+@pytest.mark.parametrize("smi_layers,on", [([], True), ([2, 3], False)])
+def test_decoding_without_smi_layers_still_feeds_every_token(smi_layers, on):
+    """With SMI off (or no SMI layer), the forward hook feeds each decoding step's token: the segmenters, the
+    token count and the steps are those of one teacher-forced forward over the same tokens."""
+    model, tok = build("llama", "think")
+    cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=smi_layers, smi=on, fmt="think")
+    p, c = prompt_and_continuation(tok, "think", 0)
+    n = min(40, len(c))
+    flow, _ = _decode_steps(model, tok, cfg, p, c, n)
+    with torch.no_grad(), StepFlow(model, tok, cfg) as tf:
+        model(torch.tensor([p + c[:n]]))
+    assert flow.stats.tokens == tf.stats.tokens == len(p) + n
+    assert flow.stats.total_smi_fires == 0
+    got, want = flow.segmenters[0], tf.segmenters[0]
+    assert [(s.kind, s.token_start, s.token_end) for s in got.steps] == \
+        [(s.kind, s.token_start, s.token_end) for s in want.steps]
+    assert len(got.steps) >= 3
+
+
+def test_a_decoding_step_that_fails_still_feeds_its_token():
+    """An exception inside a decoding forward (before any SMI layer): leaving the context feeds the token the
+    pre-hook held back, as the forward's start had fed it before."""
+    model, tok = build("llama", "think")
+    cfg = StepFlowConfig(oeb_layers=[0, 1], smi_layers=[2, 3], fmt="think")
+    p, c = prompt_and_continuation(tok, "think", 0)
+    cache = DynamicCache()
+
+    def boom(m, a):
+        raise RuntimeError("boom")
+
+    with torch.no_grad():
+        with StepFlow(model, tok, cfg) as flow:
+            model(input_ids=torch.tensor([p]), past_key_values=cache, use_cache=True)
+            h = flow._modules[1].register_forward_pre_hook(boom)
+            with pytest.raises(RuntimeError, match="boom"):
+                model(input_ids=torch.tensor([c[:1]]), past_key_values=cache, use_cache=True)
+            h.remove()
+            assert flow._unfed is not None
+    assert flow._unfed is None
+    assert flow.segmenters[0].num_tokens == len(p) + 1
+    assert flow.stats.tokens == len(p) + 1
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="needs triton (the test extra installs it)")
+def test_decoding_step_with_gradients_takes_the_differentiable_path():
+    """The fused kernel has no backward: a decoding step that needs gradients (here through the OEB layers'
+    projections) must take the PyTorch path, whose gradients equal kernel="torch"'s."""
+    model, tok = build("llama", "think")
+    cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt="think")
+    p, c = prompt_and_continuation(tok, "think", 0)
+    p = p + c[:12]  # the last prompt token in thinking, so OEB acts on the decoding step
+    grads = {}
+    for kernel in ("torch", "triton"):
+        model.zero_grad()
+        cache = DynamicCache()
+        with StepFlow(model, tok, cfg, kernel=kernel) as flow:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([p]), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([c[12:13]]), past_key_values=cache, use_cache=True)
+            out.logits.float().pow(2).sum().backward()
+        assert flow.stats.oeb_eligible[0] > 0
+        g = model.model.layers[0].self_attn.q_proj.weight.grad
+        assert g is not None and g.abs().sum() > 0
+        grads[kernel] = g.clone()
+    assert torch.allclose(grads["torch"], grads["triton"], rtol=1e-4, atol=1e-6)

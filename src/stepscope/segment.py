@@ -142,38 +142,35 @@ class Segmenter:
         self.token_char_ends.append(start + len(chars))
         if not chars:
             return
-        if not self._marker_end.search(chars):
-            # the common case, in bulk: no character of this token can end a marker, so no transition and no
-            # arming (what _match_marker would find char by char); without white space nothing can be cut
-            # either (what _scan_char would find), only its "last character" bookkeeping moves
-            self.num_chars = start + len(chars)
-            self._tail = (self._tail + chars)[-self._max_marker:]
-            if self.segment != "question" or self.split_question:
-                # characters up to the last white space one by one (usually one leading space), the run of
-                # non-space characters after it in bulk
-                k = _TRAILING_NONSPACE.search(chars).start()
-                for i in range(k):
-                    self._scan_char(chars[i], start + i, t, closed)
-                    self._piece_buf.append(chars[i])
-                if k < len(chars):
-                    self._nl_run = 0
-                    self._last_ns_pos, self._last_ns_tok = self.num_chars - 1, t
-                    self._prev_char, self._prev_tok = chars[-1], t
-                    self._piece_buf.extend(chars[k:])
-                return
-            self._piece_buf.extend(chars)
-            return
+        # What a character loop (scan for cuts, then match markers, char by char) finds, in bulk:
+        # - a marker can only end at one of the markers' last characters, so the tail is matched there alone;
+        #   the first marker completed ends the scan of this token (its later characters join the new segment's
+        #   first piece, which the transition resets);
+        # - cuts happen only at white space: the characters up to the token's last white space go one by one
+        #   (usually a leading space), the run of non-space characters after it only moves "the last character".
+        n = len(chars)
         transition = None
-        for ch in chars:
-            pos = self.num_chars
-            self.num_chars += 1
-            if transition is None:
-                if self.segment != "question" or self.split_question:
-                    self._scan_char(ch, pos, t, closed)
-                self._piece_buf.append(ch)
-                transition = self._match_marker(ch)
-            else:
-                self._piece_buf.append(ch)
+        for m in self._marker_end.finditer(chars):
+            i = m.start()
+            transition = self._match_tail((self._tail + chars[:i + 1])[-self._max_marker:])
+            if transition is not None:
+                n = i + 1
+                break
+        self._tail = (self._tail + chars[:n])[-self._max_marker:]
+        self.num_chars = start + len(chars)
+        if self.segment != "question" or self.split_question:
+            scanned = chars if n == len(chars) else chars[:n]
+            k = _TRAILING_NONSPACE.search(scanned).start()
+            for i in range(k):
+                self._scan_char(chars[i], start + i, t, closed)
+                self._piece_buf.append(chars[i])
+            if k < n:
+                self._nl_run = 0
+                self._last_ns_pos, self._last_ns_tok = start + n - 1, t
+                self._prev_char, self._prev_tok = chars[n - 1], t
+            self._piece_buf.extend(chars[k:])
+        else:
+            self._piece_buf.extend(chars)
         if transition is not None:
             self._close(t + 1, closed_at=t, closed=closed)
             self.segment = transition
@@ -182,20 +179,20 @@ class Segmenter:
                 self.boundaries["thinking"] = t + 1  # empty thinking
             self._reset_piece(step_start=t + 1, char_pos=self.num_chars)
 
-    def _match_marker(self, ch: str) -> str | None:
-        """Append `ch` to the tail; return the segment a marker just opened, if any."""
-        self._tail = (self._tail + ch)[-self._max_marker:]
+    def _match_tail(self, tail: str) -> str | None:
+        """The segment a marker ending `tail` (the last characters fed) opens, if any; arms the start marker
+        when `tail` ends with the assistant opener."""
         f = self.fmt
         if self.segment == "question":
             if not self._armed:
-                if any(self._tail.endswith(a) for a in f.assistant_start):
+                if any(tail.endswith(a) for a in f.assistant_start):
                     self._armed = True
                 return None
-            if self._tail.endswith(f.think_start):
+            if tail.endswith(f.think_start):
                 return "thinking"
-            if f.summary_start and self._tail.endswith(f.summary_start):
+            if f.summary_start and tail.endswith(f.summary_start):
                 return "summary"
-        elif self.segment == "thinking" and self._tail.endswith(f.think_end):
+        elif self.segment == "thinking" and tail.endswith(f.think_end):
             return "summary"
         return None
 

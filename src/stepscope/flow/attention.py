@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import StepscopeError
+from . import kernels
 from .state import LayerGeometry, decode_groups, layer_geometry
 
 PREFIX = "stepscope_flow_"
@@ -98,6 +99,8 @@ def flow_attention(flow, fn: Callable, module, query: torch.Tensor, key: torch.T
     layer = module.layer_idx
     fs = flow._fwd
     do_oeb = fs.any_oeb and layer in flow._oeb_set
+    if flow._unfed is not None and layer in flow._smi_set:  # the first SMI layer of a decoding step
+        flow._feed_deferred()
     do_smi = fs.num_fires > 0 and layer in flow._smi_set
     if not (do_oeb or do_smi):
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -140,7 +143,9 @@ def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
     every product is a plain batched matmul (no broadcast copies of keys or values).
     """
     B, H, Q, D = query.shape
-    if Q == 1 and geo.kseg is not None and flow._fused is not False and not dropout:
+    if Q == 1 and geo.kseg is not None and flow._fused is not False and not dropout and not (
+            torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+        # (the kernel has no backward: a decoding step that needs gradients takes the PyTorch path)
         out = _oeb_decode_fused(query, key, value, geo, scaling, sinks, flow, layer)
         if out is not None:
             return out
@@ -178,26 +183,25 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     or an error (e.g. a Triton that cannot compile it) of the tl.dot form first retries the broadcast form of
     the kernel (for the rest of this StepFlow); a failure of that one warns once and switches this StepFlow to
     the PyTorch path."""
-    from .kernels import oeb_decode, plan_decode
-
     B, H = query.shape[0], query.shape[1]
     qt = geo.qt
-    tau_b = qt.tau_b.view(B)
-    part = None
-    if flow._stats is not None:
-        # one zeroed stats buffer per forward for all OEB layers (a layer that does not run the kernel keeps
-        # zeros), reduced with the other forwards' at the next flush
-        if geo.fused_stats is None:
+    if geo.tau_flat is None:  # once per forward: the rows' targets as [B], and one stats slot per OEB layer
+        geo.tau_flat = qt.tau_b.view(B)
+        if flow._stats is not None:
+            # one zeroed stats buffer per forward for all OEB layers (a layer that does not run the kernel keeps
+            # zeros), reduced with the other forwards' at the next flush
             geo.fused_stats = torch.zeros(len(flow.oeb_layers), B, H, 5, dtype=torch.float32, device=query.device)
+            geo.fused_parts = geo.fused_stats.unbind(0)
             flow._pending.append(("fused", geo.fused_layers, geo.fused_stats, qt, H))
-        part = geo.fused_stats[flow._oeb_pos[layer]]
+    tau_b = geo.tau_flat
+    part = None if geo.fused_parts is None else geo.fused_parts[flow._oeb_pos[layer]]
     while True:
         try:
             plan = geo.plan
             if plan is None or plan.H != H:  # checked and planned once per forward: the OEB layers share shapes
-                plan = geo.plan = plan_decode(query, key, value, geo.kseg, qt.qgroups, tau_b, sinks, part,
+                plan = geo.plan = kernels.plan_decode(query, key, value, geo.kseg, qt.qgroups, tau_b, sinks, part,
                                               dot=flow._kernel_dot)
-            out = oeb_decode(query, key, value, geo.kseg, qt.qgroups, tau_b, scaling, sinks, part, plan=plan)
+            out = kernels.oeb_decode(query, key, value, geo.kseg, qt.qgroups, tau_b, scaling, sinks, part, plan=plan)
             why = None
         except Exception as e:  # noqa: BLE001 - any failure of an optional kernel means: use another path
             if flow.kernel == "triton" and not (geo.plan is not None and geo.plan.dot):
@@ -259,7 +263,7 @@ def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo
     p = torch.softmax(s, dim=-1, dtype=torch.float32).view(B, H, K)
     groups = geo.groups  # [B, K, 3]: in B, in S, in O
     p_bs = torch.bmm(p, groups[:, :, :2])  # [B, H, 2]: p(B), p(S)
-    num = torch.baddbmm(geo.qt.tau_pair, p_bs, flow._sum_s.expand(B, 2, 2))  # (tau_B, p(B) + p(S) - tau_B)
+    num = torch.baddbmm(geo.tau_pair, p_bs, flow._sum_s.expand(B, 2, 2))  # (tau_B, p(B) + p(S) - tau_B)
     ratio = num / p_bs
     # fire where 1 < tau_B / p(B) < inf (0 < p(B) < tau_B) and tau_S > 0 (then p(S) > 0)
     fire = ((ratio > flow._thresholds) & (ratio < float("inf"))).all(-1, keepdim=True)  # [B, H, 1]
@@ -268,7 +272,7 @@ def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo
     if dropout:
         p = torch.nn.functional.dropout(p, p=dropout, training=True)
     if flow._stats is not None:
-        flow._pending.append((layer, fire, p_bs, factors, geo.qt.tau_b))
+        flow._pending.append((layer, fire, p_bs.detach(), factors.detach(), geo.qt.tau_b))
         flow._count_eligible(layer, geo.qt, H)
     out = torch.bmm(p.view(B * Hkv, n_rep, K).to(value.dtype), value.reshape(B * Hkv, K, D))
     return out.view(B, 1, H, D)

@@ -327,6 +327,7 @@ class DecodePlan(NamedTuple):
     ws_elems: int  # float32 workspace elements (0: one launch, no workspace)
     dot: bool  # scores and value sums by tl.dot (NR >= 16) instead of broadcast products
     dot_f32: bool  # tl.dot on float32 operands with input_precision="ieee" (exact); else bf16/fp16 operands
+    other_device: bool  # the tensors are on a CUDA device other than the current one (launch under a guard)
 
 
 def plan_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg: torch.Tensor,
@@ -371,8 +372,9 @@ def plan_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kse
     # float32 operands for float32 inputs, and for every input under Triton's interpreter (its bf16/fp16 tl.dot is
     # wrong: seen with Triton 3.9); bf16/fp16 operands on a GPU
     dot_f32 = query.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    other_device = query.device.type == "cuda" and query.device.index != torch.cuda.current_device()
     return DecodePlan(B, H, Hkv, K, D, Dv, n_rep, NR, BK, BD, BDV, num_splits, keys_per_split, num_warps,
-                      ws_elems, dot, dot_f32)
+                      ws_elems, dot, dot_f32, other_device)
 
 
 def oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg: torch.Tensor,
@@ -395,10 +397,10 @@ def oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg
     kseg = _last_contiguous(kseg)
     if sinks is not None:
         sinks = sinks.contiguous()
-    if query.device.type == "cuda" and query.device.index != torch.cuda.current_device():
-        # a model split over several GPUs (device_map): triton launches on the current device
+    if plan.other_device:  # e.g. a model on cuda:1: triton launches on the current device
         with torch.cuda.device(query.device):
-            return oeb_decode(query, key, value, kseg, qgroups, tau_b, scaling, sinks, stats, plan=plan)
+            return oeb_decode(query, key, value, kseg, qgroups, tau_b, scaling, sinks, stats,
+                              plan=plan._replace(other_device=False))
     B, H, Dv, pairs = plan.B, plan.H, plan.Dv, plan.B * plan.Hkv
     out = torch.empty(B, 1, H, Dv, dtype=value.dtype, device=value.device)
     final = plan.num_splits == 1

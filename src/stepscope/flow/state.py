@@ -111,20 +111,6 @@ def query_geometry(lo: np.ndarray, hi: np.ndarray, t0: np.ndarray, s0: np.ndarra
     return gidx, tau_b, elig.astype(np.float32)
 
 
-def decode_selectors(gidx: np.ndarray, tau_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For one query per row: sel float32 [B, 3, 3] maps a key's segment one-hot to (in B, in S, in O), with the
-    O column = 1 - B - S (so that keys of any segment keep weight 1 when nothing fires); and tau_pair float32
-    [B, 1, 2] = (tau_B, -tau_B)."""
-    B = gidx.shape[0]
-    sel = np.zeros((B, 3, 3), dtype=np.float32)
-    rows = np.arange(B)
-    sel[rows, gidx[:, 0, 0], 0] = 1.0
-    sel[rows, gidx[:, 0, 1], 1] += 1.0
-    sel[:, :, 2] = 1.0 - sel[:, :, 0] - sel[:, :, 1]
-    tau = tau_b[:, :1]
-    return sel, np.stack([tau, -tau], axis=-1).astype(np.float32)
-
-
 def smi_weights(fire_qabs: np.ndarray, pair_fire: np.ndarray, pair_k: np.ndarray, window: int | None,
                 alpha: float) -> np.ndarray:
     """alpha / (number of window keys the query sees) for every (fire, key) pair; 0 for a hidden key.
@@ -237,11 +223,14 @@ class LayerGeometry:
     # the groups as key indicators, so that each step is a few batched matmuls (PyTorch path, made on first use)
     groups: torch.Tensor | None = None  # float32 [B, K, 3]: key in the row's bridge B, in its group S, in O
     groups_t: torch.Tensor | None = None  # float32 [B, 2, K]: the B and S columns, transposed
+    tau_pair: torch.Tensor | None = None  # float32 [B, 1, 2]: (tau_B, -tau_B)
     masks: dict = field(default_factory=dict)  # (Hkv, dtype) -> additive mask [B * Hkv, 1, K]
     # the fused kernel's launch plan (kernels.DecodePlan), its stats buffer [n_oeb, B, H, 5] for this forward
     # and the OEB layers that wrote into it
     plan: object | None = None
+    tau_flat: torch.Tensor | None = None  # float32 [B]: tau_B of each row's query
     fused_stats: torch.Tensor | None = None
+    fused_parts: tuple | None = None  # fused_stats[i] for each OEB layer i
     fused_layers: list = field(default_factory=list)
 
 
@@ -254,8 +243,6 @@ class QueryTensors:
     eligible: torch.Tensor | None  # float32 [B, Q] (prefill stats)
     n_eligible: int  # host count
     elig_rows: np.ndarray  # host: eligible queries of each row [B]
-    sel: torch.Tensor | None = None  # float32 [B, 3, 3] (decoding)
-    tau_pair: torch.Tensor | None = None  # float32 [B, 1, 2] (decoding)
     qgroups: torch.Tensor | None = None  # int32 [B, 2]: segment of B and of S (decoding, fused kernel)
 
 
@@ -264,15 +251,11 @@ def _query_upload(up: Upload, g: np.ndarray, t: np.ndarray, e: np.ndarray, q_len
     up.add("tau", t)
     up.add("elig", e)
     if q_len == 1:
-        sel, tp = decode_selectors(g, t)
-        up.add("sel", sel)
-        up.add("tau_pair", tp)
         up.add("qg", g[:, 0, :].astype(np.int32))
 
 
 def _query_tensors(d: dict, elig_rows: np.ndarray) -> QueryTensors:
-    return QueryTensors(d["gidx"], d["tau"], d.get("elig"), int(elig_rows.sum()), elig_rows, d.get("sel"),
-                        d.get("tau_pair"), d.get("qg"))
+    return QueryTensors(d["gidx"], d["tau"], d.get("elig"), int(elig_rows.sum()), elig_rows, d.get("qg"))
 
 
 @dataclass
@@ -310,6 +293,17 @@ class ForwardState:
             got = self.windows[window] = _query_tensors(up.send(self.device), e.sum(1))
         return got
 
+    def add_fires(self, trackers: list[RowTracker], fires: list[list[tuple[int, int, int]]]) -> None:
+        """The SMI plan of this forward, known only after its tokens were fed (a decoding step whose feeding
+        StepFlow deferred until its first SMI layer): one more small upload, when anything fires."""
+        self.host.update(_fire_arrays(trackers, fires, self.past))
+        self.num_fires = len(self.host["fire_b"])
+        if self.num_fires:
+            up = Upload()
+            _fire_upload(up, self.host, self.alpha)
+            self.dev.update(up.send(self.device))
+            self.smi[None] = self.dev["pair_w"]
+
     def smi_pair_weights(self, window: int | None) -> torch.Tensor:
         got = self.smi.get(window)
         if got is None:
@@ -337,22 +331,10 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
     s0 = np.array([x[1] for x in bounds], dtype=np.int64)
     last_q = past + q_len - 1
     any_oeb = need_oeb and any(min(last_q, h - 1) >= b[0] for h, b in zip(hi_l, bounds))
-    fb, fq, fk, pf, pk = [], [], [], [], []
-    for b, fl in enumerate(fires):
-        lo_b = trackers[b].lo
-        for pos, ws, we in fl:
-            f = len(fb)
-            fb.append(b)
-            fq.append(lo_b + pos - past)
-            fk.append(lo_b + pos)
-            pf.extend([f] * (we - ws))
-            pk.extend(range(lo_b + ws, lo_b + we))
-    host = {"lo": lo, "hi": hi, "t0": t0, "s0": s0, "fire_b": np.asarray(fb, dtype=np.int64),
-            "fire_qi": np.asarray(fq, dtype=np.int64), "fire_qabs": np.asarray(fk, dtype=np.int64),
-            "pair_fire": np.asarray(pf, dtype=np.int64), "pair_k": np.asarray(pk, dtype=np.int64)}
+    host = {"lo": lo, "hi": hi, "t0": t0, "s0": s0, **_fire_arrays(trackers, fires, past)}
     up = Upload()
     fast = q_len == 1 and any_oeb
-    if fast:  # decoding: the same geometry as query_geometry + decode_selectors, in plain Python (tiny arrays)
+    if fast:  # decoding: the same geometry as query_geometry, in plain Python (tiny arrays)
         ints, floats, n_elig = _decode_pack(lo_l, hi_l, bounds, past, tau_max)
         up.add("ints", ints)
         up.add("floats", floats)
@@ -370,54 +352,67 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
         g, t, e = query_geometry(lo, hi, t0, s0, past, q_len, None, tau_max)
         _query_upload(up, g, t, e, q_len)
         n_elig = e.sum(1)
-    if fb:
-        up.add("fires", np.stack([host["fire_b"], host["fire_qi"]]))
-        up.add("pairs", np.stack([host["pair_fire"], host["pair_k"]]))
-        up.add("pair_w", smi_weights(host["fire_qabs"], host["pair_fire"], host["pair_k"], None, alpha))
+    num_fires = len(host["fire_b"])
+    if num_fires:
+        _fire_upload(up, host, alpha)
     dev = up.send(device)
     if fast:
         ints, floats = dev.pop("ints"), dev.pop("floats")
         dev.update(codes=ints[:B].view(B, 1), gidx=ints[B:].view(B, 1, 2), tau=floats[:B].view(B, 1),
-                   elig=floats[B:2 * B].view(B, 1), sel=floats[2 * B:11 * B].view(B, 3, 3),
-                   tau_pair=floats[11 * B:13 * B].view(B, 1, 2), onehot=floats[13 * B:].view(B, 1, 3))
+                   elig=floats[B:2 * B].view(B, 1), onehot=floats[2 * B:].view(B, 1, 3))
     keys.append(past, dev["codes"], dev.get("pad"), dev.get("seg8"), dev.get("onehot"))
-    fs = ForwardState(B, past, q_len, device, tau_max, alpha, any_oeb, host, dev, keys, len(fb))
+    fs = ForwardState(B, past, q_len, device, tau_max, alpha, any_oeb, host, dev, keys, num_fires)
     if any_oeb:
         fs.windows[None] = _query_tensors(dev, n_elig)
-    if fb:
+    if num_fires:
         fs.smi[None] = dev["pair_w"]
     return fs
+
+
+def _fire_arrays(trackers: list[RowTracker], fires: list[list[tuple[int, int, int]]], past: int
+                 ) -> dict[str, np.ndarray]:
+    """The SMI plan of a forward from each row's fires (real index, window start, end): per fire its row,
+    query index in the forward and kv index; per (fire, window key) pair the fire and the key's kv index."""
+    fb, fq, fk, pf, pk = [], [], [], [], []
+    for b, fl in enumerate(fires):
+        lo_b = trackers[b].lo
+        for pos, ws, we in fl:
+            f = len(fb)
+            fb.append(b)
+            fq.append(lo_b + pos - past)
+            fk.append(lo_b + pos)
+            pf.extend([f] * (we - ws))
+            pk.extend(range(lo_b + ws, lo_b + we))
+    return {"fire_b": np.asarray(fb, dtype=np.int64), "fire_qi": np.asarray(fq, dtype=np.int64),
+            "fire_qabs": np.asarray(fk, dtype=np.int64), "pair_fire": np.asarray(pf, dtype=np.int64),
+            "pair_k": np.asarray(pk, dtype=np.int64)}
+
+
+def _fire_upload(up: Upload, host: dict, alpha: float) -> None:
+    up.add("fires", np.stack([host["fire_b"], host["fire_qi"]]))
+    up.add("pairs", np.stack([host["pair_fire"], host["pair_k"]]))
+    up.add("pair_w", smi_weights(host["fire_qabs"], host["pair_fire"], host["pair_k"], None, alpha))
 
 
 def _decode_pack(lo: list[int], hi: list[int], bounds: list[tuple[int, int]], q: int, tau_max: float
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One query per row, at kv index q, full attention: int64 [3B] (key codes, then gidx pairs) and float32
-    [16B] (tau_B, eligible, sel 3x3, tau_pair, the new key's one-hot segment) exactly as query_geometry,
-    decode_selectors and one_hot give them, and the eligible flag of each row (float64 [B])."""
-    codes, gidx, tau, elig, sel, pair, oh = [], [], [], [], [], [], []
+    [5B] (tau_B, eligible, the new key's one-hot segment) exactly as query_geometry and one_hot give them, and
+    the eligible flag of each row (float64 [B])."""
+    codes, gidx, tau, elig, oh = [], [], [], [], []
     for lo_b, hi_b, (t0, s0) in zip(lo, hi, bounds):
         seg = (q >= t0) + (q >= s0)
         codes.append(seg)
-        gb, gs = max(seg - 1, 0), seg
-        gidx += (gb, gs)
+        gidx += (max(seg - 1, 0), seg)
         if seg == 2:
             n_b, n_s = s0 - t0, q - s0 + 1
         else:
             n_b, n_s = t0 - lo_b, q - t0 + 1
         ok = lo_b <= q < hi_b and seg >= 1 and n_b > 0
-        t = min(math.sqrt(n_b / (n_b + n_s)), tau_max) if ok else 0.0
-        tau.append(t)
+        tau.append(min(math.sqrt(n_b / (n_b + n_s)), tau_max) if ok else 0.0)
         elig.append(1.0 if ok else 0.0)
-        m = [[0.0, 0.0, 1.0] for _ in range(3)]
-        m[gb][0] = 1.0
-        m[gs][1] += 1.0
-        for r in m:
-            r[2] = 1.0 - r[0] - r[1]
-            sel += r
-        pair += (t, -t)
         oh += (float(seg == 0), float(seg == 1), float(seg == 2))
-    return (np.array(codes + gidx, dtype=np.int64),
-            np.array(tau + elig + sel + pair + oh, dtype=np.float32), np.array(elig))
+    return (np.array(codes + gidx, dtype=np.int64), np.array(tau + elig + oh, dtype=np.float32), np.array(elig))
 
 
 def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Tensor | None,
@@ -451,8 +446,19 @@ def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Ten
 
 
 def decode_groups(geo: LayerGeometry) -> None:
-    """The decoding path's key indicators (in B, in S, in O) of a layer geometry, made once per forward."""
+    """The decoding path's key indicators (in B, in S, in O) of a layer geometry and its (tau_B, -tau_B) pairs,
+    made on the device once per forward.
+
+    sel [B, 3, 3] maps a key's segment one-hot to (in B, in S, in O), with the O column = 1 - B - S so that keys
+    of any segment keep weight 1 when nothing fires (a question query has B = S = question: its O column is -1
+    there, and it never fires)."""
     if geo.groups is None:
-        sel = geo.qt.sel  # [B, 3, 3]
+        gidx = geo.qt.gidx[:, 0, :]  # [B, 2]: segment of B, of S
+        seg = torch.arange(3, device=gidx.device)
+        in_b = (gidx[:, None, 0] == seg).to(torch.float32)  # [B, 3]
+        in_s = (gidx[:, None, 1] == seg).to(torch.float32)
+        sel = torch.stack([in_b, in_s, 1.0 - in_b - in_s], dim=-1)  # [B, 3 segments, 3 groups]
         geo.groups = torch.bmm(geo.onehot, sel)  # [B, K, 3]
         geo.groups_t = torch.bmm(sel[:, :, :2].transpose(1, 2), geo.onehot.transpose(1, 2))  # [B, 2, K]
+        tau = geo.qt.tau_b[:, :1]
+        geo.tau_pair = torch.stack([tau, -tau], dim=-1)  # [B, 1, 2]

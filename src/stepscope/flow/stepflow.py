@@ -12,9 +12,12 @@ How it hooks the model (DESIGN.md, "How the model is hooked"):
 - A forward pre-hook on the base model sees every forward's input_ids, attention mask and cache length. It
   copies the new token ids (with their mask columns) to the host once per forward, the only device-to-host
   transfer, feeds each row's incremental segmenter, and uploads the rows' state in one host-to-device copy.
+  In a decoding step (one new token per row) the feeding waits until the first SMI layer (or the end of the
+  forward: a forward hook), so that the device already runs the layers before it while the host segments:
+  a token's segment and its OEB groups depend only on the tokens before it; only its SMI fire needs it fed.
   A forward with no cache, or an empty one, starts fresh rows; a cache whose length does not match what
   StepFlow has seen is an error (beam search, which reorders cache rows, is not supported).
-- On exit, also after an exception, it restores the original implementation names, removes the hook and the
+- On exit, also after an exception, it restores the original implementation names, removes the hooks and the
   module attributes. The registered names stay registered (harmless, and another StepFlow may use them), so
   the model is bit-identical to before.
 
@@ -153,7 +156,9 @@ class StepFlow:
         self._saved: list[tuple[object, str, object]] = []
         self._modules: list[torch.nn.Module] = []
         self._hook = None
+        self._post_hook = None
         self._fwd: ForwardState | None = None
+        self._unfed: np.ndarray | None = None  # host ids [B, 1] of a decoding step not yet fed to the segmenters
         self._rows: list[RowTracker] | None = None
         self._keys: KeyState | None = None
         self._total = 0
@@ -208,6 +213,7 @@ class StepFlow:
                 m._stepscope_flow = self
                 self._modules.append(m)
             self._hook = base.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+            self._post_hook = base.register_forward_hook(self._post_forward)
             self.model._stepscope_flow_open = True
         except BaseException:
             self._restore()
@@ -224,18 +230,22 @@ class StepFlow:
 
     def _restore(self) -> None:
         try:
+            if self._unfed is not None:
+                self._feed_deferred()
             self._flush_stats()
         except Exception:  # never let bookkeeping mask the error that ended the context
             self._pending = []
+            self._unfed = None
         restore_attn_implementations(self._saved)
         self._saved = []
         for m in self._modules:
             if "_stepscope_flow" in m.__dict__:
                 del m.__dict__["_stepscope_flow"]
         self._modules = []
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for h in (self._hook, self._post_hook):
+            if h is not None:
+                h.remove()
+        self._hook = self._post_hook = None
         if self.model.__dict__.get("_stepscope_flow_open"):
             del self.model.__dict__["_stepscope_flow_open"]
         self._fwd = None
@@ -260,6 +270,7 @@ class StepFlow:
 
     def _add_rows(self, layer: int, rows: torch.Tensor) -> None:
         """Stats of one layer per current row ([B, 5]: fired, p(B), p(S) before, after), into both tallies."""
+        rows = rows.detach()  # (a forward with gradients: the stats never hold its graph)
         self._stats[layer] += rows.sum(0)
         self._row_stats[:, layer].index_add_(0, self._row_orig_dev, rows.to(torch.float64))
 
@@ -302,7 +313,32 @@ class StepFlow:
         e = self._pending[0]
         return e[2].shape[1] if e[0] == "fused" else e[1].shape[0]
 
+    def _feed(self, ids_h: np.ndarray, spans: list[tuple[int, int]]) -> list[list[tuple[int, int, int]]]:
+        """Feed each row's new real tokens (columns spans[b] of ids_h) to its segmenter; its SMI fires."""
+        fires = []
+        for b, tr in enumerate(self._rows):
+            a, e = spans[b]
+            if e > a:
+                fires.append(tr.feed(ids_h[b, a:e].tolist()))
+                self._tokens += e - a
+            else:
+                fires.append([])
+        return fires
+
+    def _feed_deferred(self) -> None:
+        """Feed the decoding token the pre-hook held back and add its SMI fires to the forward's state."""
+        ids_h, self._unfed = self._unfed, None
+        fires = self._feed(ids_h, [(0, 1)] * len(self._rows))
+        if any(fires):
+            self._fwd.add_fires(self._rows, fires)
+
+    def _post_forward(self, module, args, output):
+        if self._unfed is not None:  # no SMI layer ran: feed at the end of the forward
+            self._feed_deferred()
+
     def _pre_forward(self, module, args, kwargs):
+        if self._unfed is not None:  # the last forward stopped early (an exception): its token still counts
+            self._feed_deferred()
         ids = kwargs.get("input_ids", args[0] if args else None)
         if self._pending and (len(self._pending) >= 512 or ids is None or self._pending_rows() != ids.shape[0]):
             self._flush_stats()  # stats of many forwards are reduced together
@@ -363,22 +399,20 @@ class StepFlow:
             spans = [(0, Q)] * B
             for tr in self._rows:
                 tr.hi = past + Q
-        fires = []
-        n_tok = 0
-        for b, tr in enumerate(self._rows):
-            a, e = spans[b]
-            if e > a:
-                fires.append(tr.feed(ids_h[b, a:e].tolist()))
-                n_tok += e - a
-            else:
-                fires.append([])
+        if Q == 1 and past > 0:
+            # decoding: the segmenters take this token later, at the first SMI layer or at the end of the forward
+            # (`_feed_deferred`), while the device runs the layers before. Only SMI needs it: a token's segment
+            # and its OEB groups follow from the tokens before it, the boundaries the segmenters hold now.
+            self._unfed = ids_h
+            fires = [[] for _ in range(B)]
+        else:
+            fires = self._feed(ids_h, spans)
         # segment code of every new key (final: a key's segment never changes once it is fed)
         kabs = past + np.arange(Q, dtype=np.int64)[None, :]
         bounds = np.array([tr.bounds() for tr in self._rows], dtype=np.int64).reshape(B, 2)
         codes = (kabs >= bounds[:, :1]).astype(np.int64) + (kabs >= bounds[:, 1:])
         self._total = past + Q
         self._forwards += 1
-        self._tokens += n_tok
         self._fwd = build_forward_state(self._rows, self._keys, past, Q, fires, codes, new_pad, ids.device,
                                         self.config.tau_max, float(self.config.alpha), bool(self.oeb_layers))
         return None
@@ -390,6 +424,8 @@ class StepFlow:
             raise StepscopeError("select_rows: StepFlow has no rows yet")
         if any(not 0 <= i < len(self._rows) for i in keep):
             raise StepscopeError(f"select_rows: row index out of range 0..{len(self._rows) - 1}")
+        if self._unfed is not None:
+            self._feed_deferred()
         self._flush_stats()
         self._rows = [self._rows[i] for i in keep]
         keep_dev = torch.tensor(keep, dtype=torch.long, device=self.device)
