@@ -280,26 +280,34 @@ def self_check(tok, device: str) -> dict:
             "kernel": "triton" if flow._fused else "torch", "passed": worst < 1e-4}
 
 
-def profile(model, tok, args, prompt_tokens: int, out: Path, stem: str) -> None:
-    """torch.profiler over `--profile-tokens` new tokens at batch 1, plain then StepFlow (each warmed up once):
-    the top ops by self CPU time and by device time, written to <stem>_profile_<mode>.txt."""
+def profile(model, tok, args, prompt_tokens: int, out: Path, stem: str, batch: int) -> dict:
+    """torch.profiler over `--profile-tokens` new tokens at this batch size, plain then StepFlow (each warmed up
+    once): the top ops by self CPU time and by device time, written to <stem>_profile_<mode>[_b<batch>].txt, and
+    per mode the wall time and the device's busy time (the sum of every op's self device time; on CPU the self
+    CPU time): busy / wall near 1 means the step waits for the device, well below 1 for the host."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    ids, mask = prompts(tok, 1, prompt_tokens)
+    ids, mask = prompts(tok, batch, prompt_tokens)
     ids, mask = ids.to(args.device), mask.to(args.device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    summary = {}
     for mode in ("plain", "stepflow"):
         run_once(model, tok, ids, mask, args.profile_tokens, mode, args.device)
         with torch_profile(activities=acts) as prof:
             dt, _, _ = run_once(model, tok, ids, mask, args.profile_tokens, mode, args.device)
         ka = prof.key_averages()
         dev_key = "self_device_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
-        text = (f"{mode}: {args.profile_tokens} new tokens at batch 1 in {dt:.3f}s under the profiler\n\n"
+        busy = sum(getattr(e, dev_key) for e in ka) / 1e6
+        summary[mode] = {"wall_s": dt, "device_busy_s": busy, "busy_fraction": busy / dt}
+        text = (f"{mode}: {args.profile_tokens} new tokens at batch {batch} in {dt:.3f}s under the profiler; "
+                f"device busy {busy:.3f}s ({busy / dt:.0%} of the wall time)\n\n"
                 f"by self CPU time\n{ka.table(sort_by='self_cpu_time_total', row_limit=40)}\n\n"
                 f"by {dev_key}\n{ka.table(sort_by=dev_key, row_limit=30)}\n")
-        atomic_write_text(out / f"{stem}_profile_{mode}.txt", text)
-        log(f"profile {mode}: {dt:.3f}s for {args.profile_tokens} tokens")
+        suffix = "" if batch == 1 else f"_b{batch}"
+        atomic_write_text(out / f"{stem}_profile_{mode}{suffix}.txt", text)
+        log(f"profile batch {batch} {mode}: {dt:.3f}s for {args.profile_tokens} tokens, device busy {busy:.3f}s")
+    return summary
 
 
 def markdown(res: dict) -> str:
@@ -331,6 +339,10 @@ def markdown(res: dict) -> str:
                       f"versus one teacher-forced forward per row): max |logit difference| "
                       f"{c['max_abs_logit_diff']:.2e}, OEB fires {c['oeb_fires']}, SMI fires {c['smi_fires']}, OEB decoding "
                       f"kernel {c.get('kernel', 'torch')}."]
+    for b, pr in (res.get("profile") or {}).items():
+        lines += ["", f"Profile at batch {b} (torch.profiler; busy: the sum of the ops' self device time): " + "; ".join(
+            f"{m} {v['wall_s']:.2f} s wall, device busy {v['device_busy_s']:.2f} s ({v['busy_fraction']:.0%})"
+            for m, v in pr.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -352,9 +364,11 @@ def main(argv=None) -> int:
                          "--new-tokens); the first mode always warms up at full length (a short warm-up left "
                          "the first timed GPU run 3x slow: allocator and clocks)")
     ap.add_argument("--profile-tokens", type=int, default=0,
-                    help="also profile N decoding tokens of plain and StepFlow at batch 1 with torch.profiler "
-                         "(tables of the top ops by self CPU and device time, written beside the results)")
+                    help="also profile N decoding tokens of plain and StepFlow with torch.profiler (tables of the "
+                         "top ops by self CPU and device time, written beside the results)")
+    ap.add_argument("--profile-batch-sizes", default="1", help="batch sizes to profile (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and rounds")
+    ap.add_argument("--no-timing", action="store_true", help="only the self-check and the profiles (no timed rounds)")
     ap.add_argument("--self-check", action="store_true",
                     help="first check StepFlow's cached decoding against teacher forcing on this device")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -396,8 +410,10 @@ def main(argv=None) -> int:
         log(f"self-check: {res['self_check']}")
         save()
     if args.profile_tokens:
-        profile(model, tok, args, prompt_tokens, out, stem)
-    for B in batches:
+        for pb in [int(x) for x in args.profile_batch_sizes.split(",")]:
+            res.setdefault("profile", {})[str(pb)] = profile(model, tok, args, prompt_tokens, out, stem, pb)
+            save()
+    for B in [] if args.no_timing else batches:
         ids, mask = prompts(tok, B, prompt_tokens)
         ids, mask = ids.to(args.device), mask.to(args.device)
         row = res["batches"][str(B)] = {"prompt_ids_shape": list(ids.shape), "seconds": {m: [] for m in modes},

@@ -300,3 +300,36 @@ def test_both_product_forms(dot, B, H, Hkv, K, D, sinks, num_splits):
         err = (out.cpu().double() - ref).abs().max().item()
         assert err <= tol * max(1.0, ref.abs().max().item()), (dtype, err)
         assert (stats.cpu().double() - ref_stats).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("block_k,num_warps", [(16, 4), (32, 8), (128, 4)])
+def test_block_size_and_warps_overrides(block_k, num_warps):
+    """plan_decode's block_k / num_warps (what bench/oeb_kernel.py compares) give the reference output."""
+    q, k, v, kseg, qg, tau, scaling, sk = make_inputs(2, 8, 2, 300, 32, sinks=True, seed=4)
+    stats = torch.zeros(2, 8, 5, device=DEVICE)
+    plan = kernels.plan_decode(to(q), to(k), to(v), to(kseg), to(qg), to(tau), to(sk), stats, num_splits=3,
+                               block_k=block_k, num_warps=num_warps)
+    assert (plan.BK, plan.num_warps) == (block_k, num_warps) and plan.keys_per_split % block_k == 0
+    out = kernels.oeb_decode(to(q), to(k), to(v), to(kseg), to(qg), to(tau), scaling, to(sk), stats, plan=plan)
+    ref, ref_stats, _ = reference(q, k, v, kseg, qg, tau, scaling, sk)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stats.cpu().double(), ref_stats, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        kernels.plan_decode(q, k, v, kseg, qg, tau, block_k=48)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the smoke mode runs on the interpreter")
+def test_kernel_bench_smoke(tmp_path):
+    """bench/oeb_kernel.py --smoke checks every kernel variant against float32 attention and writes its tables."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("oeb_kernel", os.path.join(os.path.dirname(__file__), "..",
+                                                                             "bench", "oeb_kernel.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "oeb_kernel_cpu_smoke.json").read_text())
+    rows = res["batches"][0]["rows"]
+    assert len(rows) == len(mod.VARIANTS) and all(r["ok"] and r["num_splits"] == 2 for r in rows)
+    assert "| 2 | broadcast form |" in (tmp_path / "oeb_kernel_cpu_smoke.md").read_text()

@@ -316,24 +316,25 @@ def test_auto_kernel_check_keeps_a_good_kernel_in_bfloat16():
 
 
 def _decode_steps(model, tok, cfg, p: list[int], c: list[int], n: int, hook=None):
-    """Prefill p, then decode the forced tokens c[:n] one per forward; returns the StepFlow and the segmenter
-    token counts seen by `hook(layer, flow)` at each attention layer of each decoding step."""
+    """Prefill p, then decode the forced tokens c[:n] one per forward; returns the StepFlow, what
+    `hook(flow)` saw at each attention layer of each decoding step, and the logits [len(p) - 1 + n, V] that
+    predicted p[1:] + c[:n] (the prefill's last and each step's)."""
     cache = DynamicCache()
-    seen = []
+    seen, logits = [], []
     with torch.no_grad(), StepFlow(model, tok, cfg) as flow:
         if hook is not None:
             handles = [m.register_forward_pre_hook(lambda m, a: seen.append((m.layer_idx, hook(flow))))
                        for m in flow._modules]
-        model(input_ids=torch.tensor([p]), past_key_values=cache, use_cache=True)
+        logits.append(model(input_ids=torch.tensor([p]), past_key_values=cache, use_cache=True).logits[0])
         seen.clear()
         for t in c[:n]:
-            model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            logits.append(model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits[0])
             assert flow._unfed is None  # fed by the end of every forward
             assert flow.segmenters[0].num_tokens == cache.get_seq_length()
         if hook is not None:
             for h in handles:
                 h.remove()
-    return flow, seen
+    return flow, seen, torch.cat(logits)[:-1]
 
 
 def test_decoding_feeds_the_segmenters_at_the_first_smi_layer():
@@ -342,7 +343,7 @@ def test_decoding_feeds_the_segmenters_at_the_first_smi_layer():
     model, tok = build("llama", "think")
     cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt="think")
     p, c = prompt_and_continuation(tok, "think", 0)
-    flow, seen = _decode_steps(model, tok, cfg, p, c, 6, hook=lambda f: f._unfed is not None)
+    flow, seen, _ = _decode_steps(model, tok, cfg, p, c, 6, hook=lambda f: f._unfed is not None)
     assert len(seen) == 6 * 4
     for i in range(0, len(seen), 4):
         # (a module's pre-hook runs before its attention function, which feeds in layer 2)
@@ -351,15 +352,18 @@ def test_decoding_feeds_the_segmenters_at_the_first_smi_layer():
 
 @pytest.mark.parametrize("smi_layers,on", [([], True), ([2, 3], False)])
 def test_decoding_without_smi_layers_still_feeds_every_token(smi_layers, on):
-    """With SMI off (or no SMI layer), the forward hook feeds each decoding step's token: the segmenters, the
-    token count and the steps are those of one teacher-forced forward over the same tokens."""
+    """With SMI off (or no SMI layer), the forward hook feeds each decoding step's token before the next step's
+    state is prepared: through the end of the thinking into the summary, the logits, the segmenters, the token
+    count and the steps are those of one teacher-forced forward over the same tokens."""
     model, tok = build("llama", "think")
     cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=smi_layers, smi=on, fmt="think")
     p, c = prompt_and_continuation(tok, "think", 0)
-    n = min(40, len(c))
-    flow, _ = _decode_steps(model, tok, cfg, p, c, n)
+    n = len(c)
+    flow, _, got_logits = _decode_steps(model, tok, cfg, p, c, n)
     with torch.no_grad(), StepFlow(model, tok, cfg) as tf:
-        model(torch.tensor([p + c[:n]]))
+        want_logits = model(torch.tensor([p + c[:n]])).logits[0, :-1]
+    assert (got_logits - want_logits).abs().max().item() < TOL
+    assert tf.segmenters[0].boundaries["summary"] is not None
     assert flow.stats.tokens == tf.stats.tokens == len(p) + n
     assert flow.stats.total_smi_fires == 0
     got, want = flow.segmenters[0], tf.segmenters[0]
@@ -414,3 +418,44 @@ def test_decoding_step_with_gradients_takes_the_differentiable_path():
         assert g is not None and g.abs().sum() > 0
         grads[kernel] = g.clone()
     assert torch.allclose(grads["torch"], grads["triton"], rtol=1e-4, atol=1e-6)
+
+
+def test_next_step_state_is_prepared_and_dropped_when_the_forward_differs(monkeypatch):
+    """After a forward with a cache, StepFlow prepares the next decoding step's state, so that a decoding
+    step's pre-hook builds nothing; forwards of several tokens (and a fresh prefill) drop it. Mixed chunk
+    sizes give the teacher-forced logits."""
+    from stepscope.flow import stepflow as sfm
+
+    model, tok = build("llama", "think")
+    cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt="think")
+    p, c = prompt_and_continuation(tok, "think", 1)
+    builds = {"pre": 0, "post": 0}
+    where = ["post"]
+    real_build, real_pre = sfm.StepFlow._build_state, sfm.StepFlow._pre_forward
+
+    def build_state(self, *a, **k):
+        builds[where[0]] += 1
+        return real_build(self, *a, **k)
+
+    def pre(self, *a, **k):
+        where[0] = "pre"
+        try:
+            return real_pre(self, *a, **k)
+        finally:
+            where[0] = "post"
+
+    monkeypatch.setattr(sfm.StepFlow, "_build_state", build_state)
+    monkeypatch.setattr(sfm.StepFlow, "_pre_forward", pre)
+    chunks = [3, 1, 1, 2, 1, 4, 1, 1]  # tokens per forward after the prompt
+    cache, logits, pos = DynamicCache(), [], 0
+    with torch.no_grad(), StepFlow(model, tok, cfg) as flow:
+        logits.append(model(input_ids=torch.tensor([p]), past_key_values=cache, use_cache=True).logits[0])
+        for n in chunks:
+            x = torch.tensor([c[pos:pos + n]])
+            logits.append(model(input_ids=x, past_key_values=cache, use_cache=True).logits[0])
+            pos += n
+    # the prefill and the multi-token forwards build in the pre-hook; every forward prepares the next step
+    assert builds == {"pre": 1 + sum(n > 1 for n in chunks), "post": 1 + len(chunks)}
+    want = teacher_forced(model, tok, cfg, p + c[:pos])
+    assert (torch.cat(logits) - want).abs().max().item() < TOL
+    assert flow.stats.total_smi_fires > 0

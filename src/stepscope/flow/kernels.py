@@ -332,10 +332,11 @@ class DecodePlan(NamedTuple):
 
 def plan_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg: torch.Tensor,
                 qgroups: torch.Tensor, tau_b: torch.Tensor, sinks: torch.Tensor | None = None,
-                stats: torch.Tensor | None = None, num_splits: int | None = None, dot: bool | None = None
-                ) -> DecodePlan:
+                stats: torch.Tensor | None = None, num_splits: int | None = None, dot: bool | None = None,
+                block_k: int | None = None, num_warps: int | None = None) -> DecodePlan:
     """Check the arguments of `oeb_decode` (ValueError naming the problem) and choose its launch parameters.
-    dot: products by tl.dot (tensor cores; the default, `USE_DOT`) or by broadcast multiply-and-sum."""
+    dot: products by tl.dot (tensor cores; the default, `USE_DOT`) or by broadcast multiply-and-sum.
+    block_k (a power of two, at least 16 with dot) and num_warps override the defaults (bench/oeb_kernel.py)."""
     B, H, Q, D = query.shape
     Bk, Hkv, K, Dk = key.shape
     Dv = value.shape[-1]
@@ -361,13 +362,18 @@ def plan_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kse
     BD = max(16, _next_pow2(D))
     BDV = max(16, _next_pow2(Dv))
     BK = (64 if max(BD, BDV) <= 128 else 32) if dot else _block_k(NR, BD, BDV)
+    if block_k is not None:
+        if block_k & (block_k - 1) or block_k < (16 if dot else 1):
+            raise ValueError(f"block_k must be a power of two (at least 16 with dot), got {block_k}")
+        BK = block_k
     pairs = B * Hkv
     if num_splits is None:
         num_splits = choose_num_splits(K, pairs, BK, _num_sms(query.device))
     num_splits = max(1, int(num_splits))
     nblocks = max(1, -(-K // BK))
     keys_per_split = -(-nblocks // num_splits) * BK
-    num_warps = 4 if dot or NR * BK * max(BD, BDV) <= _ELEMS_BUDGET else 8
+    if num_warps is None:
+        num_warps = 4 if dot or NR * BK * max(BD, BDV) <= _ELEMS_BUDGET else 8
     ws_elems = 0 if num_splits == 1 else pairs * num_splits * (4 * NR + 3 * NR * BDV)
     # float32 operands for float32 inputs, and for every input under Triton's interpreter (its bf16/fp16 tl.dot is
     # wrong: seen with Triton 3.9); bf16/fp16 operands on a GPU

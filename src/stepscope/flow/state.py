@@ -317,14 +317,15 @@ class ForwardState:
 def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q_len: int,
                         fires: list[list[tuple[int, int, int]]], new_codes: np.ndarray,
                         new_pad: np.ndarray | None, device: torch.device, tau_max: float, alpha: float,
-                        need_oeb: bool) -> ForwardState:
+                        need_oeb: bool, hi: int | None = None) -> ForwardState:
     """Pack the rows' host state after feeding this forward's tokens into one upload.
 
     new_codes int64 [B, Q]: segment code of each new key; new_pad float32 [B, Q] (prefill): its padding mask.
+    hi: every row's kv end after this forward, when it is the same for all (decoding; else each row's tr.hi).
     """
     B = len(trackers)
     lo_l = [tr.lo for tr in trackers]
-    hi_l = [tr.hi for tr in trackers]
+    hi_l = [tr.hi for tr in trackers] if hi is None else [hi] * B
     bounds = [tr.bounds() for tr in trackers]
     lo, hi = np.array(lo_l, dtype=np.int64), np.array(hi_l, dtype=np.int64)
     t0 = np.array([x[0] for x in bounds], dtype=np.int64)

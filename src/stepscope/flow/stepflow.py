@@ -159,6 +159,7 @@ class StepFlow:
         self._post_hook = None
         self._fwd: ForwardState | None = None
         self._unfed: np.ndarray | None = None  # host ids [B, 1] of a decoding step not yet fed to the segmenters
+        self._next: ForwardState | None = None  # the next decoding step's state, prepared after the last forward
         self._rows: list[RowTracker] | None = None
         self._keys: KeyState | None = None
         self._total = 0
@@ -213,7 +214,7 @@ class StepFlow:
                 m._stepscope_flow = self
                 self._modules.append(m)
             self._hook = base.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-            self._post_hook = base.register_forward_hook(self._post_forward)
+            self._post_hook = base.register_forward_hook(self._post_forward, with_kwargs=True)
             self.model._stepscope_flow_open = True
         except BaseException:
             self._restore()
@@ -248,7 +249,7 @@ class StepFlow:
         self._hook = self._post_hook = None
         if self.model.__dict__.get("_stepscope_flow_open"):
             del self.model.__dict__["_stepscope_flow_open"]
-        self._fwd = None
+        self._fwd = self._next = None
         self._active = False
 
     # -- per forward --------------------------------------------------------------------------------------
@@ -332,9 +333,15 @@ class StepFlow:
         if any(fires):
             self._fwd.add_fires(self._rows, fires)
 
-    def _post_forward(self, module, args, output):
+    def _post_forward(self, module, args, kwargs, output):
         if self._unfed is not None:  # no SMI layer ran: feed at the end of the forward
             self._feed_deferred()
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and self._rows is not None and self._fwd is not None:
+            # generation goes on with one token per row, most likely: prepare that step's state now, while the
+            # device still computes this one, so that the next pre-hook only copies the token ids (`_pre_forward`
+            # takes it when the next forward is that step, and drops it otherwise)
+            self._next = self._build_state(self._total, 1, [[] for _ in self._rows], None, hi=self._total + 1)
 
     def _pre_forward(self, module, args, kwargs):
         if self._unfed is not None:  # the last forward stopped early (an exception): its token still counts
@@ -355,6 +362,7 @@ class StepFlow:
         ids_h = host[:, :Q]
         if past == 0:
             self._rows = None
+            self._next = None
         elif self._rows is None or len(self._rows) != B or past != self._total:
             seen = 0 if self._rows is None else self._total
             raise StepscopeError(f"StepFlow lost track of the cache: it holds {past} tokens of {B} rows, StepFlow "
@@ -399,6 +407,13 @@ class StepFlow:
             spans = [(0, Q)] * B
             for tr in self._rows:
                 tr.hi = past + Q
+            nxt, self._next = self._next, None
+            if Q == 1 and nxt is not None and nxt.past == past:  # the state the last forward prepared
+                self._unfed = ids_h
+                self._total = past + 1
+                self._forwards += 1
+                self._fwd = nxt
+                return None
         if Q == 1 and past > 0:
             # decoding: the segmenters take this token later, at the first SMI layer or at the end of the forward
             # (`_feed_deferred`), while the device runs the layers before. Only SMI needs it: a token's segment
@@ -407,15 +422,23 @@ class StepFlow:
             fires = [[] for _ in range(B)]
         else:
             fires = self._feed(ids_h, spans)
+        self._total = past + Q
+        self._forwards += 1
+        self._fwd = self._build_state(past, Q, fires, new_pad)
+        return None
+
+    def _build_state(self, past: int, Q: int, fires: list, new_pad: np.ndarray | None, hi: int | None = None
+                     ) -> ForwardState:
+        """The device state of a forward of Q new tokens per row after `past`; hi: every row's kv end after it
+        (None: each row's own)."""
+        B = len(self._rows)
         # segment code of every new key (final: a key's segment never changes once it is fed)
         kabs = past + np.arange(Q, dtype=np.int64)[None, :]
         bounds = np.array([tr.bounds() for tr in self._rows], dtype=np.int64).reshape(B, 2)
         codes = (kabs >= bounds[:, :1]).astype(np.int64) + (kabs >= bounds[:, 1:])
-        self._total = past + Q
-        self._forwards += 1
-        self._fwd = build_forward_state(self._rows, self._keys, past, Q, fires, codes, new_pad, ids.device,
-                                        self.config.tau_max, float(self.config.alpha), bool(self.oeb_layers))
-        return None
+        return build_forward_state(self._rows, self._keys, past, Q, fires, codes, new_pad, self.device,
+                                   self.config.tau_max, float(self.config.alpha), bool(self.oeb_layers),
+                                   hi=hi)
 
     def select_rows(self, keep: list[int]) -> None:
         """Keep only these rows, in this order: call it together with `cache.batch_select_indices(keep)` when a
@@ -427,6 +450,7 @@ class StepFlow:
         if self._unfed is not None:
             self._feed_deferred()
         self._flush_stats()
+        self._next = None
         self._rows = [self._rows[i] for i in keep]
         keep_dev = torch.tensor(keep, dtype=torch.long, device=self.device)
         self._keys.select(keep_dev)
