@@ -1,15 +1,18 @@
 """StepFlow's host (Python) work per decoding step, our code and a baseline checkout side by side.
 
-Why: on the GPU a 7B decoding step is host-bound (bench/results/stepflow_cuda_r1-distill-qwen-7b_h100.*: about
-22 ms of host time per step against ~10 ms of GPU work), so StepFlow's overhead there is its per-step Python
-bookkeeping, not its kernels. That bookkeeping can be measured on any CPU: this script runs a random model of
+Why: on the GPU a 7B decoding step at batch 1 is host-bound (bench/results/stepflow_cuda_r1-distill-qwen-7b_h100.*:
+about 22 ms of host time per step against ~10 ms of GPU work), so StepFlow's overhead there is its per-step
+Python bookkeeping, not its kernels. Where a step is device-bound instead, only the host work before the step's
+first kernel (the pre-hook) leaves the device idle. Both can be measured on any CPU: this script runs a random model of
 R1-Distill-Qwen-7B's layer and head counts with tiny widths (`proxy-7b`: 28 layers, OEB on 0-6, SMI on 21-27)
 under StepFlow(kernel="triton") with the Triton launches stubbed out (the split kernel's launcher only zeroes
 the output, so the text and the segmentation are the same in every run), and times, per decoding step:
 - pre: StepFlow's forward pre-hook (the row state, the one upload; the segmenters too in trees that feed them
   there): host time at the start of a step, before the step's first kernel, while the device waits;
 - oeb: the OEB layers' attention wrapper (bookkeeping and launch preparation; no kernel runs);
-- other: the other layers' wrapper minus the sdpa call it wraps.
+- other: the other layers' wrapper minus the sdpa call it wraps;
+- feed: the segmenters taking the step's token (trees that defer it to the first SMI layer);
+- post: StepFlow's forward hook after the layers (trees that prepare the next step's state there).
 Greedy, left-padded prompts (256 tokens), 128 new tokens, one CPU thread. Each part is the median over the
 decoding steps of a run (total: the median step's sum), then the median over interleaved rounds.
 
@@ -32,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("pre", "oeb", "other", "feed", "total")
+PARTS = ("pre", "oeb", "other", "feed", "post", "total")
 
 
 def measure(batch: int, prompt_tokens: int, new_tokens: int, tokenizer: str | None) -> dict:
@@ -75,10 +78,12 @@ def measure(batch: int, prompt_tokens: int, new_tokens: int, tokenizer: str | No
         r = pre_orig(self, module, args, kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if on[0] and ids.shape[1] == 1:
-            acc = {"pre": time.perf_counter() - t, "oeb": 0.0, "other": 0.0, "sdpa_in_other": 0.0, "feed": 0.0}
+            acc = dict.fromkeys(("oeb", "other", "sdpa_in_other", "feed", "feed_in_post", "post"), 0.0)
+            acc["pre"] = time.perf_counter() - t
             steps.append(acc)
         else:
-            acc = {"pre": 0.0, "oeb": 0.0, "other": 0.0, "sdpa_in_other": 0.0, "feed": 0.0}  # prefill: not recorded
+            acc = dict.fromkeys(("pre", "oeb", "other", "sdpa_in_other", "feed", "feed_in_post", "post"), 0.0)
+            # (the prefill: not recorded)
         return r
 
     sfm.StepFlow._pre_forward = pre
@@ -92,13 +97,27 @@ def measure(batch: int, prompt_tokens: int, new_tokens: int, tokenizer: str | No
         return r
 
     att.flow_attention = fa
+    in_post = [False]
+    post_orig = getattr(sfm.StepFlow, "_post_forward", None)
+    if post_orig is not None:  # trees that prepare the next step's state after each forward
+
+        def post(self, *a, **k):
+            t = time.perf_counter()
+            in_post[0] = True
+            try:
+                return post_orig(self, *a, **k)
+            finally:
+                in_post[0] = False
+                acc["post"] += time.perf_counter() - t
+
+        sfm.StepFlow._post_forward = post
     feed_orig = getattr(sfm.StepFlow, "_feed_deferred", None)
     if feed_orig is not None:  # trees that feed a decoding step's token at the first SMI layer
 
         def feed(self):
             t = time.perf_counter()
             feed_orig(self)
-            acc["feed"] += time.perf_counter() - t
+            acc["feed_in_post" if in_post[0] else "feed"] += time.perf_counter() - t
 
         sfm.StepFlow._feed_deferred = feed
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
@@ -135,8 +154,11 @@ def measure(batch: int, prompt_tokens: int, new_tokens: int, tokenizer: str | No
     assert torch.equal(first, out)
     assert len(steps) == new_tokens - 1  # decoding forwards (the first new token comes from the prefill)
     for a in steps:
-        a["other"] -= a.pop("sdpa_in_other") + a["feed"]  # (the feed runs inside the first SMI layer's wrapper)
-        a["total"] = a["pre"] + a["oeb"] + a["other"] + a["feed"]
+        # the feed runs inside the first SMI layer's wrapper, or inside the post-hook when no SMI layer runs
+        a["other"] -= a.pop("sdpa_in_other") + a["feed"]
+        a["post"] -= a["feed_in_post"]
+        a["feed"] += a.pop("feed_in_post")
+        a["total"] = a["pre"] + a["oeb"] + a["other"] + a["feed"] + a["post"]
     # the median step of each part (robust to the odd slow step of a shared machine: a GC pause, a preemption)
     res = {k: statistics.median(a[k] for a in steps) * 1e3 for k in PARTS}
     res["text_hash"] = hash(tuple(out[0].tolist())) & 0xFFFFFFFF
@@ -212,9 +234,9 @@ def main(argv=None) -> int:
              + ". Same generated text in both trees: " + ", ".join(
                  f"batch {b}: {'yes' if r.get('same_text') else 'no'}" for b, r in res["batches"].items()
                  if "same_text" in r), "",
-             "| batch | tree | pre-hook | OEB layers | other layers (wrapper only) | deferred feeding | total | "
-             "total / baseline | pre-hook / baseline |",
-             "|---:|:--|---:|---:|---:|---:|---:|---:|---:|"]
+             "| batch | tree | pre-hook | OEB layers | other layers (wrapper only) | deferred feeding | "
+             "post-hook (next step's state) | total | total / baseline | pre-hook / baseline |",
+             "|---:|:--|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for B, row in res["batches"].items():
         for name in trees:
             m = row[name]
@@ -223,10 +245,10 @@ def main(argv=None) -> int:
                 ratio = f"{row['ratio_total']:.2f}"
                 pre_ratio = f"{m['pre'] / row['baseline']['pre']:.2f}"
             lines.append(f"| {B} | {name} | {m['pre']:.3f} | {m['oeb']:.3f} | {m['other']:.3f} | {m['feed']:.3f} "
-                         f"| {m['total']:.3f} | {ratio} | {pre_ratio} |")
+                         f"| {m['post']:.3f} | {m['total']:.3f} | {ratio} | {pre_ratio} |")
     lines += ["", "Where a decoding step is host-bound every part adds to its time. Where it is device-bound the "
               "device waits for the pre-hook alone: the layers' work, the deferred feeding included, runs while "
-              "the device computes the layers launched before."]
+              "the device computes the layers launched before, and the post-hook while it finishes the step."]
     out = Path(args.out)
     atomic_write_json(out / "stepflow_host_cpu.json", res)
     atomic_write_text(out / "stepflow_host_cpu.md", "\n".join(lines) + "\n")
