@@ -7,6 +7,8 @@ that the tl.dot form really lowers to tensor-core mma instructions.
 
   python scripts/compile_flow_kernels.py          # the variants StepFlow launches by default (bf16 on a GPU)
   python scripts/compile_flow_kernels.py --all    # every dtype / product form / finish / sink combination
+  python scripts/compile_flow_kernels.py --ptxas-info   # registers and spills (ptxas -v) of the split kernel's
+                                                        # bf16 variants: default, 8 warps, 32 keys per block
 
 Run it without TRITON_INTERPRET in the environment. Exit status 0 when every variant compiled.
 """
@@ -38,10 +40,36 @@ def compile_variant(fn, types: dict, const: dict, num_warps: int, arch: int) -> 
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}).asm["ptx"]
 
 
+def ptxas_info(ptx: str, arch: int) -> str:
+    """ptxas -v's resource line (registers, spills) for this PTX, with the newest ptxas the triton wheel ships."""
+    import glob
+    import subprocess
+    import tempfile
+
+    import triton
+
+    bins = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas*")))
+    errs = []
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        for exe in reversed(bins):  # ptxas-blackwell (newer) reads the PTX versions newer tritons write
+            r = subprocess.run([exe, "-v", f"--gpu-name=sm_{arch}a", src, "-o", os.path.join(d, "k.o")],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                lines = [ln.split("info    :")[-1].strip() for ln in (r.stdout + r.stderr).splitlines()
+                         if "registers" in ln or "spill" in ln]
+                return "; ".join(lines)
+            errs.append(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"rc {r.returncode}")
+    return "ptxas failed: " + " | ".join(errs)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--all", action="store_true", help="every variant (about a minute uncached)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: Hopper)")
+    ap.add_argument("--ptxas-info", action="store_true", help="registers and spills of the bf16 split kernel")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter does not compile")
@@ -51,6 +79,18 @@ def main(argv=None) -> int:
     from stepscope.flow import kernels
 
     split, combine = kernels._kernels()
+    if args.ptxas_info:
+        types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "seg_ptr": "*i8", "qg_ptr": "*i32",
+                 "tau_ptr": "*fp32", "sink_ptr": "*bf16", "out_ptr": "*bf16", "stats_ptr": "*fp32",
+                 "ws_ptr": "*fp32", "scaling": "fp32"}
+        for name, bk, nw in (("default: 64 keys/block, 4 warps", 64, 4), ("64 keys/block, 8 warps", 64, 8),
+                             ("32 keys/block, 4 warps", 32, 4)):
+            for final in (True, False):
+                const = dict(NR=16, BK=bk, BD=128, BDV=128, FINAL=final, HAS_SINK=False, HAS_STATS=True,
+                             DOT=True, DOT_F32=False)
+                info = ptxas_info(compile_variant(split, types, const, nw, args.arch), args.arch)
+                print(f"tl.dot bf16, head dim 128, {name}, {'one split' if final else 'split-K'}: {info}")
+        return 0
     dtypes = ("bf16", "fp32") if args.all else ("bf16",)
     forms = (True, False) if args.all else (True,)
     n = 0
