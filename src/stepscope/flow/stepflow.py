@@ -15,6 +15,9 @@ How it hooks the model (DESIGN.md, "How the model is hooked"):
   In a decoding step (one new token per row) the feeding waits until the first SMI layer (or the end of the
   forward: a forward hook), so that the device already runs the layers before it while the host segments:
   a token's segment and its OEB groups depend only on the tokens before it; only its SMI fire needs it fed.
+  For the same reason the forward hook of a forward with a cache prepares (and uploads) the state of the next
+  decoding step while the device still runs this one; the next pre-hook takes it if that forward is one new
+  token per row right after, and builds its own otherwise.
   A forward with no cache, or an empty one, starts fresh rows; a cache whose length does not match what
   StepFlow has seen is an error (beam search, which reorders cache rows, is not supported).
 - On exit, also after an exception, it restores the original implementation names, removes the hooks and the
