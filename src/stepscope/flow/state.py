@@ -315,12 +315,12 @@ class ForwardState:
 
 
 def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q_len: int,
-                        fires: list[list[tuple[int, int, int]]], new_codes: np.ndarray,
+                        fires: list[list[tuple[int, int, int]]],
                         new_pad: np.ndarray | None, device: torch.device, tau_max: float, alpha: float,
                         need_oeb: bool, hi: int | None = None) -> ForwardState:
     """Pack the rows' host state after feeding this forward's tokens into one upload.
 
-    new_codes int64 [B, Q]: segment code of each new key; new_pad float32 [B, Q] (prefill): its padding mask.
+    new_pad float32 [B, Q] (prefill): the new keys' padding mask.
     hi: every row's kv end after this forward, when it is the same for all (decoding; else each row's tr.hi).
     """
     B = len(trackers)
@@ -343,6 +343,9 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
             up.add("seg8", ints[:B].astype(np.int8).reshape(B, 1))
             up.add("qg", ints[B:].astype(np.int32).reshape(B, 2))
     else:
+        # segment code of every new key (final: a key's segment never changes once it is fed)
+        kabs = past + np.arange(q_len, dtype=np.int64)[None, :]
+        new_codes = (kabs >= t0[:, None]).astype(np.int64) + (kabs >= s0[:, None])
         up.add("codes", new_codes)
         if keys.seg is not None:
             seg8 = new_codes if new_pad is None else np.where(new_pad < 0, 3, new_codes)

@@ -434,12 +434,7 @@ class StepFlow:
                      ) -> ForwardState:
         """The device state of a forward of Q new tokens per row after `past`; hi: every row's kv end after it
         (None: each row's own)."""
-        B = len(self._rows)
-        # segment code of every new key (final: a key's segment never changes once it is fed)
-        kabs = past + np.arange(Q, dtype=np.int64)[None, :]
-        bounds = np.array([tr.bounds() for tr in self._rows], dtype=np.int64).reshape(B, 2)
-        codes = (kabs >= bounds[:, :1]).astype(np.int64) + (kabs >= bounds[:, 1:])
-        return build_forward_state(self._rows, self._keys, past, Q, fires, codes, new_pad, self.device,
+        return build_forward_state(self._rows, self._keys, past, Q, fires, new_pad, self.device,
                                    self.config.tau_max, float(self.config.alpha), bool(self.oeb_layers),
                                    hi=hi)
 
