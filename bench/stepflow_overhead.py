@@ -215,6 +215,7 @@ def run_once(model, tok, ids, mask, new_tokens: int, mode: str, device: str, clo
                     dc = time.process_time() - c0
                 stats = flow.stats.to_json()
                 stats["kernel"] = "triton" if flow._fused else "torch"  # what the OEB layers decoded with
+                stats["decode_paths"] = flow.decode_paths  # kernel="auto": the path timed fastest per shape
             else:
                 out = model.generate(**kw)
                 sync(device)
@@ -310,6 +311,16 @@ def profile(model, tok, args, prompt_tokens: int, out: Path, stem: str, batch: i
     return summary
 
 
+def decode_path_label(st: dict) -> str:
+    """What the OEB layers decoded with: kernel="auto"'s timed choices (each distinct one once), else the path."""
+    labels = []
+    for e in st.get("decode_paths") or []:
+        lab = e["path"] if e["path"] == "torch" else f"triton bk{e['block_k']} w{e['num_warps']}"
+        if lab not in labels:
+            labels.append(lab)
+    return ", ".join(labels) or st.get("kernel", "torch")
+
+
 def markdown(res: dict) -> str:
     lines = [f"# StepFlow overhead: {res['shape']} on {res['device_name']}", "",
              f"{res['dtype']}, prompts of about {res['prompt_tokens']} tokens, {res['new_tokens']} new tokens "
@@ -330,9 +341,15 @@ def markdown(res: dict) -> str:
         smi = sum(st.get("smi_fires", {}).values()) if st else 0
         st_torch = row.get("ratio_stepflow_torch")
         lines.append(f"| {b} | {m['plain']:.1f} | {sf or 0:.1f} | {row.get('ratio_stepflow', 0):.3f} | "
-                     f"{st.get('kernel', 'torch')} | {'-' if st_torch is None else f'{st_torch:.3f}'} | "
+                     f"{decode_path_label(st)} | {'-' if st_torch is None else f'{st_torch:.3f}'} | "
                      f"{eg or 0:.1f} | {row.get('ratio_eager', 0):.3f} | "
                      f"{row.get('cpu_time_ratio_stepflow', float('nan')):.3f} | {fires} / {elig} | {smi} |")
+    for b, row in sorted(res["batches"].items(), key=lambda kv: int(kv[0])):
+        for e in (row.get("stepflow_stats") or {}).get("decode_paths") or []:
+            times = ", ".join(f"{k} {v:.1f}" for k, v in sorted(e["times_us"].items(), key=lambda kv: kv[1]))
+            lines += ["", f"Batch {b}, {e['keys'][0]}-{e['keys'][1]} keys: kernel=\"auto\" chose {e['path']}"
+                      + (f" (block_k {e['block_k']}, {e['num_warps']} warps)" if e["path"] == "triton" else "")
+                      + f"; µs per OEB layer call: {times}."]
     if res.get("self_check"):
         c = res["self_check"]
         lines += ["", f"Self-check on this device (tiny float32 model, cached greedy decoding of a left-padded batch "

@@ -258,6 +258,7 @@ def test_auto_kernel_is_checked_once_and_dropped_when_it_fails(fault, monkeypatc
         want = teacher_forced(model, tok, cfg, p + c[:n])[len(p) - 1:len(p) - 1 + n]
         flow = StepFlow(model, tok, cfg)
         flow._fused = None  # what kernel="auto" starts with on a CUDA device with triton
+        flow._paths = None  # the check alone: no timing of the paths (test_auto_times_the_paths_... does that)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with flow:
@@ -306,7 +307,7 @@ def test_auto_kernel_check_keeps_a_good_kernel_in_bfloat16():
     p, c = prompt_and_continuation(tok, "think", 1)
     p = p + c[:40]  # decoding deep inside the thinking, where the bridge is small
     flow = StepFlow(model, tok, StepFlowConfig(tau_max=0.6, fmt="think"))
-    flow._fused = None
+    flow._fused, flow._paths = None, None  # the check alone, no timing
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
         with flow:
@@ -459,3 +460,90 @@ def test_next_step_state_is_prepared_and_dropped_when_the_forward_differs(monkey
     want = teacher_forced(model, tok, cfg, p + c[:pos])
     assert (torch.cat(logits) - want).abs().max().item() < TOL
     assert flow.stats.total_smi_fires > 0
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="needs triton (the test extra installs it)")
+@pytest.mark.parametrize("arch,fam,winner", [("llama", "think", "torch"), ("llama", "think", "triton bk32 w4"),
+                                             ("llama", "think", "triton bk64 w4"),
+                                             ("gptoss", "harmony", "torch")])
+def test_auto_times_the_paths_and_uses_the_fastest(arch, fam, winner, monkeypatch):
+    """kernel="auto" times, once per set of shapes, the kernel as planned, two launch variants and the PyTorch
+    path, and decodes with the fastest (the timer is faked here so that `winner` wins). The logits stay exact,
+    the stats equal kernel="torch"'s (nothing counted twice), and after the timing only the winner runs."""
+    from stepscope.flow import attention, kernels
+
+    model, tok = build(arch, fam)
+    cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt=fam)
+    p, c = prompt_and_continuation(tok, fam, 0)
+    n = 12
+    timed: list[list[str]] = []
+
+    def fake_time_paths(runs, device, **kw):
+        timed.append(sorted(runs))
+        return {name: (1.0 if name == winner else 2.0) for name in runs}
+
+    real = kernels.oeb_decode
+    blocks = []
+
+    def spy(*a, **k):
+        blocks.append((k["plan"].BK, k["plan"].num_warps))
+        return real(*a, **k)
+
+    monkeypatch.setattr(attention, "time_paths", fake_time_paths)
+    monkeypatch.setattr(kernels, "oeb_decode", spy)
+    gen = dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, output_logits=True,
+               return_dict_in_generate=True, logits_processor=LogitsProcessorList([Force([c], len(p))]),
+               pad_token_id=0)
+    with torch.no_grad():
+        want = teacher_forced(model, tok, cfg, p + c[:n])[len(p) - 1:len(p) - 1 + n]
+        with StepFlow(model, tok, cfg, kernel="torch") as ref_flow:
+            model.generate(input_ids=torch.tensor([p]), **gen)
+        flow = StepFlow(model, tok, cfg)
+        flow._fused = None  # what kernel="auto" starts with on a CUDA device with triton
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with flow:
+                out = model.generate(input_ids=torch.tensor([p]), **gen)
+    raw = torch.stack(out.logits, dim=1)[0]
+    assert (raw - want).abs().max().item() < TOL
+    paths = flow.decode_paths
+    assert paths and len(timed) == len(paths)  # timed once per set of shapes (keys by octave)
+    if arch == "llama":  # tl.dot form: as planned (64 keys, 4 warps), 8 warps, 32 keys per block
+        assert timed[0] == ["torch", "triton bk32 w4", "triton bk64 w4", "triton bk64 w8"]
+    sinks = arch == "gptoss"
+    for e in paths:
+        assert e["path"] == ("torch" if winner == "torch" else "triton") and e["sinks"] is sinks
+        assert e["keys"][0] <= len(p) + n and e["batch"] == 1 and set(e["times_us"]) == set(timed[0])
+    per_tune = len(timed[0])  # the kernel as planned, then each variant once for its check
+    if winner == "torch":  # no kernel call after the timing
+        assert len(blocks) == len(paths) * per_tune
+    else:
+        bk, warps = int(winner.split()[1][2:]), int(winner.split()[2][1:])
+        assert paths[0]["block_k"] == bk and paths[0]["num_warps"] == warps
+        assert blocks[-1] == (bk, warps)  # the winner decodes the rest
+        assert len(blocks) > len(paths) * per_tune
+    got, ref = flow.stats, ref_flow.stats
+    assert got.oeb_eligible == ref.oeb_eligible and got.oeb_fires == ref.oeb_fires
+    assert got.total_oeb_fires > 0
+    for layer in cfg.oeb_layers:
+        assert got.bridge_mass_after[layer] == pytest.approx(ref.bridge_mass_after[layer], abs=1e-5)
+
+
+def test_time_paths_times_every_candidate():
+    """The timer calls each candidate once untimed, then rounds x reps times, and ranks a slow one last."""
+    import time
+
+    from stepscope.flow.attention import time_paths
+
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.002)
+
+    t = time_paths({"fast": fast, "slow": slow}, torch.device("cpu"), reps=3, rounds=2)
+    assert calls == {"fast": 7, "slow": 7}
+    assert 0 <= t["fast"] < t["slow"] and t["slow"] >= 2000.0  # µs

@@ -25,8 +25,11 @@ computed in float32 (as transformers' eager path does), the weighted sum of valu
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -171,6 +174,42 @@ def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
     return out.transpose(1, 2).contiguous()
 
 
+class PathChoice(NamedTuple):
+    """kernel="auto": the decoding path an OEB layer uses for one set of shapes, the fastest by `time_paths`."""
+
+    path: str  # "triton" or "torch"
+    block_k: int | None  # the kernel's launch parameters (None for "torch")
+    num_warps: int | None
+    times_us: dict  # every candidate that passed its check -> median µs per call
+
+
+def path_key(query: torch.Tensor, key: torch.Tensor, sinks) -> tuple:
+    """The shapes a decoding-path choice holds for: batch, heads, kv heads, head dim, dtype, sinks, and the
+    number of keys by octave (the choice is timed again at 1,024, 2,048, 4,096 ... keys)."""
+    B, H, _, D = query.shape
+    return B, H, key.shape[1], D, query.dtype, sinks is not None, int(key.shape[2]).bit_length()
+
+
+def time_paths(runs: dict[str, Callable[[], object]], device: torch.device, reps: int = 5, rounds: int = 3
+               ) -> dict[str, float]:
+    """Median wall-clock µs per call of each function: one untimed call each (compilation), then `rounds`
+    interleaved rounds of `reps` back-to-back calls, the device synchronized around each batch of calls. Wall
+    time, so that a path's host launch overhead counts as much as its device time."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for fn in runs.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - t0) / reps * 1e6)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry,
                       scaling: float, sinks: torch.Tensor | None, flow, layer: int) -> torch.Tensor | None:
     """One decoding step of an OEB layer in one fused Triton kernel (flow/kernels.py), or None when the
@@ -182,9 +221,16 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     rounding of the output itself). GPT-OSS's sink layers are compared with the PyTorch block path. A mismatch
     or an error (e.g. a Triton that cannot compile it) of the tl.dot form first retries the broadcast form of
     the kernel (for the rest of this StepFlow); a failure of that one warns once and switches this StepFlow to
-    the PyTorch path."""
+    the PyTorch path. Then, for each new set of shapes (`path_key`), kernel="auto" times the kernel's launch
+    variants (each checked the same way) and the PyTorch path on this layer's inputs, and uses the fastest
+    (`_tune`)."""
     B, H = query.shape[0], query.shape[1]
     qt = geo.qt
+    tuned = geo.tuned
+    if tuned is False and flow._paths is not None:  # once per forward: the choice made for these shapes
+        tuned = geo.tuned = flow._paths.get(path_key(query, key, sinks))
+    if tuned is not None and tuned is not False and tuned.path == "torch":
+        return None
     if geo.tau_flat is None:  # once per forward: the rows' targets as [B], and one stats slot per OEB layer
         geo.tau_flat = qt.tau_b.view(B)
         if flow._stats is not None:
@@ -199,8 +245,9 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         try:
             plan = geo.plan
             if plan is None or plan.H != H:  # checked and planned once per forward: the OEB layers share shapes
+                over = {} if not tuned else {"block_k": tuned.block_k, "num_warps": tuned.num_warps}
                 plan = geo.plan = kernels.plan_decode(query, key, value, geo.kseg, qt.qgroups, tau_b, sinks, part,
-                                              dot=flow._kernel_dot)
+                                                      dot=flow._kernel_dot, **over)
             out = kernels.oeb_decode(query, key, value, geo.kseg, qt.qgroups, tau_b, scaling, sinks, part, plan=plan)
             why = None
         except Exception as e:  # noqa: BLE001 - any failure of an optional kernel means: use another path
@@ -208,11 +255,7 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                 raise
             why = f"the fused decoding kernel failed ({type(e).__name__}: {str(e)[:200]})"
         if why is None and flow._fused is None:  # first use under kernel="auto": check it against PyTorch's
-            ref = _reference_decode(query, key, value, geo, scaling, sinks, flow, layer)
-            tol = (1e-4 if value.dtype == torch.float32 else 1e-2) * max(1.0, ref.abs().max().item())
-            err = (out.float() - ref.float()).abs().max().item()
-            if not err <= tol:
-                why = f"the fused decoding kernel differs from the PyTorch path by {err:.3g} (tolerance {tol:.3g})"
+            why = _check(out, _reference_decode(query, key, value, geo, scaling, sinks, flow, layer))
         if why is None:
             if flow._fused is None:
                 flow._fused = True
@@ -223,18 +266,71 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             continue
         flow._disable_fused(why)
         return None
+    if tuned is None:  # kernel="auto", shapes not timed yet
+        tuned = geo.tuned = flow._paths[path_key(query, key, sinks)] = _tune(
+            query, key, value, geo, scaling, sinks, flow, layer, plan)
+        if tuned.path == "torch":
+            if part is not None:
+                part.zero_()  # this layer's stats come from the PyTorch path
+            return None
+        geo.plan = None  # the next OEB layer plans the chosen variant
     if part is not None:
         geo.fused_layers.append(layer)  # counted (eligible pairs, stats) at the next flush
     return out
 
 
-def _reference_decode(query, key, value, geo: LayerGeometry, scaling: float, sinks, flow, layer: int
-                      ) -> torch.Tensor:
-    """The PyTorch path's output for the same decoding step in float32, recording no stats."""
+def _check(out: torch.Tensor, ref: torch.Tensor) -> str | None:
+    """None when the kernel's output is within tolerance of the PyTorch path's float32 output, else why not."""
+    tol = (1e-4 if out.dtype == torch.float32 else 1e-2) * max(1.0, ref.abs().max().item())
+    err = (out.float() - ref.float()).abs().max().item()
+    if not err <= tol:
+        return f"the fused decoding kernel differs from the PyTorch path by {err:.3g} (tolerance {tol:.3g})"
+    return None
+
+
+def _tune(query, key, value, geo: LayerGeometry, scaling: float, sinks, flow, layer: int, plan) -> PathChoice:
+    """Time the kernel as planned, two more launch variants of its tl.dot form (twice the warps; half or, at
+    the smallest block, twice the keys per block), and the PyTorch path, on this layer's inputs; return the
+    fastest. A variant that fails or differs from the PyTorch path (`_check`) is left out. Nothing here writes
+    stats."""
+    qt = geo.qt
+    ref = _reference_decode(query, key, value, geo, scaling, sinks, flow, layer)
+    variants = [(plan.BK, plan.num_warps)]
+    if plan.dot:
+        variants += [(plan.BK, 8 if plan.num_warps < 8 else 4), (plan.BK // 2 if plan.BK > 16 else 32, plan.num_warps)]
+    runs, params = {}, {}
+    for bk, warps in variants:
+        name = f"triton bk{bk} w{warps}" + ("" if plan.dot else " broadcast")
+        try:
+            p = kernels.plan_decode(query, key, value, geo.kseg, qt.qgroups, geo.tau_flat, sinks, dot=plan.dot,
+                                    block_k=bk, num_warps=warps)
+
+            def run(p=p):
+                return kernels.oeb_decode(query, key, value, geo.kseg, qt.qgroups, geo.tau_flat, scaling, sinks,
+                                          plan=p)
+
+            if _check(run(), ref) is not None:
+                continue
+        except Exception:  # noqa: BLE001 - a variant this machine cannot run is not a candidate
+            continue
+        runs[name], params[name] = run, (bk, warps)
+    runs["torch"] = lambda: _reference_decode(query, key, value, geo, scaling, sinks, flow, layer, upcast=False)
+    times = time_paths(runs, query.device)
+    best = min(times, key=times.get)
+    if best == "torch":
+        return PathChoice("torch", None, None, times)
+    return PathChoice("triton", *params[best], times)
+
+
+def _reference_decode(query, key, value, geo: LayerGeometry, scaling: float, sinks, flow, layer: int,
+                      upcast: bool = True) -> torch.Tensor:
+    """The PyTorch path's output for the same decoding step (in float32 with `upcast`), recording no stats."""
     fused, stats = flow._fused, flow._stats
     flow._fused, flow._stats = False, None
     try:
-        return oeb_attention(query.float(), key.float(), value.float(), geo, scaling, sinks, flow, layer)
+        if upcast:
+            query, key, value = query.float(), key.float(), value.float()
+        return oeb_attention(query, key, value, geo, scaling, sinks, flow, layer)
     finally:
         flow._fused, flow._stats = fused, stats
 

@@ -232,6 +232,8 @@ class LayerGeometry:
     fused_stats: torch.Tensor | None = None
     fused_parts: tuple | None = None  # fused_stats[i] for each OEB layer i
     fused_layers: list = field(default_factory=list)
+    # kernel="auto": the decoding path timed fastest for these shapes (attention.PathChoice); False: not looked up
+    tuned: object = False
 
 
 @dataclass

@@ -114,8 +114,12 @@ class StepFlow:
 
     `kernel` picks how an OEB layer runs a decoding step (one query per row): "auto" (default; also read from
     `$STEPSCOPE_FLOW_KERNEL`) uses the fused Triton kernel on CUDA when triton imports, checked once against
-    the PyTorch path on the first step and dropped (with a warning) if it fails or disagrees; "triton" insists
-    on it (errors propagate); "torch" always uses the PyTorch path. Prefill and every other layer are the same
+    the PyTorch path on the first step and dropped (with a warning) if it fails or disagrees, then, for each
+    new set of shapes (batch, heads, keys by octave), times the kernel's launch variants against the PyTorch
+    path on the real inputs and uses the fastest (`decode_paths` lists the choices); "triton" insists on the
+    kernel as planned (errors propagate); "torch" always uses the PyTorch path. Timing makes "auto"'s choice,
+    and so the last bits of bf16 rounding, depend on the machine: pin "triton" or "torch" for runs that must
+    repeat bit for bit. Prefill and every other layer are the same
     either way. This is an implementation choice, not a setting of the method, so it is not in the config.
     """
 
@@ -153,6 +157,9 @@ class StepFlow:
             self.kernel, None if self.device.type == "cuda" and available(self.device) else False)
         self._kernel_dot: bool | None = None  # the kernel's product form (None: kernels.USE_DOT); False after
         # the tl.dot form failed on this machine
+        # kernel="auto": the decoding path timed fastest for each set of shapes (attention.path_key ->
+        # attention.PathChoice); None: no timing (kernel="triton" or "torch")
+        self._paths: dict | None = {} if self.kernel == "auto" else None
         # most scores (floats) one OEB block may hold: 128 MiB on a GPU, 16 MiB on a CPU (cache friendly)
         self.block_elems = (1 << 25) if self.device.type == "cuda" else (1 << 22)
         self._active = False
@@ -475,6 +482,19 @@ class StepFlow:
         if self._row_elig is not None:
             self._row_elig[:] = 0
             self._row_smi[:] = 0
+
+    @property
+    def decode_paths(self) -> list[dict]:
+        """kernel="auto" on CUDA: how the OEB layers decode, per set of shapes timed so far. Each entry: batch,
+        heads, kv_heads, head_dim, dtype, sinks, keys (the range of key counts it holds for), path ("triton" or
+        "torch"), block_k and num_warps (the kernel's), and times_us (median µs per call of each candidate)."""
+        out = []
+        for (B, H, Hkv, D, dtype, sinks, octave), c in (self._paths or {}).items():
+            out.append({"batch": B, "heads": H, "kv_heads": Hkv, "head_dim": D, "dtype": str(dtype).split(".")[-1],
+                        "sinks": sinks, "keys": [1 << (octave - 1), (1 << octave) - 1], "path": c.path,
+                        "block_k": c.block_k, "num_warps": c.num_warps,
+                        "times_us": {k: round(v, 2) for k, v in c.times_us.items()}})
+        return out
 
     @property
     def stats(self) -> StepFlowStats:
