@@ -5,8 +5,9 @@ Three rows per batch size, same model, weights, prompts, backend and settings, t
 - plain: `model.generate` with the model's attention implementation (sdpa);
 - stepflow: the same inside `StepFlow(model, tokenizer)` (paper defaults: OEB on the bottom quarter of
   layers, SMI on the top quarter; kernel="auto": on CUDA the OEB layers decode with the fused Triton kernel);
-- stepflow_torch (optional, `--modes plain,stepflow,stepflow_torch`): StepFlow with kernel="torch", the
-  PyTorch decoding path, to show what the fused kernel buys;
+- stepflow_torch / stepflow_triton (optional, `--modes plain,stepflow,stepflow_torch,stepflow_triton`):
+  StepFlow with its decoding path pinned, kernel="torch" (the PyTorch path) or kernel="triton" (the fused kernel
+  as planned, no timing), to show what kernel="auto"'s timed choice buys;
 - eager: the released research code's approach at its cost floor: eager attention in every layer, the model
   otherwise plain (its per-token host round trips per layer are not even counted).
 tokens/s = batch x new tokens / wall time of the whole `generate` call (prefill included). Every timed run also
@@ -207,7 +208,7 @@ def run_once(model, tok, ids, mask, new_tokens: int, mode: str, device: str, clo
         t0 = time.perf_counter()
         with torch.inference_mode():
             if mode.startswith("stepflow"):
-                kernel = "torch" if mode == "stepflow_torch" else "auto"
+                kernel = {"stepflow_torch": "torch", "stepflow_triton": "triton"}.get(mode, "auto")
                 with StepFlow(model, tok, StepFlowConfig(fmt="think"), kernel=kernel) as flow:
                     out = model.generate(**kw)
                     sync(device)
@@ -311,6 +312,16 @@ def profile(model, tok, args, prompt_tokens: int, out: Path, stem: str, batch: i
     return summary
 
 
+def paired_label(row: dict) -> str:
+    """StepFlow / plain within each round (the two runs next to each other in time, so that a slow spell of a
+    shared machine hits both): the median and the range over rounds."""
+    sec = row.get("seconds") or {}
+    pairs = [p / s for p, s in zip(sec.get("plain") or [], sec.get("stepflow") or [])]
+    if not pairs:
+        return "-"
+    return f"{statistics.median(pairs):.3f} ({min(pairs):.3f}-{max(pairs):.3f})"
+
+
 def decode_path_label(st: dict) -> str:
     """What the OEB layers decoded with: kernel="auto"'s timed choices (each distinct one once), else the path."""
     labels = []
@@ -326,10 +337,11 @@ def markdown(res: dict) -> str:
              f"{res['dtype']}, prompts of about {res['prompt_tokens']} tokens, {res['new_tokens']} new tokens "
              f"(greedy, min_new_tokens = max_new_tokens), median of {res['repeats']} interleaved rounds; "
              f"torch {res['torch']}, transformers {res['transformers']}; machine load {res.get('load')}.", "",
-             "| batch | plain tok/s | StepFlow tok/s | StepFlow / plain | OEB decoding kernel "
-             "| StepFlow (kernel=torch) / plain | eager (released code's floor) tok/s "
+             "| batch | plain tok/s | StepFlow tok/s | StepFlow / plain | each round's StepFlow / plain: median (range) "
+             "| OEB decoding kernel "
+             "| StepFlow, path pinned / plain | eager (released code's floor) tok/s "
              "| eager / plain | StepFlow / plain by CPU time | OEB fires / eligible | SMI fires |",
-             "|---:|---:|---:|---:|:--|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|:--|---:|---:|---:|---:|---:|---:|"]
     for b, row in sorted(res["batches"].items(), key=lambda kv: int(kv[0])):
         m = row.get("median_tokens_per_s", {})
         if "plain" not in m:
@@ -339,9 +351,11 @@ def markdown(res: dict) -> str:
         fires = sum(st.get("oeb_fires", {}).values()) if st else 0
         elig = sum(st.get("oeb_eligible", {}).values()) if st else 0
         smi = sum(st.get("smi_fires", {}).values()) if st else 0
-        st_torch = row.get("ratio_stepflow_torch")
+        pinned = ", ".join(f"{k} {row[f'ratio_stepflow_{k}']:.3f}" for k in ("triton", "torch")
+                           if row.get(f"ratio_stepflow_{k}") is not None) or "-"
         lines.append(f"| {b} | {m['plain']:.1f} | {sf or 0:.1f} | {row.get('ratio_stepflow', 0):.3f} | "
-                     f"{decode_path_label(st)} | {'-' if st_torch is None else f'{st_torch:.3f}'} | "
+                     f"{paired_label(row)} | "
+                     f"{decode_path_label(st)} | {pinned} | "
                      f"{eg or 0:.1f} | {row.get('ratio_eager', 0):.3f} | "
                      f"{row.get('cpu_time_ratio_stepflow', float('nan')):.3f} | {fires} / {elig} | {smi} |")
     for b, row in sorted(res["batches"].items(), key=lambda kv: int(kv[0])):
@@ -403,6 +417,9 @@ def main(argv=None) -> int:
         repeats = args.repeats or (2 if cuda else 1)
         prompt_tokens = args.prompt_tokens or (1024 if cuda else 48)
     modes = args.modes.split(",")
+    known = ("plain", "stepflow", "stepflow_torch", "stepflow_triton", "eager")
+    if any(m not in known for m in modes):
+        sys.exit(f"--modes: unknown mode(s) {', '.join(m for m in modes if m not in known)} (known: {', '.join(known)})")
 
     import transformers
 
