@@ -282,6 +282,49 @@ def self_check(tok, device: str) -> dict:
             "kernel": "triton" if flow._fused else "torch", "passed": worst < 1e-4}
 
 
+def sync_check(model, tok, device: str, prompt_tokens: int, batch: int, new_tokens: int = 16) -> dict:
+    """CUDA only: how many synchronizing CUDA operations (torch.cuda.set_sync_debug_mode("warn")) plain and
+    StepFlow generation make per new token, and where in Python (file:line, the most frequent first). StepFlow
+    should add one per decoding step at most (the pre-hook's copy of the token ids): any other sync lets the
+    device run dry while the host catches up."""
+    if not device.startswith("cuda"):
+        return {"skipped": "needs CUDA"}
+    return count_syncs(model, tok, device, prompt_tokens, batch, new_tokens, torch.cuda.set_sync_debug_mode)
+
+
+def count_syncs(model, tok, device: str, prompt_tokens: int, batch: int, new_tokens: int, set_mode) -> dict:
+    """`sync_check`'s counting, with the debug-mode setter passed in (a CPU smoke run passes a stand-in)."""
+    import warnings
+
+    ids, mask = prompts(tok, batch, prompt_tokens)
+    ids, mask = ids.to(device), mask.to(device)
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+              min_new_tokens=new_tokens, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+    res = {}
+    for mode in ("plain", "stepflow"):
+        for timed in (False, True):  # the first run of each mode compiles and tunes (not counted)
+            with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                set_mode("warn" if timed else "default")
+                try:
+                    if mode == "stepflow":
+                        with StepFlow(model, tok, StepFlowConfig(fmt="think")):
+                            model.generate(**kw)
+                    else:
+                        model.generate(**kw)
+                finally:
+                    set_mode("default")
+        sites: dict[str, int] = {}
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                key = f"{Path(w.filename).name}:{w.lineno}"
+                sites[key] = sites.get(key, 0) + 1
+        n = sum(sites.values())
+        res[mode] = {"syncs": n, "per_token": n / new_tokens,
+                     "sites": dict(sorted(sites.items(), key=lambda kv: -kv[1])[:8])}
+    return res
+
+
 def profile(model, tok, args, prompt_tokens: int, out: Path, stem: str, batch: int) -> dict:
     """torch.profiler over `--profile-tokens` new tokens at this batch size, plain then StepFlow (each warmed up
     once): the top ops by self CPU time and by device time, written to <stem>_profile_<mode>[_b<batch>].txt, and
@@ -370,6 +413,11 @@ def markdown(res: dict) -> str:
                       f"versus one teacher-forced forward per row): max |logit difference| "
                       f"{c['max_abs_logit_diff']:.2e}, OEB fires {c['oeb_fires']}, SMI fires {c['smi_fires']}, OEB decoding "
                       f"kernel {c.get('kernel', 'torch')}."]
+    sc = res.get("sync_check") or {}
+    if "plain" in sc:
+        lines += ["", "Synchronizing CUDA operations per new token (batch 1, torch.cuda.set_sync_debug_mode): " + "; ".join(
+            f"{m} {v['per_token']:.2f} (" + ", ".join(f"{k} x{c}" for k, c in v["sites"].items()) + ")"
+            for m, v in sc.items())]
     for b, pr in (res.get("profile") or {}).items():
         lines += ["", f"Profile at batch {b} (torch.profiler; busy: the sum of the ops' self device time): " + "; ".join(
             f"{m} {v['wall_s']:.2f} s wall, device busy {v['device_busy_s']:.2f} s ({v['busy_fraction']:.0%})"
@@ -400,6 +448,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-batch-sizes", default="1", help="batch sizes to profile (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and rounds")
     ap.add_argument("--no-timing", action="store_true", help="only the self-check and the profiles (no timed rounds)")
+    ap.add_argument("--sync-check", action="store_true",
+                    help="CUDA: count the synchronizing CUDA operations per new token of plain and StepFlow (batch 1)")
     ap.add_argument("--self-check", action="store_true",
                     help="first check StepFlow's cached decoding against teacher forcing on this device")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -442,6 +492,13 @@ def main(argv=None) -> int:
     if args.self_check:
         res["self_check"] = self_check(tok, args.device)
         log(f"self-check: {res['self_check']}")
+        save()
+    if args.sync_check:
+        try:
+            res["sync_check"] = sync_check(model, tok, args.device, prompt_tokens, 1)
+        except Exception as e:  # noqa: BLE001 - a diagnostic: never let it stop the run
+            res["sync_check"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        log(f"sync check: {res['sync_check']}")
         save()
     if args.profile_tokens:
         for pb in [int(x) for x in args.profile_batch_sizes.split(",")]:
