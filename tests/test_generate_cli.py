@@ -114,6 +114,7 @@ def test_resume_refuses_other_settings(model_dir, problems, tmp_path, capsys):
     (["q", "--top-p", "0"], "--top-p"),
     (["q", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["q", "--smi-window", "zero"], "smi_window"),
+    (["q", "--no-stepflow", "--flow-kernel", "torch"], "--flow-kernel given with --no-stepflow"),
 ])
 def test_bad_arguments(extra, msg, capsys):
     rc = main(["generate", *extra])
@@ -153,3 +154,25 @@ def test_parse_layers():
     assert parse_layers("0,2, 5-6") == [0, 2, 5, 6]
     assert parse_layers("-3--1") == [-3, -2, -1]
     assert parse_layers("7") == [7]
+
+
+@pytest.mark.parametrize("kernel", [None, "torch"])
+def test_flow_kernel_reaches_stepflow(kernel, model_dir, tmp_path, capsys, monkeypatch):
+    """--flow-kernel pins StepFlow's decoding path; without it StepFlow reads $STEPSCOPE_FLOW_KERNEL / auto."""
+    from stepscope.flow import stepflow
+
+    seen = []
+    init = stepflow.StepFlow.__init__
+
+    def spy(self, *a, **k):
+        init(self, *a, **k)
+        seen.append(self.kernel)
+
+    monkeypatch.setattr(stepflow.StepFlow, "__init__", spy)
+    monkeypatch.delenv("STEPSCOPE_FLOW_KERNEL", raising=False)
+    extra = [] if kernel is None else ["--flow-kernel", kernel]
+    rc = main(["generate", "What is 2+3?", "--model", model_dir, "--out", str(tmp_path / "o.jsonl"), *FAST, *extra])
+    assert rc == 0 and seen == [kernel or "auto"]
+    with pytest.raises(SystemExit) as e:  # argparse: usage and the error, exit 2
+        main(["generate", "q", "--flow-kernel", "cuda"])
+    assert e.value.code == 2 and "invalid choice: 'cuda'" in capsys.readouterr().err

@@ -56,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="SMI averages the last W tokens of the finished step (default 4), or 'step' for all")
     f.add_argument("--no-oeb", action="store_true", help="turn the Odds-Equal Bridge off")
     f.add_argument("--no-smi", action="store_true", help="turn Step Momentum Injection off")
+    f.add_argument("--flow-kernel", choices=["auto", "triton", "torch"], default=None,
+                   help="how OEB layers decode: auto (default, or $STEPSCOPE_FLOW_KERNEL) times the fused Triton "
+                        "kernel against the PyTorch path on CUDA and uses the faster; triton or torch pin one "
+                        "(bit-for-bit repeatable runs)")
     d = p.add_argument_group("decoding")
     d.add_argument("--max-new-tokens", type=int, default=1024, help="tokens to generate at most (default 1024)")
     d.add_argument("--max-thinking-tokens", type=int, default=None,
@@ -102,7 +106,7 @@ def stepflow_config(args: argparse.Namespace):
 
     knobs = {"--tau-max": args.tau_max, "--alpha": args.alpha, "--oeb-layers": args.oeb_layers,
              "--smi-layers": args.smi_layers, "--smi-window": args.smi_window,
-             "--no-oeb": args.no_oeb or None, "--no-smi": args.no_smi or None}
+             "--no-oeb": args.no_oeb or None, "--no-smi": args.no_smi or None, "--flow-kernel": args.flow_kernel}
     if not args.stepflow:
         given = [k for k, v in knobs.items() if v is not None]
         if given:
@@ -275,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         traces = generate_traces(model, tokenizer, [q for _, _, q in todo], seeds=[args.seed + i for i, _, _ in todo],
                                  metas=[{"id": rid} for _, rid, _ in todo], batch_size=args.batch_size,
                                  progress=not args.quiet and not single, stream=stream if single else None,
-                                 on_batch=save, **settings)
+                                 on_batch=save, flow_kernel=args.flow_kernel, **settings)
     except BaseException:
         if fh is not None:
             fh.close()

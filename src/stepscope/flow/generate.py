@@ -406,7 +406,8 @@ def generate_traces(model, tokenizer, questions: Sequence[str], *, stepflow=None
                     batch_size: int = 8, prompt_style: str = "r1", system: str | None = None,
                     fmt: str | Format = "auto", progress: bool = True,
                     stream: Callable[[str], None] | None = None, metas: Sequence[dict | None] | None = None,
-                    on_batch: Callable[[list[Trace]], None] | None = None) -> list[Trace]:
+                    on_batch: Callable[[list[Trace]], None] | None = None,
+                    flow_kernel: str | None = None) -> list[Trace]:
     """Generate one reasoning trace per question, in batches; return them in the order of `questions`.
 
     `stepflow`: a StepFlowConfig to generate under StepFlow, or None for the plain model. `seeds`: one int per
@@ -414,6 +415,7 @@ def generate_traces(model, tokenizer, questions: Sequence[str], *, stepflow=None
     default True iff temperature > 0. `max_thinking_tokens`: budget forcing. `stream`: a callback receiving
     the text of a single question's answer as it is written. `metas`: extra meta per question (e.g. its id).
     `on_batch`: called with each finished batch's traces (in the order they finished batches), e.g. to save them.
+    `flow_kernel`: StepFlow's `kernel` ("auto", "triton" or "torch"; None: $STEPSCOPE_FLOW_KERNEL or "auto").
     Each trace's meta holds question, seed, num_prompt_tokens, num_new_tokens, stop_reason ("eos"|"length"),
     budget_forced, thinking_tokens, thinking_closed, timing and config.
     """
@@ -468,7 +470,7 @@ def generate_traces(model, tokenizer, questions: Sequence[str], *, stepflow=None
             from .stepflow import StepFlow
         except ImportError as e:
             raise StepscopeError(f"StepFlow is not available in this build ({e})") from None
-        ctx = StepFlow(model, tokenizer, stepflow)
+        ctx = StepFlow(model, tokenizer, stepflow, kernel=flow_kernel)
     else:
         ctx = contextlib.nullcontext()
     results: list[Trace | None] = [None] * n
