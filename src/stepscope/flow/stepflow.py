@@ -119,8 +119,8 @@ class StepFlow:
     path on the real inputs and uses the fastest (`decode_paths` lists the choices); "triton" insists on the
     kernel as planned (errors propagate); "torch" always uses the PyTorch path. Timing makes "auto"'s choice,
     and so the last bits of bf16 rounding, depend on the machine: pin "triton" or "torch" for runs that must
-    repeat bit for bit. Prefill and every other layer are the same
-    either way. This is an implementation choice, not a setting of the method, so it is not in the config.
+    repeat bit for bit. Prefill and every other layer are the same either way. This is an implementation
+    choice, not a setting of the method, so it is not in the config.
     """
 
     def __init__(self, model, tokenizer, config: StepFlowConfig | None = None, *, kernel: str | None = None,
