@@ -547,3 +547,44 @@ def test_time_paths_times_every_candidate():
     t = time_paths({"fast": fast, "slow": slow}, torch.device("cpu"), reps=3, rounds=2)
     assert calls == {"fast": 7, "slow": 7}
     assert 0 <= t["fast"] < t["slow"] and t["slow"] >= 2000.0  # µs
+
+
+@pytest.mark.skipif("triton" not in KERNELS, reason="needs triton (the test extra installs it)")
+def test_auto_timing_runs_every_candidate_for_real(monkeypatch):
+    """The real timer (one round of one call, to stay quick under the interpreter) runs every candidate,
+    the PyTorch path included, on the layer's real inputs; whatever wins, the logits stay exact."""
+    from stepscope.flow import attention
+
+    real = attention.time_paths
+    got = []
+
+    def quick(runs, device, **kw):
+        calls = {name: 0 for name in runs}
+
+        def counted(name, fn):
+            def run():
+                calls[name] += 1
+                return fn()
+            return run
+
+        t = real({name: counted(name, fn) for name, fn in runs.items()}, device, reps=1, rounds=1)
+        got.append((t, calls))
+        return t
+
+    monkeypatch.setattr(attention, "time_paths", quick)
+    model, tok = build("qwen2", "think")
+    cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt="think")
+    p, c = prompt_and_continuation(tok, "think", 1)
+    n = 6
+    with torch.no_grad():
+        want = teacher_forced(model, tok, cfg, p + c[:n])[len(p) - 1:len(p) - 1 + n]
+        flow = StepFlow(model, tok, cfg)
+        flow._fused = None
+        with flow:
+            out = model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+                                 logits_processor=LogitsProcessorList([Force([c], len(p))]))
+    assert (torch.stack(out.logits, dim=1)[0] - want).abs().max().item() < TOL
+    assert got and all(len(t) == 4 and min(t.values()) > 0 for t, _ in got)
+    assert all(set(calls.values()) == {2} for _, calls in got)  # the untimed call and the timed one, each
+    assert [e["times_us"] for e in flow.decode_paths] == [{k: round(v, 2) for k, v in t.items()} for t, _ in got]
