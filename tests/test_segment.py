@@ -180,12 +180,7 @@ class CharByChar(Segmenter):
             else:
                 self._piece_buf.append(ch)
         if transition is not None:
-            self._close(t + 1, closed_at=t, closed=closed)
-            self.segment = transition
-            self.boundaries[transition] = t + 1
-            if transition == "summary" and self.boundaries["thinking"] is None:
-                self.boundaries["thinking"] = t + 1
-            self._reset_piece(step_start=t + 1, char_pos=self.num_chars)
+            self._enter(transition, t, closed)
 
     def _match_char(self, ch):
         self._tail = (self._tail + ch)[-self._max_marker:]

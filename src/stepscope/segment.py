@@ -172,12 +172,17 @@ class Segmenter:
         else:
             self._piece_buf.extend(chars)
         if transition is not None:
-            self._close(t + 1, closed_at=t, closed=closed)
-            self.segment = transition
-            self.boundaries[transition] = t + 1
-            if transition == "summary" and self.boundaries["thinking"] is None:
-                self.boundaries["thinking"] = t + 1  # empty thinking
-            self._reset_piece(step_start=t + 1, char_pos=self.num_chars)
+            self._enter(transition, t, closed)
+
+    def _enter(self, segment: str, t: int, closed: list[Step]) -> None:
+        """Token t completed the marker that opens `segment`: close the current piece, start the new segment
+        at token t + 1."""
+        self._close(t + 1, closed_at=t, closed=closed)
+        self.segment = segment
+        self.boundaries[segment] = t + 1
+        if segment == "summary" and self.boundaries["thinking"] is None:
+            self.boundaries["thinking"] = t + 1  # empty thinking
+        self._reset_piece(step_start=t + 1, char_pos=self.num_chars)
 
     def _match_tail(self, tail: str) -> str | None:
         """The segment a marker ending `tail` (the last characters fed) opens, if any; arms the start marker
