@@ -231,7 +231,7 @@ def _oeb_decode_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         tuned = geo.tuned = flow._paths.get(path_key(query, key, sinks))
         if tuned is None and query.is_cuda and torch.cuda.is_current_stream_capturing():
             tuned = geo.tuned = False  # no timing inside a CUDA graph capture: the kernel as planned
-    if tuned is not None and tuned is not False and tuned.path == "torch":
+    if tuned and tuned.path == "torch":  # (a PathChoice is truthy; None and False are not)
         return None
     if geo.tau_flat is None:  # once per forward: the rows' targets as [B], and one stats slot per OEB layer
         geo.tau_flat = qt.tau_b.view(B)
