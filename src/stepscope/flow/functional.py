@@ -1,0 +1,125 @@
+"""The OEB and SMI mathematics as pure functions: no state, no model, no engine; every engine calls these.
+
+Odds-Equal Bridge (docs/method.md §5). For one query and head, the visible keys fall in three contiguous groups:
+the bridge B, the current segment S and the rest O (a sink logit, GPT-OSS, belongs to O). With masses p(g):
+- the target is tau_B = min(sqrt(|B| / (|B| + |S|)), tau_max);
+- the bridge fires where 0 < p(B) < tau_B and tau_S = p(B) + p(S) - tau_B > 0 (that is 1 - p(O) - tau_B);
+- then B's probabilities are multiplied by tau_B / p(B) and S's by tau_S / p(S); O is untouched. Otherwise
+  nothing changes (factor 1).
+Engines that compute attention per key range (split-KV decoding, a paged cache) have each group's log-sum-exp
+and normalized partial output; `oeb_merge` turns those into the bridged output.
+
+Step Momentum Injection (§5): at the first token of a new thinking step, in an SMI layer, each head's attention
+output gains alpha times the mean value vector of the last w tokens of the step just completed.
+
+Shapes: any leading dimensions `...` (batch, heads, queries); groups are the last axis in the order (B, S, O).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BRIDGE, SEGMENT, OTHER = 0, 1, 2
+
+
+def bridge_target(n_bridge, n_segment, tau_max: float):
+    """tau_B = min(sqrt(|B| / (|B| + |S|)), tau_max); 0 where the bridge is empty. Ints, floats or tensors."""
+    if isinstance(n_bridge, torch.Tensor) or isinstance(n_segment, torch.Tensor):
+        nb = torch.as_tensor(n_bridge, dtype=torch.float64)
+        ns = torch.as_tensor(n_segment, dtype=torch.float64)
+        tot = (nb + ns).clamp_min(1.0)
+        return torch.where(nb > 0, torch.sqrt(nb / tot).clamp_max(tau_max), torch.zeros_like(nb))
+    if n_bridge <= 0:
+        return 0.0
+    return min(math.sqrt(n_bridge / (n_bridge + n_segment)), tau_max)
+
+
+def query_groups(q: int, t0: int, s0: int, lo: int = 0, window: int | None = None
+                 ) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The bridge and segment key ranges ([start, end) positions, only keys the query sees) of the query at
+    position `q` of a row whose real tokens start at `lo`, thinking at `t0` and summary at `s0` (past every
+    position while not known yet); `window`: a sliding window's size. Query in thinking: B = question, S =
+    thinking up to the query; in summary: B = thinking, S = summary up to the query. None for a question query
+    or an empty bridge: OEB leaves that query alone."""
+    seg = int(q >= t0) + int(q >= s0)
+    if seg == 0 or q < lo:
+        return None
+    vis_lo = max(lo, q - window + 1) if window else lo
+    b_lo, b_hi = (t0, s0) if seg == 2 else (lo, t0)
+    bridge = (max(b_lo, vis_lo), max(min(b_hi, q + 1), max(b_lo, vis_lo)))
+    segment = (max(b_hi, vis_lo), q + 1)
+    if bridge[1] <= bridge[0]:
+        return None
+    return bridge, segment
+
+
+def oeb_factors(p_bridge: torch.Tensor, p_segment: torch.Tensor, tau_bridge: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The KL projection's multipliers of B's and S's probabilities, and where it fires.
+
+    p_bridge, p_segment: [...] masses (float32); tau_bridge: [...] targets, broadcastable (0 = not eligible).
+    Returns (factor_b, factor_s, fired), factor 1 where it does not fire.
+    """
+    tau_s = p_bridge + p_segment - tau_bridge  # 1 - p(O) - tau_B
+    fired = (p_bridge < tau_bridge) & (p_bridge > 0) & (tau_s > 0)  # (then p(S) > tau_B - p(B) > 0 too)
+    factor_b = torch.where(fired, tau_bridge / p_bridge, 1.0)
+    factor_s = torch.where(fired, tau_s / p_segment, 1.0)
+    return factor_b, factor_s, fired
+
+
+def oeb_merge(out: torch.Tensor, lse: torch.Tensor, tau_bridge: torch.Tensor, sink: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bridged attention output from per-group partial results.
+
+    out: [..., 3, D] each group's softmax-normalized partial output (any values where the group is empty);
+    lse: [..., 3] each group's log-sum-exp of scaled logits (-inf for an empty group);
+    tau_bridge: [...] targets (0 where OEB must not act); sink: [...] an extra logit whose mass belongs to O
+    and which carries no value (GPT-OSS), or None.
+    Returns (output [..., D] in out's dtype, fired [...], masses before [..., 2] = (p(B), p(S)), masses after
+    [..., 2]), computed in float32.
+    """
+    lse = lse.to(torch.float32)
+    parts = lse if sink is None else torch.cat([lse, sink.to(torch.float32)[..., None]], dim=-1)
+    total = torch.logsumexp(parts, dim=-1, keepdim=True)
+    total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    p = torch.exp(lse - total)  # [..., 3]
+    tau = torch.as_tensor(tau_bridge, dtype=torch.float32, device=lse.device)
+    factor_b, factor_s, fired = oeb_factors(p[..., BRIDGE], p[..., SEGMENT], tau)
+    w = p * torch.stack([factor_b, factor_s, torch.ones_like(factor_b)], dim=-1)
+    o = torch.where(torch.isfinite(lse)[..., None], out.to(torch.float32), 0.0)
+    merged = (w[..., None] * o).sum(-2)
+    before = p[..., :2]
+    return merged.to(out.dtype), fired, before, w[..., :2]
+
+
+def group_partials(scores: torch.Tensor, value: torch.Tensor, group: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group log-sum-exps and normalized partial outputs of one query's attention (a slow, plain helper for
+    engines without a split-KV kernel, and the tests' reference).
+
+    scores: [..., K] scaled logits (-inf = hidden); value: [..., K, D]; group: [..., K] long in {0, 1, 2}
+    (B, S, O). Returns (out [..., 3, D], lse [..., 3]).
+    """
+    scores = scores.to(torch.float32)
+    onehot = torch.nn.functional.one_hot(group.long(), 3).to(torch.bool)  # [..., K, 3]
+    s3 = torch.where(onehot, scores[..., None], float("-inf"))  # [..., K, 3]
+    lse = torch.logsumexp(s3, dim=-2)  # [..., 3]
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w = torch.exp(s3 - safe[..., None, :])  # [..., K, 3], 0 on hidden and other-group keys
+    out = torch.einsum("...kg,...kd->...gd", w, value.to(torch.float32))
+    return out, lse
+
+
+def step_momentum(window_values: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha times the mean value vector of a window: [..., w, D] -> [..., D] (float32)."""
+    return alpha * window_values.to(torch.float32).mean(dim=-2)
+
+
+def smi_window(step_start: int, step_end: int, window: int | str) -> tuple[int, int]:
+    """The token range whose values SMI averages for a completed step [step_start, step_end): its last
+    `window` tokens, or the whole step for window="step"."""
+    if window == "step":
+        return step_start, step_end
+    return max(step_start, step_end - int(window)), step_end

@@ -1,0 +1,147 @@
+"""The pure OEB/SMI functions and the layer-spec parser against slow, obviously-correct references."""
+
+import math
+
+import pytest
+import torch
+
+from stepscope.errors import StepscopeError
+from stepscope.flow.functional import (
+    bridge_target,
+    group_partials,
+    oeb_factors,
+    oeb_merge,
+    query_groups,
+    smi_window,
+    step_momentum,
+)
+from stepscope.layers import layer_bands, parse_layers, resolve_layers
+
+
+def _reference_oeb(z, v, groups, tau_b, sink=None):
+    """One query: softmax over logits z (+ an optional sink logit), then the KL projection written out with
+    the logit shifts of the method (add log(tau_B/p(B)) to B, log(tau_S/p(S)) to S), in float64."""
+    z = [float(x) for x in z]
+    logits = z + ([float(sink)] if sink is not None else [])
+    m = max(logits)
+    e = [math.exp(x - m) for x in logits]
+    tot = sum(e)
+    p = [x / tot for x in e]
+    pb = sum(p[k] for k, g in enumerate(groups) if g == 0)
+    ps = sum(p[k] for k, g in enumerate(groups) if g == 1)
+    tau_s = pb + ps - tau_b
+    fired = 0 < pb < tau_b and tau_s > 0
+    if fired:
+        shift = {0: math.log(tau_b / pb), 1: math.log(tau_s / ps), 2: 0.0}
+        logits = [z[k] + shift[g] for k, g in enumerate(groups)] + ([float(sink)] if sink is not None else [])
+        m = max(logits)
+        e = [math.exp(x - m) for x in logits]
+        tot = sum(e)
+        p = [x / tot for x in e]
+    out = [sum(p[k] * float(v[k][d]) for k in range(len(z))) for d in range(len(v[0]))]
+    return out, fired
+
+
+@pytest.mark.parametrize("use_sink", [False, True])
+def test_oeb_merge_equals_the_logit_shift_reference(use_sink):
+    g = torch.Generator().manual_seed(0)
+    fired_any = unfired_any = False
+    for trial in range(60):
+        K, D = 12, 5
+        z = torch.randn(K, generator=g) * 3
+        v = torch.randn(K, D, generator=g)
+        nb, ns = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
+        groups = torch.tensor([0] * nb + [1] * ns + [2] * (K - nb - ns))
+        groups = groups[torch.randperm(K, generator=g)]  # the function must not need contiguous groups
+        tau = bridge_target(nb, ns, 0.15 if trial % 2 else 0.6)
+        sink = torch.randn((), generator=g) * 2 if use_sink else None
+        out3, lse = group_partials(z, v, groups)
+        out, fired, before, after = oeb_merge(out3, lse, torch.tensor(tau), sink)
+        ref, ref_fired = _reference_oeb(z.tolist(), v.tolist(), groups.tolist(), tau,
+                                        None if sink is None else float(sink))
+        assert bool(fired) == ref_fired
+        torch.testing.assert_close(out, torch.tensor(ref, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+        if ref_fired:
+            assert float(after[0]) == pytest.approx(tau, abs=1e-6)
+            fired_any = True
+        else:
+            torch.testing.assert_close(after, before)
+            unfired_any = True
+    assert fired_any and unfired_any
+
+
+def test_oeb_factors_edges():
+    pb = torch.tensor([0.0, 0.05, 0.2, 0.05])
+    ps = torch.tensor([0.5, 0.5, 0.5, 0.0])
+    tau = torch.tensor([0.1, 0.1, 0.1, 0.1])
+    fb, fs, fired = oeb_factors(pb, ps, tau)
+    assert fired.tolist() == [False, True, False, False]  # p(B)=0; fires; above target; tau_S <= 0
+    assert fb.tolist()[1] == pytest.approx(2.0) and fs.tolist()[1] == pytest.approx(0.45 / 0.5)
+    assert fb[[0, 2, 3]].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_bridge_target():
+    assert bridge_target(0, 5, 0.15) == 0.0
+    assert bridge_target(1, 99, 0.5) == pytest.approx(0.1)
+    assert bridge_target(50, 50, 0.15) == 0.15
+    t = bridge_target(torch.tensor([0, 1, 50]), torch.tensor([5, 99, 50]), 0.15)
+    assert t.tolist() == pytest.approx([0.0, 0.1, 0.15])
+
+
+def test_query_groups():
+    # question [0, 4), thinking [4, 10), summary [10, ...)
+    assert query_groups(2, 4, 10) is None
+    assert query_groups(6, 4, 10) == ((0, 4), (4, 7))
+    assert query_groups(12, 4, 10) == ((4, 10), (10, 13))
+    assert query_groups(6, 4, 10, lo=4) is None  # no question keys: empty bridge
+    assert query_groups(8, 4, 10, window=4) is None  # window [5, 9): no question key visible
+    assert query_groups(6, 4, 10, window=4) == ((3, 4), (4, 7))
+
+
+def test_smi_pieces():
+    assert smi_window(10, 20, 4) == (16, 20)
+    assert smi_window(10, 12, 4) == (10, 12)
+    assert smi_window(10, 20, "step") == (10, 20)
+    v = torch.arange(12.0).view(1, 4, 3)
+    torch.testing.assert_close(step_momentum(v, 0.5), 0.5 * torch.tensor([[4.5, 5.5, 6.5]]))
+
+
+def test_layer_bands_match_the_method():
+    for L in range(1, 70):
+        b = layer_bands(L)
+        q = max(1, L // 4)
+        assert list(b["shallow"]) == list(range(min(q, L)))
+        assert list(b["deep"]) == list(range(max(0, L - q), L))
+        assert len(b["deep_half"]) == min(L, max(2, L // 2)) and b["deep_half"][-1] == L - 1
+    assert list(layer_bands(30)["shallow"]) == list(range(7))
+
+
+def test_parse_layers_rules():
+    assert parse_layers("all", 8) is None and parse_layers("", 8) is None and parse_layers(None, 8) is None
+    assert parse_layers("0-2,5", 8) == [0, 1, 2, 5]
+    assert parse_layers("-2--1", 8) == [6, 7]
+    assert parse_layers("-2--1") == [-2, -1]  # without the model: kept as written
+    assert parse_layers("shallow,deep", 8) == [0, 1, 6, 7]
+    assert parse_layers("3,1,3", 8) == [1, 3]
+    assert parse_layers([0, -1], 8) == [0, 7]
+    assert parse_layers("0--1", 8) == list(range(8))  # with the model, mixed ends resolve
+    for bad, needle in [("5-2", "backwards"), ("-1--3", "backwards"), ("x", "cannot read"),
+                        ("9", "out of range"), ("-9", "out of range"), (",", "no layers")]:
+        with pytest.raises(StepscopeError, match=needle):
+            parse_layers(bad, 8)
+    with pytest.raises(StepscopeError, match="same way"):
+        parse_layers("0--1")
+    with pytest.raises(StepscopeError, match="needs the model"):
+        parse_layers("shallow")
+    with pytest.raises(StepscopeError, match="--oeb-layers"):
+        parse_layers("40", 30, what="--oeb-layers")
+
+
+def test_resolve_layers():
+    assert resolve_layers(None, 4) == [0, 1, 2, 3]
+    assert resolve_layers(None, 8, default=range(0, 2)) == [0, 1]
+    assert resolve_layers([-1, 0, 0], 4) == [0, 3]
+    with pytest.raises(StepscopeError, match="out of range"):
+        resolve_layers([4], 4)
+    with pytest.raises(StepscopeError, match="no layers"):
+        resolve_layers([], 4)
