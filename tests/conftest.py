@@ -10,12 +10,29 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 from tiny import make_model, make_tokenizer  # noqa: F401  (re-exported for tests)
 
-SHARED_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+# Real traces live beside the repository in ../shared/traces (never copied into it); STEPSCOPE_SHARED_TRACES
+# points elsewhere. Where they are absent their tests skip, unless STEPSCOPE_REQUIRE_SHARED=1 (CI sets it in
+# .ci/run): then a missing folder fails those tests instead of hiding them.
+SHARED_TRACES = Path(os.environ.get("STEPSCOPE_SHARED_TRACES")
+                     or Path(__file__).resolve().parents[2] / "shared" / "traces")
+
+
+def _shared_traces_missing() -> str | None:
+    """Why the shared traces cannot be used (None when they can); fails the test under STEPSCOPE_REQUIRE_SHARED."""
+    if not SHARED_TRACES.is_dir():
+        why = f"{SHARED_TRACES} is absent"
+    elif not any(SHARED_TRACES.glob("*.jsonl")):
+        why = f"{SHARED_TRACES} holds no .jsonl files"
+    else:
+        return None
+    if os.environ.get("STEPSCOPE_REQUIRE_SHARED", "") not in ("", "0"):
+        pytest.fail(f"STEPSCOPE_REQUIRE_SHARED is set but {why}", pytrace=False)
+    return why
 
 
 def shared_trace_records():
-    """Every record of ../shared/traces (never copied into the repo); [] when the folder is absent."""
-    if not SHARED_TRACES.is_dir():
+    """Every record of the shared traces; [] when the folder is absent (a failure under STEPSCOPE_REQUIRE_SHARED)."""
+    if _shared_traces_missing():
         return []
     out = []
     for f in sorted(SHARED_TRACES.glob("*.jsonl")):
@@ -42,6 +59,7 @@ def harmony_tokenizer():
 
 @pytest.fixture(scope="session")
 def traces_available():
-    if not SHARED_TRACES.is_dir():
-        pytest.skip("../shared/traces is absent")
+    why = _shared_traces_missing()
+    if why:
+        pytest.skip(why)
     return SHARED_TRACES
