@@ -8,8 +8,9 @@ import pytest
 import torch
 from tiny import make_model, make_tokenizer, new_ids, peaked
 
+from stepscope.decoding import DecodeConfig
 from stepscope.errors import StepscopeError
-from stepscope.flow.generate import generate_traces, response_text, sample_tokens, stop_token_ids
+from stepscope.flow.generate import generate_traces, response_text, run_config, sample_tokens, stop_token_ids
 from stepscope.formats import HARMONY, THINK
 from stepscope.prompts import build_prompt, forced_close_text
 
@@ -305,6 +306,29 @@ def test_stop_tokens(harmony_tokenizer):
 def test_bad_input_is_a_clear_error(tok, llama, kwargs, msg):
     with pytest.raises(StepscopeError, match=msg):
         generate_traces(llama, tok, progress=False, **kwargs)
+
+
+def test_decode_config_is_the_keyword_arguments(tok, llama):
+    """decode=DecodeConfig(...) and the same fields as keyword arguments give the same traces and config; the
+    default seeds count up from decode.seed; giving both ways, or an unknown keyword, is an error."""
+    kw = dict(max_new_tokens=6, max_thinking_tokens=2, temperature=0.9, top_p=0.8, top_k=30)
+    a = generate_traces(llama, tok, QUESTIONS[:2], seeds=[5, 6], progress=False, **kw)
+    b = generate_traces(llama, tok, QUESTIONS[:2], decode=DecodeConfig(**kw, seed=5), progress=False)
+    assert [t.token_ids for t in a] == [t.token_ids for t in b] and [t.meta["seed"] for t in b] == [5, 6]
+    assert a[0].meta["config"] == b[0].meta["config"] == run_config(llama, tok, decode=DecodeConfig(**kw))
+    cfg = a[0].meta["config"]
+    assert {k: cfg[k] for k in kw} == kw and cfg["do_sample"] is True and "seed" not in cfg
+    assert run_config(llama, tok, temperature=0)["do_sample"] is False
+    with pytest.raises(StepscopeError, match="not both"):
+        generate_traces(llama, tok, QUESTIONS[:1], decode=DecodeConfig(), temperature=0, progress=False)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temp'"):
+        generate_traces(llama, tok, QUESTIONS[:1], temp=0, progress=False)
+    with pytest.raises(StepscopeError, match="decode must be a DecodeConfig"):
+        generate_traces(llama, tok, QUESTIONS[:1], decode={"temperature": 0}, progress=False)
+    changed = DecodeConfig()
+    changed.top_k = -1  # changed after it was built: checked again
+    with pytest.raises(StepscopeError, match="top_k"):
+        generate_traces(llama, tok, QUESTIONS[:1], decode=changed, progress=False)
 
 
 def test_meta_and_order(tok, llama):

@@ -7,11 +7,12 @@ One loop serves the baseline and StepFlow arms alike, so the two are paired:
   picked by inverse-CDF sampling over the filtered distribution in vocabulary order. A row's tokens therefore
   depend only on (seed, its own logits), never on which other rows share its batch; the uniforms themselves
   are the same on every device.
-- temperature, top-k (first), then top-p (the smallest set of most likely tokens holding `top_p` of the mass);
-  greedy (argmax) when temperature == 0 or do_sample=False.
+- The decoding settings are one `DecodeConfig` (stepscope.decoding): temperature, top-k (first), then top-p
+  (the smallest set of most likely tokens holding `top_p` of the mass); greedy (argmax) when temperature == 0
+  or do_sample=False.
 - Per-row stop at end-of-sequence / end-of-turn tokens or at `max_new_tokens`; finished rows leave the batch
-  (their KV cache rows are dropped) so they stop costing compute. Under StepFlow they leave only when the
-  StepFlow object can drop rows too (`select_rows(indices)`); otherwise they ride along, ignored.
+  (their KV cache rows, their sampling streams and, under StepFlow, their step state are dropped) so they stop
+  costing compute.
 - Budget forcing: a row that has written `max_thinking_tokens` tokens inside the thinking without closing it is
   made to write the format's end marker ("\\n</think>\\n\\n"; for harmony "<|end|><|start|>assistant<|channel|>
   final<|message|>") and then continues with the summary.
@@ -26,20 +27,24 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import dataclasses
 import inspect
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..decoding import DecodeConfig
 from ..errors import StepscopeError
 from ..formats import Format
 from ..prompts import STYLES, build_prompt, forced_close_text, resolve_format
 from ..segment import Segmenter
 from ..tokens import token_bytes
 from ..trace import Trace
+from .config import StepFlowConfig
+from .stepflow import StepFlow
 
 __all__ = ["generate_traces", "run_config", "sample_tokens", "stop_token_ids", "response_text"]
 
@@ -187,40 +192,6 @@ class _Uniforms:
             self.block = self.block.index_select(0, keep_dev)
 
 
-@dataclass(frozen=True)
-class _Settings:
-    max_new_tokens: int
-    max_thinking_tokens: int | None
-    temperature: float
-    top_p: float
-    top_k: int
-    do_sample: bool
-
-
-def _config_dict(cfg) -> dict | None:
-    if cfg is None:
-        return None
-    if hasattr(cfg, "to_json"):
-        return cfg.to_json()
-    if hasattr(cfg, "to_dict"):
-        return cfg.to_dict()
-    if is_dataclass(cfg):
-        return asdict(cfg)
-    return dict(vars(cfg))
-
-
-def _stats_dict(sf) -> dict | None:
-    stats = getattr(sf, "stats", None)
-    if stats is None:
-        return None
-    for name in ("to_json", "to_dict", "summary"):
-        fn = getattr(stats, name, None)
-        if callable(fn):
-            with contextlib.suppress(Exception):
-                return fn()
-    return stats if isinstance(stats, dict) else None
-
-
 def _model_device(model) -> torch.device:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is not None:
@@ -246,9 +217,9 @@ def _new_cache(model):
 # -- the decode loop -------------------------------------------------------------------------------------------
 
 
-def _run_batch(model, rows: list[_Row], s: _Settings, stop_ids: set[int], forced_ids: list[int],
+def _run_batch(model, rows: list[_Row], d: DecodeConfig, stop_ids: set[int], forced_ids: list[int],
                stream: Callable[[str], None] | None, tokbytes, on_row_done: Callable[[_Row], None],
-               can_compact: bool, sf=None, vocab: int | None = None) -> dict:
+               sf=None, vocab: int | None = None) -> dict:
     """Generate for `rows` in place; return the batch timing. `vocab`: ids at or above it are never picked."""
     device = _model_device(model)
     cache_kw, has_keep = _forward_kwargs(model)
@@ -265,15 +236,16 @@ def _run_batch(model, rows: list[_Row], s: _Settings, stop_ids: set[int], forced
     pos = (mask.cumsum(-1) - 1).clamp_(min=0)  # [B, P]
     last_pos = pos[:, -1]  # [B]
     cache = _new_cache(model)
-    uniforms = _Uniforms(rows, device) if s.do_sample else None
+    sampling = d.sampling
+    uniforms = _Uniforms(rows, device) if sampling else None
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if stream else None
     live = list(rows)
     for r in live:
-        _maybe_force(r, s, forced_ids)
+        _maybe_force(r, d, forced_ids)
     t0 = time.perf_counter()
     t_first = None
     tok = None  # [B] the tokens fed next
-    for step in range(s.max_new_tokens):
+    for step in range(d.max_new_tokens):
         kw = {cache_kw: cache, "use_cache": True}
         if step == 0:
             if has_keep:
@@ -284,11 +256,11 @@ def _run_batch(model, rows: list[_Row], s: _Settings, stop_ids: set[int], forced
             last_pos = last_pos + 1
             out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=last_pos[:, None], **kw)
         logits = out.logits[:, -1, :vocab]  # [B, V]: never an id the tokenizer lacks (padded embeddings)
-        if s.do_sample:
-            tok = sample_tokens(logits, uniforms.column(step), s.temperature, s.top_k, s.top_p)
+        if sampling:
+            tok = sample_tokens(logits, uniforms.column(step), float(d.temperature), d.top_k, float(d.top_p))
         else:
             tok = logits.argmax(dim=-1)  # [B]
-        forcing = [r.force[0] if r.force and r.stop_reason is None else -1 for r in live]
+        forcing = [r.force[0] if r.force else -1 for r in live]
         if any(f >= 0 for f in forcing):
             f = torch.tensor(forcing, dtype=torch.long)  # [B], rare: only while a budget is being forced
             f = (f.pin_memory() if device.type == "cuda" else f).to(device, non_blocking=True)
@@ -298,8 +270,6 @@ def _run_batch(model, rows: list[_Row], s: _Settings, stop_ids: set[int], forced
             t_first = time.perf_counter()
         done_any = False
         for r, t in zip(live, host):
-            if r.stop_reason is not None:
-                continue  # a finished row still in the batch (no compaction): its tokens are ignored
             was_forced = bool(r.force)
             if was_forced:
                 r.force.pop(0)
@@ -314,10 +284,10 @@ def _run_batch(model, rows: list[_Row], s: _Settings, stop_ids: set[int], forced
                     piece = decoder.decode(tokbytes(t))
                     if piece:
                         stream(piece)
-                if len(r.gen) >= s.max_new_tokens:
+                if len(r.gen) >= d.max_new_tokens:
                     r.stop_reason = "length"
                 else:
-                    _maybe_force(r, s, forced_ids)
+                    _maybe_force(r, d, forced_ids)
             if r.stop_reason is not None:
                 r.seconds = time.perf_counter() - t0
                 done_any = True
@@ -327,17 +297,17 @@ def _run_batch(model, rows: list[_Row], s: _Settings, stop_ids: set[int], forced
         keep = [i for i, r in enumerate(live) if r.stop_reason is None]
         if not keep:
             break
-        if can_compact:  # finished rows leave the batch: drop their cache rows and state
-            keep_dev = torch.tensor(keep, dtype=torch.long, device=device)
-            cache.batch_select_indices(keep_dev)
-            mask = mask.index_select(0, keep_dev)
-            last_pos = last_pos.index_select(0, keep_dev)
-            tok = tok.index_select(0, keep_dev)
-            if uniforms is not None:
-                uniforms.select(keep, keep_dev)
-            if sf is not None:
-                sf.select_rows(keep)
-            live = [live[i] for i in keep]
+        # finished rows leave the batch: drop their cache rows and state
+        keep_dev = torch.tensor(keep, dtype=torch.long, device=device)
+        cache.batch_select_indices(keep_dev)
+        mask = mask.index_select(0, keep_dev)
+        last_pos = last_pos.index_select(0, keep_dev)
+        tok = tok.index_select(0, keep_dev)
+        if uniforms is not None:
+            uniforms.select(keep, keep_dev)
+        if sf is not None:
+            sf.select_rows(keep)
+        live = [live[i] for i in keep]
     if stream is not None and decoder is not None:
         rest = decoder.decode(b"", final=True)
         if rest:
@@ -347,78 +317,76 @@ def _run_batch(model, rows: list[_Row], s: _Settings, stop_ids: set[int], forced
             "batch_prompt_tokens": P}
 
 
-def _maybe_force(r: _Row, s: _Settings, forced_ids: list[int]) -> None:
+def _maybe_force(r: _Row, d: DecodeConfig, forced_ids: list[int]) -> None:
     """Start budget forcing once the row has spent its thinking budget without closing the thinking."""
-    if (s.max_thinking_tokens is not None and not r.budget_forced and r.seg.segment == "thinking"
-            and r.thinking_tokens >= s.max_thinking_tokens):
+    if (d.max_thinking_tokens is not None and not r.budget_forced and r.seg.segment == "thinking"
+            and r.thinking_tokens >= d.max_thinking_tokens):
         r.force = list(forced_ids)
         r.budget_forced = True
 
 
-def _prepare(model, tokenizer, *, stepflow, max_new_tokens: int, max_thinking_tokens: int | None,
-             temperature: float, top_p: float, top_k: int, do_sample: bool | None, prompt_style: str,
+def _decode_config(fn: str, decode: DecodeConfig | None, fields: dict) -> DecodeConfig:
+    """`decode`, or the DecodeConfig its fields given as keyword arguments build (one or the other)."""
+    names = {f.name for f in dataclasses.fields(DecodeConfig)}
+    for k in fields:
+        if k not in names:
+            raise TypeError(f"{fn}() got an unexpected keyword argument {k!r}")
+    if decode is None:
+        return DecodeConfig(**fields)
+    if fields:
+        raise StepscopeError(f"give decode= or its fields as keyword arguments ({', '.join(fields)}), not both")
+    if not isinstance(decode, DecodeConfig):
+        raise StepscopeError(f"decode must be a DecodeConfig, got {type(decode).__name__}")
+    return decode.validate()
+
+
+def _prepare(model, tokenizer, d: DecodeConfig, *, stepflow: StepFlowConfig | None, prompt_style: str,
              system: str | None, fmt: str | Format):
-    """Check the settings; return (settings, format, stepflow config, the run's JSON config)."""
-    if max_new_tokens < 1:
-        raise StepscopeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if max_thinking_tokens is not None and max_thinking_tokens < 0:
-        raise StepscopeError(f"max_thinking_tokens must be >= 0, got {max_thinking_tokens}")
-    if temperature < 0:
-        raise StepscopeError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise StepscopeError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise StepscopeError(f"top_k must be >= 0, got {top_k}")
+    """Check the settings; return (format, stepflow config, the run's JSON config)."""
     if prompt_style not in STYLES:
         raise StepscopeError(f"unknown prompt style {prompt_style!r}; use one of {', '.join(STYLES)}")
-    if do_sample is None:
-        do_sample = temperature > 0
-    if do_sample and temperature == 0:
-        raise StepscopeError("sampling needs temperature > 0 (temperature 0 means greedy decoding)")
+    if stepflow is not None and not isinstance(stepflow, StepFlowConfig):
+        raise StepscopeError(f"stepflow must be a StepFlowConfig or None, got {type(stepflow).__name__}")
     f = resolve_format(tokenizer, fmt)
-    s = _Settings(max_new_tokens, max_thinking_tokens, float(temperature), float(top_p), int(top_k),
-                  bool(do_sample))
-    if stepflow is not None and is_dataclass(stepflow) and getattr(stepflow, "fmt", None) == "auto" and \
-            getattr(stepflow, "markers", None) is None:
+    if stepflow is not None and stepflow.fmt == "auto" and stepflow.markers is None:
         stepflow = replace(stepflow, fmt=f)  # StepFlow's segmenters see the format the prompts were built in
+    # the base seed is no run setting here: every row records its own seed in its meta
+    decoding = {k: v for k, v in d.to_json().items() if k != "seed"}
     config = {"model": str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")),
               "dtype": str(getattr(model, "dtype", "")).replace("torch.", ""), "fmt": f.to_json(),
-              "prompt_style": prompt_style, "system": system, "max_new_tokens": max_new_tokens,
-              "max_thinking_tokens": max_thinking_tokens, "temperature": float(temperature),
-              "top_p": float(top_p), "top_k": int(top_k), "do_sample": bool(do_sample),
-              "stepflow": _config_dict(stepflow)}
-    return s, f, stepflow, config
+              "prompt_style": prompt_style, "system": system, **decoding, "do_sample": d.sampling,
+              "stepflow": stepflow.to_json() if stepflow is not None else None}
+    return f, stepflow, config
 
 
-def run_config(model, tokenizer, *, stepflow=None, max_new_tokens: int = 1024,
-               max_thinking_tokens: int | None = None, temperature: float = 0.6, top_p: float = 0.95,
-               top_k: int = 0, do_sample: bool | None = None, prompt_style: str = "r1",
-               system: str | None = None, fmt: str | Format = "auto") -> dict:
+def run_config(model, tokenizer, *, decode: DecodeConfig | None = None, stepflow: StepFlowConfig | None = None,
+               prompt_style: str = "r1", system: str | None = None, fmt: str | Format = "auto",
+               **decoding) -> dict:
     """The JSON settings `generate_traces` records in each trace's meta["config"] for these arguments."""
-    return _prepare(model, tokenizer, stepflow=stepflow, max_new_tokens=max_new_tokens,
-                    max_thinking_tokens=max_thinking_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    do_sample=do_sample, prompt_style=prompt_style, system=system, fmt=fmt)[3]
+    d = _decode_config("run_config", decode, decoding)
+    return _prepare(model, tokenizer, d, stepflow=stepflow, prompt_style=prompt_style, system=system, fmt=fmt)[2]
 
 
-def generate_traces(model, tokenizer, questions: Sequence[str], *, stepflow=None, max_new_tokens: int = 1024,
-                    max_thinking_tokens: int | None = None, temperature: float = 0.6, top_p: float = 0.95,
-                    top_k: int = 0, do_sample: bool | None = None, seeds: Sequence[int] | None = None,
+def generate_traces(model, tokenizer, questions: Sequence[str], *, decode: DecodeConfig | None = None,
+                    stepflow: StepFlowConfig | None = None, seeds: Sequence[int] | None = None,
                     batch_size: int = 8, prompt_style: str = "r1", system: str | None = None,
                     fmt: str | Format = "auto", progress: bool = True,
                     stream: Callable[[str], None] | None = None, metas: Sequence[dict | None] | None = None,
                     on_batch: Callable[[list[Trace]], None] | None = None,
-                    flow_kernel: str | None = None) -> list[Trace]:
+                    flow_kernel: str | None = None, **decoding) -> list[Trace]:
     """Generate one reasoning trace per question, in batches; return them in the order of `questions`.
 
-    `stepflow`: a StepFlowConfig to generate under StepFlow, or None for the plain model. `seeds`: one int per
-    question (default 0, 1, 2, ...): a row's sample depends only on its seed and its logits. `do_sample`:
-    default True iff temperature > 0. `max_thinking_tokens`: budget forcing. `stream`: a callback receiving
-    the text of a single question's answer as it is written. `metas`: extra meta per question (e.g. its id).
-    `on_batch`: called with each finished batch's traces (in the order they finished batches), e.g. to save them.
-    `flow_kernel`: StepFlow's `kernel` ("auto", "triton" or "torch"; None: $STEPSCOPE_FLOW_KERNEL or "auto").
+    `decode`: the DecodeConfig (default DecodeConfig()); its fields may instead be given as keyword arguments
+    (`max_new_tokens=40, temperature=0`), not both. `stepflow`: a StepFlowConfig to generate under StepFlow, or
+    None for the plain model. `seeds`: one int per question (default decode.seed + 0, 1, 2, ...): a row's
+    sample depends only on its seed and its logits. `stream`: a callback receiving the text of a single
+    question's answer as it is written. `metas`: extra meta per question (e.g. its id). `on_batch`: called with
+    each finished batch's traces (in the order they finished batches), e.g. to save them. `flow_kernel`:
+    StepFlow's `kernel` ("auto", "triton" or "torch"; None: $STEPSCOPE_FLOW_KERNEL or "auto").
     Each trace's meta holds question, seed, num_prompt_tokens, num_new_tokens, stop_reason ("eos"|"length"),
     budget_forced, thinking_tokens, thinking_closed, timing and config.
     """
+    d = _decode_config("generate_traces", decode, decoding)
     questions = list(questions)
     n = len(questions)
     if n == 0:
@@ -426,9 +394,7 @@ def generate_traces(model, tokenizer, questions: Sequence[str], *, stepflow=None
     for i, q in enumerate(questions):
         if not isinstance(q, str) or not q.strip():
             raise StepscopeError(f"question {i} is empty or not a string")
-    if seeds is None:
-        seeds = list(range(n))
-    seeds = [int(x) for x in seeds]
+    seeds = [d.seed + i for i in range(n)] if seeds is None else [int(x) for x in seeds]
     if len(seeds) != n:
         raise StepscopeError(f"got {len(seeds)} seeds for {n} questions")
     if metas is not None and len(metas) != n:
@@ -437,10 +403,8 @@ def generate_traces(model, tokenizer, questions: Sequence[str], *, stepflow=None
         raise StepscopeError("streaming works for a single question")
     if batch_size < 1:
         raise StepscopeError(f"batch_size must be at least 1, got {batch_size}")
-    s, f, stepflow, config = _prepare(model, tokenizer, stepflow=stepflow, max_new_tokens=max_new_tokens,
-                                      max_thinking_tokens=max_thinking_tokens, temperature=temperature,
-                                      top_p=top_p, top_k=top_k, do_sample=do_sample, prompt_style=prompt_style,
-                                      system=system, fmt=fmt)
+    f, stepflow, config = _prepare(model, tokenizer, d, stepflow=stepflow, prompt_style=prompt_style,
+                                   system=system, fmt=fmt)
     forced_ids = list(tokenizer(forced_close_text(f), add_special_tokens=False)["input_ids"])
     stop_ids = stop_token_ids(model, tokenizer)
     tb = token_bytes(tokenizer)
@@ -465,25 +429,16 @@ def generate_traces(model, tokenizer, questions: Sequence[str], *, stepflow=None
         if bar is not None:
             bar.update(1)
 
-    if stepflow is not None:
-        try:
-            from .stepflow import StepFlow
-        except ImportError as e:
-            raise StepscopeError(f"StepFlow is not available in this build ({e})") from None
-        ctx = StepFlow(model, tokenizer, stepflow, kernel=flow_kernel)
-    else:
-        ctx = contextlib.nullcontext()
+    ctx = StepFlow(model, tokenizer, stepflow, kernel=flow_kernel) if stepflow is not None \
+        else contextlib.nullcontext()
     results: list[Trace | None] = [None] * n
     try:
         with ctx as sf, torch.inference_mode():
-            can_compact = sf is None or callable(getattr(sf, "select_rows", None))
             for batch in batches:
-                if sf is not None and callable(getattr(sf, "reset_stats", None)):
+                if sf is not None:
                     sf.reset_stats()  # totals per batch (each trace gets its own row's counts)
-                timing = _run_batch(model, batch, s, stop_ids, forced_ids, stream, tb, on_row_done,
-                                    can_compact, sf, vocab=len(tokenizer))
-                per_row = sf is not None and callable(getattr(sf, "row_stats", None))
-                stats = _stats_dict(sf) if sf is not None and not per_row else None
+                timing = _run_batch(model, batch, d, stop_ids, forced_ids, stream, tb, on_row_done, sf,
+                                    vocab=len(tokenizer))
                 done = []
                 for i, r in enumerate(batch):  # row i of the batch's prefill
                     meta = dict((metas[r.index] or {}) if metas is not None else {})
@@ -493,10 +448,8 @@ def generate_traces(model, tokenizer, questions: Sequence[str], *, stepflow=None
                         "budget_forced": r.budget_forced, "thinking_tokens": r.thinking_tokens,
                         "timing": {**timing, "row_seconds": r.seconds}, "config": config,
                     })
-                    if per_row:  # this row's own counts
+                    if sf is not None:  # this row's own counts
                         meta["stepflow_stats"] = sf.row_stats(i).to_json()
-                    elif stats is not None:  # a StepFlow-like object without per-row counts: the batch's
-                        meta["stepflow_stats"] = stats
                     trace = Trace.from_ids(tokenizer, r.prompt_ids + r.gen, fmt=f, meta=meta)
                     results[r.index] = trace
                     done.append(trace)
