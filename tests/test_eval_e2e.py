@@ -16,19 +16,10 @@ ARGS = ["--benchmark", "gsm8k", "--limit", "2", "--n-samples", "1", "--arms", "b
 
 def test_smollm2_gsm8k_interrupted_then_resumed(tmp_path, capsys):
     from stepscope import cli
+    from stepscope.evaluate import EvalSettings, read_results, run_eval, sample_seed
     from stepscope.evaluate.benchmarks import load_benchmark
-    from stepscope.evaluate.runner import (
-        EvalSettings,
-        arms_json,
-        build_arms,
-        read_results,
-        run_eval,
-        sample_seed,
-    )
-    try:
-        from stepscope.flow import generate_traces
-    except ImportError:  # until the flow package re-exports it
-        from stepscope.flow.generate import generate_traces
+    from stepscope.evaluate.runner import arms_json, build_arms
+    from stepscope.flow import generate_traces
     from stepscope.models import load_model
 
     model, tok = load_model("default", device="cpu")

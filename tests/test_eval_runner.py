@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 
 from stepscope.errors import StepscopeError
-from stepscope.evaluate.benchmarks import load_benchmark
-from stepscope.evaluate.report import markdown, paper_table, summarize
-from stepscope.evaluate.runner import (
+from stepscope.evaluate import (
     EvalSettings,
+    markdown,
+    paper_table,
     read_results,
-    repair_jsonl,
     run_eval,
     sample_seed,
+    summarize,
 )
+from stepscope.evaluate.benchmarks import load_benchmark
 
 pytest.importorskip("math_verify")
 TESTS = Path(__file__).resolve().parent
@@ -209,17 +210,6 @@ def test_resume_refuses_other_settings(tmp_path):
     # --resume on a folder that does not exist yet starts the run (job scripts can always pass it)
     s2, _, _ = run_fake(tmp_path / "fresh", bench_file, resume=True)
     assert s2["complete"]
-
-
-def test_repair_jsonl(tmp_path):
-    p = tmp_path / "r.jsonl"
-    p.write_bytes(b'{"a": 1}\n{"b": 2}\n{"c": ')
-    assert repair_jsonl(p) == len(b'{"c": ')
-    assert p.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
-    assert repair_jsonl(p) == 0
-    p.write_bytes(b'{"c": no newline at all')
-    repair_jsonl(p)
-    assert p.read_bytes() == b""
 
 
 def test_shards_in_one_process_merge_to_the_single_run(tmp_path):

@@ -1,4 +1,7 @@
-"""stepscope.stats against slow, obviously-correct references (explicit loops, full enumeration)."""
+"""stepscope.stats against slow, obviously-correct references (explicit loops, full enumeration).
+
+Sign convention under test: differences are a - b (treatment - control).
+"""
 
 from __future__ import annotations
 
@@ -27,10 +30,17 @@ def ref_var(xs):
 
 
 def ref_exact_bootstrap_quantiles(x, qs):
-    """Quantiles of the exact bootstrap distribution of the mean: all n**n equally likely resamples."""
+    """Quantiles of the exact bootstrap distribution of the mean: all n**n equally likely resamples, with
+    numpy's default ("linear") quantile definition on the full, exact distribution."""
     n = len(x)
     means = sorted(sum(x[i] for i in idx) / n for idx in itertools.product(range(n), repeat=n))
-    return [means[min(len(means) - 1, int(q * len(means)))] for q in qs]
+
+    def q(a):
+        pos = a * (len(means) - 1)
+        lo = math.floor(pos)
+        return means[lo] + (means[min(lo + 1, len(means) - 1)] - means[lo]) * (pos - lo)
+
+    return [q(a) for a in qs]
 
 
 def ref_welch(a, b):
@@ -72,6 +82,7 @@ def ref_mw_exact_p(a, b):
 
 
 def ref_sign_flip_p(d):
+    """Two-sided p of the mean of `d` over all 2**n sign patterns."""
     obs = abs(sum(d) / len(d))
     hits = total = 0
     for signs in itertools.product([1, -1], repeat=len(d)):
@@ -190,6 +201,36 @@ def test_paired_bootstrap_keeps_pairs():
     assert unpaired.low < 0 < unpaired.high  # ignoring it cannot see the effect
     with pytest.raises(StepscopeError):
         stats.paired_bootstrap_ci([1.0, 2.0], [1.0])
+    # a constant paired improvement over very different problems: every resample sees exactly it
+    base = rng.uniform(0, 1, 40)
+    ci = stats.paired_bootstrap_ci(base + 0.05, base, n_boot=2000)
+    assert (ci.estimate, ci.low, ci.high) == pytest.approx((0.05, 0.05, 0.05), abs=1e-12)
+    with pytest.raises(StepscopeError):
+        stats.paired_bootstrap_ci([1, 2], [1, 2, 3])
+
+
+def test_paired_bootstrap_matches_exact_enumeration():
+    a = np.array([0.3, 0.2, 0.7, 0.95, 0.8])  # treatment
+    b = np.array([0.2, 0.5, 0.0, 0.9, 0.4])  # control
+    d = (a - b).tolist()
+    lo_ref, hi_ref = ref_exact_bootstrap_quantiles(d, [0.05, 0.95])
+    ci = stats.paired_bootstrap_ci(a, b, level=0.9, n_boot=200_000, seed=1)
+    assert ci.estimate == pytest.approx(np.mean(d)) and ci.level == 0.9 and ci.n == 5
+    # Monte Carlo against the exact 5^5 enumeration; the distribution's atoms are ~0.01 apart
+    assert ci.low == pytest.approx(lo_ref, abs=0.015)
+    assert ci.high == pytest.approx(hi_ref, abs=0.015)
+    swapped = stats.paired_bootstrap_ci(b, a, level=0.9, n_boot=200_000, seed=1)  # control - treatment
+    assert swapped.estimate == pytest.approx(-ci.estimate)
+    assert (swapped.low, swapped.high) == pytest.approx((-ci.high, -ci.low), abs=1e-12)
+
+
+def test_paired_bootstrap_custom_statistic_resamples_pairs():
+    a, b = [1.0, 2.0, 3.0, 10.0], [0.5, 2.5, 2.0, 4.0]
+    med = stats.paired_bootstrap_ci(a, b, statistic=lambda x, y: np.median(x - y, axis=-1), n_boot=3000)
+    assert med.estimate == pytest.approx(np.median(np.subtract(a, b)))
+    assert min(np.subtract(a, b)) <= med.low <= med.high <= max(np.subtract(a, b))
+    one = stats.paired_bootstrap_ci([3.0], [1.0])
+    assert one.estimate == 2.0 and one.low is None and one.high is None
 
 
 @settings(max_examples=25, deadline=None)
@@ -206,7 +247,7 @@ def test_paired_permutation_monte_carlo_is_close_to_exact():
     rng = np.random.default_rng(5)
     a, b = rng.normal(0.3, 1, 16), rng.normal(0, 1, 16)
     exact = stats.paired_permutation_test(a, b, n_perm=2 ** 16)
-    mc = stats.paired_permutation_test(a, b, n_perm=20_000, seed=2)
+    mc = stats.paired_permutation_test(a, b, n_perm=20_000, seed=2, exact=False)
     assert exact.extra["exact"] and not mc.extra["exact"]
     assert mc.p_value == pytest.approx(exact.p_value, abs=0.015)
     one_sided = stats.paired_permutation_test(a, b, n_perm=2 ** 16, alternative="greater")
@@ -214,6 +255,45 @@ def test_paired_permutation_monte_carlo_is_close_to_exact():
         assert one_sided.p_value <= exact.p_value
     with pytest.raises(StepscopeError):
         stats.paired_permutation_test(a, b, alternative="bigger")
+
+
+def test_paired_permutation_exact_rule():
+    """Exact when n <= 16 or 2**n <= n_perm; forced either way by `exact`; refused above 24 pairs."""
+    rng = np.random.default_rng(8)
+    for n, n_perm, want in [(16, 10, True), (17, 10_000, False), (17, 2 ** 17, True), (13, 50, True)]:
+        d = rng.normal(0.2, 1, n)
+        res = stats.paired_permutation_test(d, np.zeros(n), n_perm=n_perm)
+        assert res.extra["exact"] is want and res.extra["n_perm"] == (2 ** n if want else n_perm), (n, n_perm)
+        if want and n <= 13:
+            assert res.p_value == pytest.approx(ref_sign_flip_p(d.tolist()), abs=1e-12)
+    d = rng.normal(0.2, 1, 18)
+    forced = stats.paired_permutation_test(d, np.zeros(18), exact=True)
+    assert forced.extra["exact"] and forced.extra["n_perm"] == 2 ** 18
+    assert stats.paired_permutation_test(d, np.zeros(18), n_perm=100_000, seed=3).p_value == pytest.approx(
+        forced.p_value, abs=0.01)
+    with pytest.raises(StepscopeError, match="exact=False"):
+        stats.paired_permutation_test(np.ones(25), np.zeros(25), exact=True)
+
+
+def test_paired_permutation_exact_equals_brute_force_and_monte_carlo_is_close():
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        a = rng.integers(0, 5, 9) / 4
+        b = rng.integers(0, 5, 9) / 4
+        ref = ref_sign_flip_p((a - b).tolist())
+        assert stats.paired_permutation_test(a, b).p_value == pytest.approx(ref, abs=1e-12)
+        mc = stats.paired_permutation_test(a, b, exact=False, n_perm=100_000, seed=5)
+        assert mc.p_value == pytest.approx(ref, abs=0.01)
+
+
+def test_paired_permutation_edge_cases():
+    assert stats.paired_permutation_test([0.5, 0.5, 0.1], [0.5, 0.5, 0.1]).p_value == 1.0
+    # all 5 differences negative: only the all-plus and all-minus sign vectors are as extreme
+    res = stats.paired_permutation_test(np.zeros(5), np.ones(5))
+    assert res.p_value == pytest.approx(2 / 32) and res.statistic == -1.0
+    # Monte Carlo p never reaches 0
+    p = stats.paired_permutation_test(np.zeros(40), np.ones(40), n_perm=500).p_value
+    assert p == pytest.approx(1 / 501)
 
 
 def test_permutation_test_exact_matches_enumeration():

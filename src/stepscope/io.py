@@ -1,4 +1,4 @@
-"""Safe file output (temporary file or folder, then rename) and reading of trace/record files."""
+"""Safe file output (temporary file or folder, then rename), reading of trace/record files, and resumable JSONL."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import StepscopeError
@@ -78,20 +78,109 @@ def read_text_file(path: str | os.PathLike) -> str:
         raise StepscopeError(f"{path}: not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
 
 
-def read_jsonl(path: str | os.PathLike, tolerate_truncated_last: bool = False) -> list[dict]:
-    """Records of a JSONL file; a bad line is an error naming its number (a truncated last line may be skipped)."""
-    lines = read_text_file(path).split("\n")
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if tolerate_truncated_last and i >= len(lines) - 2 and not any(x.strip() for x in lines[i + 1:]):
-                break
-            raise StepscopeError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise StepscopeError(f"{path}: line {i + 1} is not a JSON object")
-        out.append(rec)
-    return out
+def _parse_record(path: Path, number: int, line: bytes | str) -> dict:
+    """One JSONL line as a dict; a clear error naming the file and the 1-based line number otherwise."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise StepscopeError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise StepscopeError(f"{path}: line {number} is not valid UTF-8") from None
+    if not isinstance(rec, dict):
+        raise StepscopeError(f"{path}: line {number} is not a JSON object")
+    return rec
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSONL file; a bad line is an error naming its number."""
+    path = Path(path)
+    return [_parse_record(path, i + 1, line) for i, line in enumerate(read_text_file(path).split("\n"))
+            if line.strip()]
+
+
+class JsonlLog:
+    """A JSONL file of records that survives interruption: appended and flushed a batch at a time, repaired on
+    reopening, read back incrementally.
+
+    A write cut off by a kill leaves bytes after the last newline: `repair()` (called by `open()`) removes them,
+    so a resumed run appends after the last whole record and loses or repeats nothing. `read_new()` returns
+    only whole lines, so another process can follow a file that is still being written.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fh = None
+        self._offset = 0  # bytes of whole lines read so far
+        self._lines = 0  # lines read so far (for error messages)
+
+    def repair(self) -> int:
+        """Cut a cut-off last line (a write that a kill interrupted); returns how many bytes were cut."""
+        if not self.path.exists():
+            return 0
+        with open(self.path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            keep, block = size, 1 << 16
+            while keep > 0:  # scan back in blocks for the last newline
+                start = max(0, keep - block)
+                f.seek(start)
+                i = f.read(keep - start).rfind(b"\n")
+                if i >= 0:
+                    keep = start + i + 1
+                    break
+                keep = start
+            if keep < size:
+                f.truncate(keep)
+        return size - keep
+
+    def read_new(self) -> list[dict]:
+        """The records of the whole lines written since the last call (a partial last line waits for its end)."""
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n")
+        if end < 0:
+            return []
+        out = []
+        for line in data[:end].split(b"\n"):
+            self._lines += 1
+            if line.strip():
+                out.append(_parse_record(self.path, self._lines, line))
+        self._offset += end + 1
+        return out
+
+    def read(self) -> list[dict]:
+        """Every record of the file's whole lines."""
+        self._offset = self._lines = 0
+        return self.read_new()
+
+    def open(self, *, truncate: bool = False) -> JsonlLog:
+        """Open for appending (creating the file; `truncate` starts it empty), after repairing a cut-off line."""
+        if not truncate:
+            self.repair()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "w" if truncate else "a", encoding="utf-8")
+        return self
+
+    def append(self, records: Iterable[dict]) -> int:
+        """Append records as one write, flushed and fsync'ed; returns how many were written."""
+        if self._fh is None:
+            raise StepscopeError(f"{self.path}: open the log before appending to it")
+        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+        if lines:
+            self._fh.write("".join(lines))
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        return len(lines)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> JsonlLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

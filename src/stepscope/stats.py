@@ -1,10 +1,14 @@
 """Statistics for group and paired comparisons: bootstrap intervals, Welch, Mann-Whitney, permutation tests,
 effect sizes and multiple-comparison adjustment.
 
-Conventions (shared by every function here):
+Sign convention (every function here, and every caller): differences are treatment - control, passed as
+`a` and `b`: `f(a, b)` reports mean(a) - mean(b), mean(a - b) over pairs, P(a > b) - P(a < b). Callers pass
+the treatment first: stepflow - baseline in an evaluation, wrong - correct in a diagnosis comparison.
+
+Other conventions:
 - inputs are 1-D sequences of finite floats (NaN or inf is an error: drop missing values first);
-- two-sample functions report differences as `a - b` (mean of a minus mean of b, P(a > b) - P(a < b), ...);
-- randomness comes only from `seed` (a `numpy.random.default_rng` seed), so results are reproducible;
+- randomness comes only from `seed` (a `numpy.random.default_rng` seed), so results are reproducible, and
+  they do not depend on how the resamples are batched in memory;
 - a quantity that the data cannot support (an interval from one value, a t-test on constant groups) is
   `None`, never a made-up number.
 
@@ -104,6 +108,12 @@ def _chunks(n_total: int, row_elements: int) -> list[int]:
     return [min(per, n_total - s) for s in range(0, n_total, per)]
 
 
+def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
+    """(start, size) of consecutive batches of the given sizes."""
+    starts = np.cumsum([0, *sizes[:-1]]).tolist()
+    return list(zip(starts, sizes))
+
+
 def bootstrap_ci(x: ArrayLike, *, statistic: OneSample | None = None, n_boot: int = 10_000,
                  level: float = 0.95, seed: int | None = 0) -> Interval:
     """Percentile bootstrap interval for `statistic(x)` (default: the mean), resampling values of `x`."""
@@ -165,17 +175,17 @@ def paired_bootstrap_ci(a: ArrayLike, b: ArrayLike, *, statistic: TwoSample | No
     a, b = _paired(a, b)
     _check_level(level)
     _check_count(n_boot, "n_boot")
-    stat = statistic or _mean_diff
+    d = a - b  # [n] the paired differences
+
+    def resampled(idx: np.ndarray) -> np.ndarray:  # [m, n] pair indices -> [m] statistics
+        return d[idx].mean(axis=-1) if statistic is None else statistic(a[idx], b[idx])
+
     n = a.size
-    estimate = float(stat(a[None, :], b[None, :])[0])
+    estimate = float(resampled(np.arange(n)[None, :])[0])
     if n < 2:
         return Interval(estimate, None, None, level, n, 0)
     rng = np.random.default_rng(seed)
-    parts = []
-    for m in _chunks(n_boot, n):
-        idx = rng.integers(0, n, size=(m, n))  # [m, n]
-        parts.append(stat(a[idx], b[idx]))
-    boot = np.concatenate(parts)
+    boot = np.concatenate([resampled(rng.integers(0, n, size=(m, n))) for m in _chunks(n_boot, n)])  # [n_boot]
     return Interval(estimate, *_percentile_interval(boot, level), level, n, n_boot, "paired percentile bootstrap")
 
 
@@ -191,13 +201,22 @@ def _p_from_null(null: np.ndarray, observed: float, alternative: str) -> int:
     raise StepscopeError(f"alternative must be 'two-sided', 'greater' or 'less', got {alternative!r}")
 
 
+# Exact enumeration of the 2**n sign patterns is cheap up to this many pairs (65,536 patterns).
+EXACT_PERMUTATION_MAX = 16
+# ... and refused beyond this many, even when asked for (16.7 million patterns).
+EXACT_PERMUTATION_LIMIT = 24
+
+
 def paired_permutation_test(a: ArrayLike, b: ArrayLike, *, statistic: OneSample | None = None,
-                            n_perm: int = 10_000, alternative: str = "two-sided",
-                            seed: int | None = 0) -> TestResult:
+                            n_perm: int = 10_000, alternative: str = "two-sided", seed: int | None = 0,
+                            exact: bool | None = None) -> TestResult:
     """Sign-flip permutation test of the paired differences d = a - b (null: d is symmetric around 0).
 
-    The statistic (default mean(d)) is vectorized over sign patterns. Exact (all 2**n sign patterns) when
-    2**n <= n_perm, else `n_perm` random patterns with p = (1 + #as extreme) / (1 + n_perm).
+    The statistic (default mean(d)) is vectorized over sign patterns. The one rule for exact enumeration:
+    every one of the 2**n sign patterns is enumerated (an exact p-value) when n <= EXACT_PERMUTATION_MAX or
+    2**n <= n_perm, that is whenever the enumeration is small or no larger than the random draws asked for;
+    otherwise `n_perm` random patterns give p = (1 + #as extreme) / (1 + n_perm), which is never 0.
+    `exact=True` or `False` forces either (exact is refused above EXACT_PERMUTATION_LIMIT pairs).
     Effect size: Cohen's d_z = mean(d) / sd(d) (None when sd(d) is 0 or n < 2).
     """
     a, b = _paired(a, b)
@@ -206,16 +225,22 @@ def paired_permutation_test(a: ArrayLike, b: ArrayLike, *, statistic: OneSample 
     d = a - b  # [n]
     n = d.size
     observed = float(stat(d[None, :])[0])
-    exact = n <= 62 and 2 ** n <= n_perm
+    if exact is None:
+        exact = n <= EXACT_PERMUTATION_MAX or (n <= 62 and 2 ** n <= n_perm)
+    if exact and n > EXACT_PERMUTATION_LIMIT:
+        raise StepscopeError(f"an exact sign-flip test over {n} pairs needs 2^{n} sign patterns; use exact=False")
     if exact:
-        signs = 1.0 - 2.0 * ((np.arange(2 ** n)[:, None] >> np.arange(n)[None, :]) & 1)  # [2**n, n]
-        count = _p_from_null(stat(signs * d[None, :]), observed, alternative)
+        count = 0
+        for start, m in _offsets(_chunks(2 ** n, n)):
+            codes = np.arange(start, start + m, dtype=np.int64)[:, None]  # [m, 1] pattern numbers
+            signs = 1.0 - 2.0 * ((codes >> np.arange(n, dtype=np.int64)[None, :]) & 1)  # [m, n] of +-1
+            count += _p_from_null(stat(signs * d[None, :]), observed, alternative)
         p = count / 2 ** n
     else:
         rng = np.random.default_rng(seed)
         count = 0
         for m in _chunks(n_perm, n):
-            signs = rng.choice(np.array([-1.0, 1.0]), size=(m, n))
+            signs = rng.choice(np.array([-1.0, 1.0]), size=(m, n))  # [m, n]
             count += _p_from_null(stat(signs * d[None, :]), observed, alternative)
         p = (count + 1) / (n_perm + 1)
     sd = float(d.std(ddof=1)) if n >= 2 else 0.0

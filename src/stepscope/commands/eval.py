@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-map", default=None,
                    help="'auto' spreads a model too large for one GPU over all GPUs (one process only)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
-    g = p.add_argument_group("StepFlow (METHOD.md §5; defaults: the paper's)")
+    g = p.add_argument_group("StepFlow (docs/method.md §5; defaults: the paper's)")
     g.add_argument("--tau-max", type=float, default=None, help="OEB bridge mass cap (default 0.15)")
     g.add_argument("--alpha", type=float, default=None, help="SMI strength (default 0.06)")
     g.add_argument("--smi-window", default=None, help="SMI: last W tokens of the step, or 'step' (default 4)")
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from ..errors import StepscopeError
-    from ..evaluate.report import load_run, markdown, paper_table, summarize, write_summary
+    from ..evaluate.runfolder import load_run
+    from ..evaluate.summary import markdown, paper_table, summarize, write_summary
 
     if args.table:
         summaries = []

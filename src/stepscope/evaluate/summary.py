@@ -1,33 +1,32 @@
-"""Summaries of a run folder: per-arm accuracy and pass@k (mean ± SE over problems), paired comparisons, tables.
+"""The summary of a run folder: per-arm accuracy and pass@k (mean ± SE over problems), paired comparisons with
+the reference arm, and their tables (summary.json, summary.md, the paper-shaped table).
 
-Only problems with every sample in every arm enter the statistics (an interrupted run is summarized over
-its finished problems, and says so). Accuracy is the mean over samples: each problem's samples are
-averaged first, then the problems; ± is the standard error over problems. Each other arm is compared with
-the reference arm (baseline) problem by problem: the mean difference, a paired percentile bootstrap CI
-over problems, and a paired sign-flip permutation p-value.
+Every quantity is computed over problems: a problem's samples are averaged first, so a problem with more
+samples does not weigh more, and the standard error reflects the number of problems (the unit that was
+sampled from the world), not the number of generations. Only problems with every sample in every arm enter
+the statistics (an interrupted run is summarized over its finished problems, and says so). Each other arm
+is compared with the reference arm (baseline) problem by problem, as arm - reference: the mean difference,
+a paired percentile bootstrap CI over problems, and a paired sign-flip permutation p-value
+(`stepscope.stats`).
+
+Records may carry extra per-problem fields (a difficulty, a platform...): `summarize(..., by=[field])` adds
+the per-arm accuracy of each value of the field.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import StepscopeError
-from ..io import atomic_write_json, atomic_write_text, read_text_file
-from .stats import (
-    EXACT_PERMUTATION_MAX_PROBLEMS,
-    mean_se,
-    paired_bootstrap_ci,
-    paired_permutation_test,
-    pass_at_k_values,
-    per_problem_means,
-    per_problem_pass_at_k,
-)
+from ..io import atomic_write_json, atomic_write_text
+from ..stats import EXACT_PERMUTATION_MAX, paired_bootstrap_ci, paired_permutation_test
+from .runfolder import load_run
 
 ARM_NAMES = {"baseline": "baseline", "stepflow": "StepFlow", "oeb": "OEB only", "smi": "SMI only"}
 BENCH_NAMES = {"aime24": "AIME24", "aime25": "AIME25", "amc23": "AMC23", "math500": "MATH-500",
@@ -46,19 +45,111 @@ def model_label(model: str) -> str:
     return Path(str(model).rstrip("/")).name or str(model)
 
 
-def summarize(records: list[dict], run_info: dict, *, reference: str = "baseline", level: float = 0.95,
-              n_boot: int = 10_000, n_perm: int = 10_000, seed: int = 0) -> dict:
-    """The summary dict of a run (see the module docstring); `records` are results.jsonl lines."""
-    arms = list(run_info["arms"])
-    n = int(run_info["n_samples"])
-    by: dict[tuple[str, str], dict[int, bool]] = defaultdict(dict)  # (problem, arm) -> sample -> correct
-    order: list[str] = []
+# ------------------------------------------------------------------------- pass@k and mean ± SE
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of pass@k from n samples of which c are correct (Chen et al. 2021, eq. 1).
+
+    pass@k = 1 - C(n-c, k) / C(n, k), computed as a stable product: 1 - prod_{i=n-c+1..n} (1 - k/i).
+    """
+    if not (0 <= c <= n) or not (1 <= k <= n):
+        raise StepscopeError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (got n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+def pass_at_k_values(n: int) -> list[int]:
+    """The k reported for n samples: the powers of two up to n (1, 2, 4, ...)."""
+    return [2 ** i for i in range(int(math.log2(n)) + 1)] if n >= 1 else []
+
+
+def mean_se(x: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(P)); SE is nan for fewer than 2 values."""
+    x = np.asarray(x, dtype=np.float64)  # [P]
+    if x.size == 0:
+        return math.nan, math.nan
+    se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
+    return float(x.mean()), se
+
+
+def per_problem_means(correct: Sequence[Sequence[bool]]) -> np.ndarray:
+    """[P] accuracy of each problem: the mean over its samples (a problem may have any number >= 1)."""
+    if any(len(c) == 0 for c in correct):
+        raise StepscopeError("every problem needs at least one sample")
+    return np.array([np.mean(np.asarray(c, dtype=np.float64)) for c in correct], dtype=np.float64)
+
+
+def per_problem_pass_at_k(correct: Sequence[Sequence[bool]], k: int) -> np.ndarray:
+    """[P] unbiased pass@k of each problem from its own samples."""
+    return np.array([pass_at_k(len(c), int(np.sum(np.asarray(c, dtype=bool))), k) for c in correct],
+                    dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------------- the summary
+
+def _outcomes(records: list[dict]) -> tuple[list[str], dict[tuple[str, str], dict[int, bool]]]:
+    """(problem ids in first-seen order, (problem, arm) -> sample -> correct)."""
+    by: dict[tuple[str, str], dict[int, bool]] = defaultdict(dict)
+    order: dict[str, None] = {}
     for r in records:
         pid = str(r["problem_id"])
-        if pid not in order:
-            order.append(pid)
+        order.setdefault(pid)
         by[(pid, r["arm"])][int(r["sample"])] = bool(r["correct"])
-    complete = [p for p in order if all(len(by[(p, a)]) == n for a in arms)]
+    return list(order), by
+
+
+def _arm_summary(cor: list[list[bool]], recs: list[dict], n: int, config) -> dict:
+    """Accuracy, pass@k and generation statistics of one arm over the complete problems (`cor`: [P][n])."""
+    m, se = mean_se(per_problem_means(cor))
+    return {
+        "accuracy": m, "se": se,
+        "pass_at_k": {str(k): dict(zip(("mean", "se"), mean_se(per_problem_pass_at_k(cor, k))))
+                      for k in pass_at_k_values(n)},
+        "thinking_closed_rate": float(np.mean([bool(r.get("thinking_closed")) for r in recs])),
+        "grade_timeouts": int(sum(bool(r.get("grade_timed_out")) for r in recs)),
+        "mean_new_tokens": float(np.mean([r.get("new_tokens") or 0 for r in recs])),
+        "mean_thinking_tokens": float(np.mean([r.get("thinking_tokens") or 0 for r in recs])),
+        "mean_time": _mean_or_none([r.get("time") for r in recs]),
+        "config": config,
+    }
+
+
+def _comparison(arm: np.ndarray, ref: np.ndarray, reference: str, level: float, n_boot: int, n_perm: int,
+                seed: int) -> dict:
+    """arm - reference over problems ([P] per-problem accuracies each): the paired difference, CI and p."""
+    ci = paired_bootstrap_ci(arm, ref, level=level, n_boot=n_boot, seed=seed)
+    test = paired_permutation_test(arm, ref, n_perm=n_perm, seed=seed)
+    # one problem: every bootstrap resample is that problem, so the interval is the point itself
+    low, high = (ci.estimate, ci.estimate) if ci.low is None else (ci.low, ci.high)
+    return {"reference": reference, "diff": ci.estimate, "ci_low": low, "ci_high": high, "level": level,
+            "p_value": test.p_value, "n_problems": int(arm.size), "wins": int(np.sum(arm > ref)),
+            "losses": int(np.sum(arm < ref))}
+
+
+def _breakdown(field: str, records: list[dict], complete: list[str], per_problem: dict[str, np.ndarray]) -> dict:
+    """Per value of a per-record field: the complete problems with that value and each arm's accuracy ± SE."""
+    value: dict[str, str] = {}
+    for r in records:
+        value.setdefault(str(r["problem_id"]), str(r.get(field)))
+    groups: dict[str, list[int]] = defaultdict(list)  # field value -> indices into `complete`
+    for i, pid in enumerate(complete):
+        groups[value[pid]].append(i)
+    return {v: {"n_problems": len(idx),
+                "arms": {a: dict(zip(("accuracy", "se"), mean_se(acc[idx]))) for a, acc in per_problem.items()}}
+            for v, idx in groups.items()}
+
+
+def summarize(records: list[dict], run_info: dict, *, reference: str = "baseline", level: float = 0.95,
+              n_boot: int = 10_000, n_perm: int = 10_000, seed: int = 0, by: Sequence[str] = ()) -> dict:
+    """The summary dict of a run (see the module docstring); `records` are results.jsonl lines.
+
+    `by`: per-record fields to break the accuracy down by (the summary's "by" entry, one per field).
+    """
+    arms = list(run_info["arms"])
+    n = int(run_info["n_samples"])
+    order, outcome = _outcomes(records)
+    complete = [p for p in order if all(len(outcome[(p, a)]) == n for a in arms)]
     expected = int(run_info.get("n_problems", len(order)))
     out: dict = {
         "model": run_info["model"], "benchmark": run_info["benchmark"],
@@ -73,41 +164,26 @@ def summarize(records: list[dict], run_info: dict, *, reference: str = "baseline
                                                        "mean ± SE over problems",
                    "ci": f"paired percentile bootstrap over problems, {n_boot} resamples, level {level}",
                    "p_value": f"paired sign-flip permutation test, two-sided (exact for <= "
-                              f"{EXACT_PERMUTATION_MAX_PROBLEMS} problems, else {n_perm} random sign vectors)"},
+                              f"{max(EXACT_PERMUTATION_MAX, int(math.log2(n_perm)))} problems, else {n_perm} "
+                              f"random sign vectors)"},
     }
     if not complete:
         return out
-    per_problem: dict[str, np.ndarray] = {}
     complete_set = set(complete)
+    per_problem: dict[str, np.ndarray] = {}  # arm -> [P] accuracy of each complete problem
     for a in arms:
-        cor = [[by[(p, a)][s] for s in range(n)] for p in complete]
-        acc = per_problem_means(cor)  # [P]
-        per_problem[a] = acc
-        m, se = mean_se(acc)
+        cor = [[outcome[(p, a)][s] for s in range(n)] for p in complete]
+        per_problem[a] = per_problem_means(cor)
         recs = [r for r in records if r["arm"] == a and str(r["problem_id"]) in complete_set]
-        out["arms"][a] = {
-            "accuracy": m, "se": se,
-            "pass_at_k": {str(k): dict(zip(("mean", "se"), mean_se(per_problem_pass_at_k(cor, k))))
-                          for k in pass_at_k_values(n)},
-            "thinking_closed_rate": float(np.mean([bool(r.get("thinking_closed")) for r in recs])),
-            "grade_timeouts": int(sum(bool(r.get("grade_timed_out")) for r in recs)),
-            "mean_new_tokens": float(np.mean([r.get("new_tokens") or 0 for r in recs])),
-            "mean_thinking_tokens": float(np.mean([r.get("thinking_tokens") or 0 for r in recs])),
-            "mean_time": _mean_or_none([r.get("time") for r in recs]),
-            "config": run_info["arms"][a],
-        }
+        out["arms"][a] = _arm_summary(cor, recs, n, run_info["arms"][a])
     if reference in arms:
         for a in arms:
-            if a == reference:
-                continue
-            d, lo, hi = paired_bootstrap_ci(per_problem[reference], per_problem[a], level=level, n_boot=n_boot,
-                                            seed=seed)
-            p = paired_permutation_test(per_problem[reference], per_problem[a], n_perm=n_perm, seed=seed)
-            out["comparisons"][a] = {"reference": reference, "diff": d, "ci_low": lo, "ci_high": hi,
-                                     "level": level, "p_value": p, "n_problems": len(complete),
-                                     "wins": int(np.sum(per_problem[a] > per_problem[reference])),
-                                     "losses": int(np.sum(per_problem[a] < per_problem[reference]))}
+            if a != reference:
+                out["comparisons"][a] = _comparison(per_problem[a], per_problem[reference], reference, level,
+                                                    n_boot, n_perm, seed)
     out["per_problem"] = {p: {a: float(per_problem[a][i]) for a in arms} for i, p in enumerate(complete)}
+    if by:
+        out["by"] = {f: _breakdown(f, records, complete, per_problem) for f in by}
     return out
 
 
@@ -150,6 +226,12 @@ def markdown(summary: dict) -> str:
         cells = " | ".join(f"{_pct(s['pass_at_k'][k]['mean'])} ± {_pct(s['pass_at_k'][k]['se'])}" for k in ks)
         lines.append(f"| {arm_label(a)} | {_pct(s['accuracy'])} ± {_pct(s['se'])} | {cells} | "
                      f"{_pct(s['thinking_closed_rate'], 0)}% | {s['mean_new_tokens']:.0f} |")
+    for name, groups in summary.get("by", {}).items():  # accuracy by a per-record field
+        lines += ["", f"| {name} | problems | " + " | ".join(arm_label(a) for a in arms) + " |",
+                  "|---|---|" + "---|" * len(arms)]
+        for value, g in groups.items():
+            lines.append(f"| {value} | {g['n_problems']} | " + " | ".join(
+                f"{_pct(g['arms'][a]['accuracy'])} ± {_pct(g['arms'][a]['se'])}" for a in arms) + " |")
     dec = summary["decoding"]
     note = (f"{summary['n_problems']} problems" +
             ("" if summary["complete"] else f" of {summary['n_problems_expected']} (run incomplete)") +
@@ -161,21 +243,6 @@ def markdown(summary: dict) -> str:
               "difference with a percentile bootstrap CI over problems; p: paired sign-flip permutation test.",
               note]
     return "\n".join(lines) + "\n"
-
-
-def load_run(out: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """(run.json, records) of a run folder."""
-    from .runner import read_results
-
-    out = Path(out)
-    path = out / "run.json"
-    if not path.exists():
-        raise StepscopeError(f"{out}: no run.json (not a stepscope eval folder)")
-    try:
-        info = json.loads(read_text_file(path))
-    except json.JSONDecodeError as e:
-        raise StepscopeError(f"{path}: not valid JSON ({e.msg})") from None
-    return info, read_results(out)
 
 
 def write_summary(out: str | os.PathLike, **kwargs) -> dict:
