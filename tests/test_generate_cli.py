@@ -7,8 +7,8 @@ import json
 import pytest
 from tiny import make_model, make_tokenizer
 
-from stepscope.cli import main
-from stepscope.commands.generate import parse_layers
+from stepscope.cli import build_parser, main
+from stepscope.commands import options
 from stepscope.trace import Trace
 
 PROBLEMS = [{"id": "p1", "problem": "What is 2+3?"}, {"question": "Name a prime bigger than 10."},
@@ -109,7 +109,11 @@ def test_resume_refuses_other_settings(model_dir, problems, tmp_path, capsys):
     (["q", "--question", "q"], "give the question once"),
     (["q", "--no-stepflow", "--alpha", "0.1"], "--alpha given with --no-stepflow"),
     (["q", "--no-oeb", "--no-smi"], "use --no-stepflow"),
-    (["q", "--oeb-layers", "3-1"], "bad layer list"),
+    (["q", "--oeb-layers", "3-1"], "--oeb-layers: the range '3-1' runs backwards"),
+    (["q", "--smi-layers", "deep"], "--smi-layers: 'deep' needs the model's number of layers"),
+    (["q", "--top-k", "-1"], "--top-k must be >= 0"),
+    (["q", "--fmt", "markers"], "--fmt markers needs --markers"),
+    (["q", "--fmt", "harmony", "--markers", "<a>", "</a>"], "--markers given with --fmt harmony"),
     (["q", "--tau-max", "1.5"], "tau_max"),
     (["q", "--top-p", "0"], "--top-p"),
     (["q", "--max-new-tokens", "0"], "--max-new-tokens"),
@@ -149,11 +153,16 @@ def test_failure_before_the_first_trace_leaves_no_file(model_dir, tmp_path, caps
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_parse_layers():
-    assert parse_layers("0-3") == [0, 1, 2, 3]
-    assert parse_layers("0,2, 5-6") == [0, 2, 5, 6]
-    assert parse_layers("-3--1") == [-3, -2, -1]
-    assert parse_layers("7") == [7]
+def test_layer_options():
+    """--oeb-layers / --smi-layers: inclusive ranges, lists, negative indices kept as written."""
+    def config(*extra):
+        return options.stepflow_config(build_parser().parse_args(["generate", "q", *extra]))
+
+    assert config("--oeb-layers", "0-3", "--smi-layers=-3--1").oeb_layers == [0, 1, 2, 3]
+    assert config("--oeb-layers", "0-3", "--smi-layers=-3--1").smi_layers == [-3, -2, -1]
+    assert config("--oeb-layers", "0,2, 5-6").oeb_layers == [0, 2, 5, 6]
+    assert config("--smi-layers", "7").smi_layers == [7]
+    assert config().oeb_layers is None and config("--no-stepflow") is None
 
 
 @pytest.mark.parametrize("kernel", [None, "torch"])

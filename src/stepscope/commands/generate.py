@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
+
+from ..prompts import STYLES
+from . import options
 
 HELP = "generate reasoning traces with or without StepFlow (a question, or a JSONL file of problems)"
 QUESTION_FIELDS = ("question", "problem", "prompt")
@@ -36,98 +38,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to write the traces (default with --input: <input>.traces.jsonl; a single "
                         "question is only streamed unless --out is given)")
     p.add_argument("--overwrite", action="store_true", help="start --out afresh instead of resuming it")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="default",
-                   help="hub id or local folder (default: the bundled SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), float32, bfloat16, float16")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when available)")
-    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
-                   help="attention implementation StepFlow wraps (default sdpa; pass eager for GPT-OSS)")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
-    f = p.add_argument_group("StepFlow (paper defaults: OEB on the bottom quarter of layers, SMI on the top quarter)")
-    f.add_argument("--stepflow", action=argparse.BooleanOptionalAction, default=True,
-                   help="apply StepFlow while generating (default: on)")
-    f.add_argument("--tau-max", type=float, default=None, help="OEB bridge target cap (default 0.15)")
-    f.add_argument("--alpha", type=float, default=None, help="SMI strength (default 0.06)")
-    f.add_argument("--oeb-layers", default=None, metavar="LAYERS",
-                   help="OEB layers, e.g. 0-6 or 0,1,2 (ranges inclusive; negative counts from the end)")
-    f.add_argument("--smi-layers", default=None, metavar="LAYERS", help="SMI layers, e.g. 21-27, or --smi-layers=-7--1 for the last seven")
-    f.add_argument("--smi-window", default=None, metavar="W",
-                   help="SMI averages the last W tokens of the finished step (default 4), or 'step' for all")
-    f.add_argument("--no-oeb", action="store_true", help="turn the Odds-Equal Bridge off")
-    f.add_argument("--no-smi", action="store_true", help="turn Step Momentum Injection off")
-    f.add_argument("--flow-kernel", choices=["auto", "triton", "torch"], default=None,
-                   help="how OEB layers decode: auto (default, or $STEPSCOPE_FLOW_KERNEL) times the fused Triton "
-                        "kernel against the PyTorch path on CUDA and uses the faster; triton or torch pin one "
-                        "(bit-for-bit repeatable runs)")
-    d = p.add_argument_group("decoding")
-    d.add_argument("--max-new-tokens", type=int, default=1024, help="tokens to generate at most (default 1024)")
-    d.add_argument("--max-thinking-tokens", type=int, default=None,
-                   help="budget forcing: close the thinking with its end marker after this many thinking tokens")
-    d.add_argument("--temperature", type=float, default=0.6, help="0 means greedy (default 0.6)")
-    d.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    d.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: all)")
-    d.add_argument("--seed", type=int, default=0,
-                   help="base seed; question i (0-based, in input order) samples with seed + i (default 0)")
-    d.add_argument("--batch-size", type=int, default=8, help="rows decoded together (default 8)")
-    d.add_argument("--prompt-style", default="r1", choices=["r1", "plain", "gpqa"],
+    options.add_model_options(p)
+    options.add_stepflow_options(p)
+    d = options.add_decoding_options(
+        p, seed_help="base seed; question i (0-based, in input order) samples with seed + i")
+    d.add_argument("--prompt-style", default="r1", choices=list(STYLES),
                    help="r1: ask for step-by-step reasoning and a \\boxed{} answer (default); gpqa: the option "
                         "letter in \\boxed{}; plain: the question alone")
     d.add_argument("--system", default=None, help="a system prompt")
-    d.add_argument("--fmt", default="auto", choices=["auto", "think", "harmony"],
-                   help="thinking format (default: detect from the chat template)")
-    d.add_argument("--markers", nargs=2, metavar=("START", "END"), default=None,
-                   help="custom thinking start and end strings")
+    options.add_format_options(d)
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary lines")
-
-
-def parse_layers(spec: str) -> list[int]:
-    """'0-6' -> [0..6], '0,1,2' -> [0, 1, 2], '-4--1' -> [-4..-1]; ranges are inclusive."""
-    from ..errors import StepscopeError
-
-    out: list[int] = []
-    for item in spec.split(","):
-        item = item.strip()
-        if re.fullmatch(r"-?\d+", item):
-            out.append(int(item))
-            continue
-        m = re.fullmatch(r"(-?\d+)-(-?\d+)", item)
-        if not m or int(m.group(1)) > int(m.group(2)):
-            raise StepscopeError(f"bad layer list {spec!r}: use numbers and inclusive ranges like 0-6,8")
-        out.extend(range(int(m.group(1)), int(m.group(2)) + 1))
-    if not out:
-        raise StepscopeError(f"bad layer list {spec!r}")
-    return out
-
-
-def stepflow_config(args: argparse.Namespace):
-    """The StepFlowConfig the arguments ask for, or None with --no-stepflow."""
-    from ..errors import StepscopeError
-
-    knobs = {"--tau-max": args.tau_max, "--alpha": args.alpha, "--oeb-layers": args.oeb_layers,
-             "--smi-layers": args.smi_layers, "--smi-window": args.smi_window,
-             "--no-oeb": args.no_oeb or None, "--no-smi": args.no_smi or None, "--flow-kernel": args.flow_kernel}
-    if not args.stepflow:
-        given = [k for k, v in knobs.items() if v is not None]
-        if given:
-            raise StepscopeError(f"{', '.join(given)} given with --no-stepflow")
-        return None
-    if args.no_oeb and args.no_smi:
-        raise StepscopeError("--no-oeb and --no-smi turn everything off: use --no-stepflow")
-    from ..flow.config import StepFlowConfig
-
-    kw: dict = {"oeb": not args.no_oeb, "smi": not args.no_smi}
-    if args.tau_max is not None:
-        kw["tau_max"] = args.tau_max
-    if args.alpha is not None:
-        kw["alpha"] = args.alpha
-    if args.oeb_layers is not None:
-        kw["oeb_layers"] = parse_layers(args.oeb_layers)
-    if args.smi_layers is not None:
-        kw["smi_layers"] = parse_layers(args.smi_layers)
-    if args.smi_window is not None:
-        kw["smi_window"] = args.smi_window
-    return StepFlowConfig(**kw)
 
 
 def read_problems(path: str) -> list[tuple[str, str]]:
@@ -149,23 +69,6 @@ def read_problems(path: str) -> list[tuple[str, str]]:
         seen.add(rid)
         out.append((rid, q))
     return out
-
-
-def _check(args: argparse.Namespace) -> None:
-    from ..errors import StepscopeError
-
-    if args.max_new_tokens < 1:
-        raise StepscopeError("--max-new-tokens must be at least 1")
-    if args.max_thinking_tokens is not None and args.max_thinking_tokens < 0:
-        raise StepscopeError("--max-thinking-tokens must be >= 0")
-    if args.temperature < 0:
-        raise StepscopeError("--temperature must be >= 0")
-    if not 0 < args.top_p <= 1:
-        raise StepscopeError("--top-p must be in (0, 1]")
-    if args.top_k < 0:
-        raise StepscopeError("--top-k must be >= 0")
-    if args.batch_size < 1:
-        raise StepscopeError("--batch-size must be at least 1")
 
 
 def _existing(out: Path, config: dict) -> dict[str, dict]:
@@ -201,7 +104,7 @@ def _record(rid: str, trace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..errors import StepscopeError
 
-    _check(args)
+    decode = options.decode_config(args)
     if args.question is not None and args.question_pos is not None:
         raise StepscopeError("give the question once (positional or --question)")
     question = args.question if args.question is not None else args.question_pos
@@ -216,30 +119,20 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (Path(args.input).with_suffix(".traces.jsonl") if args.input else None)
     if out is not None and out.is_dir():
         raise StepscopeError(f"{out} is a folder; --out needs a .jsonl file")
-    sf_config = stepflow_config(args)
-    fmt = "auto"
-    if args.markers:
-        from ..formats import markers_format
-
-        fmt = markers_format(*args.markers)
-    elif args.fmt != "auto":
-        fmt = args.fmt
+    sf_config = options.stepflow_config(args)
+    fmt = options.format_arg(args)
 
     import torch  # noqa: F401  (heavy imports from here on)
 
     from ..flow.generate import generate_traces, run_config
     from ..io import atomic_write_text
-    from ..models import load_model
 
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
-                                  trust_remote_code=args.trust_remote_code)
-    settings = dict(stepflow=sf_config, max_new_tokens=args.max_new_tokens,
-                    max_thinking_tokens=args.max_thinking_tokens, temperature=args.temperature, top_p=args.top_p,
-                    top_k=args.top_k, prompt_style=args.prompt_style, system=args.system, fmt=fmt)
+    model, tokenizer = options.load_model(args)
+    settings = dict(decode=decode, stepflow=sf_config, prompt_style=args.prompt_style, system=args.system, fmt=fmt)
     config = run_config(model, tokenizer, **settings)
     done: dict[str, dict] = {}
     if out is not None and out.exists() and not args.overwrite:
@@ -276,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        traces = generate_traces(model, tokenizer, [q for _, _, q in todo], seeds=[args.seed + i for i, _, _ in todo],
+        traces = generate_traces(model, tokenizer, [q for _, _, q in todo], seeds=[decode.seed + i for i, _, _ in todo],
                                  metas=[{"id": rid} for _, rid, _ in todo], batch_size=args.batch_size,
                                  progress=not args.quiet and not single, stream=stream if single else None,
                                  on_batch=save, flow_kernel=args.flow_kernel, **settings)

@@ -1,0 +1,188 @@
+"""The command-line options several commands share (model, decoding, StepFlow, trace format), and their reading.
+
+Each `add_*_options(parser)` declares one group with one set of defaults; the matching reader turns the parsed
+arguments into the library's objects (a loaded model, a DecodeConfig, a StepFlowConfig, a format), so every
+command checks them the same way and speaks of its own option names in its errors. Nothing heavy is imported
+until a reader runs, so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..decoding import DecodeConfig, DecodeConfigError
+from ..errors import StepscopeError
+from ..formats import FORMATS, Format, get_format
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+# -- model ------------------------------------------------------------------------------------------------------
+
+
+def add_model_options(p: argparse.ArgumentParser, *, tokenizer_only: bool = False) -> None:
+    """--model and --trust-remote-code; unless `tokenizer_only`, also --dtype, --device and --attn."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="default",
+                   help="hub id or local folder (default: the bundled SmolLM2-135M-Instruct)")
+    if not tokenizer_only:
+        g.add_argument("--dtype", default="auto",
+                       help="weights dtype: auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16 "
+                            "(default %(default)s)")
+        g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda when available)")
+        g.add_argument("--attn", default="auto", choices=ATTN,
+                       help="attention implementation that Step-Saliency and StepFlow wrap (default auto: "
+                            "transformers' choice, sdpa where the architecture has it, else eager)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
+
+
+def load_model(args: argparse.Namespace, **kwargs):
+    """(model, tokenizer) as the model options ask; `kwargs` go to stepscope.models.load_model (device_map=...)."""
+    from ..models import load_model as load
+
+    attn = getattr(args, "attn", "auto")
+    return load(args.model, device=args.device, dtype=args.dtype,
+                attn_implementation=None if attn == "auto" else attn,
+                trust_remote_code=args.trust_remote_code, **kwargs)
+
+
+def load_tokenizer(args: argparse.Namespace):
+    """The tokenizer of --model."""
+    from ..models import load_tokenizer as load
+
+    return load(args.model, trust_remote_code=args.trust_remote_code)
+
+
+# -- decoding ---------------------------------------------------------------------------------------------------
+
+
+def add_decoding_options(p: argparse.ArgumentParser, *, max_new_tokens: int = DecodeConfig.max_new_tokens,
+                         seed_help: str = "base seed; row i samples with seed + i") -> argparse._ArgumentGroup:
+    """The DecodeConfig fields as options (--max-new-tokens ... --seed) and --batch-size; returns the group."""
+    d = p.add_argument_group("decoding")
+    d.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help="tokens to generate at most (default %(default)s)")
+    d.add_argument("--max-thinking-tokens", type=int, default=DecodeConfig.max_thinking_tokens,
+                   help="budget forcing: close the thinking with its end marker after this many thinking tokens "
+                        "(default: no limit)")
+    d.add_argument("--temperature", type=float, default=DecodeConfig.temperature,
+                   help="0 means greedy (default %(default)s)")
+    d.add_argument("--top-p", type=float, default=DecodeConfig.top_p,
+                   help="nucleus sampling mass (default %(default)s)")
+    d.add_argument("--top-k", type=int, default=DecodeConfig.top_k,
+                   help="keep the k most likely tokens (default 0: all)")
+    d.add_argument("--seed", type=int, default=DecodeConfig.seed, help=seed_help + " (default %(default)s)")
+    d.add_argument("--batch-size", type=positive_int, default=8, help="rows decoded together (default %(default)s)")
+    return d
+
+
+def decode_config(args: argparse.Namespace) -> DecodeConfig:
+    """The DecodeConfig of the decoding options; a bad value is an error naming its option."""
+    try:
+        return DecodeConfig(max_new_tokens=args.max_new_tokens, max_thinking_tokens=args.max_thinking_tokens,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    except DecodeConfigError as e:
+        raise StepscopeError(f"{_flag(e.field)} {e.problem}") from None
+
+
+# -- StepFlow ---------------------------------------------------------------------------------------------------
+
+
+def add_stepflow_options(p: argparse.ArgumentParser, *, switches: bool = True) -> None:
+    """StepFlow's knobs (--tau-max, --alpha, --oeb-layers, --smi-layers, --smi-window). With `switches`, also
+    --stepflow/--no-stepflow, --no-oeb, --no-smi and --flow-kernel (a command whose arms choose what is on,
+    like eval, leaves them out)."""
+    f = p.add_argument_group("StepFlow (paper defaults: OEB on the bottom quarter of layers, SMI on the top quarter)")
+    if switches:
+        f.add_argument("--stepflow", action=argparse.BooleanOptionalAction, default=True,
+                       help="apply StepFlow while generating (default: on)")
+    f.add_argument("--tau-max", type=float, default=None, help="OEB bridge target cap (default 0.15)")
+    f.add_argument("--alpha", type=float, default=None, help="SMI strength (default 0.06)")
+    f.add_argument("--oeb-layers", default=None, metavar="LAYERS",
+                   help="OEB layers: 0-6, 0,1,2, -4--1 (ranges inclusive; negative counts from the end; default: "
+                        "the bottom quarter)")
+    f.add_argument("--smi-layers", default=None, metavar="LAYERS",
+                   help="SMI layers, e.g. 21-27, or --smi-layers=-7--1 for the last seven (default: the top quarter)")
+    f.add_argument("--smi-window", default=None, metavar="W",
+                   help="SMI averages the last W tokens of the finished step (default 4), or 'step' for all")
+    if switches:
+        f.add_argument("--no-oeb", action="store_true", help="turn the Odds-Equal Bridge off")
+        f.add_argument("--no-smi", action="store_true", help="turn Step Momentum Injection off")
+        f.add_argument("--flow-kernel", choices=["auto", "triton", "torch"], default=None,
+                       help="how OEB layers decode: auto (default, or $STEPSCOPE_FLOW_KERNEL) times the fused "
+                            "Triton kernel against the PyTorch path on CUDA and uses the faster; triton or torch "
+                            "pin one (bit-for-bit repeatable runs)")
+
+
+def stepflow_knobs(args: argparse.Namespace) -> dict:
+    """The StepFlowConfig fields the knob options set (only those given); layer lists read by
+    stepscope.layers.parse_layers, as written (negative indices are resolved against the model later)."""
+    from ..layers import parse_layers
+
+    kw: dict = {}
+    for name in ("tau_max", "alpha", "smi_window"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    for name in ("oeb_layers", "smi_layers"):
+        spec = getattr(args, name)
+        if spec is not None:
+            layers = parse_layers(spec, what=_flag(name))
+            if layers is None:  # "all"
+                raise StepscopeError(f"{_flag(name)}: name the layers (all is not a StepFlow band)")
+            kw[name] = layers
+    return kw
+
+
+def stepflow_config(args: argparse.Namespace):
+    """The StepFlowConfig the StepFlow options ask for, or None with --no-stepflow."""
+    knobs = {"--tau-max": args.tau_max, "--alpha": args.alpha, "--oeb-layers": args.oeb_layers,
+             "--smi-layers": args.smi_layers, "--smi-window": args.smi_window,
+             "--no-oeb": args.no_oeb or None, "--no-smi": args.no_smi or None, "--flow-kernel": args.flow_kernel}
+    if not args.stepflow:
+        given = [k for k, v in knobs.items() if v is not None]
+        if given:
+            raise StepscopeError(f"{', '.join(given)} given with --no-stepflow")
+        return None
+    if args.no_oeb and args.no_smi:
+        raise StepscopeError("--no-oeb and --no-smi turn everything off: use --no-stepflow")
+    from ..flow.config import StepFlowConfig
+
+    return StepFlowConfig(oeb=not args.no_oeb, smi=not args.no_smi, **stepflow_knobs(args))
+
+
+# -- the trace format -------------------------------------------------------------------------------------------
+
+
+def add_format_options(p: argparse.ArgumentParser) -> None:
+    """--fmt and --markers: how the traces mark their thinking."""
+    p.add_argument("--fmt", default="auto", choices=["auto", *FORMATS, "markers"],
+                   help="thinking format (default auto: from the chat template, then the text)")
+    p.add_argument("--markers", nargs=2, metavar=("START", "END"), default=None,
+                   help="custom thinking start and end strings (implies --fmt markers)")
+
+
+def format_arg(args: argparse.Namespace) -> str | Format:
+    """The format the options name: "auto", "think", "harmony", or the Format of --markers."""
+    if args.markers:
+        if args.fmt not in ("auto", "markers"):
+            raise StepscopeError(f"--markers given with --fmt {args.fmt}; drop one of them")
+        return get_format("markers", markers=tuple(args.markers))
+    if args.fmt == "markers":
+        raise StepscopeError("--fmt markers needs --markers START END")
+    return args.fmt
