@@ -1,8 +1,7 @@
-"""stepscope.diagnose: every METHOD.md §4 metric against an explicit-loop reference, nulls, scores, baselines."""
+"""stepscope.diagnose: every docs/method.md §4 metric against an explicit-loop reference, nulls, scores, baselines."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 
@@ -11,10 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import stepscope.diagnose as dg
 from stepscope.errors import StepscopeError
-
-# the module, also when the package exports a function named diagnose (stepscope.diagnose(...))
-dg = importlib.import_module("stepscope.diagnose")
 
 TOL = 1e-9  # float64 reference vs float64 vectorized code
 
@@ -348,3 +345,25 @@ def test_problem_key():
     assert dg.problem_key({"id": "abc"}) == "id:abc"
     assert dg.problem_key({}) is None
     assert math.isfinite(len(a))
+
+
+def test_package_is_callable_and_never_shadowed():
+    """`stepscope.diagnose` is the package whatever was imported first, and calling it diagnoses; importing it
+    stays light (numpy only, no torch)."""
+    import subprocess
+    import sys
+    import types
+
+    import stepscope
+    from stepscope import diagnose
+
+    assert isinstance(stepscope.diagnose, types.ModuleType) and diagnose is dg is stepscope.diagnose
+    M = structured_maps(4, KINDS)
+    assert stepscope.diagnose(M, step_kinds=KINDS).to_json() == dg.diagnose(M, step_kinds=KINDS).to_json()
+    code = ("import sys, types, numpy as np; import stepscope; from stepscope import diagnose; "
+            "import stepscope.diagnose as dg; from stepscope.diagnose import diagnose as f, compare, build_profile; "
+            "assert diagnose is dg is stepscope.diagnose and isinstance(dg, types.ModuleType) and callable(f); "
+            "kinds = ['question'] + ['thinking'] * 4 + ['summary']; m = np.tril(np.ones((2, 6, 6))); "
+            "assert stepscope.diagnose(m, step_kinds=kinds).scores == f(m, step_kinds=kinds).scores; "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

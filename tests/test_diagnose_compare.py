@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import numpy as np
 import pytest
 from test_diagnose import KINDS, structured_maps
 
+import stepscope.diagnose as dg
 from stepscope import stats
 from stepscope.errors import StepscopeError
-
-# the module, also when the package exports a function named diagnose (stepscope.diagnose(...))
-dg = importlib.import_module("stepscope.diagnose")
 
 L = 8
 

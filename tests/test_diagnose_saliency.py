@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import numpy as np
 import pytest
 from test_diagnose import assert_matches, ref_metrics
 
+import stepscope.diagnose as dg
 from stepscope.errors import StepscopeError
+from stepscope.saliency.result import load_result
 from stepscope.trace import Trace
-
-# the module, also when the package exports a function named diagnose (stepscope.diagnose(...))
-dg = importlib.import_module("stepscope.diagnose")
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have now?"
 RESPONSE = ("Tom starts with three apples in his basket. He then buys four more apples at the shop. "
@@ -43,7 +41,7 @@ def test_real_maps_match_reference_and_folder_round_trip(saliency_result, tmp_pa
     assert d.meta["model"] == "LlamaForCausalLM" and d.meta["source_model"] == "writer-model"
     assert d.meta["pool"] == "mean" and d.meta["correct"] is True
     res.save(tmp_path / "r")
-    loaded = dg.load_result(tmp_path / "r")
+    loaded = load_result(tmp_path / "r")
     assert type(loaded).__name__ == "SaliencyResult"
     from_folder = dg.diagnose(tmp_path / "r")
     assert from_folder.metrics == d.metrics and from_folder.meta["path"] == str(tmp_path / "r")

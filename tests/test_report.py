@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import html as html_lib
-import importlib
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -16,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import stepscope.diagnose as dg
 from stepscope.errors import StepscopeError
 from stepscope.report import build_report_html, figures, render_report
 from stepscope.report import html as rhtml
+from stepscope.saliency.result import load_result
 from stepscope.trace import Trace
-
-# the module, also when the package exports a function named diagnose (stepscope.diagnose(...))
-dg = importlib.import_module("stepscope.diagnose")
 
 XSS_SCRIPT = "<script>alert(1)</script>"
 XSS_IMG = "<img src=x onerror=alert(1)>"
@@ -203,7 +201,7 @@ def test_report_from_result_folder(result, tmp_path):
     save_file({"maps": result.maps}, str(folder / "maps.safetensors"))
     result.trace.save(folder / "trace.json")
     (folder / "meta.json").write_text(json.dumps(result.meta))
-    loaded = dg.load_result(folder)
+    loaded = load_result(folder)
     assert np.array_equal(np.asarray(loaded.maps), result.maps)
     page = build_report_html([folder])
     assert payload_of(page)["results"][0]["texts"] == [s.text for s in result.trace.steps]

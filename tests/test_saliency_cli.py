@@ -99,8 +99,9 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, model_dir, inputs):
 
 
 def test_parse_layers():
-    from stepscope.commands.saliency import parse_layers
+    """The --layers rules (the one parser, stepscope.layers) on a 30-layer model."""
     from stepscope.errors import StepscopeError
+    from stepscope.layers import parse_layers
 
     assert parse_layers("all", 30) is None
     assert parse_layers("shallow", 30) == list(range(7))

@@ -28,11 +28,8 @@ __all__ = ["__version__", "diagnose", *_EXPORTS]
 
 
 def __getattr__(name: str):
+    if name == "diagnose":  # the package, which is callable: stepscope.diagnose(result) diagnoses a result
+        return importlib.import_module("stepscope.diagnose")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'stepscope' has no attribute {name!r}")
-
-
-# `stepscope.diagnose(result)` is the function; importing the submodule here first keeps a later
-# `import stepscope.diagnose` from rebinding the name to the module (numpy only: cheap).
-from .diagnose import diagnose  # noqa: E402

@@ -12,7 +12,7 @@ import html
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StepscopeError
@@ -35,7 +35,6 @@ class DemoSettings:
     max_new_tokens: int = 160
     device: str | None = None
     dtype: str = "float32"
-    layers_shown: list[int] = field(default_factory=list)
 
 
 def _say(msg: str) -> None:
@@ -92,8 +91,9 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def _band_mean(values, layers) -> float | None:
-    xs = [values[i] for i in layers if i < len(values) and values[i] is not None]
+def _band_mean(values: list[float | None], positions: list[int]) -> float | None:
+    """The mean of the non-null values at `positions`, None when there is none."""
+    xs = [values[i] for i in positions if values[i] is not None]
     return sum(xs) / len(xs) if xs else None
 
 
@@ -166,15 +166,14 @@ def run_demo(out_dir: str | Path = "stepscope-demo", settings: DemoSettings | No
 
     _say("[5/5] diagnosing and writing the report")
     diags = [diagnose(r) for r in results]
-    shallow, deep = list(range(max(1, L // 4))), list(range(L - max(1, L // 4), L))
     diag_rows = []
     for lab, d in zip(labels, diags):
-        per = d.metrics
+        bands = d.layer_groups  # positions of the shallow and deep layers in the per-layer lists
         diag_rows.append({
             "label": lab,
-            "lock_in": _fmt(d.scores.get("lock_in_score")),
-            "q_reach": _fmt(_band_mean(per.get("question_reach") or [], shallow)),
-            "s2t": _fmt(_band_mean(per.get("summary_to_thinking") or [], deep)),
+            "lock_in": _fmt(d.scores["lock_in_score"]),
+            "q_reach": _fmt(_band_mean(d.metrics["question_reach"], bands["shallow"])),
+            "s2t": _fmt(_band_mean(d.metrics["summary_to_thinking"], bands["deep"])),
         })
     with atomic_dir(out_dir) as tmp:
         with open(tmp / "traces.jsonl", "w", encoding="utf-8") as fh:

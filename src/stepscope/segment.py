@@ -1,10 +1,10 @@
-"""The one step segmenter (METHOD.md §2): incremental, token-exact, identical offline and online.
+"""The one step segmenter (docs/method.md §2): incremental, token-exact, identical offline and online.
 
 Fed token ids one at a time or all at once, it turns them into text with an incremental UTF-8 decoder, finds
 the segment markers and the step cuts, and returns steps as spans of whole tokens. Work per token is O(1)
 amortized: every character is looked at a bounded number of times.
 
-Rules (METHOD.md §2, with the decisions marked "ours" there):
+Rules (docs/method.md §2, with the decisions marked "ours" there):
 - A character belongs to the token that holds its last byte (byte-level BPE may split a character).
 - Thinking: a cut follows `.`, `!` or `?` when the next character is white space, and the last non-space
   character before a blank line. Summary: blank lines only. The question is one step (or split like thinking

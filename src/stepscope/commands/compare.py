@@ -1,4 +1,4 @@
-"""Compare correct and wrong traces layer by layer (METHOD.md §4 metrics).
+"""Compare correct and wrong traces layer by layer (docs/method.md §4 metrics).
 
 For every metric and layer: each group's mean with a 95% bootstrap interval, the difference (wrong - correct)
 with its interval, Welch's t-test (Hedges' g) and the Mann-Whitney U test (rank-biserial r). Problems present
@@ -34,9 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..diagnose import compare, diagnose, find_results
+    from ..diagnose import compare, diagnose
     from ..errors import StepscopeError
     from ..io import atomic_dir
+    from ..saliency.result import find_results
 
     correct = [diagnose(p) for p in find_results(args.correct)] if args.correct else []
     wrong = [diagnose(p) for p in find_results(args.wrong)] if args.wrong else []

@@ -1,4 +1,4 @@
-"""Diagnose saliency results: Shallow Lock-in and Deep Decay metrics per layer (METHOD.md §4).
+"""Diagnose saliency results: Shallow Lock-in and Deep Decay metrics per layer (docs/method.md §4).
 
 Each DIR is a saliency result folder (maps.safetensors, trace.json, meta.json, as `stepscope saliency`
 writes it) or a folder of them. For each result this prints a per-layer table and writes diagnosis.json into
@@ -29,8 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..diagnose import Profile, apply_baseline, build_profile, diagnose, find_results, format_scores
+    from ..diagnose import Profile, apply_baseline, build_profile, diagnose, format_scores
     from ..errors import StepscopeError
+    from ..saliency.result import find_results
 
     if args.z <= 0:
         raise StepscopeError("--z must be positive")

@@ -45,9 +45,10 @@ def _parse_positions(spec: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..diagnose import Profile, diagnose, find_results, load_result
+    from ..diagnose import Profile, diagnose
     from ..errors import StepscopeError
     from ..report.html import render_report
+    from ..saliency.result import find_results, load_result
 
     if not args.out.lower().endswith((".html", ".htm")):
         raise StepscopeError(f"--out {args.out}: expected a .html file name")

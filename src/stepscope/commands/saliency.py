@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", default="all", choices=["all", "response", "summary"],
                    help="next-token targets in the loss: all (default), thinking+summary, or summary only")
     p.add_argument("--layers", default="all",
-                   help="all (default), shallow, deep, or indices and ranges: 0,3,10-12 (negative from the end)")
+                   help="all (default), shallow, deep, deep_half, or indices and ranges: 0,3,10-12 (negative from "
+                        "the end), comma-separated")
     p.add_argument("--method", default="chunked", choices=["chunked", "reference"],
                    help="chunked (default): exact, blockwise backward; reference: brute force, small inputs only")
     p.add_argument("--heads", action="store_true", help="also save per-head maps (tensor head_maps)")
@@ -48,34 +49,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", type=int, default=None, help="only record N (0-based) of each JSONL file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
-
-
-def parse_layers(spec: str, num_layers: int) -> list[int] | None:
-    """'all' -> None; 'shallow', 'deep', indices, a-b ranges, comma-separated, negatives from the end."""
-    from ..errors import StepscopeError
-    from ..saliency import layer_group_bounds
-
-    spec = spec.strip().lower()
-    if spec in ("", "all"):
-        return None
-    groups = layer_group_bounds(num_layers)
-    out: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        if part in groups:
-            a, b = groups[part]
-            out.update(range(a, b))
-            continue
-        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
-        if not m:
-            raise StepscopeError(f"--layers: cannot read {part!r} (use all, shallow, deep, 3, 0-7, -1)")
-        a = int(m.group(1))
-        b = int(m.group(2)) if m.group(2) is not None else a
-        a, b = (a + num_layers if a < 0 else a), (b + num_layers if b < 0 else b)
-        if not (0 <= a < num_layers and 0 <= b < num_layers):
-            raise StepscopeError(f"--layers: {part} is out of range (the model has {num_layers} layers)")
-        out.update(range(min(a, b), max(a, b) + 1))
-    return sorted(out)
 
 
 def _safe_name(s: str) -> str:
@@ -95,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import StepscopeError
+    from ..layers import parse_layers
     from ..models import load_model
     from ..saliency import SaliencyResult, estimate_memory, step_saliency
     from ..saliency.core import _check_traces, max_positions
@@ -114,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if not traces:
         raise StepscopeError("no traces in the given files")
     shape = model_shape(model)
-    layers = parse_layers(args.layers, shape["layers"])
+    layers = parse_layers(args.layers, shape["layers"], what="--layers")
     _check_traces(model, traces, args.loss)  # every trace checked before any work
 
     names: list[str] = []

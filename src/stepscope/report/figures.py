@@ -23,6 +23,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from ..diagnose import BAD_DIRECTION, METRICS, SCORES, Comparison, Diagnosis, layer_groups
+from ..layers import layer_bands
 
 KIND_COLORS = {"question": "#6a4c93", "thinking": "#1982c4", "summary": "#e07a1f"}
 GROUP_COLORS = {"correct": "#2a9d8f", "wrong": "#d62828"}
@@ -159,9 +160,9 @@ def _metric_grid(metrics: Sequence[str], ncols: int) -> tuple[Figure, Any]:
 
 def _band_shading(ax: Any, num_model_layers: int) -> None:
     """Shade the shallow and deep quarters of a model's layers (x = model layer index)."""
-    g = layer_groups(num_model_layers)
-    ax.axvspan(g["shallow"][0] - 0.5, g["shallow"][-1] + 0.5, color="#6a4c93", alpha=0.07, lw=0)
-    ax.axvspan(g["deep"][0] - 0.5, g["deep"][-1] + 0.5, color="#e07a1f", alpha=0.07, lw=0)
+    bands = layer_bands(num_model_layers)
+    ax.axvspan(bands["shallow"][0] - 0.5, bands["shallow"][-1] + 0.5, color="#6a4c93", alpha=0.07, lw=0)
+    ax.axvspan(bands["deep"][0] - 0.5, bands["deep"][-1] + 0.5, color="#e07a1f", alpha=0.07, lw=0)
 
 
 def metric_depth_figure(comparison: Comparison, metrics: Sequence[str] = METRICS, *, alpha: float = 0.05,

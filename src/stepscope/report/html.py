@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..diagnose import BAD_DIRECTION, METRICS, SCORES, Diagnosis, Profile, diagnose, load_result
+from ..diagnose import BAD_DIRECTION, METRICS, SCORES, Diagnosis, Profile, diagnose
 from ..errors import StepscopeError
 
 DEFAULT_MAX_MAP_BYTES = 40_000_000  # quantized maps embedded in one report, all results together
@@ -161,6 +161,8 @@ def _result_payload(result: Any, diagnosis: Diagnosis, label: str, budget: int,
 
 def _as_result(x: Any) -> Any:
     if isinstance(x, str | os.PathLike):
+        from ..saliency.result import load_result  # torch: only when a folder is read
+
         return load_result(x)
     if not hasattr(x, "maps") or not hasattr(x, "trace") or x.trace is None:
         raise StepscopeError("a report needs saliency results (with .maps and .trace) or their folders")

@@ -1,4 +1,4 @@
-"""step_saliency: Step-Saliency maps of traces (METHOD.md §3), chunked (default, near-linear memory) or reference.
+"""step_saliency: Step-Saliency maps of traces (docs/method.md §3), chunked (near-linear memory) or reference.
 
 The loss (what dLoss/dA differentiates) is a mean next-token cross-entropy per trace. Position p predicts token
 p + 1, so a trace of T tokens has the T - 1 targets 1..T-1:
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import StepscopeError
+from ..layers import parse_layers, resolve_layers
 from ..models import restore_attn_implementations, swap_attn_implementations
 from ..trace import Trace
 from .attention import ATTN_NAME, SaliencyRun, active_run, register
@@ -89,25 +90,6 @@ def max_positions(model) -> int | None:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     v = getattr(cfg, "max_position_embeddings", None)
     return int(v) if v else None
-
-
-def resolve_layers(layers, num_layers: int) -> list[int]:
-    """None -> all layers; ints (negative counts from the end) -> sorted unique model layer indices."""
-    if layers is None:
-        return list(range(num_layers))
-    if isinstance(layers, int):
-        layers = [layers]
-    out = set()
-    for x in layers:
-        i = int(x)
-        if i < 0:
-            i += num_layers
-        if not 0 <= i < num_layers:
-            raise SaliencyError(f"layer {x} is out of range (the model has {num_layers} layers)")
-        out.add(i)
-    if not out:
-        raise SaliencyError("no layers selected")
-    return sorted(out)
 
 
 def model_name(model) -> str:
@@ -401,16 +383,17 @@ def _chunked_batch(model, traces: Sequence[Trace], loss: str, pool: str, layers:
 
 
 def step_saliency(model, trace_or_traces: Trace | Sequence[Trace], pool: str = "mean", loss: str = "all",
-                  layers: Sequence[int] | int | None = None, method: str = "chunked", heads: bool = False,
+                  layers: Sequence[int] | int | str | None = None, method: str = "chunked", heads: bool = False,
                   batch_size: int = 1, block_rows: int | None = None, checkpoint: bool = True,
                   progress: bool = False) -> SaliencyResult | list[SaliencyResult]:
-    """Step-Saliency maps (METHOD.md §3) of one trace (-> SaliencyResult) or several (-> list, same order).
+    """Step-Saliency maps (docs/method.md §3) of one trace (-> SaliencyResult) or several (-> list, same order).
 
     - `pool`: "mean" (mean of I over the |i|*|j| token pairs of two steps, causally masked pairs counting as
       zero) or "sum" (their total).
     - `loss`: "all" | "response" | "summary": which next-token targets enter the mean cross-entropy (see the
       module docstring for the exact positions).
-    - `layers`: model layer indices to map (default all); maps[l] belongs to layer `meta["layers"][l]`.
+    - `layers`: model layer indices (negative from the end) or a layer spec (`stepscope.layers`: "shallow,deep",
+      "0-3"; default all); maps[l] belongs to layer `meta["layers"][l]`.
     - `method`: "chunked" (exact, memory near-linear in T; needs the model's attention to go through
       transformers' AttentionInterface) or "reference" (eager attention keeping every layer's T x T
       probabilities and their gradients; for small inputs and tests).
@@ -433,7 +416,10 @@ def step_saliency(model, trace_or_traces: Trace | Sequence[Trace], pool: str = "
         raise SaliencyError("batch_size must be at least 1")
     _check_traces(model, traces, loss)
     shape = model_shape(model)
-    layer_list = resolve_layers(layers, shape["layers"])
+    try:
+        layer_list = resolve_layers(parse_layers(layers, shape["layers"]), shape["layers"])
+    except StepscopeError as e:
+        raise SaliencyError(str(e)) from None
     dtype = next(model.parameters()).dtype
     device = model.get_input_embeddings().weight.device
     results: list[SaliencyResult] = []

@@ -1,14 +1,16 @@
-"""SaliencyResult: the step-to-step saliency maps of one trace, their metadata, and safe save/load.
+"""SaliencyResult: the step-to-step saliency maps of one trace, their metadata, and safe save/load of its folder.
 
 On disk a result is a folder written atomically (a temporary folder, then a rename):
 `maps.safetensors` (tensor "maps" float32 [L, S, S], and "head_maps" [L, H, S, S] when per-head maps were
-asked for), `trace.json` (the Trace, as Trace.save writes it) and `meta.json`.
+asked for), `trace.json` (the Trace, as Trace.save writes it) and `meta.json`. `load_result` reads one back;
+`find_results` expands the folders a command is given (result folders, or folders of them).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,17 +18,12 @@ import torch
 
 from ..errors import StepscopeError
 from ..io import atomic_dir, read_text_file
+from ..layers import layer_bands
 from ..trace import Trace
 
 MAPS_FILE = "maps.safetensors"
 TRACE_FILE = "trace.json"
 META_FILE = "meta.json"
-
-
-def layer_group_bounds(num_layers: int) -> dict[str, tuple[int, int]]:
-    """Model-layer ranges of the groups of METHOD.md §3: shallow [0, L//4), deep [L - L//4, L), >= 1 layer each."""
-    q = max(1, num_layers // 4)
-    return {"shallow": (0, min(q, num_layers)), "deep": (max(0, num_layers - q), num_layers)}
 
 
 @dataclass
@@ -66,16 +63,14 @@ class SaliencyResult:
                            torch.zeros_like(self.maps))
 
     def layer_groups(self) -> dict[str, list[int]]:
-        """Indices into `maps` of the shallow and deep layer groups (of the model's layers, METHOD.md §3).
+        """Indices into `maps` of the shallow and deep layer bands of the model (`stepscope.layers.layer_bands`).
 
         With all layers computed that is shallow = [0, L//4) and deep = [L - L//4, L), at least one layer each.
         When only some layers were computed, each group keeps the computed layers that fall in it (maybe none).
         """
-        num_model_layers = int(self.meta.get("num_layers", self.num_layers))
-        out = {}
-        for name, (a, b) in layer_group_bounds(num_model_layers).items():
-            out[name] = [i for i, layer in enumerate(self.layers) if a <= layer < b]
-        return out
+        bands = layer_bands(int(self.meta.get("num_layers", self.num_layers)))
+        return {name: [i for i, layer in enumerate(self.layers) if layer in bands[name]]
+                for name in ("shallow", "deep")}
 
     def __repr__(self) -> str:
         return (f"SaliencyResult(layers={self.num_layers}, steps={self.num_steps}, tokens={len(self.trace)}, "
@@ -127,3 +122,25 @@ class SaliencyResult:
             raise StepscopeError(f"{path}: maps of shape {tuple(maps.shape)} do not fit a trace of "
                                  f"{trace.num_steps} steps")
         return cls(maps=maps, trace=trace, meta=meta, head_maps=tensors.get("head_maps"))
+
+
+def load_result(path: str | os.PathLike) -> SaliencyResult:
+    """Read a saliency result folder (as `SaliencyResult.save` or `stepscope saliency` writes it)."""
+    return SaliencyResult.load(path)
+
+
+def find_results(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Result folders named by `paths`: each path is a result folder (holding maps.safetensors) or a folder of
+    them (as `stepscope saliency --out DIR` writes: DIR/<trace id>/), expanded in name order."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if (p / MAPS_FILE).is_file():
+            out.append(p)
+        elif p.is_dir():
+            subs = sorted(q for q in p.iterdir() if (q / MAPS_FILE).is_file())
+            if not subs:
+                raise StepscopeError(f"{p}: not a saliency result folder, nor a folder of them (no {MAPS_FILE})")
+            out.extend(subs)
+        else:
+            raise StepscopeError(f"{p}: no such folder")
+    return out
