@@ -72,14 +72,13 @@ def read_problems(path: str) -> list[tuple[str, str]]:
 
 
 def _existing(out: Path, config: dict) -> dict[str, dict]:
-    """Records already in `out` by id; a cut-off last line is dropped; other settings are an error."""
+    """Records already in `out` by id; a cut-off last line is removed; other settings are an error."""
     from ..errors import StepscopeError
-    from ..io import atomic_write_text, read_jsonl, read_text_file
+    from ..io import JsonlLog
 
-    recs = read_jsonl(out, tolerate_truncated_last=True)
-    text = read_text_file(out)
-    if (text and not text.endswith("\n")) or len(recs) != sum(1 for x in text.split("\n") if x.strip()):
-        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    log = JsonlLog(out)
+    log.repair()
+    recs = log.read()
     want = json.loads(json.dumps(config))
     done: dict[str, dict] = {}
     for r in recs:
@@ -125,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     import torch  # noqa: F401  (heavy imports from here on)
 
     from ..flow.generate import generate_traces, run_config
-    from ..io import atomic_write_text
+    from ..io import JsonlLog, atomic_write_text
 
     if args.quiet:
         from transformers.utils import logging as hf_logging
@@ -147,21 +146,15 @@ def run(args: argparse.Namespace) -> int:
         f"{len(todo)} question(s)" + (f", resuming {out} ({len(done)} done)" if done else ""))
 
     single = question is not None
-    fh = None
+    log = None
     created = False  # this run made the file: a failure before any trace is saved leaves nothing behind
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
         created = not out.exists()
-        fh = open(out, "w" if args.overwrite or created else "a", encoding="utf-8")
+        log = JsonlLog(out).open(truncate=args.overwrite)
 
-    def save(traces) -> None:
-        if fh is None:
-            return
-        fh.write("".join(json.dumps(_record(t.meta["id"], t), ensure_ascii=False) + "\n" for t in traces))
-        fh.flush()
-        import os
-
-        os.fsync(fh.fileno())
+    def save(traces) -> None:  # appended and flushed after every finished batch
+        if log is not None:
+            log.append(_record(t.meta["id"], t) for t in traces)
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)
@@ -174,14 +167,14 @@ def run(args: argparse.Namespace) -> int:
                                  progress=not args.quiet and not single, stream=stream if single else None,
                                  on_batch=save, flow_kernel=args.flow_kernel, **settings)
     except BaseException:
-        if fh is not None:
-            fh.close()
+        if log is not None:
+            log.close()
             if created and out.stat().st_size == 0:
                 out.unlink()
         raise
     finally:
-        if fh is not None:
-            fh.close()
+        if log is not None:
+            log.close()
     seconds = time.perf_counter() - t0
     if single:
         sys.stdout.write("\n")
