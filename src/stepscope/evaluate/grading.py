@@ -28,7 +28,7 @@ import re
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import StepscopeError
@@ -44,12 +44,29 @@ _STARTUP_TIMEOUT = 120.0  # importing sympy and math-verify in a fresh process
 
 @dataclass(frozen=True)
 class Grade:
-    """The verdict on one response: `answer` is the extracted final answer (None if none was found)."""
+    """The verdict on one response: `answer` is the extracted final answer (None if none was found).
+
+    Code grades (stepscope.evaluate.code_grading) also say how the program did: `answer` is the program,
+    `status` passed or the first failing test's status (wrong_answer, timeout, runtime_error, memory_limit,
+    no_code), `tests` each run test's status (tests run in order up to the first failure), `n_tests` how many
+    tests there are, `failure` the first failing test (index, status, input, expected, got, error; cut).
+    """
 
     correct: bool
     answer: str | None
     thinking_closed: bool
     timed_out: bool = False
+    status: str | None = None
+    tests: tuple[str, ...] | None = None
+    n_tests: int | None = None
+    failure: dict | None = field(default=None, hash=False)
+
+    def record_fields(self) -> dict:
+        """What a run record keeps beyond correct/answer/thinking_closed: the code fields (none otherwise)."""
+        if self.status is None:
+            return {}
+        return {"status": self.status, "tests": list(self.tests or ()), "n_tests": self.n_tests,
+                "failure": self.failure}
 
 
 # ---------------------------------------------------------------------------------------------------- summary

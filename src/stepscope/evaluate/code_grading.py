@@ -1,0 +1,199 @@
+"""Grading of model-written code: the program is the summary's last Python block, run on tests in a sandbox.
+
+Comparison as LiveCodeBench does it (lcb_runner/evaluation/testing_util.py):
+- stdin/stdout tests: both outputs stripped, split into lines, each line stripped; the line counts must agree,
+  and each pair of lines is equal as text or, failing that, as lists of decimal numbers (`Decimal`, so
+  `1.50` equals `1.5` and `50000000000000000` differs from `50000000000000001`).
+- call-based tests: the input holds one JSON value per line, the arguments of `Solution().<fn_name>(...)`;
+  the returned value (a top-level tuple taken as a list) must `==` the JSON-decoded expected output.
+Tests run in order and stop at the first failure, like LiveCodeBench; the verdict is decided here, outside
+the sandbox: the expected outputs never enter it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+from ..errors import StepscopeError
+from .grading import THINK_END, Grade, summary_of
+from .sandbox import Limits, SandboxedProgram
+
+STATUSES = ("passed", "wrong_answer", "timeout", "runtime_error", "memory_limit", "no_code")
+CUT = 300  # characters kept of a failing test's input, expected and got
+PYTHON_TAGS = ("", "python", "py", "python3")
+_FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+.-]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.S | re.M)
+
+
+@dataclass(frozen=True)
+class CodeTest:
+    """One test: the input (stdin text, or one JSON argument per line) and the expected output."""
+
+    input: str
+    output: str
+
+    def to_json(self) -> dict:
+        return {"input": self.input, "output": self.output}
+
+
+def as_tests(tests: Iterable) -> list[CodeTest]:
+    """CodeTests from CodeTests, (input, output) pairs or {"input", "output"} dicts."""
+    out = []
+    for i, t in enumerate(tests):
+        if isinstance(t, CodeTest):
+            out.append(t)
+        elif isinstance(t, dict) and isinstance(t.get("input"), str) and isinstance(t.get("output"), str):
+            out.append(CodeTest(t["input"], t["output"]))
+        elif isinstance(t, (tuple, list)) and len(t) == 2 and all(isinstance(x, str) for x in t):
+            out.append(CodeTest(t[0], t[1]))
+        else:
+            raise StepscopeError(f"test {i} is not an (input, output) pair of strings")
+    if not out:
+        raise StepscopeError("a code problem needs at least one test")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- extraction
+
+def extract_code(summary: str) -> str | None:
+    """The last fenced Python block (```python, ```py or a bare ```) of `summary`, or None."""
+    blocks = [m.group(2) for m in _FENCE.finditer(summary) if m.group(1).lower() in PYTHON_TAGS]
+    code = blocks[-1] if blocks else None
+    return code if code is not None and code.strip() else None
+
+
+# ------------------------------------------------------------------------------------------- comparison
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.strip().split("\n")]
+
+
+def _decimals(line: str) -> list[Decimal] | None:
+    try:
+        return [Decimal(x) for x in line.split()]
+    except (InvalidOperation, ValueError):
+        return None
+
+
+def stdio_equal(got: str, expected: str) -> bool:
+    """LiveCodeBench's stdout comparison: per stripped line, equal as text or as lists of decimals."""
+    a, b = _lines(got), _lines(expected)
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x == y:
+            continue
+        dx, dy = _decimals(x), _decimals(y)
+        if dx is None or dy is None or dx != dy:
+            return False
+    return True
+
+
+def call_equal(payload: str, expected: str) -> bool:
+    """A call-based result (the launcher's {"value": ...} JSON) against the JSON expected output."""
+    try:
+        got = json.loads(payload)
+        want = json.loads(expected)
+    except ValueError:
+        return False
+    return isinstance(got, dict) and "value" in got and got["value"] == want
+
+
+def _cut(s: str, n: int = CUT) -> str:
+    return s if len(s) <= n else s[:n // 2] + " ...(cut)... " + s[-(n // 2):]
+
+
+def _shown(payload: str) -> str:
+    """A call-based result as the failure report shows it: the value's JSON, or the repr of a non-JSON value."""
+    try:
+        got = json.loads(payload)
+    except ValueError:
+        return payload
+    if isinstance(got, dict) and "value" in got:
+        return json.dumps(got["value"])
+    return str(got.get("repr", payload)) if isinstance(got, dict) else payload
+
+
+# ---------------------------------------------------------------------------------------------- grading
+
+def run_tests(code: str, tests: Sequence[CodeTest], *, fn_name: str | None = None, limits: Limits | None = None,
+              mode: str = "auto") -> tuple[str, list[str], dict | None]:
+    """Run `code` on `tests` in one sandbox, in order, up to the first failure.
+
+    Returns (overall status, each run test's status, the first failure or None).
+    """
+    limits = limits or Limits()
+    statuses: list[str] = []
+    kind = "call" if fn_name else "stdio"
+    with SandboxedProgram(code, kind=kind, fn_name=fn_name, limits=limits, mode=mode) as prog:
+        if prog.compile_error is not None:
+            fail = {"index": 0, "status": "runtime_error", "input": _cut(tests[0].input),
+                    "expected": _cut(tests[0].output), "got": "", "error": _cut(prog.compile_error)}
+            return "runtime_error", ["runtime_error"], fail
+        for i, t in enumerate(tests):
+            r = prog.run(t.input, cap=2 * len(t.output) + (1 << 16))
+            if r is None:
+                status, got, err = "runtime_error", "", "the sandbox stopped answering (killed by the program?)"
+            elif r.status != "ok":
+                status, got, err = r.status, r.out, r.err
+            elif r.truncated:
+                status, got, err = "wrong_answer", r.out, "the output is much longer than the expected output"
+            else:
+                same = call_equal(r.out, t.output) if fn_name else stdio_equal(r.out, t.output)
+                status, got, err = ("passed" if same else "wrong_answer"), r.out, r.err
+            statuses.append(status)
+            if status != "passed":
+                shown = _shown(got) if fn_name else got
+                return status, statuses, {"index": i, "status": status, "input": _cut(t.input),
+                                          "expected": _cut(t.output), "got": _cut(shown), "error": _cut(err)}
+    return "passed", statuses, None
+
+
+def grade_code(tests: Iterable, response, *, fn_name: str | None = None, timeout: float = 6.0,
+               memory_mb: int = 4096, mode: str = "auto", starts_in_thinking: bool = True,
+               think_end: str = THINK_END) -> Grade:
+    """Grade a response to a code problem: its summary's last Python block, run on `tests` in a sandbox.
+
+    `tests`: (input, output) pairs, {"input", "output"} dicts or CodeTests; `fn_name` makes them call-based
+    (`Solution().fn_name(*json_args)`), else stdin/stdout. `timeout`: wall (and CPU) seconds per test;
+    `memory_mb`: address-space limit. The grade's `status` is passed or the first failing test's status
+    (wrong_answer, timeout, runtime_error, memory_limit; no_code when the summary has no Python block),
+    `tests` each run test's status, `failure` the first failing test's input, expected and got (cut).
+    """
+    tests = as_tests(tests)
+    limits = Limits(timeout=timeout, memory_mb=memory_mb)
+    summary = summary_of(response, starts_in_thinking=starts_in_thinking, think_end=think_end)
+    n = len(tests)
+    if summary is None:
+        return Grade(False, None, thinking_closed=False, status="no_code", tests=(), n_tests=n)
+    code = extract_code(summary)
+    if code is None:
+        return Grade(False, None, thinking_closed=True, status="no_code", tests=(), n_tests=n)
+    status, statuses, failure = run_tests(code, tests, fn_name=fn_name, limits=limits, mode=mode)
+    return Grade(status == "passed", code, thinking_closed=True, status=status, tests=tuple(statuses),
+                 n_tests=n, failure=failure)
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def grade_code_many(jobs: Sequence[dict], *, workers: int | None = None, **kwargs) -> list[Grade]:
+    """grade_code over many jobs ({"tests", "response", "fn_name"} dicts) on `workers` threads (default: the
+    CPU count), each job's program in its own sandbox; the grades come back in the jobs' order."""
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise StepscopeError(f"code-grading workers must be at least 1, got {workers}")
+
+    def one(job: dict) -> Grade:
+        return grade_code(job["tests"], job["response"], fn_name=job.get("fn_name"), **kwargs)
+
+    if workers == 1 or len(jobs) <= 1:
+        return [one(j) for j in jobs]
+    with ThreadPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        return list(pool.map(one, jobs))
