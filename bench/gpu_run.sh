@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device-machine run (see the README's benchmark section), in two phases that fit one device session with
+# The device-machine run (docs/performance.md, bench/RESULTS.md), in two phases that fit one device session with
 # room for a rerun of the first:
 #   bash bench/gpu_run.sh check   # ~3 min: GPU and library versions, the fused OEB kernel's tests compiled on the
 #                                 # GPU, the kernel alone against sdpa (bench/oeb_kernel.py), StepFlow's self-check, the

@@ -121,7 +121,7 @@ def synthetic_trace(T: int, vocab: int, seed: int = 0, step_tokens: int = 20):
 
 
 def real_trace_prefix(T: int):
-    """A prefix of the longest real trace in ../shared/traces (SmolLM2 tokenizer, R1 template), else None."""
+    """A prefix of the longest real trace in shared/traces beside the checkout (SmolLM2 tokenizer, R1 template), else None."""
     shared = ROOT.parent / "shared" / "traces"
     if not shared.is_dir():
         return None
