@@ -35,6 +35,8 @@ class DemoSettings:
     max_new_tokens: int = 160
     device: str | None = None
     dtype: str = "float32"
+    attn: str | None = None  # attention implementation (None: transformers' choice)
+    trust_remote_code: bool = False
 
 
 def _say(msg: str) -> None:
@@ -113,7 +115,8 @@ def run_demo(out_dir: str | Path = "stepscope-demo", settings: DemoSettings | No
     torch.manual_seed(0)
     out_dir = Path(out_dir)
     _say(f"[1/5] loading {s.model} model")
-    model, tok = load_model(s.model, device=s.device, dtype=s.dtype)
+    model, tok = load_model(s.model, device=s.device, dtype=s.dtype, attn_implementation=s.attn,
+                            trust_remote_code=s.trust_remote_code)
     L = model.config.num_hidden_layers
     problems = load_problems(s.benchmark, s.problems)
     _say(f"      {type(model).__name__}, {L} layers; {len(problems)} {s.benchmark} problems")

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import argparse
 
+from . import options
+
 HELP = "run the whole method on the bundled model, offline, and write an HTML report"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="stepscope-demo", help="output folder (default: ./stepscope-demo)")
-    p.add_argument("--model", default="default", help="model (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--problems", type=int, default=2, help="how many problems (default 2)")
     p.add_argument("--benchmark", default="gsm8k", help="packaged benchmark to take them from (default gsm8k)")
     p.add_argument("--max-thinking-tokens", type=int, default=96, help="thinking budget per trace (default 96)")
     p.add_argument("--max-new-tokens", type=int, default=160, help="new tokens per trace (default 160)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    options.add_model_options(p)
+    p.set_defaults(dtype="float32")  # the demo's numbers are float32's, on every device
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     summary = run_demo(args.out, DemoSettings(model=args.model, problems=args.problems, benchmark=args.benchmark,
                                               max_thinking_tokens=args.max_thinking_tokens,
                                               max_new_tokens=args.max_new_tokens, device=args.device,
-                                              dtype=args.dtype))
+                                              dtype=args.dtype, attn=None if args.attn == "auto" else args.attn,
+                                              trust_remote_code=args.trust_remote_code))
     print()
     print(f"{'problem':<22} {'gold':>8} {'baseline':>12} {'StepFlow':>12}  OEB fired      bridge mass")
     for r in summary["problems"]:

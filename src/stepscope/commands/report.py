@@ -74,8 +74,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _figures(folder: str, results, diagnoses, labels) -> None:
-    import numpy as np
-
     from ..io import atomic_dir
     from ..report.figures import default_grid_layers, diagnosis_depth_figure, layer_grid_figure, save_figure
 
@@ -86,7 +84,7 @@ def _figures(folder: str, results, diagnoses, labels) -> None:
             if name in used:
                 name = f"{name}_{k}"
             used.add(name)
-            maps = r.maps.detach().float().cpu().numpy() if hasattr(r.maps, "detach") else np.asarray(r.maps)
+            maps = r.maps.float().numpy()  # [L, S, S] of a SaliencyResult read from its folder
             grid = layer_grid_figure(maps, [s.kind for s in r.trace.steps], default_grid_layers(maps.shape[0]),
                                      title=label, layer_ids=d.layer_ids, num_model_layers=d.model_layers)
             save_figure(grid, tmp / f"{name}_layers")

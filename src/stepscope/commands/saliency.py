@@ -7,6 +7,7 @@ meta.json, written atomically: a failed trace leaves no folder behind.
 
 The default method is exact and needs memory near-linear in the trace length (a 32K-token trace of a 7B model
 fits one GPU); --method reference keeps every layer's T x T attention and its gradient (small inputs only).
+--model is the model that wrote the traces; whatever its --dtype, saliency is accumulated in float32.
 
 examples:
   stepscope saliency traces.jsonl --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --out sal/
@@ -21,18 +22,14 @@ import sys
 import time
 from pathlib import Path
 
+from . import options
+
 HELP = "compute step-to-step saliency maps of traces (exact, memory near-linear in length)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("traces", nargs="+", metavar="TRACE", help="trace JSON or JSONL/JSON records")
-    p.add_argument("--model", default="default",
-                   help="hub id or folder of the model that wrote the traces (default: the bundled SmolLM2)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (one subfolder per trace)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="model weights dtype (auto: bfloat16 on CUDA, float32 on CPU); saliency itself is "
-                        "always accumulated in float32")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--pool", default="mean", choices=["mean", "sum"],
                    help="mean (default): mean over token pairs of two steps; sum: their total")
     p.add_argument("--loss", default="all", choices=["all", "response", "summary"],
@@ -48,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="query rows per backward block (default: from free memory)")
     p.add_argument("--index", type=int, default=None, help="only record N (0-based) of each JSONL file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
+    options.add_model_options(p)
 
 
 def _safe_name(s: str) -> str:
@@ -69,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import StepscopeError
     from ..layers import parse_layers
-    from ..models import load_model
     from ..saliency import SaliencyResult, estimate_memory, step_saliency
     from ..saliency.core import _check_traces, max_positions
     from ..saliency.memory import format_bytes, model_shape
@@ -80,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
     for f in args.traces:
         if not Path(f).is_file():
             raise StepscopeError(f"{f}: no such file")
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
-                                  trust_remote_code=args.trust_remote_code)
+    model, tokenizer = options.load_model(args)
     traces = []
     for f in args.traces:
         traces.extend(load_traces(f, tokenizer if not _is_trace_json(f) else None, index=args.index))
