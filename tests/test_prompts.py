@@ -8,8 +8,8 @@ import pytest
 from tiny import make_tokenizer
 
 from stepscope.errors import StepscopeError
-from stepscope.formats import HARMONY, THINK, markers_format
-from stepscope.prompts import INSTRUCTIONS, build_prompt, forced_close_text, resolve_format, think_instruction
+from stepscope.formats import HARMONY, THINK, get_format, markers_format
+from stepscope.prompts import INSTRUCTIONS, build_prompt, forced_close_text, think_instruction
 from stepscope.trace import Trace
 
 Q = "What is 17 * 23?"
@@ -67,7 +67,7 @@ def test_reasoning_template_gets_the_start_marker_only():
 
 
 def test_harmony_appends_nothing(harmony_tokenizer):
-    assert resolve_format(harmony_tokenizer) is HARMONY  # the tiny template names no channel: the vocabulary does
+    assert get_format("auto", harmony_tokenizer) is HARMONY  # the tiny template names no channel: the vocabulary does
     text, ids = build_prompt(harmony_tokenizer, Q, style="gpqa")
     assert text.endswith("<|start|>user<|message|>" + Q + "\n" + INSTRUCTIONS["gpqa"] + "<|end|><|start|>assistant")
     assert "<think>" not in text

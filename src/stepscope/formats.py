@@ -1,4 +1,4 @@
-"""Marker sets per model family, and detection of the format from a tokenizer's chat template or a text."""
+"""Marker sets per model family, the one chat-template reader, and the one resolver of a trace's format."""
 
 from __future__ import annotations
 
@@ -55,16 +55,21 @@ def markers_format(start: str, end: str) -> Format:
     return Format("markers", start, end)
 
 
-def _template(tokenizer) -> str:
+def chat_template(tokenizer) -> str:
+    """The text of the tokenizer's chat template ("" when it has none).
+
+    Of a set of named templates, the "default" one (what `apply_chat_template` renders without tools); a set
+    without one is read as all its templates together.
+    """
     t = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if isinstance(t, dict):
-        t = t.get("default") or next(iter(t.values()), "")
+        t = t.get("default") or "\n".join(str(v) for v in t.values())
     return t or ""
 
 
 def detect_format(tokenizer=None, text: str | None = None) -> Format:
     """Detect the format from the chat template first, then from the text; a clear error if neither tells."""
-    template = _template(tokenizer)
+    template = chat_template(tokenizer)
     if "<|channel|>" in template:
         return HARMONY
     if "<think>" in template or "</think>" in template:
@@ -78,17 +83,30 @@ def detect_format(tokenizer=None, text: str | None = None) -> Format:
                      "pass fmt='think' or 'harmony', or markers=(start, end)")
 
 
-def get_format(fmt: str | Format = "auto", tokenizer=None, text: str | None = None,
+def get_format(fmt: str | Format | None = "auto", tokenizer=None, text: str | None = None,
                markers: tuple[str, str] | None = None) -> Format:
-    """Resolve `fmt` ("auto", "think", "harmony", "markers" or a Format) to a Format."""
+    """The one resolver of trace formats: `fmt` ("auto" or None, "think", "harmony", "markers", or a Format).
+
+    "auto" with `markers` is the markers format. Otherwise "auto" asks the chat template, then `text`. When
+    neither tells and there is no text, the format is the one to generate in with this tokenizer: harmony when
+    its vocabulary holds "<|channel|>", else think (a plain chat model: the prompt asks it to think first and
+    close its thinking with </think>). A text that neither the template nor its own markers explain is an error.
+    """
     if isinstance(fmt, Format):
         return fmt
+    fmt = "auto" if fmt is None else fmt
     if markers is not None:
         if fmt not in ("auto", "markers"):
             raise TraceError(f"markers were given but fmt is {fmt!r}; use fmt='markers'")
         return markers_format(*markers)
     if fmt == "auto":
-        return detect_format(tokenizer, text)
+        try:
+            return detect_format(tokenizer, text)
+        except TraceError:
+            if text is not None or tokenizer is None:
+                raise
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        return HARMONY if "<|channel|>" in vocab else THINK
     if fmt == "markers":
         raise TraceError("fmt='markers' needs markers=(start, end)")
     if fmt not in FORMATS:
@@ -99,5 +117,5 @@ def get_format(fmt: str | Format = "auto", tokenizer=None, text: str | None = No
 def template_has_assistant_start(fmt: Format, tokenizer) -> bool:
     """Whether the chat template writes one of the format's assistant-turn openers (then the segmenter waits
     for it before looking for the start marker)."""
-    template = _template(tokenizer)
+    template = chat_template(tokenizer)
     return any(a in template for a in fmt.assistant_start)

@@ -1,6 +1,6 @@
 """Generation prompts per model family, built through the tokenizer's own chat template.
 
-Decisions (documented in docs/readme/generate.md):
+Decisions:
 
 - The instruction goes into the user turn, after the question; no system prompt unless asked for. This is
   DeepSeek's recommended form for R1 and its distills ("r1" style). "gpqa" asks for the option letter in
@@ -17,8 +17,8 @@ Decisions (documented in docs/readme/generate.md):
 
 from __future__ import annotations
 
-from .errors import StepscopeError, TraceError
-from .formats import HARMONY, THINK, Format, get_format
+from .errors import StepscopeError
+from .formats import Format, chat_template, get_format
 
 STYLES = ("r1", "plain", "gpqa")
 
@@ -41,37 +41,14 @@ def think_instruction(fmt: Format) -> str:
     return f"Think step by step first; then close your thinking with {fmt.think_end} and write the final answer."
 
 
-def resolve_format(tokenizer, fmt: str | Format | None = None,
-                   markers: tuple[str, str] | None = None) -> Format:
-    """The trace format to generate in: `fmt` if given, else detected from the chat template.
-
-    A template without thinking markers is harmony when the vocabulary holds "<|channel|>", else a plain chat
-    model: it falls back to "think", and the prompt then asks the model to think first and close with </think>.
-    """
-    if fmt is None or (isinstance(fmt, str) and fmt == "auto"):
-        try:
-            return get_format("auto", tokenizer, markers=markers)
-        except TraceError:
-            vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-            return HARMONY if "<|channel|>" in vocab else THINK
-    return get_format(fmt, tokenizer, markers=markers)
-
-
-def _template_text(tokenizer) -> str:
-    t = getattr(tokenizer, "chat_template", None)
-    if isinstance(t, dict):
-        t = "\n".join(str(v) for v in t.values())
-    return t or ""
-
-
 def template_knows_thinking(tokenizer, fmt: Format) -> bool:
     """Whether the chat template mentions the format's markers (then the model is a reasoning model)."""
-    t = _template_text(tokenizer)
+    t = chat_template(tokenizer)
     return bool(fmt.think_start and fmt.think_start in t) or bool(fmt.think_end and fmt.think_end in t)
 
 
 def _apply_template(tokenizer, messages: list[dict]) -> str:
-    if not _template_text(tokenizer):
+    if not chat_template(tokenizer):
         # no chat template: a bare completion prompt
         sys = "".join(m["content"] + "\n\n" for m in messages if m["role"] == "system")
         user = "".join(m["content"] for m in messages if m["role"] == "user")
@@ -95,14 +72,14 @@ def build_prompt(tokenizer, question: str, style: str = "r1", system: str | None
 
     `style`: "r1" (default; "Please reason step by step, and put your final answer within \\boxed{}."),
     "gpqa" (the option letter in \\boxed{}) or "plain" (the question alone). `system`: an optional system
-    prompt. `fmt`: "think", "harmony", a Format, or None/"auto" to detect it from the chat template.
+    prompt. `fmt`: "think", "harmony", a Format, or None/"auto" (stepscope.formats.get_format decides).
     The ids are the prompt text tokenized without extra special tokens (the template writes them).
     """
     if not isinstance(question, str) or not question.strip():
         raise StepscopeError("the question is empty")
     if style not in INSTRUCTIONS:
         raise StepscopeError(f"unknown prompt style {style!r}; use one of {', '.join(STYLES)}")
-    f = resolve_format(tokenizer, fmt)
+    f = get_format(fmt, tokenizer)
     instruction = INSTRUCTIONS[style]
     user = question.rstrip() + ("\n" + instruction if instruction else "")
     opens_thinking = f.name != "harmony"

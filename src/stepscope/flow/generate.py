@@ -38,8 +38,8 @@ import torch
 
 from ..decoding import DecodeConfig
 from ..errors import StepscopeError
-from ..formats import Format
-from ..prompts import STYLES, build_prompt, forced_close_text, resolve_format
+from ..formats import Format, get_format
+from ..prompts import STYLES, build_prompt, forced_close_text
 from ..segment import Segmenter
 from ..tokens import token_bytes
 from ..trace import Trace
@@ -347,9 +347,11 @@ def _prepare(model, tokenizer, d: DecodeConfig, *, stepflow: StepFlowConfig | No
         raise StepscopeError(f"unknown prompt style {prompt_style!r}; use one of {', '.join(STYLES)}")
     if stepflow is not None and not isinstance(stepflow, StepFlowConfig):
         raise StepscopeError(f"stepflow must be a StepFlowConfig or None, got {type(stepflow).__name__}")
-    f = resolve_format(tokenizer, fmt)
+    f = get_format(fmt, tokenizer)
     if stepflow is not None and stepflow.fmt == "auto" and stepflow.markers is None:
-        stepflow = replace(stepflow, fmt=f)  # StepFlow's segmenters see the format the prompts were built in
+        # StepFlow's segmenters see the format the prompts were built in (also when `fmt` names one), and the
+        # recorded config says which
+        stepflow = replace(stepflow, fmt=f)
     # the base seed is no run setting here: every row records its own seed in its meta
     decoding = {k: v for k, v in d.to_json().items() if k != "seed"}
     config = {"model": str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")),
