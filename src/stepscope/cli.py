@@ -24,12 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stepscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"stepscope.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"stepscope.commands.{name}":
-                continue  # command not built in this version
-            raise
+        mod = importlib.import_module(f"stepscope.commands.{name}")
         p = sub.add_parser(name, help=mod.HELP, description=(mod.__doc__ or mod.HELP).strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
