@@ -113,7 +113,7 @@ def test_resume_refuses_other_settings(model_dir, problems, tmp_path, capsys):
     (["q", "--smi-layers", "deep"], "--smi-layers: 'deep' needs the model's number of layers"),
     (["q", "--top-k", "-1"], "--top-k must be >= 0"),
     (["q", "--fmt", "markers"], "--fmt markers needs --markers"),
-    (["q", "--fmt", "harmony", "--markers", "<a>", "</a>"], "--markers given with --fmt harmony"),
+    (["q", "--markers", "<a>", "<a>"], "the start and end markers must differ"),
     (["q", "--tau-max", "1.5"], "tau_max"),
     (["q", "--top-p", "0"], "--top-p"),
     (["q", "--max-new-tokens", "0"], "--max-new-tokens"),

@@ -179,9 +179,7 @@ def add_format_options(p: argparse.ArgumentParser) -> None:
 
 def format_arg(args: argparse.Namespace) -> str | Format:
     """The format the options name: "auto", "think", "harmony", or the Format of --markers."""
-    if args.markers:
-        if args.fmt not in ("auto", "markers"):
-            raise StepscopeError(f"--markers given with --fmt {args.fmt}; drop one of them")
+    if args.markers:  # --markers implies --fmt markers
         return get_format("markers", markers=tuple(args.markers))
     if args.fmt == "markers":
         raise StepscopeError("--fmt markers needs --markers START END")

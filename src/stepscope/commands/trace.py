@@ -17,19 +17,15 @@ import json
 import re
 from pathlib import Path
 
+from . import options
+
 HELP = "turn reasoning outputs (JSONL records, text, trace JSON) into traces with exact steps"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="FILE", help="trace JSON, JSONL/JSON records, or plain text")
-    p.add_argument("--model", default="default",
-                   help="model whose tokenizer and chat template rebuild the tokens (hub id or folder; "
-                        "default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--index", type=int, default=None, help="only record N (0-based) of each JSONL file")
-    p.add_argument("--fmt", default="auto", choices=["auto", "think", "harmony", "markers"],
-                   help="thinking format (default: detect from the chat template and the text)")
-    p.add_argument("--markers", nargs=2, metavar=("START", "END"), default=None,
-                   help="custom thinking start and end strings (implies --fmt markers)")
+    options.add_format_options(p)
     p.add_argument("--question", default=None, help="for a plain text file: the question it answers")
     p.add_argument("--split-question", action="store_true", help="split the question into sentences too")
     p.add_argument("--no-strict", action="store_true",
@@ -37,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None,
                    help="write traces: FILE.json (one trace), FILE.jsonl, or a folder (one <id>.json each)")
     p.add_argument("--table", action="store_true", help="print the step table of every trace, not only one")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own tokenizer code")
+    options.add_model_options(p, tokenizer_only=True)  # its tokenizer and chat template rebuild the tokens
 
 
 def _safe_name(s: str) -> str:
@@ -49,19 +45,13 @@ def run(args: argparse.Namespace) -> int:
     from ..io import atomic_dir, atomic_write_text
     from ..trace import load_traces
 
+    fmt = options.format_arg(args)
     needs_tokenizer = any(not _is_trace_json(f) for f in args.inputs)
-    tokenizer = None
-    if needs_tokenizer:
-        from ..models import load_tokenizer
-
-        tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    if args.markers:
-        args.fmt = "markers"
+    tokenizer = options.load_tokenizer(args) if needs_tokenizer else None
     traces = []
     for f in args.inputs:
-        traces.extend(load_traces(f, tokenizer, index=args.index, fmt=args.fmt,
-                                  markers=tuple(args.markers) if args.markers else None,
-                                  question=args.question, strict=not args.no_strict))
+        traces.extend(load_traces(f, tokenizer, index=args.index, fmt=fmt, question=args.question,
+                                  strict=not args.no_strict))
     if args.split_question and tokenizer is not None:
         from ..trace import Trace
 
