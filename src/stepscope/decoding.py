@@ -7,11 +7,11 @@ place its values are checked, with a one-line error that names the bad field.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from .errors import StepscopeError
+from .io import config_fields
 
 
 class DecodeConfigError(StepscopeError):
@@ -86,14 +86,4 @@ class DecodeConfig:
 
     @classmethod
     def from_json(cls, d: dict | str) -> DecodeConfig:
-        if isinstance(d, str):
-            try:
-                d = json.loads(d)
-            except json.JSONDecodeError as e:
-                raise StepscopeError(f"decoding config is not valid JSON ({e.msg})") from None
-        if not isinstance(d, dict):
-            raise StepscopeError("decoding config JSON must be an object")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise StepscopeError(f"unknown decoding config key(s): {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**config_fields(d, cls, "decoding config"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -76,6 +77,22 @@ def read_text_file(path: str | os.PathLike) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise StepscopeError(f"{path}: not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+
+
+def config_fields(d: dict | str, cls, what: str) -> dict:
+    """The fields of the settings dataclass `cls` from JSON text or a dict (a copy); a one-line error naming
+    `what` for text that is not JSON, JSON that is not an object, or a key `cls` has no field for."""
+    if isinstance(d, str):
+        try:
+            d = json.loads(d)
+        except json.JSONDecodeError as e:
+            raise StepscopeError(f"{what} is not valid JSON ({e.msg})") from None
+    if not isinstance(d, dict):
+        raise StepscopeError(f"{what} JSON must be an object")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise StepscopeError(f"unknown {what} key(s): {', '.join(unknown)}")
+    return dict(d)
 
 
 def _parse_record(path: Path, number: int, line: bytes | str) -> dict:
