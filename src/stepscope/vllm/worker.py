@@ -1,0 +1,382 @@
+"""Per-request StepFlow state inside a vLLM worker process, each forward's plan, and one layer's repair.
+
+Who calls what (one worker process; every tensor-parallel rank has its own copy of all of this):
+- the logits processor's `update_state(BatchUpdate)` (vLLM calls it before every forward) keeps `WORKER.rows`,
+  batch index -> `Request`, in the row order of the attention metadata: added requests whose
+  `SamplingParams.extra_args["stepflow"]` holds a StepFlowConfig get a `Request` (a `RowTracker` over the one
+  `Segmenter`, and the request's prompt ids and live output ids); removed ones are parked (vLLM re-adds a request
+  it did not schedule for a step, or preempted, with the same output list) and reaped once vLLM has dropped
+  them; moved ones follow their index.
+- the attention backend (backend.py) calls `WORKER.plan(metadata)` in every layer; the first call of a forward
+  feeds each StepFlow request's new tokens (positions up to the forward's last query) to its segmenter and
+  builds the forward's `RowPlan`s; `apply_layer` then recomputes, in an OEB layer, that row's thinking and
+  summary queries over its paged keys (`attention.oeb_rows`), and adds, in an SMI layer, the step momentum at
+  the row's fire positions (`attention.smi_delta`).
+
+Coordinates: a request's token i (prompt then output) is kv position i; in a forward its queries are the
+positions [seq_len - q_len, seq_len). Segment boundaries and SMI fires come from the tokens before a query,
+so prefill, chunked prefill and decoding give the same result as one teacher-forced forward.
+
+Stats (fires per layer, bridge and group masses, SMI fires) are counted once per position: a position computed
+again (after preemption) acts the same but is not counted twice. A position served from vLLM's prefix cache
+was never a query here; if it lies in the thinking or summary, its cached keys may not be StepFlow's (see
+docs/vllm.md, prefix caching): it is counted in `cache_conflicts` and warned about once.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import StepscopeError
+from ..flow.config import StepFlowConfig
+from ..flow.state import query_geometry
+from ..formats import get_format
+from ..segment import Segmenter
+from ..tokens import token_bytes
+from .attention import oeb_rows, smi_delta
+from .paged import check_isa, gather_kv, split_cache
+
+try:  # the per-row tracker of the transformers path (flow/rows.py; flow/state.py before it moved there)
+    from ..flow.rows import RowTracker
+except ImportError:  # pragma: no cover - older layout
+    from ..flow.state import RowTracker
+
+log = logging.getLogger("stepscope.vllm")
+EXTRA_KEY, ID_KEY = "stepflow", "stepflow_id"
+
+
+def request_config(params) -> StepFlowConfig | None:
+    """The StepFlowConfig a request asks for (`extra_args["stepflow"]`: a config's `to_json()` dict or its JSON
+    string), or None for a plain request. Bad JSON or an unknown key raises StepscopeError."""
+    extra = getattr(params, "extra_args", None) or {}
+    raw = extra.get(EXTRA_KEY)
+    if raw is None:
+        return None
+    return raw if isinstance(raw, StepFlowConfig) else StepFlowConfig.from_json(raw)
+
+
+def request_key(params) -> str:
+    """The key a request's stats are kept under: `extra_args["stepflow_id"]` ("" when not given)."""
+    extra = getattr(params, "extra_args", None) or {}
+    return str(extra.get(ID_KEY, ""))
+
+
+class Tally:
+    """One request's counts, per model layer: OEB sums [L, 5] (fired, p(B), p(S) before, p(B), p(S) after, over
+    eligible query-heads), eligible query-heads [L], SMI fires [L]; tokens fed, forwards, cache conflicts."""
+
+    def __init__(self, num_layers: int, oeb_layers: list[int], smi_layers: list[int]):
+        self.oeb_layers, self.smi_layers = list(oeb_layers), list(smi_layers)
+        self.oeb = np.zeros((num_layers, 5))
+        self.eligible = np.zeros(num_layers, dtype=np.int64)
+        self.smi = np.zeros(num_layers, dtype=np.int64)
+        self.tokens = self.forwards = self.cache_conflicts = 0
+
+    def to_json(self) -> dict:
+        return {"oeb_layers": self.oeb_layers, "smi_layers": self.smi_layers, "oeb": self.oeb.tolist(),
+                "eligible": self.eligible.tolist(), "smi": self.smi.tolist(), "tokens": self.tokens,
+                "forwards": self.forwards, "cache_conflicts": self.cache_conflicts}
+
+    def add(self, other: Tally) -> None:
+        """Add another request's counts under the same key (e.g. SamplingParams(n>1))."""
+        self.oeb += other.oeb
+        self.eligible += other.eligible
+        self.smi += other.smi
+        self.tokens += other.tokens
+        self.forwards += other.forwards
+        self.cache_conflicts += other.cache_conflicts
+
+
+@dataclass
+class Request:
+    """One StepFlow request in this worker."""
+
+    key: str
+    config: StepFlowConfig
+    oeb: frozenset
+    smi: frozenset
+    tracker: RowTracker
+    prompt: list[int]
+    output: list[int]  # vLLM's live list of the request's output ids
+    tally: Tally
+    fires: dict = field(default_factory=dict)  # fire position -> (window start, window end), every fire so far
+    done: int = 0  # positions [0, done) were queries here (or served from the prefix cache)
+
+    @property
+    def fed(self) -> int:
+        return self.tracker.seg.num_tokens
+
+
+@dataclass
+class Geometry:
+    """OEB inputs of one row's queries for one sliding window (None: full attention)."""
+
+    sel: torch.Tensor  # long [E]: eligible queries, as offsets from the row's first query
+    qpos: torch.Tensor  # long [E]
+    gidx: torch.Tensor  # long [E, 2]
+    tau: torch.Tensor  # float32 [E]
+
+
+@dataclass
+class RowPlan:
+    """One StepFlow request's part of one forward."""
+
+    req: Request
+    index: int  # batch row (attention metadata order)
+    tok0: int  # its first query in the forward's flat token axis
+    pos0: int  # its first query's position
+    seq_len: int
+    count_from: int  # stats count queries at positions >= this (first computation only)
+    t0: int  # thinking start, summary start (BIG when not known yet)
+    s0: int
+    fires: list  # (position, window start, window end) of this forward's queries
+    geometries: dict = field(default_factory=dict)
+
+    @property
+    def q_len(self) -> int:
+        return self.seq_len - self.pos0
+
+    def codes(self) -> torch.Tensor:
+        """Segment of each key 0..seq_len-1: long [S]."""
+        k = torch.arange(self.seq_len)
+        return (k >= self.t0).long() + (k >= self.s0).long()
+
+    def geometry(self, window: int | None) -> Geometry:
+        got = self.geometries.get(window)
+        if got is None:
+            one = np.zeros(1, dtype=np.int64)
+            g, t, _ = query_geometry(one, one + self.seq_len, one + self.t0, one + self.s0, self.pos0, self.q_len,
+                                     window, self.req.config.tau_max)
+            sel = np.nonzero(t[0] > 0)[0]
+            got = self.geometries[window] = Geometry(torch.from_numpy(sel), torch.from_numpy(sel + self.pos0),
+                                                     torch.from_numpy(g[0][sel]), torch.from_numpy(t[0][sel]))
+        return got
+
+
+class Worker:
+    """The StepFlow requests of this worker process (one per process: `WORKER`)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, Request] = {}
+        self.parked: dict[int, Request] = {}  # id(output list) -> a request out of the batch for now
+        self.finished: dict[str, Tally] = {}
+        self.batch_size = 0
+        self.vllm_config = None
+        self.backend = False  # the StepFlow attention backend runs in this process
+        self._tokenizer = None
+        self._tokbytes = None
+        self._formats: dict = {}
+        self._ctx = None
+        self._plans: list[RowPlan] | None = None
+        self._warned: set[str] = set()
+
+    # -- the batch (logits processor) -------------------------------------------------------------------------
+
+    def update(self, batch_update) -> None:
+        """Follow vLLM's persistent batch: removed, then added, then moved requests."""
+        if batch_update is None:
+            return
+        from vllm.v1.sample.logits_processor.interface import MoveDirectionality
+
+        self.batch_size = batch_update.batch_size
+        for index in batch_update.removed:
+            self._park(index)
+        for index, params, prompt, output in batch_update.added:
+            self._park(index)  # an added request may take the slot of one that finished
+            cfg = request_config(params)
+            if cfg is None:
+                continue
+            if not self.backend:
+                raise StepscopeError("a request asks for StepFlow but the StepFlow attention backend is not "
+                                     "active in this vLLM worker (is the 'stepscope_stepflow' general plugin "
+                                     "excluded by VLLM_PLUGINS?)")
+            req = self.parked.pop(id(output), None)
+            if req is None or req.output is not output:
+                req = self._new_request(request_key(params), cfg, list(prompt or []), output)
+            self.rows[index] = req
+        for a, b, direction in batch_update.moved:
+            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
+            if ra is not None:
+                self.rows[b] = ra
+            if rb is not None:
+                if direction == MoveDirectionality.SWAP:
+                    self.rows[a] = rb
+                else:
+                    self.parked[id(rb.output)] = rb
+        self._reap()
+
+    def _park(self, index: int) -> None:
+        req = self.rows.pop(index, None)
+        if req is not None:
+            self.parked[id(req.output)] = req
+
+    def _reap(self) -> None:
+        """Parked requests vLLM no longer holds (finished or aborted): keep only their counts."""
+        for k in [k for k, r in self.parked.items() if sys.getrefcount(r.output) <= 2]:
+            self._finish(self.parked.pop(k))
+
+    def _finish(self, req: Request) -> None:
+        req.tally.tokens = req.fed
+        got = self.finished.get(req.key)
+        if got is None:
+            self.finished[req.key] = req.tally
+        else:
+            got.add(req.tally)
+
+    def _new_request(self, key: str, cfg: StepFlowConfig, prompt: list[int], output: list[int]) -> Request:
+        tok = self._tokenizer_once()
+        fkey = (cfg.fmt, cfg.markers)
+        fmt = self._formats.get(fkey)
+        if fmt is None:
+            fmt = self._formats[fkey] = get_format(cfg.fmt, tok, markers=cfg.markers)
+        num_layers = self.num_layers
+        oeb, smi = cfg.resolve(num_layers)
+        tracker = RowTracker(Segmenter(tok, fmt, tokbytes=self._tokbytes), 0, cfg.smi_window)
+        return Request(key, cfg, frozenset(oeb), frozenset(smi), tracker, prompt, output,
+                       Tally(num_layers, oeb, smi))
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.vllm_config.model_config.get_total_num_hidden_layers())
+
+    def _tokenizer_once(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            mc = self.vllm_config.model_config
+            self._tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
+                                                            trust_remote_code=False)
+            self._tokbytes = token_bytes(self._tokenizer)
+        return self._tokenizer
+
+    # -- one forward (attention backend) --------------------------------------------------------------------
+
+    def plan(self, metadata) -> list[RowPlan] | None:
+        """This forward's StepFlow rows (built by its first attention call), or None when it has none."""
+        from vllm.forward_context import get_forward_context
+
+        ctx = get_forward_context()
+        if ctx is self._ctx:
+            return self._plans
+        self._ctx, self._plans = ctx, None
+        if not self.rows:
+            return None
+        qsl = metadata.query_start_loc.tolist()
+        if len(qsl) - 1 != self.batch_size:  # a dummy forward (profiling, warm-up): not the batch we follow
+            return None
+        seq = metadata.seq_lens.tolist()
+        self._plans = [self._plan_row(req, i, qsl[i], qsl[i + 1] - qsl[i], seq[i])
+                       for i, req in sorted(self.rows.items())]
+        return self._plans
+
+    def _plan_row(self, req: Request, index: int, tok0: int, q_len: int, seq_len: int) -> RowPlan:
+        n_p, fed = len(req.prompt), req.fed
+        if seq_len > n_p + len(req.output):
+            raise StepscopeError(f"StepFlow request {req.key!r}: vLLM computes {seq_len} tokens but the request "
+                                 f"holds {n_p + len(req.output)} (speculative decoding is not supported)")
+        if seq_len > fed:
+            new = req.prompt[fed:seq_len] + req.output[max(0, fed - n_p):seq_len - n_p]
+            if new and min(new) < 0:
+                raise StepscopeError("StepFlow needs each step's tokens before the forward; vLLM's async "
+                                     "scheduling leaves placeholders (run with async_scheduling=False)")
+            for pos, ws, we in req.tracker.feed(new):
+                req.fires[pos] = (ws, we)
+        pos0 = seq_len - q_len
+        t0, s0 = req.tracker.bounds()
+        if pos0 > req.done:  # served from the prefix cache: never a query here
+            conflicts = pos0 - max(req.done, t0)
+            if conflicts > 0:
+                req.tally.cache_conflicts += conflicts
+                self._warn("cache", "a StepFlow request reused prefix-cached keys of thinking or summary "
+                           "positions that StepFlow did not compute; give StepFlow requests a cache_salt "
+                           "(stepscope.vllm.prompt) or disable prefix caching (docs/vllm.md)")
+            req.done = pos0
+        count_from, req.done = req.done, max(req.done, seq_len)
+        req.tally.forwards += 1
+        fires = [(p, *req.fires[p]) for p in range(pos0, seq_len) if p in req.fires]
+        return RowPlan(req, index, tok0, pos0, seq_len, count_from, t0, s0, fires)
+
+    def _warn(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg)
+
+    # -- stats --------------------------------------------------------------------------------------------------
+
+    def tallies(self, keys=None, clear: bool = False) -> dict[str, dict]:
+        """Counts by request key (active, parked and finished requests with the same key added up)."""
+        self._reap()
+        out: dict[str, Tally] = {}
+        live = list(self.rows.values()) + list(self.parked.values())
+        for key, t in self.finished.items():
+            if keys is None or key in keys:
+                acc = out[key] = Tally(len(t.eligible), t.oeb_layers, t.smi_layers)
+                acc.add(t)
+        for req in live:
+            if keys is None or req.key in keys:
+                req.tally.tokens = req.fed
+                acc = out.get(req.key)
+                if acc is None:
+                    acc = out[req.key] = Tally(len(req.tally.eligible), req.tally.oeb_layers,
+                                               req.tally.smi_layers)
+                acc.add(req.tally)
+        if clear:
+            for key in out:
+                self.finished.pop(key, None)
+        return {k: v.to_json() for k, v in out.items()}
+
+
+WORKER = Worker()
+
+
+def apply_layer(impl, layer_idx: int, query: torch.Tensor, kv_cache: torch.Tensor, metadata,
+                output: torch.Tensor, plans: list[RowPlan]) -> None:
+    """OEB and SMI of one attention layer for the StepFlow rows of this forward, in place on `output`.
+
+    query/output: [num_tokens, H, D] (this rank's heads); kv_cache: this layer's paged cache, already holding
+    this forward's keys."""
+    window = impl.sliding_window if impl.sliding_window and impl.sliding_window > 0 else None
+    H = impl.num_heads
+    n_rep = H // impl.num_kv_heads
+    caches = None
+    for rp in plans:
+        req = rp.req
+        do_oeb = layer_idx in req.oeb
+        fires = rp.fires if layer_idx in req.smi else ()
+        if not (do_oeb or fires):
+            continue
+        if caches is None:
+            check_isa(getattr(impl, "_stepscope_isa", None))
+            caches = split_cache(kv_cache)
+        keys, values = gather_kv(*caches, metadata.block_table[rp.index], rp.seq_len)  # [Hkv, S, D]
+        tally = req.tally
+        if do_oeb:
+            geo = rp.geometry(window)
+            if geo.sel.numel():
+                tok = rp.tok0 + geo.sel
+                out, fired, before, after = oeb_rows(query[tok], keys, values, geo.qpos, geo.gidx, geo.tau,
+                                                     rp.codes(), impl.scale, window, impl.sinks)
+                output[tok] = out.to(output.dtype)
+                m = geo.qpos >= rp.count_from  # [E]: first computation of these positions
+                if bool(m.any()):
+                    part = torch.cat([fired[m].to(torch.float64)[..., None], before[m].double(),
+                                      after[m].double()], -1)  # [E', H, 5]
+                    tally.oeb[layer_idx] += part.sum((0, 1)).numpy()
+                    tally.eligible[layer_idx] += int(m.sum()) * H
+        for pos, ws, we in fires:
+            d = smi_delta(values, ws, we, pos, float(req.config.alpha), n_rep, window)
+            if d is not None:
+                t = rp.tok0 + pos - rp.pos0
+                output[t] += d.to(output.dtype)
+            if pos >= rp.count_from:
+                tally.smi[layer_idx] += 1
+
+
+def worker_tallies(worker, keys=None, clear: bool = False) -> dict[str, dict]:
+    """`collective_rpc` target: this process's counts (`worker` is vLLM's worker object, unused)."""
+    return WORKER.tallies(None if keys is None else set(keys), clear)
