@@ -16,6 +16,7 @@ ARGS = ["--benchmark", "gsm8k", "--limit", "2", "--n-samples", "1", "--arms", "b
 
 def test_smollm2_gsm8k_interrupted_then_resumed(tmp_path, capsys):
     from stepscope import cli
+    from stepscope.decoding import DecodeConfig
     from stepscope.evaluate import EvalSettings, read_results, run_eval, sample_seed
     from stepscope.evaluate.benchmarks import load_benchmark
     from stepscope.evaluate.runner import arms_json, build_arms
@@ -26,7 +27,7 @@ def test_smollm2_gsm8k_interrupted_then_resumed(tmp_path, capsys):
     bench = load_benchmark("gsm8k", limit=2, seed=3)
     arm_configs = build_arms("baseline,stepflow")
     settings = EvalSettings(model="default", benchmark="gsm8k", n_samples=1, arms=arms_json(arm_configs),
-                            max_new_tokens=40, max_thinking_tokens=24, seed=3, dtype="auto",
+                            decode=DecodeConfig(max_new_tokens=40, max_thinking_tokens=24, seed=3), dtype="auto",
                             extra={"limit": 2, "data_file": None})
     calls = []
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stepscope.decoding import DecodeConfig
 from stepscope.errors import StepscopeError
 from stepscope.evaluate import (
     EvalSettings,
@@ -74,11 +75,13 @@ class FakeGenerator:
     def __init__(self, golds: dict[str, str], fail_on_call: int | None = None):
         self.golds = golds
         self.calls: list[tuple[str, list[tuple[str, int]], list[int]]] = []
+        self.decodes: list[DecodeConfig] = []
         self.fail_on_call = fail_on_call
 
-    def __call__(self, model, tokenizer, questions, *, stepflow=None, seeds, metas, max_new_tokens,
-                 max_thinking_tokens, temperature, top_p, batch_size, prompt_style, progress):
+    def __call__(self, model, tokenizer, questions, *, decode, stepflow=None, seeds, metas, batch_size, prompt_style,
+                 progress):
         assert prompt_style == "r1" and progress is False and len(seeds) == len(questions) == len(metas)
+        self.decodes.append(decode)
         if self.fail_on_call is not None and len(self.calls) + 1 == self.fail_on_call:
             raise KeyboardInterrupt
         self.calls.append((metas[0]["arm"], [(m["id"], m["sample"]) for m in metas], list(seeds)))
@@ -103,12 +106,12 @@ def write_bench(folder: Path) -> Path:
 
 
 def run_fake(out, bench_file, *, n_samples=3, batch_size=4, resume=False, fail_on_call=None, rank=None, world=None,
-             temperature=0.6, wait_timeout=30.0):
+             temperature=0.6, top_k=0, wait_timeout=30.0):
     bench = load_benchmark(str(bench_file))
     gen = FakeGenerator({p.prompt_text(): p.answer for p in bench.problems}, fail_on_call)
     settings = EvalSettings(model="fake-model", benchmark=bench.name, n_samples=n_samples,
-                            arms={"baseline": None, "stepflow": {"tau_max": 0.15}}, max_new_tokens=64,
-                            temperature=temperature)
+                            arms={"baseline": None, "stepflow": {"tau_max": 0.15}},
+                            decode=DecodeConfig(max_new_tokens=64, temperature=temperature, top_k=top_k))
     summary = run_eval(None, None, bench, settings, out, arm_configs={"baseline": None, "stepflow": "cfg"},
                        batch_size=batch_size, resume=resume, progress=False, generate_fn=gen, rank=rank,
                        world_size=world, poll_seconds=0.2, wait_timeout=wait_timeout)
@@ -210,6 +213,53 @@ def test_resume_refuses_other_settings(tmp_path):
     # --resume on a folder that does not exist yet starts the run (job scripts can always pass it)
     s2, _, _ = run_fake(tmp_path / "fresh", bench_file, resume=True)
     assert s2["complete"]
+
+
+def test_decoding_settings_reach_the_generator_and_run_json(tmp_path):
+    bench_file = write_bench(tmp_path)
+    _, gen, _ = run_fake(tmp_path / "run", bench_file, top_k=20, temperature=0.7)
+    assert {(d.max_new_tokens, d.temperature, d.top_k, d.top_p) for d in gen.decodes} == {(64, 0.7, 20, 0.95)}
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["stepscope_run"] == 2
+    assert {k: info[k] for k in ("max_new_tokens", "max_thinking_tokens", "temperature", "top_p", "top_k",
+                                 "do_sample", "seed")} == DecodeConfig(max_new_tokens=64, temperature=0.7,
+                                                                       top_k=20).to_json()
+    md = (tmp_path / "run" / "summary.md").read_text()
+    assert "temperature 0.7, top-p 0.95, top-k 20, up to 64 new tokens" in md
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["decoding"]["top_k"] == 20
+    assert EvalSettings(model="m", benchmark="b").decode == DecodeConfig(max_new_tokens=32768)  # the paper's budget
+
+
+def test_resume_of_a_version_1_run_folder(tmp_path):
+    """run.json of version 1 had no top_k or do_sample (it decoded with 0 and None): it resumes with those,
+    refuses others; an unknown version is a clear error."""
+    bench_file = write_bench(tmp_path)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_fake(out, bench_file, fail_on_call=3)
+    info = json.loads((out / "run.json").read_text())
+    v1 = {k: v for k, v in info.items() if k not in ("top_k", "do_sample")} | {"stepscope_run": 1}
+    (out / "run.json").write_text(json.dumps(v1))
+    with pytest.raises(StepscopeError, match="top_k: 0 -> 20"):
+        run_fake(out, bench_file, resume=True, top_k=20)
+    summary, _, _ = run_fake(out, bench_file, resume=True)
+    assert summary["complete"] and summary["n_records"] == 30
+    (out / "run.json").write_text(json.dumps(v1 | {"stepscope_run": 7}))
+    with pytest.raises(StepscopeError, match="run format 7 is not one this stepscope reads"):
+        run_fake(out, bench_file, resume=True)
+
+
+def test_cli_default_budget_is_the_library_default():
+    import argparse
+
+    from stepscope.commands import eval as eval_command
+    from stepscope.evaluate.runner import EVAL_MAX_NEW_TOKENS
+
+    p = argparse.ArgumentParser()
+    eval_command.add_arguments(p)
+    args = p.parse_args([])
+    assert args.max_new_tokens == eval_command.MAX_NEW_TOKENS == EVAL_MAX_NEW_TOKENS
+    assert (args.temperature, args.top_p, args.top_k, args.seed) == (0.6, 0.95, 0, 0)
 
 
 def test_shards_in_one_process_merge_to_the_single_run(tmp_path):

@@ -60,3 +60,32 @@ def test_per_problem_average_first_then_mean_se():
     p2 = per_problem_pass_at_k(correct, 2)
     assert p2.tolist() == pytest.approx([brute_pass_at_k(4, 2, 2), 1.0, brute_pass_at_k(4, 1, 2)])
     assert math.isnan(mean_se([0.3])[1])
+
+
+def test_summary_breaks_accuracy_down_by_a_record_field():
+    from stepscope.evaluate.summary import markdown, summarize
+
+    info = {"model": "m", "benchmark": "lcb", "n_samples": 2, "n_problems": 4,
+            "arms": {"baseline": None, "stepflow": {}}, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 9}
+    level = {"a": "easy", "b": "easy", "c": "hard", "d": "hard"}
+    outcome = {("a", "baseline"): [1, 1], ("a", "stepflow"): [1, 1], ("b", "baseline"): [0, 1],
+               ("b", "stepflow"): [1, 1], ("c", "baseline"): [0, 0], ("c", "stepflow"): [0, 1],
+               ("d", "baseline"): [0, 0], ("d", "stepflow"): [0, 0]}
+    recs = [{"problem_id": p, "sample": s, "arm": arm, "correct": bool(ok), "difficulty": level[p]}
+            for (p, arm), oks in outcome.items() for s, ok in enumerate(oks)]
+    recs.append({"problem_id": "e", "sample": 0, "arm": "baseline", "correct": True, "difficulty": "medium"})
+    plain = summarize(recs, info)
+    assert "by" not in plain
+    s = summarize(recs, info, by=["difficulty"])
+    assert {k: v for k, v in s.items() if k != "by"} == plain
+    by = s["by"]["difficulty"]
+    assert set(by) == {"easy", "hard"}  # problem e is not complete: it is in no group
+    for value, probs in [("easy", "ab"), ("hard", "cd")]:
+        assert by[value]["n_problems"] == 2
+        for arm in ("baseline", "stepflow"):
+            acc = [statistics.mean(outcome[(p, arm)]) for p in probs]
+            got = by[value]["arms"][arm]
+            assert got["accuracy"] == pytest.approx(statistics.mean(acc))
+            assert got["se"] == pytest.approx(statistics.stdev(acc) / math.sqrt(2))
+    md = markdown(s)
+    assert "| difficulty | problems | baseline | StepFlow |" in md and "| easy | 2 | 75.0 ± 25.0 | 100.0 ± 0.0 |" in md

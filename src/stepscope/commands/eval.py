@@ -21,30 +21,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import options
+
 HELP = "run StepFlow against the baseline on a benchmark (paired, resumable, sharded) with statistics"
-
-
-def _layers(text: str) -> list[int]:
-    """'0,1,2' or '0-7' or '-4--1' -> a list of layer indices."""
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        head, sep, tail = part[1:].partition("-")
-        if sep:
-            a, b = int(part[0] + head), int(tail)
-            out.extend(range(a, b + 1))
-        else:
-            out.append(int(part))
-    if not out:
-        raise argparse.ArgumentTypeError(f"no layers in {text!r}")
-    return out
+# the library's default budget (stepscope.evaluate.runner.EVAL_MAX_NEW_TOKENS), not imported: --help stays instant
+MAX_NEW_TOKENS = 32768
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default",
-                   help="hub id or local folder (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--benchmark", default=None,
                    help="aime24, aime25, amc23, math500, math500-mmath, gsm8k, gpqa-diamond, or a local "
                         ".jsonl/.json/.csv/.parquet file")
@@ -55,28 +39,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arms", default="baseline,stepflow",
                    help="comma-separated arms: baseline, stepflow, oeb (OEB only), smi (SMI only)")
     p.add_argument("--limit", type=int, default=None, help="only the first K problems")
-    p.add_argument("--max-new-tokens", type=int, default=32768, help="generation budget (default 32768)")
-    p.add_argument("--max-thinking-tokens", type=int, default=None,
-                   help="close the thinking after this many tokens (budget forcing; default: no limit)")
-    p.add_argument("--temperature", type=float, default=0.6, help="default 0.6 (the paper's)")
-    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95 (the paper's)")
-    p.add_argument("--seed", type=int, default=0, help="base seed; a sample's seed = f(seed, problem id, sample)")
     p.add_argument("--prompt-style", default=None, choices=["r1", "gpqa", "plain"],
                    help="default: r1 for math (answer in \\boxed{}), gpqa for multiple choice")
-    p.add_argument("--batch-size", type=int, default=8, help="rows generated together (default 8)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (refused if its settings differ); starts it if absent")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU), bfloat16, float16, float32")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda:LOCAL_RANK if available)")
+    options.add_model_options(p)
     p.add_argument("--device-map", default=None,
                    help="'auto' spreads a model too large for one GPU over all GPUs (one process only)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code")
-    g = p.add_argument_group("StepFlow (docs/method.md §5; defaults: the paper's)")
-    g.add_argument("--tau-max", type=float, default=None, help="OEB bridge mass cap (default 0.15)")
-    g.add_argument("--alpha", type=float, default=None, help="SMI strength (default 0.06)")
-    g.add_argument("--smi-window", default=None, help="SMI: last W tokens of the step, or 'step' (default 4)")
-    g.add_argument("--oeb-layers", type=_layers, default=None, help="OEB layers, e.g. 0-6 (default: bottom quarter)")
-    g.add_argument("--smi-layers", type=_layers, default=None, help="SMI layers, e.g. -7--1 (default: top quarter)")
+    options.add_decoding_options(p, max_new_tokens=MAX_NEW_TOKENS,
+                                 seed_help="base seed; a sample's seed = f(seed, problem id, sample)")
+    options.add_stepflow_options(p, switches=False)
     o = p.add_argument_group("output")
     o.add_argument("--grade-timeout", type=float, default=10.0, help="seconds per math-verify call (default 10)")
     o.add_argument("--save-traces", action="store_true",
@@ -117,29 +89,20 @@ def run(args: argparse.Namespace) -> int:
     rank, world = dist_env()
     if args.device_map and world > 1:
         raise StepscopeError("--device-map spreads one model over all GPUs; run it in a single process")
-    smi_window = args.smi_window
-    if isinstance(smi_window, str) and smi_window.isdigit():
-        smi_window = int(smi_window)
-    arm_configs = build_arms(args.arms, tau_max=args.tau_max, alpha=args.alpha, smi_window=smi_window,
-                             oeb_layers=args.oeb_layers, smi_layers=args.smi_layers)
-    bench = load_benchmark(args.benchmark, data_file=args.data_file, seed=args.seed, limit=args.limit)
+    decode = options.decode_config(args)
+    arm_configs = build_arms(args.arms, **options.stepflow_knobs(args))
+    bench = load_benchmark(args.benchmark, data_file=args.data_file, seed=decode.seed, limit=args.limit)
     n_samples = args.n_samples if args.n_samples is not None else PAPER_SAMPLES.get(bench.name, 1)
-    settings = EvalSettings(
-        model=args.model, benchmark=bench.name, n_samples=n_samples, arms=arms_json(arm_configs),
-        max_new_tokens=args.max_new_tokens, max_thinking_tokens=args.max_thinking_tokens,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, prompt_style=args.prompt_style,
-        dtype=args.dtype, extra={"limit": args.limit, "data_file": args.data_file})
+    settings = EvalSettings(model=args.model, benchmark=bench.name, n_samples=n_samples, arms=arms_json(arm_configs),
+                            decode=decode, prompt_style=args.prompt_style, dtype=args.dtype,
+                            extra={"limit": args.limit, "data_file": args.data_file})
 
     import torch
 
-    from ..models import load_model
-
-    device = args.device
-    if device is None and not args.device_map and torch.cuda.is_available():
+    if args.device is None and not args.device_map and torch.cuda.is_available():  # one GPU per process
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = f"cuda:{local % torch.cuda.device_count()}" if world > 1 else "cuda"
-    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, device_map=args.device_map,
-                                  trust_remote_code=args.trust_remote_code)
+        args.device = f"cuda:{local % torch.cuda.device_count()}" if world > 1 else "cuda"
+    model, tokenizer = options.load_model(args, device_map=args.device_map)
     if rank == 0:
         print(f"stepscope eval: {bench.name} ({len(bench)} problems from {bench.source}), {n_samples} samples, "
               f"arms {', '.join(arm_configs)}, {world} process(es) -> {args.out}", file=sys.stderr)

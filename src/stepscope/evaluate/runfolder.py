@@ -23,16 +23,31 @@ from pathlib import Path
 from ..errors import StepscopeError
 from ..io import JsonlLog, atomic_write_json, atomic_write_text, read_text_file
 
-RUN_VERSION = 1
+RUN_VERSION = 2
 RESULTS = "results.jsonl"
 # settings that may change between an interrupted run and its resumption (they do not change any result)
 NOT_COMPARED = ("batch_size", "device", "device_map", "stepscope_version", "created", "world_size")
+# run.json of version 1 predates these decoding settings; its runs decoded with these values
+V1_DECODING = {"top_k": 0, "do_sample": None}
 
 Key = tuple[str, int, str]  # (problem id, sample, arm)
 
 
 def record_key(rec: dict) -> Key:
     return str(rec["problem_id"]), int(rec["sample"]), str(rec["arm"])
+
+
+def upgrade_run_info(info: dict, path: Path) -> dict:
+    """run.json in the current version's form (version 1 gains the decoding settings it ran with)."""
+    if not isinstance(info, dict):
+        raise StepscopeError(f"{path}: not a run's settings (a JSON object)")
+    version = info.get("stepscope_run")
+    if version == 1:
+        return {**info, **V1_DECODING, "stepscope_run": RUN_VERSION}
+    if version != RUN_VERSION:
+        raise StepscopeError(f"{path}: run format {version!r} is not one this stepscope reads (1 or {RUN_VERSION}); "
+                             f"use the stepscope version that wrote it, or another --out")
+    return info
 
 
 def _compare_settings(old: dict, new: dict) -> list[str]:
@@ -56,9 +71,10 @@ class RunFolder:
         if not path.exists():
             raise StepscopeError(f"{self.path}: no run.json (not a stepscope eval folder)")
         try:
-            return json.loads(read_text_file(path))
+            info = json.loads(read_text_file(path))
         except json.JSONDecodeError as e:
             raise StepscopeError(f"{path}: not valid JSON ({e.msg})") from None
+        return upgrade_run_info(info, path)
 
     def prepare(self, run_info: dict, *, resume: bool, rank: int, wait_timeout: float | None = 3600.0,
                 poll: float = 1.0) -> None:
@@ -84,6 +100,7 @@ class RunFolder:
             if not resume:
                 raise StepscopeError(f"{self.path} already holds a run; pass --resume to continue it, or choose "
                                      f"another --out")
+            old = upgrade_run_info(old, path)
             diff = _compare_settings(old, run_info)
             if diff:
                 shown = "; ".join(f"{k}: {old.get(k)!r} -> {run_info.get(k)!r}"[:160] for k in diff[:4])

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from ..decoding import DecodeConfig
 from ..errors import StepscopeError
 from .benchmarks import Benchmark, Problem
 from .grading import DEFAULT_TIMEOUT, Grade, grade_choice_detail, grade_math_detail
@@ -40,29 +41,34 @@ def dist_env() -> tuple[int, int]:
     return rank, world
 
 
+EVAL_MAX_NEW_TOKENS = 32768  # an evaluation's default budget: long enough for the paper's benchmarks
+
+
+def eval_decode(**fields) -> DecodeConfig:
+    """An evaluation's DecodeConfig: the paper's sampling (temperature 0.6, top-p 0.95) and a 32768-token budget."""
+    return DecodeConfig(**{"max_new_tokens": EVAL_MAX_NEW_TOKENS, **fields})
+
+
 @dataclass
 class EvalSettings:
-    """Everything that decides a run's results (stored in run.json)."""
+    """Everything that decides a run's results (stored in run.json, the decoding settings as top-level keys).
+
+    `decode.seed` is the base seed: sample s of problem p uses `sample_seed(decode.seed, p.id, s)` in every arm.
+    """
 
     model: str
     benchmark: str
     n_samples: int = 1
     arms: dict[str, dict | None] = field(default_factory=lambda: {"baseline": None})  # arm -> StepFlow config
-    max_new_tokens: int = 32768
-    max_thinking_tokens: int | None = None
-    temperature: float = 0.6
-    top_p: float = 0.95
-    seed: int = 0
+    decode: DecodeConfig = field(default_factory=eval_decode)
     prompt_style: str | None = None  # None: "r1" for math, "gpqa" for multiple choice
     dtype: str | None = None
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"model": self.model, "benchmark": self.benchmark, "n_samples": self.n_samples,
-                "arms": self.arms, "max_new_tokens": self.max_new_tokens,
-                "max_thinking_tokens": self.max_thinking_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "seed": self.seed, "prompt_style": self.prompt_style, "dtype": self.dtype,
-                **self.extra}
+                "arms": self.arms, **self.decode.validate().to_json(), "prompt_style": self.prompt_style,
+                "dtype": self.dtype, **self.extra}
 
 
 ARMS = ("baseline", "stepflow", "oeb", "smi")
@@ -188,15 +194,13 @@ def run_info(settings: EvalSettings, benchmark: Benchmark, batch_size: int, worl
 def _generate(generate_fn: GenerateFn, model, tokenizer, todo: list[Unit], arm: str, config,
               settings: EvalSettings, batch_size: int) -> list:
     """One trace per unit of `todo` in one arm, in order (one generator call per prompt style)."""
-    seeds = [sample_seed(settings.seed, p.id, s) for p, s in todo]
+    seeds = [sample_seed(settings.decode.seed, p.id, s) for p, s in todo]
     traces: list = [None] * len(todo)
     for style in sorted({_prompt_style(settings, p) for p, _ in todo}):  # normally one style per benchmark
         sel = [i for i, (p, _) in enumerate(todo) if _prompt_style(settings, p) == style]
         got = generate_fn(
-            model, tokenizer, [todo[i][0].prompt_text() for i in sel], stepflow=config,
-            max_new_tokens=settings.max_new_tokens, max_thinking_tokens=settings.max_thinking_tokens,
-            temperature=settings.temperature, top_p=settings.top_p, seeds=[seeds[i] for i in sel],
-            batch_size=batch_size, prompt_style=style, progress=False,
+            model, tokenizer, [todo[i][0].prompt_text() for i in sel], decode=settings.decode, stepflow=config,
+            seeds=[seeds[i] for i in sel], batch_size=batch_size, prompt_style=style, progress=False,
             metas=[{"id": todo[i][0].id, "sample": todo[i][1], "arm": arm} for i in sel])
         if len(got) != len(sel):
             raise StepscopeError(f"the generator returned {len(got)} traces for {len(sel)} prompts")
@@ -287,7 +291,7 @@ def _run_share(folder: RunFolder, mine: list[Unit], arms: list[str], settings: E
                     todo = [(p, s) for p, s in batch if (p.id, s, arm) not in done]
                     if not todo:
                         continue
-                    records = [make_record(p, s, sample_seed(settings.seed, p.id, s), arm, settings.arms[arm],
+                    records = [make_record(p, s, sample_seed(settings.decode.seed, p.id, s), arm, settings.arms[arm],
                                            trace, grade_trace(p, trace, grade_timeout), rank, save_traces)
                                for (p, s), trace in zip(todo, generate(todo, arm))]
                     results.append(records)

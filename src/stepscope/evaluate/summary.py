@@ -158,7 +158,8 @@ def summarize(records: list[dict], run_info: dict, *, reference: str = "baseline
         "complete": len(complete) == expected and len(records) == expected * n * len(arms),
         "n_records": len(records), "arms": {}, "comparisons": {},
         "decoding": {k: run_info.get(k) for k in ("temperature", "top_p", "max_new_tokens", "max_thinking_tokens",
-                                                  "seed", "prompt_style")},
+                                                  "seed", "prompt_style")
+                     + (("top_k",) if run_info.get("top_k") else ())},  # top_k shown where it was on
         "method": {"accuracy": "mean over samples per problem, then mean over problems; ± standard error over "
                                "problems", "pass_at_k": "unbiased estimator (Chen et al. 2021) per problem, "
                                                        "mean ± SE over problems",
@@ -235,7 +236,8 @@ def markdown(summary: dict) -> str:
     dec = summary["decoding"]
     note = (f"{summary['n_problems']} problems" +
             ("" if summary["complete"] else f" of {summary['n_problems_expected']} (run incomplete)") +
-            f", {summary['n_samples']} samples each; temperature {dec['temperature']}, top-p {dec['top_p']}, "
+            f", {summary['n_samples']} samples each; temperature {dec['temperature']}, top-p {dec['top_p']}, " +
+            (f"top-k {dec['top_k']}, " if dec.get("top_k") else "") +
             f"up to {dec['max_new_tokens']} new tokens" +
             (f" ({dec['max_thinking_tokens']} thinking)" if dec.get("max_thinking_tokens") else "") +
             f"; source: {summary['benchmark_source']}.")
