@@ -41,6 +41,7 @@ STARTUP_TIMEOUT = 30.0  # seconds for the sandbox to start and compile the progr
 GRACE = 3.0  # seconds past the launcher's own per-test deadline before we kill everything
 UID_ENV = "STEPSCOPE_SANDBOX_UID"  # the first uid programs run as when we are root (default 65534)
 MARKER_ENV = "STEPSCOPE_SANDBOX"
+REAP_WAIT = 3.0  # seconds to wait for killed leftovers (setsid mode) to be gone
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,8 @@ def _env(home: str, marker: str | None) -> dict[str, str]:
 
 
 def _kill_marked(marker: str) -> int:
-    """Stop, then kill, every process whose environment carries `marker` (setsid mode); returns how many."""
+    """Stop, then kill, every process whose environment carries `marker` (setsid mode); returns how many are
+    still not reaped after REAP_WAIT seconds."""
     needle = f"{MARKER_ENV}={marker}".encode()
     found: set[int] = set()
     for _ in range(20):  # a process may fork while we scan: stop what we find and look again
@@ -224,6 +226,12 @@ def _kill_marked(marker: str) -> int:
     for pid in found:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+    # wait (a little) until init has reaped them: until then they still count against the user's process limit
+    deadline = time.monotonic() + REAP_WAIT
+    while found and time.monotonic() < deadline:
+        found = {pid for pid in found if os.path.exists(f"/proc/{pid}")}
+        if found:
+            time.sleep(0.005)
     return len(found)
 
 
