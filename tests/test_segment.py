@@ -8,56 +8,152 @@ from conftest import shared_trace_records
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stepscope.segment import Segmenter, is_weak_piece
+from stepscope.formats import get_format, template_has_assistant_start
+from stepscope.segment import Segmenter
+from stepscope.tokens import token_bytes
 from stepscope.trace import Trace
 
+# -- the reference: docs/method.md §2 re-derived on a whole token sequence, slowly and obviously ----------------
+# It shares no code with stepscope.segment: it reads the whole decoded text at once, finds the markers with
+# str.find, the cuts with plain loops over characters, and maps characters to tokens through byte offsets.
+# Its only inputs from stepscope are the bytes of each token (stepscope.tokens) and the marker strings.
 
-def reference_steps(text, char_ends, segments):
-    """Slow, obvious re-derivation of METHOD.md §2 on the whole text with regular expressions.
+def ref_weak(piece: str, min_chars: int) -> bool:
+    """A piece that does not stand alone: shorter than min_chars once stripped, a bare number, or a markdown
+    table row or separator line."""
+    s = piece.strip()
+    if len(s) < min_chars:
+        return True
+    # a bare number: an optional sign or "(", an optional currency sign, a digit, then digits, ",", "." or
+    # white space, and an optional closing ".", ")", ":" or "%"
+    body = s[1:] if s[0] in "-+(" else s
+    body = body[1:] if body[:1] and body[0] in "$€£" else body
+    if body[-1:] and body[-1] in ".):%":
+        body = body[:-1]
+    if body[:1].isdigit() and all(c.isdigit() or c in ",." or c.isspace() for c in body):
+        return True
+    # a table row: starts and ends with "|"; a separator: cells of 3+ dashes (with optional colons) between "|"
+    if len(s) >= 2 and s[0] == "|" and s[-1] == "|":
+        return True
+    cells = s.removeprefix("|").removesuffix("|").split("|")
 
-    Returns [(kind, token_start, token_end)]. Cuts are found on each segment's text; a cut's step ends at the
-    token holding the cut character; weak pieces join the next piece.
+    def dashes(cell: str) -> bool:
+        c = cell.strip()
+        c = c.removeprefix(":").removesuffix(":")
+        return len(c) >= 3 and set(c) == {"-"}
+    return all(dashes(c) for c in cells)
+
+
+def reference_segment(tokbytes: list[bytes], fmt, *, require_assistant: bool, split_question: bool = False):
+    """(steps, char_ends, starts) of a whole token sequence under docs/method.md §2.
+
+    steps: [(kind, index, token_start, token_end, char_start, char_end, text, closed_at, by_end)], where
+    closed_at is the token holding the character that confirmed the step's end (a cut's following white space or
+    second newline, a marker's last character, or the last token) and by_end says the end of the sequence
+    closed it. starts: {"thinking": token or None, "summary": token or None}, the first token of each segment.
     """
-    def tok_of(c):  # the token holding character c: the first token whose end is beyond c
-        return next(t for t, e in enumerate(char_ends) if e > c)
+    text = b"".join(tokbytes).decode("utf-8")  # valid UTF-8 in these tests
+    T = len(tokbytes)
+    # a character belongs to the token that holds its last byte
+    token_byte_end = []
+    total = 0
+    for b in tokbytes:
+        total += len(b)
+        token_byte_end.append(total)
+    owner, byte_pos, t = [], 0, 0  # owner[c]: the token holding character c
+    for ch in text:
+        byte_pos += len(ch.encode("utf-8"))
+        while token_byte_end[t] < byte_pos:
+            t += 1
+        owner.append(t)
+    char_ends = [0] * T  # char_ends[t]: the characters held by tokens 0 .. t
+    for o in owner:
+        char_ends[o] += 1
+    for t in range(1, T):
+        char_ends[t] += char_ends[t - 1]
 
-    out = []
-    for kind in ("question", "thinking", "summary"):
-        a, b = segments[kind]
+    def first_end(marker: str | None, after: int) -> int | None:
+        """The last character of the first occurrence of `marker` that ends after character `after`."""
+        if not marker:
+            return None
+        i = text.find(marker, max(0, after + 2 - len(marker)))
+        return None if i < 0 else i + len(marker) - 1
+
+    # segments: each marker is matched on the text; the token holding its last character ends the segment
+    armed = -1
+    if require_assistant:
+        ends = [e for e in (first_end(a, -1) for a in fmt.assistant_start) if e is not None]
+        armed = min(ends) if ends else len(text)
+    bounds = []  # (kind, first token, last character of the marker that opened it)
+    e_think, e_sum = first_end(fmt.think_start, armed), first_end(fmt.summary_start, armed)
+    if e_think is not None and (e_sum is None or e_think <= e_sum):
+        bounds.append(("thinking", owner[e_think] + 1, e_think))
+        e_end = first_end(fmt.think_end, e_think)
+        if e_end is not None:
+            bounds.append(("summary", owner[e_end] + 1, e_end))
+    elif e_sum is not None:
+        bounds.append(("thinking", owner[e_sum] + 1, e_sum))  # an empty thinking
+        bounds.append(("summary", owner[e_sum] + 1, e_sum))
+    starts = {"thinking": None, "summary": None, **{k: a for k, a, _ in bounds}}
+    kinds = ["question", *[k for k, _, _ in bounds]]
+    firsts = [0, *[a for _, a, _ in bounds]]
+    lasts = firsts[1:] + [T]
+
+    steps = []
+    for kind, a, b in zip(kinds, firsts, lasts):
         if a >= b:
             continue
-        ca = char_ends[a - 1] if a > 0 else 0
-        cb = char_ends[b - 1]
+        ca, cb = (char_ends[a - 1] if a > 0 else 0), char_ends[b - 1]
         seg = text[ca:cb]
-        cuts = set()
-        if kind == "thinking":
-            cuts |= {m.start() for m in re.finditer(r"[.!?](?=\s)", seg)}
-        if kind != "question":
-            for m in re.finditer(r"\n[^\S\n]*\n", seg):
-                before = seg[:m.start()].rstrip()
-                if before:
-                    cuts.add(len(before) - 1)
+        confirm = {}  # cut (segment character of a step's last character) -> the character that confirmed it
+        if kind != "question" or split_question:
+            last_nonspace, newlines = -1, 0
+            for i, ch in enumerate(seg):
+                if not ch.isspace():
+                    last_nonspace, newlines = i, 0
+                    continue
+                if kind != "summary" and i > 0 and seg[i - 1] in ".!?":
+                    confirm.setdefault(i - 1, i)  # a sentence end followed by white space
+                if ch == "\n":
+                    newlines += 1
+                    if newlines == 2 and last_nonspace >= 0:
+                        confirm.setdefault(last_nonspace, i)  # a blank line
         min_chars = 10 if kind == "summary" else 15
         start_tok, piece_start = a, 0
-        for c in sorted(cuts):
-            piece = seg[piece_start:c + 1]
-            piece_start = c + 1
-            end_tok = tok_of(ca + c) + 1
-            if end_tok <= start_tok or is_weak_piece(piece, min_chars):
-                continue
-            out.append((kind, start_tok, end_tok))
+        for c in sorted(confirm):
+            piece, piece_start = seg[piece_start:c + 1], c + 1
+            end_tok = owner[ca + c] + 1
+            if end_tok <= start_tok or ref_weak(piece, min_chars):
+                continue  # joins the step that follows
+            steps.append([kind, start_tok, end_tok, owner[ca + confirm[c]], False])
             start_tok = end_tok
-        if start_tok < b:
-            out.append((kind, start_tok, b))
-    return out
+        if start_tok < b:  # the last piece of a segment always ends a step
+            steps.append([kind, start_tok, b, b - 1, kind == kinds[-1]])  # a marker, or the end, closes it
+    out = []
+    for i, (kind, a, b, closed_at, by_end) in enumerate(steps):
+        c0, c1 = (char_ends[a - 1] if a > 0 else 0), char_ends[b - 1]
+        out.append((kind, i, a, b, c0, c1, text[c0:c1], closed_at, by_end))
+    return out, char_ends, starts
+
+
+def reference_of(tok, ids, fmt_name="think", split_question=False):
+    fmt = get_format(fmt_name, tok)
+    tb = token_bytes(tok)
+    return reference_segment([tb(i) for i in ids], fmt, require_assistant=template_has_assistant_start(fmt, tok),
+                             split_question=split_question)
 
 
 def spans(steps):
-    return [(s.kind, s.token_start, s.token_end, s.char_start, s.char_end, s.text, s.closed_at) for s in steps]
+    return [(s.kind, s.index, s.token_start, s.token_end, s.char_start, s.char_end, s.text, s.closed_at)
+            for s in steps]
 
 
-def run_chunks(tok, ids, chunks, fmt="think"):
-    seg = Segmenter(tok, fmt)
+def ref_spans(ref_steps):
+    return [r[:8] for r in ref_steps]
+
+
+def run_chunks(tok, ids, chunks, fmt="think", split_question=False):
+    seg = Segmenter(tok, fmt, split_question=split_question)
     got = []
     i = 0
     for n in chunks:
@@ -73,26 +169,71 @@ ALPHABET = st.sampled_from(list("abc xyz..!?  \n\n\t12345,;|-é中😀") + [". "
 TEXTS = st.lists(ALPHABET, min_size=0, max_size=60).map("".join)
 
 
+def check_against_reference(tok, ids, fmt="think", split_question=False) -> Trace:
+    """Fed one token at a time, the segmenter returns each of the reference's steps from the call that fed the
+    token confirming it, and its public state (segment, boundaries, num_tokens) follows the reference; offline
+    (Trace.from_ids) it gives the same steps and character offsets."""
+    ref, char_ends, starts = reference_of(tok, ids, fmt, split_question)
+    by_token: dict[int, list] = {}
+    for r in ref:
+        if not r[8]:
+            by_token.setdefault(r[7], []).append(r[:8])
+    seg = Segmenter(tok, fmt, split_question=split_question)
+    for i, tid in enumerate(ids):
+        assert spans(seg.feed((tid,))) == by_token.get(i, []), f"token {i}"
+        known = {k: (a if a is not None and a <= i + 1 else None) for k, a in starts.items()}
+        assert seg.boundaries == known and seg.num_tokens == i + 1
+        assert seg.segment == ("summary" if known["summary"] is not None else
+                               "thinking" if known["thinking"] is not None else "question")
+    assert spans(seg.finish()) == [r[:8] for r in ref if r[8]]
+    assert spans(seg.steps) == ref_spans(ref)
+    trace = Trace.from_ids(tok, ids, fmt=fmt, split_question=split_question)
+    assert spans(trace.steps) == ref_spans(ref) and trace.token_char_ends == char_ends
+    return trace
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(thinking=TEXTS, summary=TEXTS, chunk_seed=st.integers(0, 10_000))
-def test_online_equals_offline_and_reference(think_tokenizer, thinking, summary, chunk_seed):
+@given(thinking=TEXTS, summary=TEXTS, chunk_seed=st.integers(0, 10_000), split=st.booleans(), nl=st.booleans())
+def test_online_equals_offline_and_reference(think_tokenizer, thinking, summary, chunk_seed, split, nl):
     tok = think_tokenizer
-    text = "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n<think>\n" + thinking + "</think>" + summary
+    text = ("<|im_start|>user\nQ. Yes?\n\nok<|im_end|>\n<|im_start|>assistant\n<think>" + "\n" * nl + thinking
+            + "</think>" + summary)
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    offline, whole = run_chunks(tok, ids, [])
-    _, one = run_chunks(tok, ids, [1] * len(ids))
-    rng = random.Random(chunk_seed)
-    _, chunked = run_chunks(tok, ids, [rng.randint(1, 7) for _ in range(len(ids))])
-    assert spans(whole) == spans(one) == spans(chunked)
-    trace = Trace.from_ids(tok, ids, fmt="think")
+    trace = check_against_reference(tok, ids, "think", split)
     trace.validate()  # tiling, segments, texts concatenate
-    assert spans(trace.steps) == spans(whole)
     assert trace.text == text  # byte-level BPE round trip
-    assert [(s.kind, s.token_start, s.token_end) for s in trace.steps] == \
-        reference_steps(trace.text, trace.token_char_ends, trace.segments)
-    for s in trace.steps:
-        assert trace.text[s.char_start:s.char_end] == s.text
-        assert s.closed_at >= s.token_end - 1
+    rng = random.Random(chunk_seed)
+    for chunks in ([], [rng.randint(1, 7) for _ in range(len(ids))]):  # all at once; in random chunks
+        assert spans(run_chunks(tok, ids, chunks, split_question=split)[1]) == spans(trace.steps)
+
+
+HARMONY_TEXTS = st.lists(st.sampled_from(list("ab .!?\n\n7") + [" Wait.", "<|end|>", "<|channel|>final<|message|>",
+                                                                 "<|start|>assistant"]),
+                         max_size=40).map("".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(thinking=HARMONY_TEXTS, summary=HARMONY_TEXTS, analysis=st.booleans())
+def test_harmony_online_equals_offline_and_reference(harmony_tokenizer, thinking, summary, analysis):
+    tok = harmony_tokenizer
+    text = "<|start|>user<|message|>Q?<|end|><|start|>assistant"
+    if analysis:
+        text += "<|channel|>analysis<|message|>" + thinking + "<|end|><|start|>assistant"
+    text += "<|channel|>final<|message|>" + summary
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    check_against_reference(tok, ids, "harmony").validate()
+
+
+def test_a_marker_that_ends_inside_a_token(think_tokenizer):
+    """Markers are matched on the text: a start marker whose last character shares a token with the beginning
+    of the end marker ("<think></think>" is tokenized "<", "think", "></", "think", ">") still lets the end
+    marker close the thinking."""
+    tok = think_tokenizer
+    text = "<|im_start|>assistant\n<think></think>The answer is long enough."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert "></" in tok.convert_ids_to_tokens(ids)
+    trace = check_against_reference(tok, ids, "think")
+    assert trace.thinking_closed and trace.steps_of("summary")[0].text == "The answer is long enough."
 
 
 def test_char_offsets_follow_the_byte_holding_token(think_tokenizer):
@@ -135,11 +276,8 @@ def test_every_shared_trace(traces_available, chatml_tokenizer):
         tr.validate()
         assert "".join(s.text for s in tr.steps) == tr.text
         assert tr.thinking_closed and len(tr.steps_of("thinking")) >= 2 and tr.steps_of("summary")
-        assert [(s.kind, s.token_start, s.token_end) for s in tr.steps] == \
-            reference_steps(tr.text, tr.token_char_ends, tr.segments)
-        # online, one token at a time, gives the same steps
-        _, one = run_chunks(chatml_tokenizer, tr.token_ids, [1] * len(tr))
-        assert spans(one) == spans(tr.steps)
+        # online, one token at a time, and offline: the reference's steps
+        check_against_reference(chatml_tokenizer, tr.token_ids, "think")
 
 
 @pytest.mark.parametrize("n", [2000, 8000])
@@ -158,83 +296,24 @@ def test_linear_time(think_tokenizer, n):
     assert len(seg.steps) >= n // 10 - 1
 
 
-class CharByChar(Segmenter):
-    """The segmenter without its bulk paths, as a reference: every character of every token goes through
-    _scan_char (cuts) and then through a marker match of the whole tail, one by one."""
-
-    def _feed_one(self, tid, closed):
-        t = self.num_tokens
-        chars = self._decoder.decode(self.tokbytes(tid))
-        self.num_tokens += 1
-        self._token_texts.append(chars)
-        self.token_char_ends.append(self.num_chars + len(chars))
-        transition = None
-        for ch in chars:
-            pos = self.num_chars
-            self.num_chars += 1
-            if transition is None:
-                if self.segment != "question" or self.split_question:
-                    self._scan_char(ch, pos, t, closed)
-                self._piece_buf.append(ch)
-                transition = self._match_char(ch)
-            else:
-                self._piece_buf.append(ch)
-        if transition is not None:
-            self._enter(transition, t, closed)
-
-    def _match_char(self, ch):
-        self._tail = (self._tail + ch)[-self._max_marker:]
-        f = self.fmt
-        if self.segment == "question":
-            if not self._armed:
-                if any(self._tail.endswith(a) for a in f.assistant_start):
-                    self._armed = True
-                return None
-            if self._tail.endswith(f.think_start):
-                return "thinking"
-            if f.summary_start and self._tail.endswith(f.summary_start):
-                return "summary"
-        elif self.segment == "thinking" and self._tail.endswith(f.think_end):
-            return "summary"
-        return None
-
-
-def test_space_class_is_str_isspace():
+def test_white_space_is_str_isspace():
+    """A sentence ends at ". " for exactly the characters Python calls white space (str.isspace), whether the
+    space is a token of its own, opens a token or sits inside one. Candidates: every character that str.isspace,
+    the regular expression class \\s or the Unicode space, separator, control and format categories name."""
     import sys
+    import unicodedata
 
-    from stepscope.segment import _TRAILING_NONSPACE
-
-    def trailing_start(s):  # where the run of non-space characters at the end begins
-        return _TRAILING_NONSPACE.search(s).start()
-
-    assert [c for c in range(sys.maxunicode + 1) if trailing_start("a" + chr(c)) != (2 if chr(c).isspace() else 0)] == []
-
-
-def _state(seg):
-    return (seg.segment, dict(seg.boundaries), seg.num_tokens, seg.num_chars, seg._tail, "".join(seg._piece_buf),
-            seg._piece_start, seg._prev_char, seg._prev_tok, seg._nl_run, seg._last_ns_pos, seg._last_ns_tok,
-            seg._armed, seg._step_start)
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(thinking=TEXTS, summary=TEXTS, split=st.booleans())
-def test_bulk_path_equals_char_by_char(chatml_tokenizer, thinking, summary, split):
-    """Token by token, the segmenter's bulk path leaves exactly the state the character loop leaves."""
-    tok = chatml_tokenizer
-    text = ("<|im_start|>user\nQ. Yes?\n\nok<|im_end|>\n<|im_start|>assistant\n<think>\n" + thinking + "</think>"
-            + summary)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    fast, slow = Segmenter(tok, "think", split_question=split), CharByChar(tok, "think", split_question=split)
-    for i in ids:
-        assert spans(fast.feed((i,))) == spans(slow.feed((i,)))
-        assert _state(fast) == _state(slow)
-    assert spans(fast.finish()) == spans(slow.finish())
-
-
-def test_bulk_path_on_shared_traces(traces_available, chatml_tokenizer):
-    for rec in shared_trace_records()[:12]:
-        tr = Trace.from_text(chatml_tokenizer, question=rec["problem"], response=rec["response"])
-        _, fast = run_chunks(chatml_tokenizer, tr.token_ids, [1] * len(tr))
-        slow = CharByChar(chatml_tokenizer, "think")
-        got = [s for i in tr.token_ids for s in slow.feed((i,))] + slow.finish()
-        assert spans(fast) == spans(got) == spans(tr.steps)
+    candidates = [chr(c) for c in range(sys.maxunicode + 1)
+                  if chr(c).isspace() or re.fullmatch(r"\s", chr(c))
+                  or unicodedata.category(chr(c)) in ("Zs", "Zl", "Zp", "Cc", "Cf")]
+    assert len(candidates) > 200
+    first, second = "This first sentence is long enough.", "And the second one is long enough too."
+    for ch in candidates:
+        for pieces in (["<think>", first, ch, second], ["<think>", first, ch + second],
+                       ["<think>", first + ch + "And", second[3:]]):
+            vocab = {i: p.encode("utf-8") for i, p in enumerate(pieces)}
+            seg = Segmenter(None, "think", require_assistant=False, tokbytes=vocab.__getitem__)
+            seg.feed(range(len(pieces)))
+            seg.finish()
+            thinking = [s for s in seg.steps if s.kind == "thinking"]
+            assert len(thinking) == (2 if ch.isspace() else 1), (hex(ord(ch)), pieces)

@@ -144,19 +144,24 @@ class Segmenter:
             return
         # What a character loop (scan for cuts, then match markers, char by char) finds, in bulk:
         # - a marker can only end at one of the markers' last characters, so the tail is matched there alone;
-        #   the first marker completed ends the scan of this token (its later characters join the new segment's
-        #   first piece, which the transition resets);
+        #   the first marker completed ends this token's scan for cuts (the token closes the segment), while
+        #   matching goes on over the rest of the token: a marker begun there opens its segment too;
         # - cuts happen only at white space: the characters up to the token's last white space go one by one
         #   (usually a leading space), the run of non-space characters after it only moves "the last character".
-        n = len(chars)
-        transition = None
+        n = len(chars)  # the characters of the current segment: up to the end of the marker that closes it
+        opened: list[str] = []  # the segments this token's markers open, in order
+        segment = self.segment
         for m in self._marker_end.finditer(chars):
-            i = m.start()
-            transition = self._match_tail((self._tail + chars[:i + 1])[-self._max_marker:])
-            if transition is not None:
-                n = i + 1
+            if segment == "summary":
                 break
-        self._tail = (self._tail + chars[:n])[-self._max_marker:]
+            i = m.start()
+            new = self._match_tail((self._tail + chars[:i + 1])[-self._max_marker:], segment)
+            if new is not None:
+                if not opened:
+                    n = i + 1
+                opened.append(new)
+                segment = new
+        self._tail = (self._tail + chars)[-self._max_marker:]
         self.num_chars = start + len(chars)
         if self.segment != "question" or self.split_question:
             scanned = chars if n == len(chars) else chars[:n]
@@ -171,8 +176,8 @@ class Segmenter:
             self._piece_buf.extend(chars[k:])
         else:
             self._piece_buf.extend(chars)
-        if transition is not None:
-            self._enter(transition, t, closed)
+        for segment in opened:
+            self._enter(segment, t, closed)
 
     def _enter(self, segment: str, t: int, closed: list[Step]) -> None:
         """Token t completed the marker that opens `segment`: close the current piece, start the new segment
@@ -184,11 +189,11 @@ class Segmenter:
             self.boundaries["thinking"] = t + 1  # empty thinking
         self._reset_piece(step_start=t + 1, char_pos=self.num_chars)
 
-    def _match_tail(self, tail: str) -> str | None:
-        """The segment a marker ending `tail` (the last characters fed) opens, if any; arms the start marker
-        when `tail` ends with the assistant opener."""
+    def _match_tail(self, tail: str, segment: str) -> str | None:
+        """The segment a marker ending `tail` (the last characters fed, in `segment`) opens, if any; arms the
+        start marker when `tail` ends with the assistant opener."""
         f = self.fmt
-        if self.segment == "question":
+        if segment == "question":
             if not self._armed:
                 if any(tail.endswith(a) for a in f.assistant_start):
                     self._armed = True
@@ -197,7 +202,7 @@ class Segmenter:
                 return "thinking"
             if f.summary_start and tail.endswith(f.summary_start):
                 return "summary"
-        elif self.segment == "thinking" and tail.endswith(f.think_end):
+        elif segment == "thinking" and tail.endswith(f.think_end):
             return "summary"
         return None
 
