@@ -14,6 +14,7 @@ examples:
   stepscope eval --resume --model M --benchmark aime24 --out runs/r1-7b-aime24    # continue, same settings
   stepscope eval --summarize --out runs/r1-7b-aime24                              # recompute the summary
   stepscope eval --table runs/*                                                   # the paper-shaped table
+  stepscope eval --model M --benchmark livecodebench --start-date 2024-08-01 --end-date 2025-01-31 --out runs/lcb
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="aime24, aime25, amc23, math500, math500-mmath, gsm8k, gpqa-diamond, or a local "
                         ".jsonl/.json/.csv/.parquet file")
     p.add_argument("--data-file", default=None, help="read the named benchmark from this local file instead")
+    c = p.add_argument_group("LiveCodeBench (--benchmark livecodebench)")
+    c.add_argument("--release-version", default=None,
+                   help="release_v1..release_v6, release_latest, vN or a range like v4_v5 (default release_v5)")
+    c.add_argument("--start-date", default=None, help="keep problems of contests on or after this date (YYYY-MM-DD)")
+    c.add_argument("--end-date", default=None, help="keep problems of contests on or before this date (YYYY-MM-DD)")
+    c.add_argument("--code-timeout", type=float, default=None,
+                   help="wall and CPU seconds per test of a sandboxed program (default 6)")
+    c.add_argument("--code-memory", type=int, default=None, help="address-space limit of a program in MiB (default 4096)")
     p.add_argument("--out", default=None, help="run folder (created; with --resume, continued)")
     p.add_argument("--n-samples", type=int, default=None,
                    help="samples per problem (default: the paper's protocol: 16 for AIME/AMC, 8 for GPQA, 1 else)")
@@ -91,11 +100,20 @@ def run(args: argparse.Namespace) -> int:
         raise StepscopeError("--device-map spreads one model over all GPUs; run it in a single process")
     decode = options.decode_config(args)
     arm_configs = build_arms(args.arms, **options.stepflow_knobs(args))
-    bench = load_benchmark(args.benchmark, data_file=args.data_file, seed=decode.seed, limit=args.limit)
+    bench = load_benchmark(args.benchmark, data_file=args.data_file, seed=decode.seed, limit=args.limit,
+                           release_version=args.release_version, start_date=args.start_date, end_date=args.end_date)
     n_samples = args.n_samples if args.n_samples is not None else PAPER_SAMPLES.get(bench.name, 1)
+    extra = {"limit": args.limit, "data_file": args.data_file}
+    if bench.kind == "code":  # what decides a code grade goes into run.json
+        from ..evaluate.sandbox import Limits
+
+        lim = Limits(timeout=args.code_timeout or Limits.timeout, memory_mb=args.code_memory or Limits.memory_mb)
+        extra.update(code_timeout=lim.timeout, code_memory=lim.memory_mb, release_version=args.release_version,
+                     start_date=args.start_date, end_date=args.end_date)
+    elif args.code_timeout is not None or args.code_memory is not None:
+        raise StepscopeError("--code-timeout and --code-memory apply to code benchmarks (livecodebench) only")
     settings = EvalSettings(model=args.model, benchmark=bench.name, n_samples=n_samples, arms=arms_json(arm_configs),
-                            decode=decode, prompt_style=args.prompt_style, dtype=args.dtype,
-                            extra={"limit": args.limit, "data_file": args.data_file})
+                            decode=decode, prompt_style=args.prompt_style, dtype=args.dtype, extra=extra)
 
     import torch
 

@@ -118,6 +118,13 @@ class Problem:
         opts = "\n".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(self.choices))
         return f"{self.question}\n\n{opts}"
 
+    def record_fields(self) -> dict:
+        """What a run record keeps of the problem beyond its id and gold: a code problem's difficulty and
+        platform (the summary breaks accuracy down by them); nothing for math and multiple choice."""
+        if self.code is None:
+            return {}
+        return {k: self.meta[k] for k in ("difficulty", "platform") if k in self.meta}
+
     def to_json(self) -> dict:
         out = {"id": self.id, "question": self.question, "answer": self.answer,
                "choices": list(self.choices) if self.choices else None}

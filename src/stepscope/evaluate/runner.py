@@ -13,11 +13,13 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..decoding import DecodeConfig
 from ..errors import StepscopeError
 from .benchmarks import Benchmark, Problem
+from .code_grading import default_workers, grade_code
 from .grading import DEFAULT_TIMEOUT, Grade, grade_choice_detail, grade_math_detail
 from .runfolder import RUN_VERSION, Key, RunFolder
 from .summary import write_summary
@@ -143,17 +145,31 @@ def make_record(problem: Problem, sample: int, seed: int, arm: str, config: dict
         "rank": rank,
         "response_start": _char_at(trace, q1),
         "text": trace.text,
+        **problem.record_fields(),
+        **grade.record_fields(),
     }
     if save_trace:
         rec["trace"] = trace.to_json()
     return rec
 
 
-def grade_trace(problem: Problem, trace, timeout: float | None) -> Grade:
-    """Grade one trace by the kind of its problem."""
+def grade_trace(problem: Problem, trace, timeout: float | None, code_limits: dict | None = None) -> Grade:
+    """Grade one trace by the kind of its problem (`code_limits`: grade_code's timeout and memory_mb)."""
+    if problem.kind == "code":
+        return grade_code(problem.code.tests, trace, fn_name=problem.code.fn_name, **(code_limits or {}))
     if problem.kind == "choice":
         return grade_choice_detail(problem.answer, trace)
     return grade_math_detail(problem.answer, trace, timeout=timeout)
+
+
+def grade_traces(problems: list[Problem], traces: list, timeout: float | None, settings: EvalSettings) -> list[Grade]:
+    """Grade a batch; code problems' programs run on several workers (each in its own sandbox)."""
+    limits = {k: settings.extra[e] for k, e in (("timeout", "code_timeout"), ("memory_mb", "code_memory"))
+              if settings.extra.get(e) is not None}
+    if any(p.kind == "code" for p in problems):
+        with ThreadPoolExecutor(max_workers=min(default_workers(), len(problems))) as pool:
+            return list(pool.map(lambda pt: grade_trace(pt[0], pt[1], timeout, limits), zip(problems, traces)))
+    return [grade_trace(p, t, timeout) for p, t in zip(problems, traces)]
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -168,7 +184,7 @@ def _batches(items: list, size: int) -> Iterable[list]:
 
 
 def _prompt_style(settings: EvalSettings, problem: Problem) -> str:
-    return settings.prompt_style or ("gpqa" if problem.kind == "choice" else "r1")
+    return settings.prompt_style or problem.prompt_style
 
 
 def _check(settings: EvalSettings, arm_configs: dict, batch_size: int) -> None:
@@ -291,9 +307,11 @@ def _run_share(folder: RunFolder, mine: list[Unit], arms: list[str], settings: E
                     todo = [(p, s) for p, s in batch if (p.id, s, arm) not in done]
                     if not todo:
                         continue
+                    traces = generate(todo, arm)
+                    grades = grade_traces([p for p, _ in todo], traces, grade_timeout, settings)
                     records = [make_record(p, s, sample_seed(settings.decode.seed, p.id, s), arm, settings.arms[arm],
-                                           trace, grade_trace(p, trace, grade_timeout), rank, save_traces)
-                               for (p, s), trace in zip(todo, generate(todo, arm))]
+                                           trace, g, rank, save_traces)
+                               for (p, s), trace, g in zip(todo, traces, grades)]
                     results.append(records)
                     done.update((p.id, s, arm) for p, s in todo)
                     bar.update(arm, records)

@@ -30,7 +30,9 @@ from .runfolder import load_run
 
 ARM_NAMES = {"baseline": "baseline", "stepflow": "StepFlow", "oeb": "OEB only", "smi": "SMI only"}
 BENCH_NAMES = {"aime24": "AIME24", "aime25": "AIME25", "amc23": "AMC23", "math500": "MATH-500",
-               "math500-mmath": "MATH-500 (MMATH 311)", "gsm8k": "GSM8K", "gpqa-diamond": "GPQA-D"}
+               "math500-mmath": "MATH-500 (MMATH 311)", "gsm8k": "GSM8K", "gpqa-diamond": "GPQA-D",
+               "livecodebench": "LCB"}
+BREAKDOWNS = ("difficulty", "platform")  # per-record fields broken down by default where records carry them
 
 
 def arm_label(arm: str) -> str:
@@ -141,11 +143,14 @@ def _breakdown(field: str, records: list[dict], complete: list[str], per_problem
 
 
 def summarize(records: list[dict], run_info: dict, *, reference: str = "baseline", level: float = 0.95,
-              n_boot: int = 10_000, n_perm: int = 10_000, seed: int = 0, by: Sequence[str] = ()) -> dict:
+              n_boot: int = 10_000, n_perm: int = 10_000, seed: int = 0, by: Sequence[str] | None = None) -> dict:
     """The summary dict of a run (see the module docstring); `records` are results.jsonl lines.
 
-    `by`: per-record fields to break the accuracy down by (the summary's "by" entry, one per field).
+    `by`: per-record fields to break the accuracy down by (the summary's "by" entry, one per field); None:
+    those of BREAKDOWNS that the records carry (LiveCodeBench's difficulty and platform).
     """
+    if by is None:
+        by = [f for f in BREAKDOWNS if any(f in r for r in records)]
     arms = list(run_info["arms"])
     n = int(run_info["n_samples"])
     order, outcome = _outcomes(records)
