@@ -25,7 +25,7 @@ API = [
     ("stepscope.decoding", ["DecodeConfig"]),
     ("stepscope.layers", ["layer_bands", "parse_layers", "resolve_layers"]),
     ("stepscope.prompts", ["build_prompt"]),
-    ("stepscope.evaluate", ["load_benchmark", "grade_math", "grade_choice", "run_eval"]),
+    ("stepscope.evaluate", ["load_benchmark", "grade_math", "grade_choice", "grade_code", "run_eval"]),
     ("stepscope.stats", ["bootstrap_ci", "paired_bootstrap_ci", "paired_permutation_test", "welch_test",
                          "mann_whitney_test", "holm", "benjamini_hochberg"]),
     ("stepscope.demo", ["run_demo"]),
