@@ -63,3 +63,14 @@ def traces_available():
     if why:
         pytest.skip(why)
     return SHARED_TRACES
+
+
+def require_vllm() -> None:
+    """At the top of a tests/test_vllm*.py module: skip it when vLLM is not installed, fail it when
+    STEPSCOPE_REQUIRE_VLLM=1 (set by .ci/run, whose scripts/test.sh installs vLLM)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("STEPSCOPE_REQUIRE_VLLM") == "1":
+            pytest.fail("vLLM is not installed but STEPSCOPE_REQUIRE_VLLM=1", pytrace=False)
+        pytest.skip("vLLM is not installed (scripts/test.sh installs it)", allow_module_level=True)
