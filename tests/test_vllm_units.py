@@ -1,0 +1,152 @@
+"""StepFlow-in-vLLM pieces without an engine: the paged cache layout against vLLM's own cache writer, the
+OEB/SMI row functions against a dense softmax reference, and the batch bookkeeping of added, removed and moved
+requests."""
+
+import math
+
+import pytest
+from conftest import require_vllm
+
+require_vllm()
+
+import torch  # noqa: E402
+
+from stepscope.flow import StepFlowConfig  # noqa: E402
+from stepscope.vllm.attention import oeb_rows, smi_delta  # noqa: E402
+from stepscope.vllm.paged import gather_kv, split_cache  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_reads_what_vllms_cache_writer_wrote(dtype):
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    bs, D, Hkv, nb = 32, 64, 3, 6
+    isa = _get_attn_isa(dtype, bs, D)
+    assert isa == "vec"
+    kv = torch.zeros(nb, Hkv, bs, 2 * D, dtype=dtype)
+    kc, vc = split_cache(kv)
+    S = 2 * bs + 7
+    key, val = torch.randn(S, Hkv, D).to(dtype), torch.randn(S, Hkv, D).to(dtype)
+    blocks = torch.tensor([4, 1, 3])  # a row's blocks, out of order in the pool
+    slots = blocks[torch.arange(S) // bs] * bs + torch.arange(S) % bs
+    ops.cpu_attn_reshape_and_cache(key, val, kc, vc, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    k, v = gather_kv(kc, vc, blocks, S)
+    assert torch.equal(k, key.transpose(0, 1)) and torch.equal(v, val.transpose(0, 1))
+
+
+def _dense_reference(q, k, v, qpos, t0, s0, tau_max, scale, window=None, sinks=None):
+    """Per query and head, in float64 loops: softmax over visible keys (and the sink), then the KL projection of
+    docs/method.md §5 written directly on the probabilities."""
+    Q, H, D = q.shape
+    Hkv, S, _ = k.shape
+    out = torch.zeros(Q, H, D, dtype=torch.float64)
+    fired = torch.zeros(Q, H, dtype=torch.bool)
+    for i in range(Q):
+        p_ = int(qpos[i])
+        seg = int(p_ >= t0) + int(p_ >= s0)
+        lo = max(0, p_ - window + 1) if window else 0
+        keys = list(range(lo, p_ + 1))
+        kseg = [int(j >= t0) + int(j >= s0) for j in range(S)]
+        bseg = 1 if seg == 2 else 0
+        B = [j for j in keys if kseg[j] == bseg] if seg else []
+        Sg = [j for j in keys if kseg[j] == seg] if seg else []
+        tau = min(math.sqrt(len(B) / (len(B) + len(Sg))), tau_max) if B else 0.0
+        for h in range(H):
+            kh = h // (H // Hkv)
+            z = {j: float(q[i, h].double() @ k[kh, j].double()) * scale for j in keys}
+            zs = list(z.values()) + ([float(sinks[h])] if sinks is not None else [])
+            m = max(zs)
+            tot = sum(math.exp(x - m) for x in zs)
+            p = {j: math.exp(z[j] - m) / tot for j in keys}
+            pb, ps = sum(p[j] for j in B), sum(p[j] for j in Sg)
+            tau_s = pb + ps - tau
+            if tau > 0 and 0 < pb < tau and tau_s > 0:
+                fired[i, h] = True
+                for j in B:
+                    p[j] *= tau / pb
+                for j in Sg:
+                    p[j] *= tau_s / ps
+            out[i, h] = sum(p[j] * v[kh, j].double() for j in keys)
+    return out, fired
+
+
+@pytest.mark.parametrize("window,with_sinks", [(None, False), (5, False), (None, True)])
+def test_oeb_rows_match_the_dense_reference(window, with_sinks):
+    import numpy as np
+
+    from stepscope.flow.state import query_geometry
+
+    torch.manual_seed(0)
+    H, Hkv, D, S, Q = 4, 2, 8, 14, 9
+    t0, s0, tau_max, scale = 4, 11, 0.5, 0.35
+    q, k, v = torch.randn(Q, H, D) * 2, torch.randn(Hkv, S, D), torch.randn(Hkv, S, D)
+    sinks = torch.randn(H) if with_sinks else None
+    pos0 = S - Q
+    one = np.zeros(1, dtype=np.int64)
+    g, t, _ = query_geometry(one, one + S, one + t0, one + s0, pos0, Q, window, tau_max)
+    qpos = torch.arange(pos0, S)
+    codes = (torch.arange(S) >= t0).long() + (torch.arange(S) >= s0).long()
+    out, fired, before, after = oeb_rows(q, k, v, qpos, torch.from_numpy(g[0]), torch.from_numpy(t[0]), codes,
+                                         scale, window, sinks)
+    ref, ref_fired = _dense_reference(q, k, v, qpos, t0, s0, tau_max, scale, window, sinks)
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+    assert torch.equal(fired, ref_fired) and fired.any() and not fired.all()
+
+
+def test_smi_delta_is_alpha_times_the_window_mean():
+    v = torch.randn(2, 10, 4)
+    d = smi_delta(v, 3, 7, 8, 0.06, n_rep=3)
+    assert torch.allclose(d, 0.06 * v[:, 3:7].mean(1).repeat_interleave(3, 0))
+    d = smi_delta(v, 3, 7, 8, 0.06, n_rep=1, window=4)  # sees keys 5..8: only 5, 6 of the window
+    assert torch.allclose(d, 0.06 * v[:, 5:7].mean(1))
+    assert smi_delta(v, 3, 5, 9, 0.06, n_rep=1, window=4) is None
+
+
+class _Params:
+    def __init__(self, extra=None):
+        self.extra_args = extra
+
+
+def test_batch_updates_keep_each_request_on_its_row():
+    from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirectionality
+
+    from stepscope.vllm.worker import Worker
+
+    w = Worker()
+    w.backend = True
+    made = []
+    w._new_request = lambda key, cfg, prompt, output: made.append(key) or type(
+        "R", (), {"key": key, "output": output, "prompt": prompt})()
+    cfg = StepFlowConfig().to_json()
+    outs = [[], [], [], []]
+    w.update(BatchUpdate(3, removed=[], moved=[], added=[
+        (0, _Params({"stepflow": cfg, "stepflow_id": "a"}), [1], outs[0]), (1, _Params(), [1], outs[1]),
+        (2, _Params({"stepflow": cfg, "stepflow_id": "c"}), [1], outs[2])]))
+    assert {i: r.key for i, r in w.rows.items()} == {0: "a", 2: "c"}
+    w.update(BatchUpdate(3, removed=[], added=[], moved=[(0, 2, MoveDirectionality.SWAP)]))
+    assert {i: r.key for i, r in w.rows.items()} == {0: "c", 2: "a"}
+    w.update(BatchUpdate(2, removed=[1], added=[], moved=[(2, 1, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert {i: r.key for i, r in w.rows.items()} == {0: "c", 1: "a"}
+    # a request vLLM takes out of the batch and brings back (same output list) keeps its state
+    w.update(BatchUpdate(1, removed=[1], added=[], moved=[]))
+    parked = [r for r in w.parked.values() if r.key == "a"]
+    assert len(parked) == 1 and 1 not in w.rows
+    w.update(BatchUpdate(2, removed=[], moved=[],
+                         added=[(1, _Params({"stepflow": cfg, "stepflow_id": "a"}), [1], outs[0])]))
+    assert w.rows[1] is parked[0] and made == ["a", "c"]
+    # a slot taken by a new request: the old occupant leaves the batch
+    w.update(BatchUpdate(2, removed=[], moved=[], added=[(0, _Params(), [1], outs[3])]))
+    assert 0 not in w.rows and [r.key for r in w.rows.values()] == ["a"]
+
+
+def test_stepflow_request_without_the_backend_is_an_error():
+    from vllm.v1.sample.logits_processor.interface import BatchUpdate
+
+    from stepscope.errors import StepscopeError
+    from stepscope.vllm.worker import Worker
+
+    w = Worker()
+    with pytest.raises(StepscopeError, match="attention backend is not active"):
+        w.update(BatchUpdate(1, removed=[], moved=[],
+                             added=[(0, _Params({"stepflow": StepFlowConfig().to_json()}), [1], [])]))
