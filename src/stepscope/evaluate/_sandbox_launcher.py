@@ -22,7 +22,6 @@ import select
 import signal
 import sys
 import time
-import traceback
 
 # LiveCodeBench prepends these imports to every program (lcb_runner/evaluation/testing_util.py)
 HEADER = (
@@ -92,6 +91,8 @@ def child(req, code, stdin_fd, out_fd, err_fd, res_fd, args):
         except MemoryError:
             status = MEMORY_EXIT
         except BaseException:
+            import traceback  # only here: the launcher's start stays short
+
             traceback.print_exc()
             status = 1
         for s in (sys.stdout, sys.stderr):
