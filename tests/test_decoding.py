@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from stepscope.decoding import DecodeConfig, DecodeConfigError
@@ -72,6 +73,8 @@ def test_json_round_trip():
     assert DecodeConfig.from_json(j) == d
     assert DecodeConfig.from_json(json.dumps(j)) == d
     assert DecodeConfig.from_json({}) == DecodeConfig()
+    j = DecodeConfig(max_new_tokens=np.int64(5), top_k=np.int32(2), seed=np.int64(3)).to_json()
+    assert [type(j[k]) for k in ("max_new_tokens", "top_k", "seed")] == [int, int, int]  # JSON-able
 
 
 @pytest.mark.parametrize("bad, msg", [

@@ -8,6 +8,7 @@ place its values are checked, with a one-line error that names the bad field.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 from .errors import StepscopeError
@@ -24,7 +25,7 @@ class DecodeConfigError(StepscopeError):
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy integers too
 
 
 @dataclass
@@ -82,6 +83,8 @@ class DecodeConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d["temperature"], d["top_p"] = float(self.temperature), float(self.top_p)
+        for k in ("max_new_tokens", "max_thinking_tokens", "top_k", "seed"):
+            d[k] = None if d[k] is None else int(d[k])
         return d
 
     @classmethod

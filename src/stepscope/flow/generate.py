@@ -396,7 +396,7 @@ def generate_traces(model, tokenizer, questions: Sequence[str], *, decode: Decod
     for i, q in enumerate(questions):
         if not isinstance(q, str) or not q.strip():
             raise StepscopeError(f"question {i} is empty or not a string")
-    seeds = [d.seed + i for i in range(n)] if seeds is None else [int(x) for x in seeds]
+    seeds = [int(d.seed) + i for i in range(n)] if seeds is None else [int(x) for x in seeds]
     if len(seeds) != n:
         raise StepscopeError(f"got {len(seeds)} seeds for {n} questions")
     if metas is not None and len(metas) != n:
