@@ -74,10 +74,12 @@ def test_summary_breaks_accuracy_down_by_a_record_field():
     recs = [{"problem_id": p, "sample": s, "arm": arm, "correct": bool(ok), "difficulty": level[p]}
             for (p, arm), oks in outcome.items() for s, ok in enumerate(oks)]
     recs.append({"problem_id": "e", "sample": 0, "arm": "baseline", "correct": True, "difficulty": "medium"})
-    plain = summarize(recs, info)
+    plain = summarize(recs, info, by=())
     assert "by" not in plain
     s = summarize(recs, info, by=["difficulty"])
     assert {k: v for k, v in s.items() if k != "by"} == plain
+    assert summarize(recs, info) == s  # by default, the known fields that the records carry
+    assert "by" not in summarize([{k: v for k, v in r.items() if k != "difficulty"} for r in recs], info)
     by = s["by"]["difficulty"]
     assert set(by) == {"easy", "hard"}  # problem e is not complete: it is in no group
     for value, probs in [("easy", "ab"), ("hard", "cd")]:
