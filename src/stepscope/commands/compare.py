@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="results split into the groups by their trace's meta 'correct' (true/false)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically)")
     p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples (default 10000)")
-    p.add_argument("--n-perm", type=int, default=10_000, help="paired permutations (default 10000; exact when "
-                                                               "2^pairs is smaller)")
+    p.add_argument("--n-perm", type=int, default=10_000, help="paired permutations (default 10000; exact up to "
+                                                               "16 pairs, or when 2^pairs is smaller)")
     p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--alpha", type=float, default=0.05, help="marks layers with Holm-adjusted p < alpha")
