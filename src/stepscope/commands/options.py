@@ -1,4 +1,4 @@
-"""The command-line options several commands share (model, decoding, StepFlow, trace format), and their reading.
+"""The command-line options several commands share (model, decoding, StepFlow, trace format) and their reading.
 
 Each `add_*_options(parser)` declares one group with one set of defaults; the matching reader turns the parsed
 arguments into the library's objects (a loaded model, a DecodeConfig, a StepFlowConfig, a format), so every
@@ -9,6 +9,7 @@ until a reader runs, so `--help` stays instant.
 from __future__ import annotations
 
 import argparse
+import re
 
 from ..decoding import DecodeConfig, DecodeConfigError
 from ..errors import StepscopeError
@@ -184,3 +185,21 @@ def format_arg(args: argparse.Namespace) -> str | Format:
     if args.fmt == "markers":
         raise StepscopeError("--fmt markers needs --markers START END")
     return args.fmt
+
+
+# -- trace files ------------------------------------------------------------------------------------------------
+
+
+def is_trace_json(path: str) -> bool:
+    """Whether a file is a stepscope trace JSON (then no tokenizer is needed to read it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return head.lstrip().startswith("{") and '"stepscope_trace"' in head
+
+
+def safe_name(s: str) -> str:
+    """A trace id as a file or folder name: letters, digits, `.`, `_` and `-`, at most 100 characters."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._")[:100] or "trace"

@@ -17,7 +17,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -48,19 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_model_options(p)
 
 
-def _safe_name(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._")[:100] or "trace"
-
-
-def _is_trace_json(path: str) -> bool:
-    try:
-        with open(path, encoding="utf-8") as f:
-            head = f.read(4096)
-    except (OSError, UnicodeDecodeError):
-        return False
-    return head.lstrip().startswith("{") and '"stepscope_trace"' in head
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -79,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = options.load_model(args)
     traces = []
     for f in args.traces:
-        traces.extend(load_traces(f, tokenizer if not _is_trace_json(f) else None, index=args.index))
+        traces.extend(load_traces(f, tokenizer if not options.is_trace_json(f) else None, index=args.index))
     if not traces:
         raise StepscopeError("no traces in the given files")
     shape = model_shape(model)
@@ -89,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     names: list[str] = []
     used: set[str] = set()
     for i, tr in enumerate(traces):
-        base = _safe_name(tr.id) if tr.id else f"trace-{i}"
+        base = options.safe_name(tr.id) if tr.id else f"trace-{i}"
         name, k = base, 1
         while name in used:
             k += 1

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from . import options
@@ -36,17 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_model_options(p, tokenizer_only=True)  # its tokenizer and chat template rebuild the tokens
 
 
-def _safe_name(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._") or "trace"
-
-
 def run(args: argparse.Namespace) -> int:
     from ..errors import StepscopeError
     from ..io import atomic_dir, atomic_write_text
     from ..trace import load_traces
 
     fmt = options.format_arg(args)
-    needs_tokenizer = any(not _is_trace_json(f) for f in args.inputs)
+    needs_tokenizer = any(not options.is_trace_json(f) for f in args.inputs)
     tokenizer = options.load_tokenizer(args) if needs_tokenizer else None
     traces = []
     for f in args.inputs:
@@ -84,19 +79,10 @@ def run(args: argparse.Namespace) -> int:
             with atomic_dir(out) as tmp:
                 used: set[str] = set()
                 for i, t in enumerate(traces):
-                    name = _safe_name(t.id or f"trace-{i}")
+                    name = options.safe_name(t.id or f"trace-{i}")
                     while name in used:
                         name += f"-{i}"
                     used.add(name)
                     t.save(tmp / f"{name}.json")
         print(f"wrote {len(traces)} trace{'s' if len(traces) != 1 else ''} to {out}")
     return 0
-
-
-def _is_trace_json(path: str) -> bool:
-    try:
-        with open(path, encoding="utf-8") as f:
-            head = f.read(64)
-    except (OSError, UnicodeDecodeError):
-        return False
-    return head.lstrip().startswith('{"stepscope_trace"')
