@@ -211,14 +211,9 @@ def compute_scores(metrics: dict[str, np.ndarray], num_layers: int, layers: Sequ
     ids = np.arange(num_layers) if layers is None else np.asarray(layers)
     scores: dict[str, float] = {}
     reasons: dict[str, str] = {}
-    loc = metrics["locality"][groups["shallow"]]
-    loc = loc[np.isfinite(loc)]
-    if loc.size:
-        scores["lock_in_score"] = float(loc.mean())
-    else:
-        scores["lock_in_score"] = math.nan
-        reasons["lock_in_score"] = ("locality is null in every shallow layer" if groups["shallow"] else
-                                    "no shallow layer was computed")
+    scores["lock_in_score"], why = _band_mean(metrics, "locality", groups, "shallow")
+    if why:
+        reasons["lock_in_score"] = why
     x_all = ids[groups["deep_half"]].astype(np.float64)  # model layer index, the slope's unit
     y = metrics["summary_to_thinking"][groups["deep_half"]]
     ok = np.isfinite(y)
@@ -233,13 +228,18 @@ def compute_scores(metrics: dict[str, np.ndarray], num_layers: int, layers: Sequ
         x, y = x_all[ok], y[ok]
         xc = x - x.mean()
         scores["decay_slope"] = float((xc * (y - y.mean())).sum() / (xc * xc).sum())
-    deep = metrics["summary_to_thinking"][groups["deep"]]
-    deep = deep[np.isfinite(deep)]
-    if deep.size:
-        scores["deep_summary_to_thinking"] = float(deep.mean())
-    else:
-        scores["deep_summary_to_thinking"] = math.nan
-        reasons["deep_summary_to_thinking"] = ("summary_to_thinking is null in every deep layer" if groups["deep"]
-                                               else "no deep layer was computed")
+    scores["deep_summary_to_thinking"], why = _band_mean(metrics, "summary_to_thinking", groups, "deep")
+    if why:
+        reasons["deep_summary_to_thinking"] = why
     return scores, reasons
+
+
+def _band_mean(metrics: dict[str, np.ndarray], name: str, groups: dict[str, list[int]], band: str
+               ) -> tuple[float, str | None]:
+    """The mean of a metric's non-null values over the computed layers of a band; NaN and why when none."""
+    x = metrics[name][groups[band]]
+    x = x[np.isfinite(x)]
+    if x.size:
+        return float(x.mean()), None
+    return math.nan, (f"{name} is null in every {band} layer" if groups[band] else f"no {band} layer was computed")
 
