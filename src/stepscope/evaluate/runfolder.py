@@ -135,7 +135,7 @@ class RunFolder:
                     shown = json.dumps(rec, ensure_ascii=False)[:80]
                     raise StepscopeError(f"{p}: {shown} is not a result record; remove it or start a new run") from None
                 self._records.setdefault(key, rec)
-        return self._records
+        return dict(self._records)
 
     def merge(self, order: list[Key]) -> int:
         """Merge results.jsonl and every results.rank<R>.jsonl into results.jsonl in the order of `order`.
