@@ -1,0 +1,99 @@
+"""StepFlow inside vLLM on a tiny random Llama saved as a folder, and the vLLM trace runner.
+
+One engine for the module. Teacher-forced through our transformers StepFlow over vLLM's tokens, the argmax is
+vLLM's token and its logprob agrees within 1e-3; `stepscope.vllm.generate_traces` writes the same traces (token
+ids, steps, meta fields) as the transformers engine's `generate_traces` for greedy decoding, both arms.
+"""
+
+import os
+
+import pytest
+from conftest import require_vllm
+
+require_vllm()
+
+import torch  # noqa: E402
+from tiny import make_model, make_tokenizer, peaked  # noqa: E402
+
+from stepscope.flow import StepFlow, StepFlowConfig, generate_traces  # noqa: E402
+
+CFG = StepFlowConfig(fmt="think", tau_max=0.95)  # near-uniform attention: p(B) ~ |B|/(|B|+|S|) < sqrt of it
+QUESTIONS = ["What is 2 + 2?", "Name a prime number above 10, please.", "Why is the sky blue?"]
+
+
+@pytest.fixture(scope="module")
+def arch():
+    return "llama"  # tests/test_vllm_tiny_qwen2.py runs this module's tests on Qwen2
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, arch):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    path = tmp_path_factory.mktemp(f"tiny_{arch}")
+    # CPU_ATTN needs head_dim in {32, 64, ...}
+    model = peaked(make_model(arch, hidden_size=128, intermediate_size=256, head_dim=32, layers=4, seed=1))
+    tok = make_tokenizer("think")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4, seed=0)
+    yield llm, model, tok
+    del llm
+
+
+def test_stepflow_matches_teacher_forced_transformers(setup):
+    import stepscope.vllm as sv
+    from stepscope.prompts import build_prompt
+
+    llm, model, tok = setup
+    ids = [build_prompt(tok, q, fmt="think")[1] for q in QUESTIONS]
+    params = [sv.sampling_params(CFG, f"t{i}", max_tokens=20 + 6 * i, temperature=0, logprobs=1)
+              for i in range(len(ids))]
+    outs = llm.generate([sv.prompt(p, CFG) for p in ids], params, use_tqdm=False)
+    stats = sv.collect_stats(llm, keys=[f"t{i}" for i in range(len(ids))], clear=True)
+    for i, (p, o) in enumerate(zip(ids, outs)):
+        c = o.outputs[0]
+        gen = list(c.token_ids)
+        with torch.no_grad(), StepFlow(model, tok, CFG, kernel="torch") as flow:
+            logits = model(torch.tensor([p + gen[:-1]])).logits[0].float()
+        ref = torch.log_softmax(logits, -1)[len(p) - 1:]
+        assert ref.argmax(-1).tolist() == gen
+        lps = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, gen)])
+        assert (lps - ref.gather(-1, torch.tensor(gen)[:, None])[:, 0]).abs().max().item() < 1e-3
+        s, r = stats[f"t{i}"], flow.stats
+        assert s.oeb_fires == r.oeb_fires and s.oeb_eligible == r.oeb_eligible and s.smi_fires == r.smi_fires
+        assert s.total_oeb_fires > 0
+
+
+@pytest.mark.parametrize("stepflow", [None, CFG], ids=["plain", "stepflow"])
+def test_runner_writes_the_transformers_engines_traces(setup, stepflow):
+    import stepscope.vllm as sv
+
+    llm, model, tok = setup
+    kw = dict(stepflow=stepflow, max_new_tokens=16, temperature=0.0, prompt_style="r1", fmt="think")
+    got = sv.generate_traces(llm, tok, QUESTIONS, progress=False, **kw)
+    want = generate_traces(model, tok, QUESTIONS, progress=False, flow_kernel="torch", **kw)
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        assert [s.to_json() for s in g.steps] == [s.to_json() for s in w.steps]
+        for k in ("question", "seed", "num_prompt_tokens", "num_new_tokens", "stop_reason", "budget_forced",
+                  "thinking_tokens"):
+            assert g.meta[k] == w.meta[k], k
+        cg = {k: v for k, v in g.meta["config"].items() if k not in ("engine", "engine_version", "model", "dtype")}
+        cw = {k: v for k, v in w.meta["config"].items() if k not in ("model", "dtype")}
+        assert cg == cw
+        assert g.meta["config"]["engine"] == "vllm" and g.meta["config"]["engine_version"]
+        if stepflow is not None:
+            a, b = g.meta["stepflow_stats"], w.meta["stepflow_stats"]
+            for k in ("oeb_fires", "oeb_eligible", "smi_fires", "tokens"):
+                assert a[k] == b[k], k
+
+
+def test_budget_forcing_is_refused(setup):
+    import stepscope.vllm as sv
+    from stepscope.errors import StepscopeError
+
+    llm, _, tok = setup
+    with pytest.raises(StepscopeError, match="budget forcing"):
+        sv.generate_traces(llm, tok, QUESTIONS[:1], max_thinking_tokens=4, progress=False)
