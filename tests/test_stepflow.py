@@ -324,8 +324,8 @@ def test_errors_are_clear():
             StepFlow(model, tok, tau_max=1.5)
         with pytest.raises(StepscopeError, match="layers"):
             StepFlow(model, tok, oeb_layers=[9])
-        with pytest.raises(StepscopeError, match="format|markers"):
-            StepFlow(model, make_tokenizer("smollm2"))  # no thinking markers in SmolLM2's template
+        with pytest.raises(StepscopeError, match="markers"):
+            StepFlow(model, tok, fmt="markers")  # no markers given
         model.config._attn_implementation_internal = "flex_attention"
         try:
             with pytest.raises(StepscopeError, match="sdpa"), StepFlow(model, tok, fmt="think"):
@@ -358,3 +358,98 @@ def test_config_defaults_and_json():
             StepFlowConfig(**bad)
     with pytest.raises(StepscopeError, match="unknown"):
         StepFlowConfig.from_json({"tau": 1})
+
+
+@pytest.mark.parametrize("family", ["chatml", "smollm2"])
+def test_auto_format_on_a_plain_chat_model_and_rows_without_thinking_are_reported(family):
+    """A chat template without thinking markers (SmolLM2's own, and a tiny ChatML one): StepFlowConfig()'s
+    fmt="auto" resolves as generation does (think), and StepFlow acts on a prompt built for it. A plain chat
+    prompt never reaches a thinking segment: StepFlow says so on exit and in its stats, instead of silence."""
+    import warnings
+
+    from stepscope.prompts import build_prompt
+
+    tok = make_tokenizer(family)
+    model = sharpen(make_model("llama", vocab_size=len(tok)))
+    flow = StepFlow(model, tok, StepFlowConfig(tau_max=0.6))
+    assert flow.format.name == "think"
+    plain = tok.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}], add_generation_prompt=True,
+                                    tokenize=False)
+    ids = torch.tensor([tok(plain, add_special_tokens=False)["input_ids"]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), flow:
+            model(ids)
+    msgs = [str(w.message) for w in caught if "thinking segment" in str(w.message)]
+    assert len(msgs) == 1 and "'think'" in msgs[0] and "<think>" in msgs[0]
+    st = flow.stats
+    assert (st.rows, st.rows_with_thinking, st.total_oeb_fires) == (1, 0, 0)
+    assert st.to_json()["rows_with_thinking"] == 0 and "no thinking segment" in st.summary()
+    assert flow.row_stats(0).rows_with_thinking == 0
+
+    _, pids = build_prompt(tok, QUESTIONS[0])  # the prompt generation builds: it opens the thinking
+    ids = torch.tensor([pids + tok(THINKING[0], add_special_tokens=False)["input_ids"]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), StepFlow(model, tok, StepFlowConfig(tau_max=0.6)) as flow:
+            model(ids)
+    assert not [w for w in caught if "thinking segment" in str(w.message)]
+    st = flow.stats
+    assert (st.rows, st.rows_with_thinking) == (1, 1) and st.total_oeb_fires > 0 and st.total_smi_fires > 0
+    assert "no thinking segment" not in st.summary()
+
+
+def test_a_patch_of_eager_attention_removed_after_first_use_is_not_kept(monkeypatch):
+    """Another library patches the modeling file's eager_attention_forward while StepFlow runs for the first
+    time, then removes its patch: StepFlow with OEB and SMI off must then equal the plain model exactly."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    model, tok = build("qwen2", "think", attn_implementation="eager")
+    ids = torch.tensor([traces_for(tok, "think")[0].token_ids])
+    real = modeling_qwen2.eager_attention_forward
+
+    def patched(module, query, key, value, attention_mask, **kw):
+        out, w = real(module, query, key, value, attention_mask, **kw)
+        return out + 0.5, w
+
+    off = StepFlowConfig(oeb=False, smi=False, fmt="think")
+    with torch.no_grad():
+        plain = model(ids).logits
+        monkeypatch.setattr(modeling_qwen2, "eager_attention_forward", patched)
+        with StepFlow(model, tok, off):
+            patched_logits = model(ids).logits
+        monkeypatch.setattr(modeling_qwen2, "eager_attention_forward", real)
+        with StepFlow(model, tok, off):
+            got = model(ids).logits
+    assert not torch.equal(patched_logits, plain)  # the patch was in use while it was there
+    assert torch.equal(got, plain)
+
+
+def test_query_geometry_equals_the_per_query_groups():
+    """The vectorized OEB groups of a forward (flow/state.py) against functional.query_groups and bridge_target
+    called query by query: left padding, a right-padded row, rows in every segment, sliding windows."""
+    import numpy as np
+
+    from stepscope.flow.functional import bridge_target, query_groups
+    from stepscope.flow.state import BIG, query_geometry
+
+    lo = np.array([0, 3, 5, 2, 0])
+    hi = np.array([40, 40, 40, 30, 40])
+    t0 = np.array([10, 3, 12, 20, BIG])
+    s0 = np.array([25, 18, BIG, 26, BIG])
+    for past, q_len in ((0, 40), (20, 20), (39, 1)):
+        for window in (None, 6):
+            gidx, tau, elig = query_geometry(lo, hi, t0, s0, past, q_len, window, 0.4)
+            for b in range(len(lo)):
+                for i in range(q_len):
+                    q = past + i
+                    groups = query_groups(q, int(t0[b]), int(s0[b]), int(lo[b]), window)
+                    want = 0.0
+                    if groups is not None and q < hi[b]:
+                        (b0, b1), (s_0, s1) = groups
+                        want = bridge_target(b1 - b0, s1 - s_0, 0.4)
+                    assert tau[b, i] == np.float32(want), (past, window, b, i)
+                    assert elig[b, i] == (want > 0)
+                    if want > 0:
+                        seg = int(q >= t0[b]) + int(q >= s0[b])
+                        assert tuple(gidx[b, i]) == (seg - 1, seg)

@@ -15,6 +15,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from stepscope.errors import StepscopeError
 from stepscope.flow import StepFlow, StepFlowConfig
+from stepscope.flow.decode_path import DecodePath, time_paths
 
 TOL = 1e-5
 
@@ -65,7 +66,7 @@ def test_generate_logits_equal_teacher_forced(arch, fam, kernel):
     n = min(40, *(len(c) for _, c in pc))  # several thinking steps, so SMI fires while decoding
     ids, mask, _, los = left_pad([p for p, _ in pc], pad=tok.pad_token_id or 0)
     with torch.no_grad(), StepFlow(model, tok, cfg, kernel=kernel) as flow:
-        assert flow._fused is (kernel == "triton")
+        assert flow.decode_path.uses_kernel is (kernel == "triton")
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
                              min_new_tokens=n, logits_processor=LogitsProcessorList([Force([c for _, c in pc],
                                                                                            ids.shape[1])]),
@@ -91,7 +92,7 @@ def test_generate_logits_equal_teacher_forced(arch, fam, kernel):
             assert rs.bridge_mass_after[i] == pytest.approx(ts.bridge_mass_after[i], abs=1e-5)
     # the same OEB decisions, query-head by query-head, counted by the decode path's deferred stats
     assert st.total_oeb_fires == tf_fires and sum(st.oeb_eligible.values()) == tf_elig
-    assert flow._fused is (kernel == "triton")  # the kernel stayed in use (no silent fallback)
+    assert flow.decode_path.uses_kernel is (kernel == "triton")  # the kernel stayed in use (no silent fallback)
 
 
 def test_greedy_generate_equals_teacher_forced_argmax():
@@ -256,9 +257,10 @@ def test_auto_kernel_is_checked_once_and_dropped_when_it_fails(fault, monkeypatc
     n = 12
     with torch.no_grad():
         want = teacher_forced(model, tok, cfg, p + c[:n])[len(p) - 1:len(p) - 1 + n]
-        flow = StepFlow(model, tok, cfg)
-        flow._fused = None  # what kernel="auto" starts with on a CUDA device with triton
-        flow._paths = None  # the check alone: no timing of the paths (test_auto_times_the_paths_... does that)
+        # kernel="auto" as on a CUDA device with triton, the check alone: no timing of the paths
+        # (test_auto_times_the_paths_... does that)
+        flow = StepFlow(model, tok, cfg, kernel=DecodePath("auto", tune=False, try_kernel=True))
+        assert flow.decode_path.uses_kernel and not flow.decode_path.checked
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with flow:
@@ -268,13 +270,15 @@ def test_auto_kernel_is_checked_once_and_dropped_when_it_fails(fault, monkeypatc
     raw = torch.stack(out.logits, dim=1)[0]
     assert (raw - want).abs().max().item() < TOL
     msgs = [str(w.message) for w in caught if "fused decoding kernel" in str(w.message)]
+    path = flow.decode_path
     if fault is None:
-        assert flow._fused is True and not msgs and len(calls) == 2 * (n - 1)  # every decode step, both layers
-        assert all(calls)  # the tl.dot form throughout
+        assert path.uses_kernel and path.checked and not msgs and len(calls) == 2 * (n - 1)  # every step, both
+        assert all(calls) and path.dot  # the tl.dot form throughout
     elif fault.startswith("dot_"):  # the dot form once, then the broadcast form for the rest
-        assert flow._fused is True and not msgs and calls == [True] + [False] * (2 * (n - 1))
+        assert path.uses_kernel and path.checked and not msgs and calls == [True] + [False] * (2 * (n - 1))
+        assert not path.dot
     else:  # both forms tried once, then the PyTorch path
-        assert flow._fused is False and len(msgs) == 1 and calls == [True, False]
+        assert not path.uses_kernel and len(msgs) == 1 and calls == [True, False]
         assert ("failed" if fault == "raise" else "differs") in msgs[0]
 
 
@@ -292,7 +296,7 @@ def test_kernel_choice_is_checked():
         finally:
             if old is not None:
                 os.environ["TRITON_INTERPRET"] = old
-    assert StepFlow(model, tok)._fused is False  # auto on a CPU: the PyTorch path
+    assert StepFlow(model, tok).decode_path.uses_kernel is False  # auto on a CPU: the PyTorch path
 
 
 @pytest.mark.skipif("triton" not in KERNELS, reason="needs triton (the test extra installs it)")
@@ -306,14 +310,14 @@ def test_auto_kernel_check_keeps_a_good_kernel_in_bfloat16():
             layer.self_attn.q_proj.weight.mul_(8.0)
     p, c = prompt_and_continuation(tok, "think", 1)
     p = p + c[:40]  # decoding deep inside the thinking, where the bridge is small
-    flow = StepFlow(model, tok, StepFlowConfig(tau_max=0.6, fmt="think"))
-    flow._fused, flow._paths = None, None  # the check alone, no timing
+    flow = StepFlow(model, tok, StepFlowConfig(tau_max=0.6, fmt="think"),
+                    kernel=DecodePath("auto", tune=False, try_kernel=True))  # the check alone, no timing
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
         with flow:
             model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=4, min_new_tokens=4,
                            pad_token_id=0)
-    assert flow._fused is True and flow.stats.total_oeb_fires > 0
+    assert flow.decode_path.uses_kernel and flow.decode_path.checked and flow.stats.total_oeb_fires > 0
 
 
 def _decode_steps(model, tok, cfg, p: list[int], c: list[int], n: int, hook=None):
@@ -324,13 +328,13 @@ def _decode_steps(model, tok, cfg, p: list[int], c: list[int], n: int, hook=None
     seen, logits = [], []
     with torch.no_grad(), StepFlow(model, tok, cfg) as flow:
         if hook is not None:
-            handles = [m.register_forward_pre_hook(lambda m, a: seen.append((m.layer_idx, hook(flow))))
-                       for m in flow._modules]
+            handles = [layer.self_attn.register_forward_pre_hook(lambda m, a: seen.append((m.layer_idx, hook(flow))))
+                       for layer in model.model.layers]
         logits.append(model(input_ids=torch.tensor([p]), past_key_values=cache, use_cache=True).logits[0])
         seen.clear()
         for t in c[:n]:
             logits.append(model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits[0])
-            assert flow._unfed is None  # fed by the end of every forward
+            assert not flow.rows.has_pending  # fed by the end of every forward
             assert flow.segmenters[0].num_tokens == cache.get_seq_length()
         if hook is not None:
             for h in handles:
@@ -344,7 +348,7 @@ def test_decoding_feeds_the_segmenters_at_the_first_smi_layer():
     model, tok = build("llama", "think")
     cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt="think")
     p, c = prompt_and_continuation(tok, "think", 0)
-    flow, seen, _ = _decode_steps(model, tok, cfg, p, c, 6, hook=lambda f: f._unfed is not None)
+    flow, seen, _ = _decode_steps(model, tok, cfg, p, c, 6, hook=lambda f: f.rows.has_pending)
     assert len(seen) == 6 * 4
     for i in range(0, len(seen), 4):
         # (a module's pre-hook runs before its attention function, which feeds in layer 2)
@@ -387,12 +391,12 @@ def test_a_decoding_step_that_fails_still_feeds_its_token():
     with torch.no_grad():
         with StepFlow(model, tok, cfg) as flow:
             model(input_ids=torch.tensor([p]), past_key_values=cache, use_cache=True)
-            h = flow._modules[1].register_forward_pre_hook(boom)
+            h = model.model.layers[1].self_attn.register_forward_pre_hook(boom)
             with pytest.raises(RuntimeError, match="boom"):
                 model(input_ids=torch.tensor([c[:1]]), past_key_values=cache, use_cache=True)
             h.remove()
-            assert flow._unfed is not None
-    assert flow._unfed is None
+            assert flow.rows.has_pending
+    assert not flow.rows.has_pending
     assert flow.segmenters[0].num_tokens == len(p) + 1
     assert flow.stats.tokens == len(p) + 1
 
@@ -421,45 +425,37 @@ def test_decoding_step_with_gradients_takes_the_differentiable_path():
     assert torch.allclose(grads["torch"], grads["triton"], rtol=1e-4, atol=1e-6)
 
 
-def test_next_step_state_is_prepared_and_dropped_when_the_forward_differs(monkeypatch):
+def test_next_step_state_is_prepared_and_dropped_when_the_forward_differs():
     """After a forward with a cache, StepFlow prepares the next decoding step's state, so that a decoding
-    step's pre-hook builds nothing; forwards of several tokens (and a fresh prefill) drop it. Mixed chunk
-    sizes give the teacher-forced logits."""
-    from stepscope.flow import stepflow as sfm
-
+    step's pre-hook builds nothing: it runs on the prepared state. Forwards of several tokens (and a fresh
+    prefill) drop it and build their own. Mixed chunk sizes give the teacher-forced logits."""
     model, tok = build("llama", "think")
     cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt="think")
     p, c = prompt_and_continuation(tok, "think", 1)
-    builds = {"pre": 0, "post": 0}
-    where = ["post"]
-    real_build, real_pre = sfm.StepFlow._build_state, sfm.StepFlow._pre_forward
-
-    def build_state(self, *a, **k):
-        builds[where[0]] += 1
-        return real_build(self, *a, **k)
-
-    def pre(self, *a, **k):
-        where[0] = "pre"
-        try:
-            return real_pre(self, *a, **k)
-        finally:
-            where[0] = "post"
-
-    monkeypatch.setattr(sfm.StepFlow, "_build_state", build_state)
-    monkeypatch.setattr(sfm.StepFlow, "_pre_forward", pre)
     chunks = [3, 1, 1, 2, 1, 4, 1, 1]  # tokens per forward after the prompt
     cache, logits, pos = DynamicCache(), [], 0
+    ran, prepared = [], []  # per forward: the state it ran on; the state prepared after it
     with torch.no_grad(), StepFlow(model, tok, cfg) as flow:
+        # registered after StepFlow's hooks, so they run after them
+        hooks = [model.model.register_forward_pre_hook(lambda m, a: ran.append(flow.rows.forward)),
+                 model.model.register_forward_hook(lambda m, a, o: prepared.append(flow.rows.prepared))]
         logits.append(model(input_ids=torch.tensor([p]), past_key_values=cache, use_cache=True).logits[0])
         for n in chunks:
             x = torch.tensor([c[pos:pos + n]])
             logits.append(model(input_ids=x, past_key_values=cache, use_cache=True).logits[0])
             pos += n
-    # the prefill and the multi-token forwards build in the pre-hook; every forward prepares the next step
-    assert builds == {"pre": 1 + sum(n > 1 for n in chunks), "post": 1 + len(chunks)}
+        for h in hooks:
+            h.remove()
+    # every forward with a cache prepares the next step; a one-token forward runs on it, the others build
+    assert len(ran) == len(prepared) == 1 + len(chunks)
+    assert all(st is not None for st in prepared) and len({id(st) for st in prepared}) == len(prepared)
+    assert ran[0] is not None and all(st is not None for st in ran)
+    for i, n in enumerate(chunks, 1):
+        assert (ran[i] is prepared[i - 1]) == (n == 1), (i, n)
+        assert ran[i].q_len == n and ran[i].past == len(p) + sum(chunks[:i - 1])
     want = teacher_forced(model, tok, cfg, p + c[:pos])
     assert (torch.cat(logits) - want).abs().max().item() < TOL
-    assert flow.stats.total_smi_fires > 0
+    assert flow.stats.total_smi_fires > 0 and flow.stats.forwards == 1 + len(chunks)
 
 
 @pytest.mark.skipif("triton" not in KERNELS, reason="needs triton (the test extra installs it)")
@@ -470,7 +466,7 @@ def test_auto_times_the_paths_and_uses_the_fastest(arch, fam, winner, monkeypatc
     """kernel="auto" times, once per set of shapes, the kernel as planned, two launch variants and the PyTorch
     path, and decodes with the fastest (the timer is faked here so that `winner` wins). The logits stay exact,
     the stats equal kernel="torch"'s (nothing counted twice), and after the timing only the winner runs."""
-    from stepscope.flow import attention, kernels
+    from stepscope.flow import kernels
 
     model, tok = build(arch, fam)
     cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt=fam)
@@ -478,7 +474,7 @@ def test_auto_times_the_paths_and_uses_the_fastest(arch, fam, winner, monkeypatc
     n = 12
     timed: list[list[str]] = []
 
-    def fake_time_paths(runs, device, **kw):
+    def fake_timer(runs, device):
         timed.append(sorted(runs))
         return {name: (1.0 if name == winner else 2.0) for name in runs}
 
@@ -489,7 +485,6 @@ def test_auto_times_the_paths_and_uses_the_fastest(arch, fam, winner, monkeypatc
         blocks.append((k["plan"].BK, k["plan"].num_warps))
         return real(*a, **k)
 
-    monkeypatch.setattr(attention, "time_paths", fake_time_paths)
     monkeypatch.setattr(kernels, "oeb_decode", spy)
     gen = dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, output_logits=True,
                return_dict_in_generate=True, logits_processor=LogitsProcessorList([Force([c], len(p))]),
@@ -498,8 +493,8 @@ def test_auto_times_the_paths_and_uses_the_fastest(arch, fam, winner, monkeypatc
         want = teacher_forced(model, tok, cfg, p + c[:n])[len(p) - 1:len(p) - 1 + n]
         with StepFlow(model, tok, cfg, kernel="torch") as ref_flow:
             model.generate(input_ids=torch.tensor([p]), **gen)
-        flow = StepFlow(model, tok, cfg)
-        flow._fused = None  # what kernel="auto" starts with on a CUDA device with triton
+        # kernel="auto" as on a CUDA device with triton, its timer faked
+        flow = StepFlow(model, tok, cfg, kernel=DecodePath("auto", timer=fake_timer, try_kernel=True))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             with flow:
@@ -533,8 +528,6 @@ def test_time_paths_times_every_candidate():
     """The timer calls each candidate once untimed, then rounds x reps times, and ranks a slow one last."""
     import time
 
-    from stepscope.flow.attention import time_paths
-
     calls = {"fast": 0, "slow": 0}
 
     def fast():
@@ -550,12 +543,9 @@ def test_time_paths_times_every_candidate():
 
 
 @pytest.mark.skipif("triton" not in KERNELS, reason="needs triton (the test extra installs it)")
-def test_auto_timing_runs_every_candidate_for_real(monkeypatch):
+def test_auto_timing_runs_every_candidate_for_real():
     """The real timer (one round of one call, to stay quick under the interpreter) runs every candidate,
     the PyTorch path included, on the layer's real inputs; whatever wins, the logits stay exact."""
-    from stepscope.flow import attention
-
-    real = attention.time_paths
     got = []
 
     def quick(runs, device, **kw):
@@ -567,19 +557,17 @@ def test_auto_timing_runs_every_candidate_for_real(monkeypatch):
                 return fn()
             return run
 
-        t = real({name: counted(name, fn) for name, fn in runs.items()}, device, reps=1, rounds=1)
+        t = time_paths({name: counted(name, fn) for name, fn in runs.items()}, device, reps=1, rounds=1)
         got.append((t, calls))
         return t
 
-    monkeypatch.setattr(attention, "time_paths", quick)
     model, tok = build("qwen2", "think")
     cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt="think")
     p, c = prompt_and_continuation(tok, "think", 1)
     n = 6
     with torch.no_grad():
         want = teacher_forced(model, tok, cfg, p + c[:n])[len(p) - 1:len(p) - 1 + n]
-        flow = StepFlow(model, tok, cfg)
-        flow._fused = None
+        flow = StepFlow(model, tok, cfg, kernel=DecodePath("auto", timer=quick, try_kernel=True))
         with flow:
             out = model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
                                  output_logits=True, return_dict_in_generate=True, pad_token_id=0,
@@ -588,3 +576,64 @@ def test_auto_timing_runs_every_candidate_for_real(monkeypatch):
     assert got and all(len(t) == 4 and min(t.values()) > 0 for t, _ in got)
     assert all(set(calls.values()) == {2} for _, calls in got)  # the untimed call and the timed one, each
     assert [e["times_us"] for e in flow.decode_paths] == [{k: round(v, 2) for k, v in t.items()} for t, _ in got]
+
+
+@pytest.mark.parametrize("q_len,use_sinks", [(1, False), (1, True), (4, False)])
+def test_pytorch_paths_equal_the_pure_functions(q_len, use_sinks):
+    """The PyTorch OEB paths (one query per row: the batched-matmul decoding form; with sinks or several
+    queries: the block form) against functional.group_partials + oeb_merge query by query and head by head:
+    the outputs within 1e-5, the same fires and eligible pairs (counted by FlowStats)."""
+    import numpy as np
+
+    from stepscope.flow.flow_stats import FlowStats
+    from stepscope.flow.functional import bridge_target, group_partials, oeb_merge
+    from stepscope.flow.oeb import oeb_attention
+    from stepscope.flow.state import NEG, LayerGeometry, QueryTensors
+
+    g = torch.Generator().manual_seed(3)
+    B, H, Hkv, K, D = 4, 4, 2, 24, 8
+    P = K - q_len  # the forward's first query sits at kv index P
+    seg = torch.zeros(B, K, dtype=torch.long)  # key segments: question, thinking from 6 (row 3: 16), summary
+    seg[:, 6:] = 1
+    seg[1, 14:] = 2
+    seg[3, :] = 0
+    pad = torch.zeros(B, K)
+    pad[0, :3] = NEG  # row 0 is left-padded
+    qseg = seg[:, P:]  # [B, Q] the queries' segments (row 3: all question)
+    gidx = torch.stack([(qseg - 1).clamp_min(0), qseg], -1)  # [B, Q, 2]
+    real_lo = torch.tensor([3, 0, 0, 0])
+    tau = torch.zeros(B, q_len)
+    for b in range(B):
+        for i in range(q_len):
+            q, s = P + i, int(qseg[b, i])
+            if s == 0:
+                continue
+            lo_b = int(real_lo[b]) if s == 1 else int((seg[b] == 1).nonzero()[0])
+            hi_b = int((seg[b] >= s).nonzero()[0])
+            tau[b, i] = bridge_target(hi_b - lo_b, q + 1 - hi_b, 0.6)
+    elig = (tau > 0).to(torch.float32)
+    causal = torch.arange(K)[None, :] > (P + torch.arange(q_len))[:, None]  # [Q, K]
+    addmask = pad[:, None, :] if q_len == 1 else pad[:, None, :].masked_fill(causal, NEG)
+    qt = QueryTensors(gidx, tau, elig, int(elig.sum()), elig.sum(1).numpy().astype(np.float64))
+    geo = LayerGeometry(0, P, torch.nn.functional.one_hot(seg, 3).float(), addmask, qt, decode=q_len == 1)
+    query = torch.randn(B, H, q_len, D, generator=g) * 2
+    key, value = torch.randn(B, Hkv, K, D, generator=g) * 2, torch.randn(B, Hkv, K, D, generator=g)
+    sinks = torch.randn(H, generator=g) if use_sinks else None
+    stats = FlowStats(1, [0], [], torch.device("cpu"))
+    stats.start_rows(B)
+    got = oeb_attention(query, key, value, geo, 0.35, sinks, block_elems=1 << 22, stats=stats)  # [B, Q, H, D]
+    fires = 0
+    for b in range(B):
+        for h in range(H):
+            kv = h // (H // Hkv)
+            for i in range(q_len):
+                z = 0.35 * key[b, kv] @ query[b, h, i] + addmask[b, 0 if q_len == 1 else i]
+                z = torch.where(z <= NEG / 2, float("-inf"), z)
+                grp = torch.where(seg[b] == gidx[b, i, 0], 0, torch.where(seg[b] == gidx[b, i, 1], 1, 2))
+                out3, lse = group_partials(z, value[b, kv], grp)
+                want, fired, _, _ = oeb_merge(out3, lse, tau[b, i], None if sinks is None else sinks[h])
+                assert (got[b, i, h] - want).abs().max().item() < 1e-5, (b, h, i)
+                fires += int(fired)
+    st = stats.totals(0, 0, 0, 0)
+    assert st.oeb_fires[0] == fires > 0 and st.oeb_eligible[0] == int(elig.sum()) * H
+    assert fires < st.oeb_eligible[0]  # it also held back

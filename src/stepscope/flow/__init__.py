@@ -1,6 +1,6 @@
 """StepFlow, the test-time repair: Odds-Equal Bridge (shallow layers) and Step Momentum Injection (deep layers).
 
-`StepFlow(model, tokenizer, config)` is a context manager; `StepFlowConfig` holds every knob (METHOD.md §5).
+`StepFlow(model, tokenizer, config)` is a context manager; `StepFlowConfig` holds every knob (docs/method.md §5).
 """
 
 from .config import StepFlowConfig

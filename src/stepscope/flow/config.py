@@ -1,4 +1,4 @@
-"""StepFlowConfig: every knob of StepFlow (METHOD.md §5) with the paper's defaults, and a JSON round trip.
+"""StepFlowConfig: every knob of StepFlow (docs/method.md §5) with the paper's defaults, and a JSON round trip.
 
 Defaults (paper Table 8): Odds-Equal Bridge on the bottom quarter of layers `[0, L//4)`, Step Momentum
 Injection on the top quarter `[L - L//4, L)` (at least one layer each), `tau_max = 0.15`, `alpha = 0.06`, and
@@ -7,12 +7,13 @@ an SMI window of the last 4 tokens of the step just completed (`smi_window="step
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from ..errors import StepscopeError
 from ..formats import Format
+from ..io import config_fields
+from ..layers import layer_bands, resolve_layers
 
 
 @dataclass
@@ -71,25 +72,18 @@ class StepFlowConfig:
     def resolve(self, num_layers: int) -> tuple[list[int], list[int]]:
         """(oeb_layers, smi_layers) as sorted concrete indices for a model of `num_layers` layers.
 
-        A band that is switched off (`oeb=False` / `smi=False`) is empty.
+        A band that is switched off (`oeb=False` / `smi=False`) or given as an empty list is empty; None is the
+        default band (`stepscope.layers.layer_bands`: the shallow quarter for OEB, the deep quarter for SMI).
         """
-        if num_layers < 1:
-            raise StepscopeError(f"the model has {num_layers} layers")
-        q = max(1, num_layers // 4)
+        bands = layer_bands(num_layers)
 
-        def concrete(given: list[int] | None, default: range, name: str) -> list[int]:
-            if given is None:
-                return list(default)
-            out = set()
-            for i in given:
-                j = i + num_layers if i < 0 else i
-                if not 0 <= j < num_layers:
-                    raise StepscopeError(f"{name} holds layer {i}, but the model has {num_layers} layers")
-                out.add(j)
-            return sorted(out)
+        def pick(given: list[int] | None, band: str, name: str) -> list[int]:
+            if given is not None and not given:
+                return []
+            return resolve_layers(given, num_layers, what=name, default=bands[band])
 
-        oeb = concrete(self.oeb_layers, range(0, q), "oeb_layers") if self.oeb else []
-        smi = concrete(self.smi_layers, range(num_layers - q, num_layers), "smi_layers") if self.smi else []
+        oeb = pick(self.oeb_layers, "shallow", "oeb_layers") if self.oeb else []
+        smi = pick(self.smi_layers, "deep", "smi_layers") if self.smi else []
         return oeb, smi
 
     # -- JSON -----------------------------------------------------------------------------------------------
@@ -101,18 +95,7 @@ class StepFlowConfig:
 
     @classmethod
     def from_json(cls, d: dict | str) -> StepFlowConfig:
-        if isinstance(d, str):
-            try:
-                d = json.loads(d)
-            except json.JSONDecodeError as e:
-                raise StepscopeError(f"StepFlow config is not valid JSON ({e.msg})") from None
-        if not isinstance(d, dict):
-            raise StepscopeError("StepFlow config JSON must be an object")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise StepscopeError(f"unknown StepFlow config key(s): {', '.join(unknown)}")
-        d = dict(d)
+        d = config_fields(d, cls, "StepFlow config")
         if d.get("markers") is not None:
             d["markers"] = tuple(d["markers"])
         return cls(**d)

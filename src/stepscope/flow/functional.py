@@ -19,13 +19,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 BRIDGE, SEGMENT, OTHER = 0, 1, 2
 
 
 def bridge_target(n_bridge, n_segment, tau_max: float):
-    """tau_B = min(sqrt(|B| / (|B| + |S|)), tau_max); 0 where the bridge is empty. Ints, floats or tensors."""
+    """tau_B = min(sqrt(|B| / (|B| + |S|)), tau_max); 0 where the bridge is empty. Ints, floats, numpy arrays
+    (float64 out) or tensors (float64 out)."""
+    if isinstance(n_bridge, np.ndarray) or isinstance(n_segment, np.ndarray):
+        nb = np.asarray(n_bridge, dtype=np.float64)
+        ns = np.asarray(n_segment, dtype=np.float64)
+        tau = np.minimum(np.sqrt(nb / np.maximum(nb + ns, 1.0)), tau_max)
+        return np.where(nb > 0, tau, 0.0)
     if isinstance(n_bridge, torch.Tensor) or isinstance(n_segment, torch.Tensor):
         nb = torch.as_tensor(n_bridge, dtype=torch.float64)
         ns = torch.as_tensor(n_segment, dtype=torch.float64)

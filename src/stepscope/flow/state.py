@@ -1,4 +1,4 @@
-"""Per-row step state for StepFlow: host-side segmenters, and the device tensors one forward pass reads.
+"""The forward geometry of StepFlow: what one forward pass reads on the device, built on the host in one upload.
 
 Coordinates. Every row of a batch lives in one key/value index space ("kv index": the position in the padded
 sequence, i.e. in a full cache). Row b's real tokens are the contiguous kv range [lo_b, hi_b); real token r
@@ -19,73 +19,26 @@ reads a slice.
 Segments follow the segmenter's boundaries: a token at real index r is question if r < thinking start,
 thinking if thinking start <= r < summary start, summary after (marker tokens belong to the segment they
 close). A query's segment is decided by tokens before it, so online and offline agree.
-
-SMI schedule (segment.py): when thinking step i-1 closes and step i is thinking too, step i's momentum fires
-at real index max(step_i.token_start, step_{i-1}.closed_at); the window is the last `w` tokens of step i-1
-(or the whole step). A fire whose position has not been fed yet stays pending in its row.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..segment import Segmenter, Step
+from .functional import bridge_target
 
 BIG = 1 << 62  # "not yet known" for a segment boundary, in kv index space
 NEG = float(np.finfo(np.float32).min)  # additive mask value of a hidden key (finite: no NaN on empty rows)
-
-
-class RowTracker:
-    """One row: its segmenter, its kv range, and its pending SMI fires."""
-
-    def __init__(self, segmenter: Segmenter, lo: int, smi_window: int | str):
-        self.seg = segmenter
-        self.lo = lo  # kv index of real token 0
-        self.hi = lo  # kv index after the last real token
-        self.smi_window = smi_window
-        self.pending: list[tuple[int, int, int]] = []  # (fire real index, window start, window end)
-
-    def _window(self, step: Step) -> tuple[int, int]:
-        if self.smi_window == "step":
-            return step.token_start, step.token_end
-        return max(step.token_start, step.token_end - int(self.smi_window)), step.token_end
-
-    def feed(self, ids) -> list[tuple[int, int, int]]:
-        """Feed new real tokens; return the SMI fires that land on them: (real index, window start, end)."""
-        closed = self.seg.feed(ids)
-        end = self.seg.num_tokens
-        for st in closed:
-            nxt_summary = self.seg.boundaries["summary"]
-            if st.kind == "thinking" and (nxt_summary is None or st.token_end < nxt_summary):
-                ws, we = self._window(st)
-                self.pending.append((max(st.token_end, st.closed_at), ws, we))
-        if not self.pending:
-            return []
-        fires, keep = [], []
-        th, su = self.seg.boundaries["thinking"], self.seg.boundaries["summary"]
-        for f in self.pending:
-            if f[0] >= end:
-                keep.append(f)
-            elif th is not None and th <= f[0] and (su is None or f[0] < su):  # only inside the thinking
-                fires.append(f)
-        self.pending = keep
-        return fires
-
-    def bounds(self) -> tuple[int, int]:
-        """(thinking start, summary start) in kv index space; BIG where not known yet."""
-        th, su = self.seg.boundaries["thinking"], self.seg.boundaries["summary"]
-        return (BIG if th is None else self.lo + th), (BIG if su is None else self.lo + su)
 
 
 # -- host-side geometry ------------------------------------------------------------------------------------------
 
 def query_geometry(lo: np.ndarray, hi: np.ndarray, t0: np.ndarray, s0: np.ndarray, past: int, q_len: int,
                    window: int | None, tau_max: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """OEB groups of every query of a forward (METHOD.md §5): (gidx int64 [B, Q, 2], tau_b float32 [B, Q],
+    """OEB groups of every query of a forward (docs/method.md §5; `functional.query_groups` for one query): (gidx int64 [B, Q, 2], tau_b float32 [B, Q],
     eligible float32 [B, Q]).
 
     Query in thinking: S = thinking keys up to the query, B = question keys. Query in summary: S = summary keys
@@ -105,8 +58,7 @@ def query_geometry(lo: np.ndarray, hi: np.ndarray, t0: np.ndarray, s0: np.ndarra
     n_b = np.clip(np.minimum(b_hi, vis_hi) - np.maximum(b_lo, vis_lo), 0, None).astype(np.float64)
     n_s = np.clip(vis_hi - np.maximum(b_hi, vis_lo), 0, None).astype(np.float64)
     elig = (q >= lo) & (q < hi) & (qseg >= 1) & (n_b > 0)
-    tau = np.minimum(np.sqrt(n_b / np.maximum(n_b + n_s, 1.0)), tau_max)
-    tau_b = np.where(elig, tau, 0.0).astype(np.float32)
+    tau_b = np.where(elig, bridge_target(n_b, n_s, tau_max), 0.0).astype(np.float32)
     gidx = np.stack([np.maximum(qseg - 1, 0), qseg], axis=-1)
     return gidx, tau_b, elig.astype(np.float32)
 
@@ -212,11 +164,11 @@ class LayerGeometry:
     """What every band layer with the same key layout shares in one forward (B rows, Q queries, K keys)."""
 
     k_offset: int  # kv index of key 0 (a sliding-window cache holds only the last keys)
+    first_query: int = 0  # index, in this layer's keys, of the forward's first query
     onehot: torch.Tensor | None = None  # float32 [B, K, 3]: key segment
     addmask: torch.Tensor | None = None  # float32 [B, Q or 1, K]: 0 visible, NEG hidden
     qt: QueryTensors | None = None  # the queries' groups and targets
-    pair_kidx: torch.Tensor | None = None  # int64 [P]: SMI window key index inside this layer's keys
-    pair_weight: torch.Tensor | None = None  # float32 [P]: alpha / visible window length (0 if hidden)
+    smi_keys: tuple | None = None  # SMI: (int64 [P] window key index in this layer's keys, float32 [P] weight)
     # decoding (one query per row)
     decode: bool = False
     kseg: torch.Tensor | None = None  # int8 [B, K]: key segment, 3 hidden (the fused kernel's input)
@@ -225,15 +177,7 @@ class LayerGeometry:
     groups_t: torch.Tensor | None = None  # float32 [B, 2, K]: the B and S columns, transposed
     tau_pair: torch.Tensor | None = None  # float32 [B, 1, 2]: (tau_B, -tau_B)
     masks: dict = field(default_factory=dict)  # (Hkv, dtype) -> additive mask [B * Hkv, 1, K]
-    # the fused kernel's launch plan (kernels.DecodePlan), its stats buffer [n_oeb, B, H, 5] for this forward
-    # and the OEB layers that wrote into it
-    plan: object | None = None
-    tau_flat: torch.Tensor | None = None  # float32 [B]: tau_B of each row's query
-    fused_stats: torch.Tensor | None = None
-    fused_parts: tuple | None = None  # fused_stats[i] for each OEB layer i
-    fused_layers: list = field(default_factory=list)
-    # kernel="auto": the decoding path timed fastest for these shapes (attention.PathChoice); False: not looked up
-    tuned: object = False
+    kernel: object | None = None  # the fused kernel's bookkeeping of this forward (decode_path.KernelStep)
 
 
 @dataclass
@@ -295,7 +239,7 @@ class ForwardState:
             got = self.windows[window] = _query_tensors(up.send(self.device), e.sum(1))
         return got
 
-    def add_fires(self, trackers: list[RowTracker], fires: list[list[tuple[int, int, int]]]) -> None:
+    def add_fires(self, trackers: list, fires: list[list[tuple[int, int, int]]]) -> None:
         """The SMI plan of this forward, known only after its tokens were fed (a decoding step whose feeding
         StepFlow deferred until its first SMI layer): one more small upload, when anything fires."""
         self.host.update(_fire_arrays(trackers, fires, self.past))
@@ -305,6 +249,26 @@ class ForwardState:
             _fire_upload(up, self.host, self.alpha)
             self.dev.update(up.send(self.device))
             self.smi[None] = self.dev["pair_w"]
+
+    def layer(self, K: int, window: int | None, mask: torch.Tensor | None, oeb: bool) -> LayerGeometry:
+        """The geometry of a band layer with K cached keys and this sliding window (shared by the layers with the
+        same key layout in this forward); `mask`: the 4D mask transformers built, if any. A static cache's slots
+        after the tokens seen so far are empty: the geometry covers the first `total` keys then."""
+        gkey = (K, window, id(mask), oeb)
+        geo = self.geometry.get(gkey)
+        if geo is None:
+            Kt, mt = K, mask
+            if K > self.total:
+                Kt, mt = self.total, (mask[..., :self.total] if mask is not None else None)
+            geo = self.geometry[gkey] = layer_geometry(self, Kt, window, mt, oeb)
+            self.geometry[("mask", gkey)] = mask  # keep the mask alive so that its id stays unique
+        return geo
+
+    def smi_keys(self, geo: LayerGeometry, K: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(window key index [P] inside the layer's K keys, weight [P]) of every SMI (fire, key) pair."""
+        if geo.smi_keys is None:
+            geo.smi_keys = ((self.dev["pairs"][1] - geo.k_offset).clamp_(0, K - 1), self.smi_pair_weights(window))
+        return geo.smi_keys
 
     def smi_pair_weights(self, window: int | None) -> torch.Tensor:
         got = self.smi.get(window)
@@ -316,7 +280,7 @@ class ForwardState:
         return got
 
 
-def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q_len: int,
+def build_forward_state(trackers: list, keys: KeyState, past: int, q_len: int,
                         fires: list[list[tuple[int, int, int]]],
                         new_pad: np.ndarray | None, device: torch.device, tau_max: float, alpha: float,
                         need_oeb: bool, hi: int | None = None) -> ForwardState:
@@ -375,7 +339,7 @@ def build_forward_state(trackers: list[RowTracker], keys: KeyState, past: int, q
     return fs
 
 
-def _fire_arrays(trackers: list[RowTracker], fires: list[list[tuple[int, int, int]]], past: int
+def _fire_arrays(trackers: list, fires: list[list[tuple[int, int, int]]], past: int
                  ) -> dict[str, np.ndarray]:
     """The SMI plan of a forward from each row's fires (real index, window start, end): per fire its row,
     query index in the forward and kv index; per (fire, window key) pair the fire and the key's kv index."""
@@ -415,7 +379,7 @@ def _decode_pack(lo: list[int], hi: list[int], bounds: list[tuple[int, int]], q:
         else:
             n_b, n_s = t0 - lo_b, q - t0 + 1
         ok = lo_b <= q < hi_b and seg >= 1 and n_b > 0
-        tau.append(min(math.sqrt(n_b / (n_b + n_s)), tau_max) if ok else 0.0)
+        tau.append(bridge_target(n_b, n_s, tau_max) if ok else 0.0)
         elig.append(1.0 if ok else 0.0)
         oh += (float(seg == 0), float(seg == 1), float(seg == 2))
     return (np.array(codes + gidx, dtype=np.int64), np.array(tau + elig + oh, dtype=np.float32), np.array(elig))
@@ -426,7 +390,7 @@ def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Ten
     """Key segments, additive mask and query tensors for a layer with K keys (the last K of the forward's
     kv range) and this sliding window. `mask`: the 4D mask transformers built (bool or additive), if any."""
     k_offset = max(fs.total - K, 0)  # a sliding-window cache holds only the last K keys
-    geo = LayerGeometry(k_offset)
+    geo = LayerGeometry(k_offset, fs.past - k_offset)
     if not oeb:
         return geo
     fs.keys.ensure(k_offset + K)  # a static cache may hold more slots than tokens

@@ -1,0 +1,251 @@
+"""How an OEB layer runs a decoding step (one query per row): the fused Triton kernel or the PyTorch path.
+
+`DecodePath(mode)`:
+- "torch": always the PyTorch path (flow/oeb.py);
+- "triton": the kernel as planned (flow/kernels.py); its errors propagate;
+- "auto": the kernel where it is a candidate (on CUDA when triton imports), checked once against the PyTorch
+  path on the first decoding step and dropped, with a warning, if it fails or disagrees; then, for each new set
+  of shapes (`path_key`: batch, heads, keys by octave), the kernel's launch variants and the PyTorch path are
+  timed on the real inputs (`timer`, default `time_paths`) and the fastest decodes from then on
+  (`choices()` lists them).
+
+The first-step check compares with the PyTorch path on the same inputs upcast to float32 (so that bf16 rounding
+of the scores in that path does not count against the kernel, which works in float32): within 1e-4 of the
+output's largest magnitude for float32 inputs, 1e-2 for bf16/fp16 (the rounding of the output itself).
+GPT-OSS's sink layers are compared with the PyTorch block path. A mismatch or an error (e.g. a Triton that
+cannot compile it) of the tl.dot form first retries the broadcast form of the kernel (for the rest of this
+path's life); a failure of that one switches to the PyTorch path.
+
+Timing makes "auto"'s choice, and so the last bits of bf16 rounding, depend on the machine: pin "triton" or
+"torch" for runs that must repeat bit for bit.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from ..errors import StepscopeError
+from . import kernels
+from .oeb import oeb_attention
+from .state import LayerGeometry
+
+MODES = ("auto", "triton", "torch")
+Timer = Callable[[dict[str, Callable[[], object]], torch.device], dict[str, float]]
+
+
+class PathChoice(NamedTuple):
+    """kernel="auto": the decoding path an OEB layer uses for one set of shapes, the fastest by the timer."""
+
+    path: str  # "triton" or "torch"
+    block_k: int | None  # the kernel's launch parameters (None for "torch")
+    num_warps: int | None
+    times_us: dict  # every candidate that passed its check -> median µs per call
+
+
+def path_key(query: torch.Tensor, key: torch.Tensor, sinks) -> tuple:
+    """The shapes a decoding-path choice holds for: batch, heads, kv heads, head dim, dtype, sinks, and the
+    number of keys by octave (the choice is timed again at 1,024, 2,048, 4,096 ... keys)."""
+    B, H, _, D = query.shape
+    return B, H, key.shape[1], D, query.dtype, sinks is not None, int(key.shape[2]).bit_length()
+
+
+def time_paths(runs: dict[str, Callable[[], object]], device: torch.device, reps: int = 5, rounds: int = 3
+               ) -> dict[str, float]:
+    """Median wall-clock µs per call of each function: one untimed call each (compilation), then `rounds`
+    interleaved rounds of `reps` back-to-back calls, the device synchronized around each batch of calls. Wall
+    time, so that a path's host launch overhead counts as much as its device time."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for fn in runs.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - t0) / reps * 1e6)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def check(out: torch.Tensor, ref: torch.Tensor) -> str | None:
+    """None when the kernel's output is within tolerance of the PyTorch path's float32 output, else why not."""
+    tol = (1e-4 if out.dtype == torch.float32 else 1e-2) * max(1.0, ref.abs().max().item())
+    err = (out.float() - ref.float()).abs().max().item()
+    if not err <= tol:
+        return f"the fused decoding kernel differs from the PyTorch path by {err:.3g} (tolerance {tol:.3g})"
+    return None
+
+
+@dataclass
+class KernelStep:
+    """The kernel's bookkeeping of one forward, shared by its OEB layers (kept in the layer geometry)."""
+
+    tau: torch.Tensor  # float32 [B]: tau_B of each row's query
+    choice: PathChoice | None  # the path timed for these shapes; None: none (pinned mode, or not timed yet)
+    time_it: bool  # time the paths at this forward's first successful kernel call
+    plan: kernels.DecodePlan | None = None  # checked and planned once per forward: the OEB layers share shapes
+    stats: torch.Tensor | None = None  # float32 [n_oeb, B, H, 5], zeros where a layer did not run the kernel
+    parts: tuple = ()  # stats[i] of each OEB layer i
+    layers: list[int] = field(default_factory=list)  # the OEB layers that wrote their stats
+
+
+class DecodePath:
+    """The decoding path of a StepFlow's OEB layers: mode, first-step check, fallback and timed choice.
+
+    `DecodePath(mode="auto", *, timer=time_paths, tune=True, try_kernel=None)`: `timer(runs, device)` returns
+    the median µs per call of each named candidate; `tune=False` keeps "auto" to the first-step check (no
+    timing); `try_kernel` says whether "auto" tries the kernel at all (None: on CUDA when triton imports; True
+    also runs it on a CPU under Triton's interpreter).
+    """
+
+    def __init__(self, mode: str = "auto", *, timer: Timer | None = None, tune: bool = True,
+                 try_kernel: bool | None = None):
+        if mode not in MODES:
+            raise StepscopeError(f"kernel must be auto, triton or torch, got {mode!r}")
+        self.mode = mode
+        self.timer = timer or time_paths
+        self.tune = tune and mode == "auto"
+        self._try = try_kernel
+        self.uses_kernel = mode == "triton"  # decoding steps go to the kernel (set by `attach` for auto)
+        self.checked = mode != "auto"  # the kernel passed the first-step check (or needs none)
+        self.dot = kernels.USE_DOT  # the kernel's product form; False after the tl.dot form failed here
+        self._choices: dict[tuple, PathChoice] = {}
+
+    def attach(self, device: torch.device) -> DecodePath:
+        """Bind to the model's device: "triton" needs the kernel to run there; "auto" decides whether to try it."""
+        ok = kernels.available(device)
+        if self.mode == "triton" and not ok:
+            raise StepscopeError(f"kernel='triton' needs triton and a CUDA device; the model is on {device}")
+        if self.mode == "auto":
+            self.uses_kernel = ok and (device.type == "cuda" if self._try is None else bool(self._try))
+        return self
+
+    def choices(self) -> list[dict]:
+        """kernel="auto": how the OEB layers decode, per set of shapes timed so far. Each entry: batch, heads,
+        kv_heads, head_dim, dtype, sinks, keys (the range of key counts it holds for), path ("triton" or
+        "torch"), block_k and num_warps (the kernel's), and times_us (median µs per call of each candidate)."""
+        out = []
+        for (B, H, Hkv, D, dtype, sinks, octave), c in self._choices.items():
+            out.append({"batch": B, "heads": H, "kv_heads": Hkv, "head_dim": D, "dtype": str(dtype).split(".")[-1],
+                        "sinks": sinks, "keys": [1 << (octave - 1), (1 << octave) - 1], "path": c.path,
+                        "block_k": c.block_k, "num_warps": c.num_warps,
+                        "times_us": {k: round(v, 2) for k, v in c.times_us.items()}})
+        return out
+
+    # -- one OEB layer's decoding step -------------------------------------------------------------------------
+
+    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry,
+               scaling: float, sinks: torch.Tensor | None, layer: int, stats=None) -> torch.Tensor | None:
+        """The layer's output [B, 1, H, Dv] by the kernel, or None when the PyTorch path must run it (the
+        timed choice, or the kernel was just dropped). `stats`: the FlowStats recorder, or None."""
+        H = query.shape[1]
+        qt = geo.qt
+        step = geo.kernel
+        if step is None:  # the first OEB layer of this forward
+            step = geo.kernel = self._start(query, key, sinks, qt, stats)
+        if step.choice is not None and step.choice.path == "torch":
+            return None
+        part = step.parts[stats.slot(layer)] if step.parts else None
+        while True:
+            try:
+                plan = step.plan
+                if plan is None or plan.H != H:
+                    over = {} if step.choice is None else {"block_k": step.choice.block_k,
+                                                           "num_warps": step.choice.num_warps}
+                    plan = step.plan = kernels.plan_decode(query, key, value, geo.kseg, qt.qgroups, step.tau, sinks,
+                                                           part, dot=self.dot, **over)
+                out = kernels.oeb_decode(query, key, value, geo.kseg, qt.qgroups, step.tau, scaling, sinks, part,
+                                         plan=plan)
+                why = None
+            except Exception as e:  # noqa: BLE001 - any failure of an optional kernel means: use another path
+                if self.mode == "triton" and not (step.plan is not None and step.plan.dot):
+                    raise
+                why = f"the fused decoding kernel failed ({type(e).__name__}: {str(e)[:200]})"
+            if why is None and not self.checked:  # first use under "auto": check it against PyTorch's
+                why = check(out, _reference(query, key, value, geo, scaling, sinks))
+            if why is None:
+                self.checked = True
+                break
+            if step.plan is not None and step.plan.dot:  # the tl.dot form failed here: the broadcast form, once
+                self.dot = False
+                step.plan = None
+                continue
+            warnings.warn(f"StepFlow: {why}; using the PyTorch path for the rest of this StepFlow", RuntimeWarning,
+                          stacklevel=5)
+            self.uses_kernel = False
+            return None
+        if step.time_it:  # "auto", shapes not timed yet
+            step.time_it = False
+            step.choice = self._choices[path_key(query, key, sinks)] = self._tune(query, key, value, geo, scaling,
+                                                                                  sinks, plan)
+            if step.choice.path == "torch":
+                if part is not None:
+                    part.zero_()  # this layer's stats come from the PyTorch path
+                return None
+            step.plan = None  # the next OEB layer plans the chosen variant
+        if part is not None:
+            step.layers.append(layer)  # counted (eligible pairs, stats) at the next flush
+        return out
+
+    def _start(self, query: torch.Tensor, key: torch.Tensor, sinks, qt, stats) -> KernelStep:
+        """A forward's kernel bookkeeping: the rows' targets as [B], the timed choice for these shapes, and one
+        zeroed stats buffer for every OEB layer (a layer that does not run the kernel keeps zeros), reduced
+        with the other forwards' at the next flush."""
+        B, H = query.shape[0], query.shape[1]
+        choice = self._choices.get(path_key(query, key, sinks)) if self.tune else None
+        capturing = query.is_cuda and torch.cuda.is_current_stream_capturing()  # no timing inside a capture
+        step = KernelStep(qt.tau_b.view(B), choice, self.tune and choice is None and not capturing)
+        if stats is not None:
+            step.stats = torch.zeros(len(stats.oeb_layers), B, H, 5, dtype=torch.float32, device=query.device)
+            step.parts = step.stats.unbind(0)
+            stats.add_kernel_step(step.stats, step.layers, qt, H)
+        return step
+
+    def _tune(self, query, key, value, geo: LayerGeometry, scaling: float, sinks, plan) -> PathChoice:
+        """Time the kernel as planned, two more launch variants of its tl.dot form (twice the warps; half or, at
+        the smallest block, twice the keys per block), and the PyTorch path, on this layer's inputs; return the
+        fastest. A variant that fails or differs from the PyTorch path (`check`) is left out. Nothing here
+        writes stats."""
+        qt, tau = geo.qt, geo.kernel.tau
+        ref = _reference(query, key, value, geo, scaling, sinks)
+        variants = [(plan.BK, plan.num_warps)]
+        if plan.dot:
+            variants += [(plan.BK, 8 if plan.num_warps < 8 else 4),
+                         (plan.BK // 2 if plan.BK > 16 else 32, plan.num_warps)]
+        runs, params = {}, {}
+        for bk, warps in variants:
+            name = f"triton bk{bk} w{warps}" + ("" if plan.dot else " broadcast")
+            try:
+                p = kernels.plan_decode(query, key, value, geo.kseg, qt.qgroups, tau, sinks, dot=plan.dot,
+                                        block_k=bk, num_warps=warps)
+
+                def run(p=p):
+                    return kernels.oeb_decode(query, key, value, geo.kseg, qt.qgroups, tau, scaling, sinks, plan=p)
+
+                if check(run(), ref) is not None:
+                    continue
+            except Exception:  # noqa: BLE001 - a variant this machine cannot run is not a candidate
+                continue
+            runs[name], params[name] = run, (bk, warps)
+        runs["torch"] = lambda: _reference(query, key, value, geo, scaling, sinks, upcast=False)
+        times = self.timer(runs, query.device)
+        best = min(times, key=times.get)
+        if best == "torch":
+            return PathChoice("torch", None, None, times)
+        return PathChoice("triton", *params[best], times)
+
+
+def _reference(query, key, value, geo: LayerGeometry, scaling: float, sinks, upcast: bool = True) -> torch.Tensor:
+    """The PyTorch path's output for the same decoding step (in float32 with `upcast`), recording no stats."""
+    if upcast:
+        query, key, value = query.float(), key.float(), value.float()
+    return oeb_attention(query, key, value, geo, scaling, sinks, block_elems=1 << 22)
