@@ -16,7 +16,7 @@ from stepscope.errors import StepscopeError
 TOL = 1e-9  # float64 reference vs float64 vectorized code
 
 
-# ---------------------------------------------------------------- slow reference (METHOD.md §4, literally)
+# ---------------------------------------------------------------- slow reference (docs/method.md §4, literally)
 
 def _mean(xs):
     return sum(xs) / len(xs) if xs else None
