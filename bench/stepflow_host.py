@@ -88,12 +88,16 @@ def measure(batch: int, prompt_tokens: int, new_tokens: int, tokenizer: str | No
 
     sfm.StepFlow._pre_forward = pre
     fa_orig = att.flow_attention
+    bound_last = hasattr(att, "FlowBinding")  # flow_attention(fn, module, query, ..., fs, bound); older trees:
+    # flow_attention(flow, fn, module, query, ...)
 
-    def fa(flow, fn, module, query, *a, **k):
+    def fa(*a, **k):
         t = time.perf_counter()
-        r = fa_orig(flow, fn, module, query, *a, **k)
+        r = fa_orig(*a, **k)
+        module, query = (a[1], a[2]) if bound_last else (a[2], a[3])
+        oeb = a[-1].oeb if bound_last else a[0]._oeb_set
         if on[0] and query.shape[2] == 1:
-            acc["oeb" if module.layer_idx in flow._oeb_set else "other"] += time.perf_counter() - t
+            acc["oeb" if module.layer_idx in oeb else "other"] += time.perf_counter() - t
         return r
 
     att.flow_attention = fa
@@ -111,15 +115,22 @@ def measure(batch: int, prompt_tokens: int, new_tokens: int, tokenizer: str | No
                 acc["post"] += time.perf_counter() - t
 
         sfm.StepFlow._post_forward = post
-    feed_orig = getattr(sfm.StepFlow, "_feed_deferred", None)
-    if feed_orig is not None:  # trees that feed a decoding step's token at the first SMI layer
+    try:  # trees that feed a decoding step's token at the first SMI layer: Rows.feed_pending, or older
+        from stepscope.flow.rows import Rows as feeder
+        feed_name = "feed_pending"
+    except ImportError:
+        feeder, feed_name = sfm.StepFlow, "_feed_deferred"
+    feed_orig = getattr(feeder, feed_name, None)
+    if feed_orig is not None:
 
         def feed(self):
+            if feed_name == "feed_pending" and not self.has_pending:
+                return feed_orig(self)  # nothing held back: not a feeding
             t = time.perf_counter()
             feed_orig(self)
             acc["feed_in_post" if in_post[0] else "feed"] += time.perf_counter() - t
 
-        sfm.StepFlow._feed_deferred = feed
+        setattr(feeder, feed_name, feed)
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
 
     def timed_sdpa(module, query, *a, **k):
@@ -145,7 +156,7 @@ def measure(batch: int, prompt_tokens: int, new_tokens: int, tokenizer: str | No
     def run():
         with torch.inference_mode(), StepFlow(model, tok, StepFlowConfig(fmt="think"), kernel="triton") as f:
             out = model.generate(**kw)
-        assert f._fused
+        assert f.decode_path.uses_kernel if hasattr(f, "decode_path") else f._fused
         return out
 
     first = run()  # warm-up

@@ -215,7 +215,7 @@ def run_once(model, tok, ids, mask, new_tokens: int, mode: str, device: str, clo
                     dt = time.perf_counter() - t0
                     dc = time.process_time() - c0
                 stats = flow.stats.to_json()
-                stats["kernel"] = "triton" if flow._fused else "torch"  # what the OEB layers decoded with
+                stats["kernel"] = "triton" if flow.decode_path.uses_kernel else "torch"  # what the OEB layers used
                 stats["decode_paths"] = flow.decode_paths  # kernel="auto": the path timed fastest per shape
             else:
                 out = model.generate(**kw)
@@ -279,7 +279,7 @@ def self_check(tok, device: str) -> dict:
                 tf = model(torch.tensor([seq], device=device)).logits[0, len(r) - 1:len(r) - 1 + n]
             worst = max(worst, (tf - raw[b]).abs().max().item())
     return {"max_abs_logit_diff": worst, "oeb_fires": stats.total_oeb_fires, "smi_fires": stats.total_smi_fires,
-            "kernel": "triton" if flow._fused else "torch", "passed": worst < 1e-4}
+            "kernel": "triton" if flow.decode_path.uses_kernel else "torch", "passed": worst < 1e-4}
 
 
 def sync_check(model, tok, device: str, prompt_tokens: int, batch: int, new_tokens: int = 16) -> dict:

@@ -1,6 +1,7 @@
 """Fused Triton kernels for one decoding step (one query per row) of attention with the Odds-Equal Bridge.
 
-Mathematics (the same as `attention._oeb_block` for Q = 1). Per row b and query head h (kv head h // n_rep):
+Mathematics (`functional.oeb_merge` over the three key groups, as flow/oeb.py computes it for one query).
+Per row b and query head h (kv head h // n_rep):
 
     s_k   = scaling * <q, k_k>                   for the visible keys (kseg != 3; 3 = hidden / padding)
     p     = softmax(s) over the visible keys, plus the sink logit of head h if `sinks` is given (GPT-OSS: its
