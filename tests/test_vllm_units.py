@@ -150,3 +150,31 @@ def test_stepflow_request_without_the_backend_is_an_error():
     with pytest.raises(StepscopeError, match="attention backend is not active"):
         w.update(BatchUpdate(1, removed=[], moved=[],
                              added=[(0, _Params({"stepflow": StepFlowConfig().to_json()}), [1], [])]))
+
+
+def test_batched_decoding_rows_equal_each_row_alone():
+    """oeb_decode over rows of different lengths padded to one key count (garbage past each row's keys) equals
+    oeb_rows on each row's own keys."""
+    import numpy as np
+
+    from stepscope.flow.state import query_geometry
+    from stepscope.vllm.attention import oeb_decode
+
+    torch.manual_seed(1)
+    H, Hkv, D, S = 4, 2, 8, 16
+    lens, t0s, s0s = [16, 11, 7], [3, 4, 2], [12, 1 << 62, 5]
+    q = torch.randn(3, 1, H, D) * 2
+    k, v = torch.randn(3, Hkv, S, D), torch.randn(3, Hkv, S, D)
+    rows, gidx, tau, codes = [], [], [], []
+    for r, (n, t0, s0) in enumerate(zip(lens, t0s, s0s)):
+        one = np.zeros(1, dtype=np.int64)
+        g, t, _ = query_geometry(one, one + n, one + t0, one + s0, n - 1, 1, None, 0.5)
+        c = (torch.arange(S) >= t0).long() + (torch.arange(S) >= s0).long()
+        gidx.append(torch.from_numpy(g[0]))
+        tau.append(torch.from_numpy(t[0]))
+        codes.append(c)
+        rows.append(oeb_rows(q[r], k[r, :, :n], v[r, :, :n], torch.tensor([n - 1]), gidx[-1], tau[-1], c[:n], 0.35))
+    out, fired, _, _ = oeb_decode(q, k, v, torch.tensor(lens)[:, None] - 1, torch.stack(gidx), torch.stack(tau),
+                                  torch.stack(codes), 0.35)
+    for r in range(3):
+        assert torch.allclose(out[r], rows[r][0], atol=1e-6) and torch.equal(fired[r], rows[r][1])

@@ -16,13 +16,6 @@ from ..flow.functional import group_partials, oeb_merge, step_momentum
 BLOCK_ELEMS = 1 << 22  # most (head, query, key, group) entries one block of queries holds
 
 
-def key_groups(codes: torch.Tensor, gidx: torch.Tensor) -> torch.Tensor:
-    """Group of every key for every query: codes [S] (key segment 0 question, 1 thinking, 2 summary), gidx
-    [Q, 2] (segment of each query's B and S) -> [Q, S] long in {0 = B, 1 = S, 2 = O}."""
-    c = codes[None, :]
-    return torch.where(c == gidx[:, :1], 0, torch.where(c == gidx[:, 1:], 1, 2))
-
-
 def oeb_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qpos: torch.Tensor,
              gidx: torch.Tensor, tau: torch.Tensor, codes: torch.Tensor, scale: float, window: int | None = None,
              sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -33,31 +26,40 @@ def oeb_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qpos
     (0: OEB leaves the query alone); codes [S] long; sinks [H] or None (GPT-OSS).
     Returns (out [Q, H, D] float32, fired [Q, H], masses before [Q, H, 2], after [Q, H, 2]).
     """
-    Q, H, D = query.shape
-    hkv, S = keys.shape[0], keys.shape[1]
-    n_rep = H // hkv
-    kf = keys.to(torch.float32)[:, None]  # [Hkv, 1, S, D]
-    vf = values.to(torch.float32)[:, None, None]  # [Hkv, 1, 1, S, D]
-    kpos = torch.arange(S)
+    Q, H, _ = query.shape
+    S = keys.shape[1]
     step = max(1, BLOCK_ELEMS // max(1, H * S * 3))
-    outs, fires, befores, afters = [], [], [], []
-    for a in range(0, Q, step):
-        b = min(Q, a + step)
-        R = b - a
-        q5 = query[a:b].to(torch.float32).view(R, hkv, n_rep, D).permute(1, 2, 0, 3)  # [Hkv, n_rep, R, D]
-        s = torch.matmul(q5, kf.transpose(-1, -2)) * scale  # [Hkv, n_rep, R, S]
-        hidden = kpos[None, :] > qpos[a:b, None]  # [R, S]
-        if window:
-            hidden |= kpos[None, :] <= qpos[a:b, None] - window
-        s = s.masked_fill(hidden, float("-inf"))
-        part_out, lse = group_partials(s, vf, key_groups(codes, gidx[a:b]))  # [Hkv, n_rep, R, 3, D], [.., 3]
-        sink = None if sinks is None else sinks.to(torch.float32).view(hkv, n_rep, 1).expand(hkv, n_rep, R)
-        merged, fired, before, after = oeb_merge(part_out, lse, tau[a:b], sink)  # [Hkv, n_rep, R, D] ...
-        outs.append(merged.permute(2, 0, 1, 3).reshape(R, H, D))
-        fires.append(fired.permute(2, 0, 1).reshape(R, H))
-        befores.append(before.permute(2, 0, 1, 3).reshape(R, H, 2))
-        afters.append(after.permute(2, 0, 1, 3).reshape(R, H, 2))
-    return torch.cat(outs), torch.cat(fires), torch.cat(befores), torch.cat(afters)
+    parts = [oeb_decode(query[a:a + step, None], keys[None], values[None], qpos[a:a + step, None],
+                        gidx[a:a + step][:, None], tau[a:a + step, None], codes[None], scale, window, sinks)
+             for a in range(0, Q, step)]
+    return tuple(torch.cat([p[i][:, 0] for p in parts]) for i in range(4))  # each query a row of its own
+
+
+def oeb_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qpos: torch.Tensor,
+               gidx: torch.Tensor, tau: torch.Tensor, codes: torch.Tensor, scale: float, window: int | None = None,
+               sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bridged attention of R rows at once, Q queries each (decoding: Q = 1), keys padded to a common S (a key
+    past a query's position is hidden, so padding never counts).
+
+    query [R, Q, H, D]; keys/values [R, Hkv, S, D]; qpos [R, Q]; gidx [R, Q, 2]; tau [R, Q]; codes [R, S].
+    Returns (out [R, Q, H, D] float32, fired [R, Q, H], before [R, Q, H, 2], after [R, Q, H, 2]).
+    """
+    R, Q, H, D = query.shape
+    hkv, S = keys.shape[1], keys.shape[2]
+    n_rep = H // hkv
+    q6 = query.to(torch.float32).view(R, Q, hkv, n_rep, D).permute(0, 2, 3, 1, 4)  # [R, Hkv, n_rep, Q, D]
+    s = torch.matmul(q6, keys.to(torch.float32)[:, :, None].transpose(-1, -2)) * scale  # [R, Hkv, n_rep, Q, S]
+    kpos = torch.arange(S)
+    hidden = kpos > qpos[..., None]  # [R, Q, S]
+    if window:
+        hidden |= kpos <= qpos[..., None] - window
+    s = s.masked_fill(hidden[:, None, None], float("-inf"))
+    group = torch.where(codes[:, None, :] == gidx[..., :1], 0, torch.where(codes[:, None, :] == gidx[..., 1:], 1, 2))
+    part_out, lse = group_partials(s, values.to(torch.float32)[:, :, None, None], group[:, None, None])
+    sink = None if sinks is None else sinks.to(torch.float32).view(1, hkv, n_rep, 1).expand(R, hkv, n_rep, Q)
+    merged, fired, before, after = oeb_merge(part_out, lse, tau[:, None, None], sink)  # [R, Hkv, n_rep, Q, ...]
+    return (merged.permute(0, 3, 1, 2, 4).reshape(R, Q, H, D), fired.permute(0, 3, 1, 2).reshape(R, Q, H),
+            before.permute(0, 3, 1, 2, 4).reshape(R, Q, H, 2), after.permute(0, 3, 1, 2, 4).reshape(R, Q, H, 2))
 
 
 def smi_delta(values: torch.Tensor, ws: int, we: int, qpos: int, alpha: float, n_rep: int,

@@ -32,14 +32,19 @@ def check_isa(isa: str | None) -> None:
 
 def gather_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, blocks: torch.Tensor, seq_len: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `seq_len` keys and values of a row whose blocks are `blocks` (int [n], in order).
+    """The first `seq_len` keys and values of rows whose blocks are `blocks` (int [R, n] or [n] for one row,
+    in order; unused trailing entries are read but never past `seq_len` keys).
 
-    key_cache/value_cache: [num_blocks, Hkv, block, D] ("vec" layout). Returns (keys, values) [Hkv, seq_len, D].
+    key_cache/value_cache: [num_blocks, Hkv, block, D] ("vec" layout). Returns (keys, values) [R, Hkv, seq_len,
+    D] (or [Hkv, seq_len, D] for one row).
     """
+    one = blocks.dim() == 1
+    blocks = blocks[None] if one else blocks
     _, hkv, bs, d = key_cache.shape
-    n = -(-seq_len // bs)
-    ids = blocks[:n].long()
-    k = key_cache.index_select(0, ids).reshape(n, hkv, d, bs)  # [n, Hkv, D, block]: keys transposed per block
-    k = k.permute(1, 0, 3, 2).reshape(hkv, n * bs, d)[:, :seq_len]  # [Hkv, S, D]
-    v = value_cache.index_select(0, ids).permute(1, 0, 2, 3).reshape(hkv, n * bs, d)[:, :seq_len]
-    return k, v
+    R, n = blocks.shape[0], -(-seq_len // bs)
+    ids = blocks[:, :n].reshape(-1).long()
+    k = key_cache.index_select(0, ids).reshape(R, n, hkv, d, bs)  # keys transposed per block
+    k = k.permute(0, 2, 1, 4, 3).reshape(R, hkv, n * bs, d)[:, :, :seq_len]  # [R, Hkv, S, D]
+    v = value_cache.index_select(0, ids).reshape(R, n, hkv, bs, d).permute(0, 2, 1, 3, 4)
+    v = v.reshape(R, hkv, n * bs, d)[:, :, :seq_len]
+    return (k[0], v[0]) if one else (k, v)

@@ -38,7 +38,7 @@ from ..flow.state import query_geometry
 from ..formats import get_format
 from ..segment import Segmenter
 from ..tokens import token_bytes
-from .attention import oeb_rows, smi_delta
+from .attention import oeb_decode, oeb_rows, smi_delta
 from .paged import check_isa, gather_kv, split_cache
 
 try:  # the per-row tracker of the transformers path (flow/rows.py; flow/state.py before it moved there)
@@ -339,42 +339,70 @@ def apply_layer(impl, layer_idx: int, query: torch.Tensor, kv_cache: torch.Tenso
     """OEB and SMI of one attention layer for the StepFlow rows of this forward, in place on `output`.
 
     query/output: [num_tokens, H, D] (this rank's heads); kv_cache: this layer's paged cache, already holding
-    this forward's keys."""
+    this forward's keys. Decoding rows (one query each) go through one batched `oeb_decode`; prefill rows and
+    rows with an SMI fire one by one."""
     window = impl.sliding_window if impl.sliding_window and impl.sliding_window > 0 else None
     H = impl.num_heads
     n_rep = H // impl.num_kv_heads
     caches = None
+    decode: list[tuple[RowPlan, Geometry]] = []
     for rp in plans:
         req = rp.req
-        do_oeb = layer_idx in req.oeb
+        geo = rp.geometry(window) if layer_idx in req.oeb else None
         fires = rp.fires if layer_idx in req.smi else ()
-        if not (do_oeb or fires):
+        if not (fires or (geo is not None and geo.sel.numel())):
             continue
         if caches is None:
             check_isa(getattr(impl, "_stepscope_isa", None))
             caches = split_cache(kv_cache)
+        if not fires and rp.q_len == 1:
+            decode.append((rp, geo))
+            continue
         keys, values = gather_kv(*caches, metadata.block_table[rp.index], rp.seq_len)  # [Hkv, S, D]
-        tally = req.tally
-        if do_oeb:
-            geo = rp.geometry(window)
-            if geo.sel.numel():
-                tok = rp.tok0 + geo.sel
-                out, fired, before, after = oeb_rows(query[tok], keys, values, geo.qpos, geo.gidx, geo.tau,
-                                                     rp.codes(), impl.scale, window, impl.sinks)
-                output[tok] = out.to(output.dtype)
-                m = geo.qpos >= rp.count_from  # [E]: first computation of these positions
-                if bool(m.any()):
-                    part = torch.cat([fired[m].to(torch.float64)[..., None], before[m].double(),
-                                      after[m].double()], -1)  # [E', H, 5]
-                    tally.oeb[layer_idx] += part.sum((0, 1)).numpy()
-                    tally.eligible[layer_idx] += int(m.sum()) * H
+        if geo is not None and geo.sel.numel():
+            tok = rp.tok0 + geo.sel
+            res = oeb_rows(query[tok], keys, values, geo.qpos, geo.gidx, geo.tau, rp.codes(), impl.scale, window,
+                           impl.sinks)
+            output[tok] = res[0].to(output.dtype)
+            _count_oeb([rp], layer_idx, geo.qpos[None], res[1][None], res[2][None], res[3][None], H)
         for pos, ws, we in fires:
             d = smi_delta(values, ws, we, pos, float(req.config.alpha), n_rep, window)
             if d is not None:
-                t = rp.tok0 + pos - rp.pos0
-                output[t] += d.to(output.dtype)
+                output[rp.tok0 + pos - rp.pos0] += d.to(output.dtype)
             if pos >= rp.count_from:
-                tally.smi[layer_idx] += 1
+                req.tally.smi[layer_idx] += 1
+    if decode:
+        rows = [rp for rp, _ in decode]
+        S = max(rp.seq_len for rp in rows)
+        seq = torch.tensor([rp.seq_len for rp in rows])
+        keys, values = gather_kv(*caches, metadata.block_table[torch.tensor([rp.index for rp in rows])], S)
+        pad = torch.arange(S)[None, :] >= seq[:, None]  # [R, S]: past a row's keys (other data in its blocks)
+        values = values.masked_fill(pad[:, None, :, None], 0.0)
+        k = torch.arange(S)[None, :]
+        codes = (k >= torch.tensor([rp.t0 for rp in rows])[:, None]).long() + \
+            (k >= torch.tensor([rp.s0 for rp in rows])[:, None]).long()  # [R, S]
+        tok = torch.tensor([rp.tok0 for rp in rows])
+        qpos = torch.cat([g.qpos for _, g in decode])[:, None]  # [R, 1]
+        out, fired, before, after = oeb_decode(query[tok][:, None], keys, values, qpos,
+                                               torch.cat([g.gidx for _, g in decode])[:, None],
+                                               torch.cat([g.tau for _, g in decode])[:, None], codes, impl.scale,
+                                               window, impl.sinks)
+        output[tok] = out[:, 0].to(output.dtype)
+        _count_oeb(rows, layer_idx, qpos, fired, before, after, H)
+
+
+def _count_oeb(rows: list[RowPlan], layer: int, qpos: torch.Tensor, fired: torch.Tensor, before: torch.Tensor,
+               after: torch.Tensor, heads: int) -> None:
+    """Add OEB counts of rows' queries (qpos [R, Q]; fired [R, Q, H]; masses [R, Q, H, 2]) to their tallies, only
+    for positions computed here for the first time."""
+    first = qpos >= torch.tensor([rp.count_from for rp in rows])[:, None]  # [R, Q]
+    part = torch.cat([fired.to(torch.float64)[..., None], before.double(), after.double()], -1)  # [R, Q, H, 5]
+    sums = (part * first[..., None, None]).sum((1, 2)).numpy()  # [R, 5]
+    n = first.sum(1).tolist()
+    for rp, s, k in zip(rows, sums, n):
+        if k:
+            rp.req.tally.oeb[layer] += s
+            rp.req.tally.eligible[layer] += k * heads
 
 
 def worker_tallies(worker, keys=None, clear: bool = False) -> dict[str, dict]:
