@@ -259,7 +259,7 @@ def test_auto_kernel_is_checked_once_and_dropped_when_it_fails(fault, monkeypatc
         want = teacher_forced(model, tok, cfg, p + c[:n])[len(p) - 1:len(p) - 1 + n]
         # kernel="auto" as on a CUDA device with triton, the check alone: no timing of the paths
         # (test_auto_times_the_paths_... does that)
-        flow = StepFlow(model, tok, cfg, kernel=DecodePath("auto", tune=False, try_kernel=True))
+        flow = StepFlow(model, tok, cfg, kernel=DecodePath("auto", tune=False, off_cuda=True))
         assert flow.decode_path.uses_kernel and not flow.decode_path.checked
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -311,7 +311,7 @@ def test_auto_kernel_check_keeps_a_good_kernel_in_bfloat16():
     p, c = prompt_and_continuation(tok, "think", 1)
     p = p + c[:40]  # decoding deep inside the thinking, where the bridge is small
     flow = StepFlow(model, tok, StepFlowConfig(tau_max=0.6, fmt="think"),
-                    kernel=DecodePath("auto", tune=False, try_kernel=True))  # the check alone, no timing
+                    kernel=DecodePath("auto", tune=False, off_cuda=True))  # the check alone, no timing
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
         with flow:
@@ -494,7 +494,7 @@ def test_auto_times_the_paths_and_uses_the_fastest(arch, fam, winner, monkeypatc
         with StepFlow(model, tok, cfg, kernel="torch") as ref_flow:
             model.generate(input_ids=torch.tensor([p]), **gen)
         # kernel="auto" as on a CUDA device with triton, its timer faked
-        flow = StepFlow(model, tok, cfg, kernel=DecodePath("auto", timer=fake_timer, try_kernel=True))
+        flow = StepFlow(model, tok, cfg, kernel=DecodePath("auto", timer=fake_timer, off_cuda=True))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             with flow:
@@ -567,7 +567,7 @@ def test_auto_timing_runs_every_candidate_for_real():
     n = 6
     with torch.no_grad():
         want = teacher_forced(model, tok, cfg, p + c[:n])[len(p) - 1:len(p) - 1 + n]
-        flow = StepFlow(model, tok, cfg, kernel=DecodePath("auto", timer=quick, try_kernel=True))
+        flow = StepFlow(model, tok, cfg, kernel=DecodePath("auto", timer=quick, off_cuda=True))
         with flow:
             out = model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
                                  output_logits=True, return_dict_in_generate=True, pad_token_id=0,

@@ -101,20 +101,20 @@ class KernelStep:
 class DecodePath:
     """The decoding path of a StepFlow's OEB layers: mode, first-step check, fallback and timed choice.
 
-    `DecodePath(mode="auto", *, timer=time_paths, tune=True, try_kernel=None)`: `timer(runs, device)` returns
+    `DecodePath(mode="auto", *, timer=time_paths, tune=True, off_cuda=False)`: `timer(runs, device)` returns
     the median µs per call of each named candidate; `tune=False` keeps "auto" to the first-step check (no
-    timing); `try_kernel` says whether "auto" tries the kernel at all (None: on CUDA when triton imports; True
-    also runs it on a CPU under Triton's interpreter).
+    timing). "auto" tries the kernel on CUDA when triton imports; `off_cuda=True` also where Triton runs
+    without CUDA (its interpreter on a CPU, TRITON_INTERPRET=1), as the tests do.
     """
 
     def __init__(self, mode: str = "auto", *, timer: Timer | None = None, tune: bool = True,
-                 try_kernel: bool | None = None):
+                 off_cuda: bool = False):
         if mode not in MODES:
             raise StepscopeError(f"kernel must be auto, triton or torch, got {mode!r}")
         self.mode = mode
         self.timer = timer or time_paths
         self.tune = tune and mode == "auto"
-        self._try = try_kernel
+        self.off_cuda = off_cuda
         self.uses_kernel = mode == "triton"  # decoding steps go to the kernel (set by `attach` for auto)
         self.checked = mode != "auto"  # the kernel passed the first-step check (or needs none)
         self.dot = kernels.USE_DOT  # the kernel's product form; False after the tl.dot form failed here
@@ -126,7 +126,7 @@ class DecodePath:
         if self.mode == "triton" and not ok:
             raise StepscopeError(f"kernel='triton' needs triton and a CUDA device; the model is on {device}")
         if self.mode == "auto":
-            self.uses_kernel = ok and (device.type == "cuda" if self._try is None else bool(self._try))
+            self.uses_kernel = ok and (device.type == "cuda" or self.off_cuda)
         return self
 
     def choices(self) -> list[dict]:
