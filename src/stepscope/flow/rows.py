@@ -124,6 +124,7 @@ class Rows:
         return self._batch[row]
 
     def reset_counts(self) -> None:
+        """Zero the counts of what was fed: forwards, real tokens, rows started, rows that reached thinking."""
         self.forwards = self.tokens = 0
         self.rows_started = self.rows_with_thinking = 0
 

@@ -38,8 +38,8 @@ NEG = float(np.finfo(np.float32).min)  # additive mask value of a hidden key (fi
 
 def query_geometry(lo: np.ndarray, hi: np.ndarray, t0: np.ndarray, s0: np.ndarray, past: int, q_len: int,
                    window: int | None, tau_max: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """OEB groups of every query of a forward (docs/method.md §5; `functional.query_groups` for one query): (gidx int64 [B, Q, 2], tau_b float32 [B, Q],
-    eligible float32 [B, Q]).
+    """OEB groups of every query of a forward (docs/method.md §5; `functional.query_groups` is one query's):
+    (gidx int64 [B, Q, 2], tau_b float32 [B, Q], eligible float32 [B, Q]).
 
     Query in thinking: S = thinking keys up to the query, B = question keys. Query in summary: S = summary keys
     up to the query, B = thinking keys (O = question keys). Only visible keys count: real (not padding),
@@ -286,6 +286,7 @@ def build_forward_state(trackers: list, keys: KeyState, past: int, q_len: int,
                         need_oeb: bool, hi: int | None = None) -> ForwardState:
     """Pack the rows' host state after feeding this forward's tokens into one upload.
 
+    trackers: the rows (rows.RowTracker: kv range lo/hi, segment bounds()); fires: each row's SMI fires.
     new_pad float32 [B, Q] (prefill): the new keys' padding mask.
     hi: every row's kv end after this forward, when it is the same for all (decoding; else each row's tr.hi).
     """
