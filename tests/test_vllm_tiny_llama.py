@@ -66,15 +66,8 @@ def test_stepflow_matches_teacher_forced_transformers(setup):
         assert s.total_oeb_fires > 0
 
 
-@pytest.mark.parametrize("stepflow", [None, CFG], ids=["plain", "stepflow"])
-def test_runner_writes_the_transformers_engines_traces(setup, stepflow):
-    import stepscope.vllm as sv
-
-    llm, model, tok = setup
-    kw = dict(stepflow=stepflow, max_new_tokens=16, temperature=0.0, prompt_style="r1", fmt="think")
-    got = sv.generate_traces(llm, tok, QUESTIONS, progress=False, **kw)
-    want = generate_traces(model, tok, QUESTIONS, progress=False, flow_kernel="torch", **kw)
-    for g, w in zip(got, want):
+def _assert_same_traces(got, want, stepflow):
+    for g, w in zip(got, want, strict=True):
         assert g.token_ids == w.token_ids
         assert [s.to_json() for s in g.steps] == [s.to_json() for s in w.steps]
         for k in ("question", "seed", "num_prompt_tokens", "num_new_tokens", "stop_reason", "budget_forced",
@@ -88,12 +81,34 @@ def test_runner_writes_the_transformers_engines_traces(setup, stepflow):
             a, b = g.meta["stepflow_stats"], w.meta["stepflow_stats"]
             for k in ("oeb_fires", "oeb_eligible", "smi_fires", "tokens"):
                 assert a[k] == b[k], k
+            for k in ("bridge_mass_before", "bridge_mass_after"):
+                assert all(abs(a[k][i] - b[k][i]) < 1e-4 for i in a[k]), k
 
 
-def test_budget_forcing_is_refused(setup):
+@pytest.mark.parametrize("stepflow", [None, CFG], ids=["plain", "stepflow"])
+def test_runner_writes_the_transformers_engines_traces(setup, stepflow):
     import stepscope.vllm as sv
-    from stepscope.errors import StepscopeError
 
-    llm, _, tok = setup
-    with pytest.raises(StepscopeError, match="budget forcing"):
-        sv.generate_traces(llm, tok, QUESTIONS[:1], max_thinking_tokens=4, progress=False)
+    llm, model, tok = setup
+    kw = dict(stepflow=stepflow, max_new_tokens=16, temperature=0.0, prompt_style="r1", fmt="think")
+    got = sv.generate_traces(llm, tok, QUESTIONS, progress=False, **kw)
+    want = generate_traces(model, tok, QUESTIONS, progress=False, flow_kernel="torch", **kw)
+    _assert_same_traces(got, want, stepflow)
+    assert all(g.meta["timing"]["phases"] == 1 for g in got)
+
+
+@pytest.mark.parametrize("stepflow", [None, CFG], ids=["plain", "stepflow"])
+def test_budget_forcing_equals_the_transformers_engines(setup, stepflow):
+    """Budget forcing in phases (the forced end marker in a new request's prompt): the same tokens, steps,
+    counts and StepFlow stats as the transformers engine, which forces it inside one decode loop."""
+    import stepscope.vllm as sv
+
+    llm, model, tok = setup
+    kw = dict(stepflow=stepflow, max_new_tokens=24, max_thinking_tokens=6, temperature=0.0, prompt_style="r1",
+              fmt="think")
+    got = sv.generate_traces(llm, tok, QUESTIONS, progress=False, **kw)
+    want = generate_traces(model, tok, QUESTIONS, progress=False, flow_kernel="torch", **kw)
+    _assert_same_traces(got, want, stepflow)
+    forced = [g for g in got if g.meta["budget_forced"]]
+    assert forced and all(g.meta["timing"]["phases"] >= 2 and g.meta["thinking_tokens"] == 6 for g in forced)
+    assert all(g.segments["summary"][1] > g.segments["summary"][0] for g in forced)  # it went on after the marker

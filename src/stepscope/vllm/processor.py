@@ -14,7 +14,7 @@ from vllm.v1.sample.logits_processor.interface import LogitsProcessor
 
 from ..errors import StepscopeError
 from .plugin import support_problem
-from .worker import WORKER, request_config
+from .worker import WORKER, request_config, request_start
 
 
 class StepFlowLogitsProcessor(LogitsProcessor):
@@ -22,6 +22,7 @@ class StepFlowLogitsProcessor(LogitsProcessor):
     def validate_params(cls, sampling_params) -> None:
         try:
             cfg = request_config(sampling_params)
+            request_start(sampling_params)
         except StepscopeError as e:
             raise ValueError(f"StepFlow: {e}") from None
         if cfg is None:

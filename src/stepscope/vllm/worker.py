@@ -34,6 +34,7 @@ import torch
 
 from ..errors import StepscopeError
 from ..flow.config import StepFlowConfig
+from ..flow.rows import RowTracker
 from ..flow.state import query_geometry
 from ..formats import get_format
 from ..segment import Segmenter
@@ -41,13 +42,9 @@ from ..tokens import token_bytes
 from .attention import oeb_decode, oeb_rows, smi_delta
 from .paged import check_isa, gather_kv, split_cache
 
-try:  # the per-row tracker of the transformers path (flow/rows.py; flow/state.py before it moved there)
-    from ..flow.rows import RowTracker
-except ImportError:  # pragma: no cover - older layout
-    from ..flow.state import RowTracker
-
 log = logging.getLogger("stepscope.vllm")
 EXTRA_KEY, ID_KEY = "stepflow", "stepflow_id"
+START_KEY = "stepflow_start"  # positions before it were queries of an earlier request under the same id
 
 
 def request_config(params) -> StepFlowConfig | None:
@@ -64,6 +61,20 @@ def request_key(params) -> str:
     """The key a request's stats are kept under: `extra_args["stepflow_id"]` ("" when not given)."""
     extra = getattr(params, "extra_args", None) or {}
     return str(extra.get(ID_KEY, ""))
+
+
+def request_start(params) -> int:
+    """`extra_args["stepflow_start"]`: the first position this request counts (a continuation of an earlier
+    request with the same id, whose queries those positions were; e.g. a budget-forcing phase), 0 by default."""
+    extra = getattr(params, "extra_args", None) or {}
+    raw = extra.get(START_KEY, 0)
+    try:
+        start = int(raw)
+    except (TypeError, ValueError):
+        raise StepscopeError(f"extra_args[{START_KEY!r}] must be a position (an integer), got {raw!r}") from None
+    if start < 0:
+        raise StepscopeError(f"extra_args[{START_KEY!r}] must be >= 0, got {start}")
+    return start
 
 
 class Tally:
@@ -105,11 +116,17 @@ class Request:
     output: list[int]  # vLLM's live list of the request's output ids
     tally: Tally
     fires: dict = field(default_factory=dict)  # fire position -> (window start, window end), every fire so far
-    done: int = 0  # positions [0, done) were queries here (or served from the prefix cache)
+    done: int = 0  # positions [0, done) were queries here (or served from the prefix cache) or of an earlier request
+    start: int = 0  # positions [0, start) belong to an earlier request under the same key (request_start)
 
     @property
     def fed(self) -> int:
         return self.tracker.seg.num_tokens
+
+    @property
+    def counted_tokens(self) -> int:
+        """Tokens fed that this request counts (those from `start` on)."""
+        return max(0, self.fed - self.start)
 
 
 @dataclass
@@ -198,6 +215,7 @@ class Worker:
             req = self.parked.pop(id(output), None)
             if req is None or req.output is not output:
                 req = self._new_request(request_key(params), cfg, list(prompt or []), output)
+                req.start = req.done = request_start(params)
             self.rows[index] = req
         for a, b, direction in batch_update.moved:
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
@@ -221,7 +239,7 @@ class Worker:
             self._finish(self.parked.pop(k))
 
     def _finish(self, req: Request) -> None:
-        req.tally.tokens = req.fed
+        req.tally.tokens = req.counted_tokens
         got = self.finished.get(req.key)
         if got is None:
             self.finished[req.key] = req.tally
@@ -319,7 +337,7 @@ class Worker:
                 acc.add(t)
         for req in live:
             if keys is None or req.key in keys:
-                req.tally.tokens = req.fed
+                req.tally.tokens = req.counted_tokens
                 acc = out.get(req.key)
                 if acc is None:
                     acc = out[req.key] = Tally(len(req.tally.eligible), req.tally.oeb_layers,
