@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ..decoding import DecodeConfig
 from ..errors import StepscopeError
+from ..models import num_layers
 from .benchmarks import Benchmark, Problem
 from .code_grading import default_workers, grade_code
 from .grading import DEFAULT_TIMEOUT, Grade, grade_choice_detail, grade_math_detail
@@ -118,6 +119,16 @@ def _char_at(trace, i: int) -> int:
     return trace.token_char_ends[i - 1] if i > 0 else 0
 
 
+# what a saved trace's meta keeps of its record (--save-traces): which sample it is and how it was graded
+TRACE_META = ("problem_id", "sample", "arm", "gold", "answer", "correct")
+
+
+def trace_id(problem_id: str, arm: str, sample: int) -> str:
+    """The id of a saved trace (--save-traces): its problem, arm and sample; `stepscope saliency` and
+    `stepscope trace --out DIR` name their folders and files after it."""
+    return f"{problem_id}-{arm}-s{sample}"
+
+
 def make_record(problem: Problem, sample: int, seed: int, arm: str, config: dict | None, trace, grade: Grade,
                 rank: int, save_trace: bool) -> dict:
     q0, q1 = trace.segments["question"]
@@ -148,8 +159,10 @@ def make_record(problem: Problem, sample: int, seed: int, arm: str, config: dict
         **problem.record_fields(),
         **grade.record_fields(),
     }
-    if save_trace:
-        rec["trace"] = trace.to_json()
+    if save_trace:  # the saved trace names its arm and sample and carries its grade (for `compare --by-meta`)
+        tj = trace.to_json()
+        rec["trace"] = {**tj, "meta": {**tj["meta"], "id": trace_id(problem.id, arm, sample),
+                                       **{k: rec[k] for k in TRACE_META}}}
     return rec
 
 
@@ -187,7 +200,10 @@ def _prompt_style(settings: EvalSettings, problem: Problem) -> str:
     return settings.prompt_style or problem.prompt_style
 
 
-def _check(settings: EvalSettings, arm_configs: dict, batch_size: int) -> None:
+def check_settings(settings: EvalSettings, arm_configs: dict, batch_size: int, num_layers: int | None = None) -> None:
+    """Check a run's settings before anything is generated or written; with `num_layers` (the model's), also
+    every arm's StepFlow layers. `run_eval` calls it with the model's count; a caller may call it earlier, from
+    the model's config alone (stepscope.models.load_config), before loading the weights."""
     if batch_size < 1:
         raise StepscopeError(f"--batch-size must be at least 1, got {batch_size}")
     if settings.n_samples < 1:
@@ -196,6 +212,10 @@ def _check(settings: EvalSettings, arm_configs: dict, batch_size: int) -> None:
         raise StepscopeError("no arms to run")
     if set(arm_configs) != set(settings.arms):
         raise StepscopeError("arm_configs and settings.arms name different arms")
+    if num_layers is not None:
+        for config in arm_configs.values():
+            if config is not None and hasattr(config, "resolve"):
+                config.resolve(num_layers)
 
 
 def run_info(settings: EvalSettings, benchmark: Benchmark, batch_size: int, world: int) -> dict:
@@ -265,7 +285,10 @@ def run_eval(model, tokenizer, benchmark: Benchmark, settings: EvalSettings, out
     rank = env_rank if rank is None else rank
     world = env_world if world_size is None else world_size
     arm_configs = dict(settings.arms) if arm_configs is None else arm_configs
-    _check(settings, arm_configs, batch_size)
+    model_config = getattr(model, "config", None)  # a transformers model's; other engines check their own
+    check_settings(settings, arm_configs, batch_size,
+                   num_layers=num_layers(model_config) if hasattr(model_config, "num_hidden_layers") or
+                   hasattr(model_config, "get_text_config") else None)
     if generate_fn is None:
         from ..flow import generate_traces as generate_fn  # noqa: N813
 
