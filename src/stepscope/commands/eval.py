@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (refused if its settings differ); starts it if absent")
     options.add_model_options(p)
+    options.add_engine_options(p)
     p.add_argument("--device-map", default=None,
                    help="'auto' spreads a model too large for one GPU over all GPUs (one process only)")
     options.add_decoding_options(p, max_new_tokens=MAX_NEW_TOKENS,
@@ -61,7 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--grade-timeout", type=float, default=10.0, help="seconds per math-verify call (default 10)")
     o.add_argument("--save-traces", action="store_true",
-                   help="also store each sample's full trace (token ids, steps) in its record")
+                   help="also store each sample's full trace (token ids, steps) in its record, its meta naming "
+                        "the problem, arm and sample and their grade: `stepscope saliency OUT/results.jsonl` "
+                        "reads them, `stepscope compare --by-meta` splits them into correct and wrong")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--summarize", action="store_true",
                    help="only (re)write summary.json/summary.md of --out from its results (no generation)")
@@ -98,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     rank, world = dist_env()
     if args.device_map and world > 1:
         raise StepscopeError("--device-map spreads one model over all GPUs; run it in a single process")
+    if args.engine == "vllm" and world > 1:
+        raise StepscopeError("--engine vllm runs in one process: use --data-parallel-size N instead of a launcher")
     decode = options.decode_config(args)
     arm_configs = build_arms(args.arms, **options.stepflow_knobs(args))
     bench = load_benchmark(args.benchmark, data_file=args.data_file, seed=decode.seed, limit=args.limit,
@@ -117,17 +122,20 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    if args.device is None and not args.device_map and torch.cuda.is_available():  # one GPU per process
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.engine == "transformers" and args.device is None and not args.device_map and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))  # one GPU per process
         args.device = f"cuda:{local % torch.cuda.device_count()}" if world > 1 else "cuda"
-    model, tokenizer = options.load_model(args, device_map=args.device_map)
+    engine = options.load_engine(args, device_map=args.device_map)
+    if engine.name != "transformers":  # run.json: the engine decides the samples
+        settings.extra.update(engine=engine.name, engine_version=engine.version)
     if rank == 0:
         print(f"stepscope eval: {bench.name} ({len(bench)} problems from {bench.source}), {n_samples} samples, "
               f"arms {', '.join(arm_configs)}, {world} process(es) -> {args.out}", file=sys.stderr)
     try:
-        summary = run_eval(model, tokenizer, bench, settings, args.out, arm_configs=arm_configs,
+        summary = run_eval(engine.model, engine.tokenizer, bench, settings, args.out, arm_configs=arm_configs,
                            batch_size=args.batch_size, resume=args.resume, progress=not args.no_progress,
-                           grade_timeout=args.grade_timeout, save_traces=args.save_traces)
+                           grade_timeout=args.grade_timeout, save_traces=args.save_traces,
+                           generate_fn=engine.generate_fn)
     except KeyboardInterrupt:
         print(f"stepscope eval: interrupted; finished samples are in {args.out}; continue with the same command "
               f"and --resume", file=sys.stderr)
