@@ -3,7 +3,9 @@
 Each TRACE file is a trace JSON (from `stepscope trace --out`) or a JSONL/JSON file of records with
 question/problem and response/output fields (rebuilt with the model's tokenizer). Every trace gets its own
 folder DIR/<trace id>/ holding maps.safetensors (tensor "maps", float32 [layers, steps, steps]), trace.json and
-meta.json, written atomically: a failed trace leaves no folder behind.
+meta.json, written atomically: a failed trace leaves no folder behind. Rerunning the same command skips the
+traces whose folders are finished (and says so); --overwrite recomputes them. A finished folder of another trace
+or of other settings (model, dtype, method, pool, loss, layers, heads) is refused unless --overwrite.
 
 The default method is exact and needs memory near-linear in the trace length (a 32K-token trace of a 7B model
 fits one GPU); --method reference keeps every layer's T x T attention and its gradient (small inputs only).
@@ -44,7 +46,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="query rows per backward block (default: from free memory)")
     p.add_argument("--index", type=int, default=None, help="only record N (0-based) of each JSONL file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute traces whose folders in --out are finished (default: skip them)")
     options.add_model_options(p)
+
+
+def _finished(folder: Path, trace, want: dict) -> bool:
+    """Whether `folder` already holds the saliency of `trace` computed with the settings `want` (then a rerun
+    skips it); a finished folder of another trace or of other settings is an error, not silently replaced."""
+    from ..errors import StepscopeError
+    from ..saliency.result import MAPS_FILE, load_result
+
+    if not (folder / MAPS_FILE).is_file():
+        return False
+    done = load_result(folder)
+    if done.trace.token_ids != trace.token_ids:
+        raise StepscopeError(f"{folder} holds the saliency of another trace with this id; pass --overwrite to "
+                             "replace it, or another --out")
+    got = {**{k: done.meta.get(k) for k in want}, "heads": done.head_maps is not None}
+    diff = [f"{k} {got[k]!r} -> {want[k]!r}"[:80] for k in want if got[k] != want[k]]
+    if diff:
+        raise StepscopeError(f"{folder} was computed with other settings ({'; '.join(diff)}); pass --overwrite to "
+                             "recompute it, or another --out")
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +107,22 @@ def run(args: argparse.Namespace) -> int:
         used.add(name)
         names.append(name)
 
+    out = Path(args.out)
+    if not args.overwrite:  # a rerun skips what is finished
+        want = {"model": str(args.model), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                "method": args.method, "pool": args.pool, "loss": args.loss,
+                "layers": list(range(shape["layers"])) if layers is None else list(layers), "heads": args.heads}
+        done = [_finished(out / name, tr, want) for name, tr in zip(names, traces)]
+        for name, d in zip(names, done):
+            if d:
+                print(f"{name}: already done, skipped -> {out / name}")
+        if any(done):
+            print(f"skipped {sum(done)} finished trace(s) in {out} (pass --overwrite to recompute them)", flush=True)
+        traces = [tr for tr, d in zip(traces, done) if not d]
+        names = [name for name, d in zip(names, done) if not d]
+        if not traces:
+            return 0
+
     device = model.get_input_embeddings().weight.device
     T_max = max(len(t) for t in traces)
     S_max = max(t.num_steps for t in traces)
@@ -104,7 +144,6 @@ def run(args: argparse.Namespace) -> int:
             line += "  WARNING: may not fit"
     print(line, flush=True)
 
-    out = Path(args.out)
     t_all = time.perf_counter()
     for start in range(0, len(traces), args.batch_size):
         batch = traces[start:start + args.batch_size]
