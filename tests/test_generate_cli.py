@@ -119,11 +119,25 @@ def test_resume_refuses_other_settings(model_dir, problems, tmp_path, capsys):
     (["q", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["q", "--smi-window", "zero"], "smi_window"),
     (["q", "--no-stepflow", "--flow-kernel", "torch"], "--flow-kernel given with --no-stepflow"),
+    (["q", "--tensor-parallel-size", "3"], "--engine vllm is needed for --tensor-parallel-size"),
+    (["q", "--engine", "vllm", "--device", "cpu"], "--device applies to --engine transformers"),
 ])
 def test_bad_arguments(extra, msg, capsys):
     rc = main(["generate", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_engine_vllm_without_vllm_is_one_line(command, model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "vllm", None)  # `import vllm` fails as where it is absent
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text('{"id": "a", "problem": "What is 1+1?", "answer": "2"}\n', encoding="utf-8")
+    extra = ["q"] if command == "generate" else ["--benchmark", str(bench), "--out", str(tmp_path / "run")]
+    rc = main([command, *extra, "--engine", "vllm", "--model", model_dir])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--engine vllm needs vLLM" in err
+    assert "pip install 'stepscope[vllm]'" in err and not (tmp_path / "run").exists()
 
 
 def test_bad_input_files(tmp_path, capsys):

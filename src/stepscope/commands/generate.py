@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "question is only streamed unless --out is given)")
     p.add_argument("--overwrite", action="store_true", help="start --out afresh instead of resuming it")
     options.add_model_options(p)
+    options.add_engine_options(p)
     options.add_stepflow_options(p)
     d = options.add_decoding_options(
         p, seed_help="base seed; question i (0-based, in input order) samples with seed + i")
@@ -123,16 +124,16 @@ def run(args: argparse.Namespace) -> int:
 
     import torch  # noqa: F401  (heavy imports from here on)
 
-    from ..flow.generate import generate_traces, run_config
     from ..io import JsonlLog, atomic_write_text
 
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model, tokenizer = options.load_model(args)
+    engine = options.load_engine(args)
+    model, tokenizer = engine.model, engine.tokenizer
     settings = dict(decode=decode, stepflow=sf_config, prompt_style=args.prompt_style, system=args.system, fmt=fmt)
-    config = run_config(model, tokenizer, **settings)
+    config = engine.run_config(**settings)
     done: dict[str, dict] = {}
     if out is not None and out.exists() and not args.overwrite:
         done = _existing(out, config)
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"all {len(problems)} questions are already in {out} (pass --overwrite to redo them)")
         return 0
     arm = "StepFlow" if sf_config is not None else "plain decoding"
-    say(f"stepscope generate: {getattr(model, 'name_or_path', args.model)} on {model.device}, {arm}, "
+    say(f"stepscope generate: {getattr(model, 'name_or_path', args.model)} on {engine.where}, {arm}, "
         f"{len(todo)} question(s)" + (f", resuming {out} ({len(done)} done)" if done else ""))
 
     single = question is not None
@@ -162,10 +163,12 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        traces = generate_traces(model, tokenizer, [q for _, _, q in todo], seeds=[decode.seed + i for i, _, _ in todo],
-                                 metas=[{"id": rid} for _, rid, _ in todo], batch_size=args.batch_size,
-                                 progress=not args.quiet and not single, stream=stream if single else None,
-                                 on_batch=save, flow_kernel=args.flow_kernel, **settings)
+        own = engine.name == "transformers"  # its decode loop streams and has a choice of OEB kernels
+        extra = dict(stream=stream if single else None, flow_kernel=args.flow_kernel) if own else {}
+        traces = engine.generate_fn(model, tokenizer, [q for _, _, q in todo],
+                                    seeds=[decode.seed + i for i, _, _ in todo],
+                                    metas=[{"id": rid} for _, rid, _ in todo], batch_size=args.batch_size,
+                                    progress=not args.quiet and not single, on_batch=save, **extra, **settings)
     except BaseException:
         if log is not None:
             log.close()
@@ -177,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
             log.close()
     seconds = time.perf_counter() - t0
     if single:
+        if not own:  # written at once
+            from ..flow.generate import response_text
+
+            sys.stdout.write(response_text(traces[0]))
         sys.stdout.write("\n")
         sys.stdout.flush()
     if out is not None:  # the finished file, in input order

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..decoding import DecodeConfig, DecodeConfigError
 from ..errors import StepscopeError
@@ -68,6 +70,82 @@ def load_tokenizer(args: argparse.Namespace):
     from ..models import load_tokenizer as load
 
     return load(args.model, trust_remote_code=args.trust_remote_code)
+
+
+# -- engine -----------------------------------------------------------------------------------------------------
+
+ENGINES = ("transformers", "vllm")
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """--engine and vLLM's --tensor-parallel-size, --data-parallel-size, --max-model-len."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", default="transformers", choices=ENGINES,
+                   help="transformers: stepscope's own decode loop (default); vllm: a vLLM engine with the "
+                        "stepscope plugin (pip install 'stepscope[vllm]'; docs/vllm.md)")
+    g.add_argument("--tensor-parallel-size", type=positive_int, default=None, metavar="N",
+                   help="vLLM: split the model over N devices (default 1)")
+    g.add_argument("--data-parallel-size", type=positive_int, default=None, metavar="N",
+                   help="vLLM: N engines (each of --tensor-parallel-size GPUs) share the questions (default 1)")
+    g.add_argument("--max-model-len", type=positive_int, default=None, metavar="TOKENS",
+                   help="vLLM: the longest sequence (prompt and answer) its KV cache is sized for (default: the "
+                        "model's)")
+
+
+@dataclass
+class Engine:
+    """What a command generates with: `generate_fn(model, tokenizer, questions, ...)` has the signature of
+    `stepscope.flow.generate_traces`; `run_config(**settings)` is the config its traces record."""
+
+    name: str
+    model: object  # a transformers model, a vLLM LLM, or a vLLM data-parallel pool
+    tokenizer: object
+    generate_fn: Callable
+    run_config: Callable[..., dict]
+    where: str  # for the start line: "cpu", "cuda:0", "vLLM 0.32.0, tensor parallel 1"
+    version: str | None = None  # vLLM's version (the transformers engine records none)
+
+
+def load_engine(args: argparse.Namespace, **kwargs) -> Engine:
+    """The engine the engine and model options ask for; `kwargs` go to the transformers engine's load_model."""
+    vllm_only = {"--tensor-parallel-size": args.tensor_parallel_size, "--data-parallel-size": args.data_parallel_size,
+                 "--max-model-len": args.max_model_len}
+    if args.engine == "transformers":
+        given = [k for k, v in vllm_only.items() if v is not None]
+        if given:
+            raise StepscopeError(f"--engine vllm is needed for {', '.join(given)}")
+        from ..flow.generate import generate_traces, run_config
+
+        model, tokenizer = load_model(args, **kwargs)
+        return Engine("transformers", model, tokenizer, generate_traces,
+                      lambda **s: run_config(model, tokenizer, **s), str(getattr(model, "device", "")))
+    for flag, value in (("--device", getattr(args, "device", None)), ("--device-map", kwargs.get("device_map"))):
+        if value is not None:
+            raise StepscopeError(f"{flag} applies to --engine transformers (vLLM places the model itself; "
+                                 "CUDA_VISIBLE_DEVICES chooses its GPUs)")
+    if getattr(args, "attn", "auto") != "auto":
+        raise StepscopeError("--attn applies to --engine transformers (vLLM uses its own attention backend)")
+    if getattr(args, "flow_kernel", None) is not None:
+        raise StepscopeError("--flow-kernel applies to --engine transformers")
+    if args.trust_remote_code:
+        raise StepscopeError("--trust-remote-code is not passed to vLLM: stepscope runs no model code with it")
+    from ..models import resolve_model_path
+    from ..vllm import engine as ve
+
+    version = ve.require_vllm()
+    from ..vllm.runner import generate_traces, run_config
+
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(args)
+    tp, dp = args.tensor_parallel_size or 1, args.data_parallel_size or 1
+    llm_kw = ve.engine_kwargs(path, dtype=args.dtype, tensor_parallel_size=tp, max_model_len=args.max_model_len)
+    where = f"vLLM {version}, " + (f"{dp} engines x " if dp > 1 else "") + f"tensor parallel {tp}"
+    if dp > 1:
+        pool = ve.DataParallel(dp, llm_kw, path)
+        return Engine("vllm", pool, tokenizer, ve.pool_generate_traces, pool.run_config, where, version)
+    llm = ve.load_llm(**llm_kw)
+    return Engine("vllm", llm, tokenizer, generate_traces, lambda **s: run_config(llm, tokenizer, **s), where,
+                  version)
 
 
 # -- decoding ---------------------------------------------------------------------------------------------------
