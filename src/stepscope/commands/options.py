@@ -281,3 +281,25 @@ def is_trace_json(path: str) -> bool:
 def safe_name(s: str) -> str:
     """A trace id as a file or folder name: letters, digits, `.`, `_` and `-`, at most 100 characters."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._")[:100] or "trace"
+
+
+def warn_other_model(args: argparse.Namespace, rebuilt: list, tokenizer) -> None:
+    """Warn once (on stderr) when records rebuilt with --model's tokenizer name another model (their meta
+    "model"): their tokens then come from --model's chat template and system prompt, not the ones the named
+    model saw. A model counts as the same when its last path part matches --model's or the tokenizer's."""
+    import sys
+    from pathlib import PurePosixPath
+
+    def key(name: str) -> str:
+        return PurePosixPath(str(name).strip().rstrip("/")).name.lower()
+
+    mine = {key(args.model), key(getattr(tokenizer, "name_or_path", "") or "")}
+    named = sorted({t.meta["model"] for t in rebuilt if isinstance(t.meta.get("model"), str) and t.meta["model"].strip()})
+    others = [m for m in named if key(m) not in mine]
+    if not others:
+        return
+    shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    used = "the bundled default model" if args.model == "default" else args.model
+    print(f"stepscope {args.command}: warning: the records name the model {shown}, but their tokens are rebuilt "
+          f"with the tokenizer and chat template of {used}; pass --model {others[0]} (its hub id or local folder) "
+          "to rebuild them as that model saw them", file=sys.stderr, flush=True)

@@ -87,9 +87,13 @@ def run(args: argparse.Namespace) -> int:
         if not Path(f).is_file():
             raise StepscopeError(f"{f}: no such file")
     model, tokenizer = options.load_model(args)
-    traces = []
+    traces, rebuilt = [], []
     for f in args.traces:
-        traces.extend(load_traces(f, tokenizer if not options.is_trace_json(f) else None, index=args.index))
+        got = load_traces(f, tokenizer if not options.is_trace_json(f) else None, index=args.index)
+        traces.extend(got)
+        if not options.is_trace_json(f):
+            rebuilt.extend(got)
+    options.warn_other_model(args, rebuilt, tokenizer)
     if not traces:
         raise StepscopeError("no traces in the given files")
     shape = model_shape(model)

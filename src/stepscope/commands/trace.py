@@ -43,10 +43,13 @@ def run(args: argparse.Namespace) -> int:
     fmt = options.format_arg(args)
     needs_tokenizer = any(not options.is_trace_json(f) for f in args.inputs)
     tokenizer = options.load_tokenizer(args) if needs_tokenizer else None
-    traces = []
+    traces, rebuilt = [], []
     for f in args.inputs:
-        traces.extend(load_traces(f, tokenizer, index=args.index, fmt=fmt, question=args.question,
-                                  strict=not args.no_strict))
+        got = load_traces(f, tokenizer, index=args.index, fmt=fmt, question=args.question, strict=not args.no_strict)
+        traces.extend(got)
+        if not options.is_trace_json(f):
+            rebuilt.extend(got)
+    options.warn_other_model(args, rebuilt, tokenizer)
     if args.split_question and tokenizer is not None:
         from ..trace import Trace
 
