@@ -1,26 +1,36 @@
 """Code-grading throughput: small programs graded per second per core in each sandbox mode, and what dominates.
 
 usage: python bench/code_grading.py [--programs 120] [--tests 3] [--workers N] [--modes bwrap,setsid]
+                                    [--rounds 3] [--json out.json]
 
 Each program is a correct A+B solution with `--tests` stdin/stdout tests, graded by grade_code_many on
-`--workers` threads (default: the CPU count), each program in its own sandbox. The breakdown times, one
-program at a time, the parts of one grading: a bare `python -I -S` start, bwrap's own cost (`bwrap ... true`),
-the sandbox start up to the launcher's "ready", one test (a forked child), and the clean-up.
+`--workers` threads (default: the CPU count). Two ways side by side, interleaved over `--rounds` rounds (the
+median is reported): `server`, each program a fresh fork of a sandbox server that already imported
+LiveCodeBench's header (the default), and `fresh`, a new sandbox (bwrap or subprocess, interpreter, imports)
+per program (`reuse=False`). The breakdown times, one program at a time, the parts of one grading: a bare
+`python -I -S` start, bwrap's own cost (`bwrap ... true`), a server's start, a program's start on a warm
+server and in a fresh sandbox, one test (a forked child) and the end of a program (clean-up). Besides the
+wall-clock rate it reports the CPU time per program of the grader and all sandbox processes together, which a
+shared machine's load does not inflate (setsid mode only: bubblewrap does not pass its children's CPU time
+up).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
 
 from stepscope.evaluate.code_grading import grade_code_many
-from stepscope.evaluate.sandbox import Limits, SandboxedProgram, _bwrap_args, _env, _interpreter, resolve_mode
+from stepscope.evaluate.sandbox import SandboxedProgram, close_servers, resolve_mode
+from stepscope.evaluate.sandbox_server import SandboxServer, bwrap_args, interpreter, sandbox_env
 
 CODE = "a, b = map(int, input().split())\nprint(a + b)\n"
+GOALS = {"bwrap": 10.0, "setsid": 20.0}
 
 
 def median_ms(fn, reps: int) -> float:
@@ -32,40 +42,57 @@ def median_ms(fn, reps: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def one_program(mode: str, reuse: bool) -> tuple[float, float, float]:
+    """(start, one test, close) seconds of one program."""
+    t0 = time.perf_counter()
+    prog = SandboxedProgram(CODE, mode=mode, reuse=reuse)
+    t1 = time.perf_counter()
+    r = prog.run("1 2\n")
+    t2 = time.perf_counter()
+    prog.close()
+    t3 = time.perf_counter()
+    assert r is not None and r.out == "3\n", r
+    return t1 - t0, t2 - t1, t3 - t2
+
+
 def breakdown(mode: str, reps: int) -> dict[str, float]:
-    python, prefix = _interpreter()
+    python, prefix = interpreter()
     out = {"python -I -S start": median_ms(lambda: subprocess.run([python, "-I", "-S", "-c", "pass"], check=True),
                                            reps)}
     if mode == "bwrap":
-        cmd = _bwrap_args(python, prefix, Limits(), _env("/tmp", None)) + ["/bin/true"]
+        cmd = bwrap_args(python, prefix, 64, sandbox_env("/tmp", None)) + ["/bin/true"]
         out["bwrap alone (true)"] = median_ms(lambda: subprocess.run(cmd, check=True), reps)
-    starts, tests, closes = [], [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        prog = SandboxedProgram(CODE, mode=mode)
-        t1 = time.perf_counter()
-        r = prog.run("1 2\n")
-        t2 = time.perf_counter()
-        prog.close()
-        t3 = time.perf_counter()
-        assert r is not None and r.out == "3\n", r
-        starts.append(t1 - t0)
-        tests.append(t2 - t1)
-        closes.append(t3 - t2)
-    out["sandbox start to ready"] = 1000 * statistics.median(starts)
-    out["one test (fork, run, report)"] = 1000 * statistics.median(tests)
-    out["close (kill, reap, clean up)"] = 1000 * statistics.median(closes)
+    out["server start (to its hello)"] = median_ms(lambda: SandboxServer(mode, 64).kill(), reps)
+    close_servers()
+    one_program(mode, True)  # a warm server
+    warm = [one_program(mode, True) for _ in range(reps)]
+    fresh = [one_program(mode, False) for _ in range(reps)]
+    out["program start, warm server (fork, compile)"] = 1000 * statistics.median(w[0] for w in warm)
+    out["program start, fresh sandbox"] = 1000 * statistics.median(f[0] for f in fresh)
+    out["one test (fork, run, report)"] = 1000 * statistics.median(w[1] for w in warm)
+    out["program end, warm server (clean-up)"] = 1000 * statistics.median(w[2] for w in warm)
+    out["program end, fresh sandbox (kill, reap)"] = 1000 * statistics.median(f[2] for f in fresh)
     return out
 
 
-def throughput(mode: str, programs: int, n_tests: int, workers: int) -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process and of every reaped descendant (the servers, and what they reaped)."""
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+
+
+def throughput(mode: str, programs: int, n_tests: int, workers: int, reuse: bool) -> tuple[float, float]:
+    """(programs per second, CPU milliseconds per program: grader and sandboxes, servers' starts included)."""
     tests = [(f"{i} {i + 1}\n", f"{2 * i + 1}\n") for i in range(n_tests)]
     jobs = [{"tests": tests, "response": f"</think>\n```python\n{CODE}```\n"} for _ in range(programs)]
-    t = time.perf_counter()
-    grades = grade_code_many(jobs, workers=workers, mode=mode)
+    close_servers()  # each measurement starts its servers itself
+    c, t = cpu_seconds(), time.perf_counter()
+    grades = grade_code_many(jobs, workers=workers, mode=mode, reuse=reuse)
     dt = time.perf_counter() - t
+    close_servers()  # reaped: their CPU time is counted
+    cpu = cpu_seconds() - c
     assert all(g.correct for g in grades), [g.status for g in grades if not g.correct][:3]
-    return programs / dt
+    return programs / dt, 1000 * cpu / programs
 
 
 def main() -> int:
@@ -74,30 +101,70 @@ def main() -> int:
     ap.add_argument("--tests", type=int, default=3, help="tests per program (default 3)")
     ap.add_argument("--workers", type=int, default=None, help="default: the CPU count")
     ap.add_argument("--modes", default="bwrap,setsid")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each throughput (median)")
     ap.add_argument("--reps", type=int, default=15, help="repetitions of each breakdown timing (median)")
+    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
     workers = args.workers or cores
-    load = os.getloadavg()[0]
+    loads = [os.getloadavg()[0]]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"# code grading: {args.programs} programs x {args.tests} tests, {workers} workers, {cores} cores, "
-          f"load {load:.2f}, python {sys.version.split()[0]}, sandbox python {_interpreter()[0]}, "
-          f"root {os.geteuid() == 0}")
-    goals = {"bwrap": 10.0, "setsid": 20.0}
+          f"load {loads[0]:.2f}, python {sys.version.split()[0]}, sandbox python {interpreter()[0]}, "
+          f"root {os.geteuid() == 0}, commit {commit or '?'}")
+    result = {"programs": args.programs, "tests": args.tests, "workers": workers, "cores": cores, "commit": commit,
+              "root": os.geteuid() == 0, "modes": {}}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         if resolve_mode(mode) != mode:
             print(f"{mode}: not available here")
             continue
         parts = breakdown(mode, args.reps)
-        rate = throughput(mode, args.programs, args.tests, workers)
-        per_core = rate / min(workers, cores)
-        print(f"\n## {mode}: {rate:.1f} programs/s, {per_core:.1f} per core (goal {goals[mode]:.0f}); "
-              f"{'met' if per_core >= goals[mode] else 'NOT met'}")
+        rates: dict[str, list[float]] = {"server": [], "fresh": []}
+        cpus: dict[str, list[float]] = {"server": [], "fresh": []}
+        for _ in range(args.rounds):
+            for way in rates:
+                r, c = throughput(mode, args.programs, args.tests, workers, reuse=way == "server")
+                rates[way].append(r)
+                cpus[way].append(c)
+            loads.append(os.getloadavg()[0])
+        rate = {way: statistics.median(r) for way, r in rates.items()}
+        cpu = {way: statistics.median(c) for way, c in cpus.items()}
+        per_core = {way: r / min(workers, cores) for way, r in rate.items()}
+        goal = GOALS[mode]
+        print(f"\n## {mode}: server {rate['server']:.1f} programs/s, {per_core['server']:.1f} per core (goal "
+              f"{goal:.0f}: {'met' if per_core['server'] >= goal else 'NOT met'}); fresh sandbox per program "
+              f"{rate['fresh']:.1f}/s, {per_core['fresh']:.1f} per core; server / fresh "
+              f"{rate['server'] / rate['fresh']:.2f}x (median of {args.rounds} rounds; each round: server "
+              f"{', '.join(f'{r:.1f}' for r in rates['server'])}; fresh {', '.join(f'{r:.1f}' for r in rates['fresh'])})")
+        if mode == "bwrap":  # bwrap does not hand its children's CPU time up: only ours would be counted
+            cpu = None
+            print("CPU time per program: not measurable in bwrap mode (bubblewrap does not pass its children's CPU "
+                  "time up to us); the setsid numbers run the same launcher")
+        else:
+            print(f"CPU time per program (grader and sandboxes): server {cpu['server']:.1f} ms "
+                  f"({1000 / cpu['server']:.1f} programs per CPU-second), fresh {cpu['fresh']:.1f} ms "
+                  f"({1000 / cpu['fresh']:.1f} per CPU-second)")
         print("| part (one program at a time, median) | ms |\n|---|---|")
         for k, v in parts.items():
             print(f"| {k} | {v:.1f} |")
-        top = max((k for k in parts if k != "python -I -S start"), key=parts.get)
-        print(f"dominant: {top} ({parts[top]:.1f} ms, of which the bare interpreter start is "
+        per_program = {"start": parts["program start, warm server (fork, compile)"],
+                       f"{args.tests} tests": args.tests * parts["one test (fork, run, report)"],
+                       "end": parts["program end, warm server (clean-up)"]}
+        top = max(per_program, key=per_program.get)
+        print(f"dominant with the server: {top} ({per_program[top]:.1f} ms of "
+              f"{sum(per_program.values()):.1f} ms per program); in a fresh sandbox the start "
+              f"({parts['program start, fresh sandbox']:.1f} ms, of which the bare interpreter start is "
               f"{parts['python -I -S start']:.1f} ms)")
+        result["modes"][mode] = {"programs_per_s": rate, "per_core": per_core, "rounds": rates, "goal": goal,
+                                 "cpu_ms_per_program": cpu, "cpu_rounds": cpus if cpu else None, "parts_ms": parts}
+    close_servers()
+    result["load"] = {"start": loads[0], "max": max(loads), "median": statistics.median(loads)}
+    print(f"\nload average (1 min): {loads[0]:.2f} at the start, median {statistics.median(loads):.2f}, "
+          f"max {max(loads):.2f} over the rounds")
+    if args.json:
+        from stepscope.io import atomic_write_json
+
+        atomic_write_json(args.json, result)
     return 0
 
 

@@ -1,14 +1,19 @@
-"""Runs one model-written program on its tests inside the sandbox: limits, one forked child per test, JSON lines.
+"""Runs model-written programs inside the sandbox: a server that forks one launcher per program, one child per test.
 
-stepscope.evaluate.sandbox starts this file's text as `python -I -c <text>` inside bubblewrap (or a plain
-setsid subprocess) as the unprivileged user; it imports nothing from stepscope and needs only the standard
-library. Protocol, one JSON object per line:
+stepscope.evaluate.sandbox_server starts this file's text as `python -I -S -c <text>` inside bubblewrap (or a
+plain setsid subprocess) as the unprivileged user; it imports nothing from stepscope and needs only the
+standard library. The server imports LiveCodeBench's header modules once, then serves programs one at a time:
+each program is a fresh fork of it (its own session, limits and random seed; the server itself never runs
+program code), and after each program the server kills every process the program left (it is their subreaper:
+none can leave it), empties the writable folders and checks that its own limits, CPU affinity and priority are
+as they were; the grader discards a server that says otherwise. Protocol, one JSON object per line:
 
-  in  (stdin):  {"code", "kind": "stdio"|"call", "fn_name", "timeout", "cpu", "memory", "nproc", "fsize",
-                 "nofile"}   then per test {"input": str, "cap": int}; EOF ends the run
-  out (stdout): {"ready": true} or {"compile_error": str}; then per test
-                {"status": "ok"|"timeout"|"runtime_error"|"memory_limit", "out": str, "err": str, "time": s,
-                 "truncated": bool}
+  server  in:  {"serve": {"workdirs": [path, ...], "protect": bool}}      out: {"hello": true, "reusable": bool}
+  program in:  {"code", "kind": "stdio"|"call", "fn_name", "timeout", "cpu", "memory", "nproc", "fsize",
+                "nofile"}                                                 out: {"ready": true} | {"compile_error"}
+  test    in:  {"input": str, "cap": int}            out: {"status": "ok"|"timeout"|"runtime_error"|"memory_limit",
+                                                           "out": str, "err": str, "time": s, "truncated": bool}
+  end     in:  {"end": true}                         out: {"done": true, "clean": bool, "why": str|null}
 
 Everything here runs as the program's own user: nothing it reports is trusted to decide a pass. The outputs
 are compared outside the sandbox with the expected outputs, which never enter it; a hostile program can
@@ -200,29 +205,191 @@ def run_test(req, code, test):
     return {"status": state, "out": out, "err": err, "time": round(elapsed, 4), "truncated": truncated}
 
 
+class LineReader:
+    """Unbuffered-enough line reading of a pipe: a forked launcher inherits exactly the bytes not yet consumed."""
+
+    def __init__(self, fd):
+        self.fd, self.buf = fd, bytearray()
+
+    def readline(self):
+        while b"\n" not in self.buf:
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                line, self.buf = bytes(self.buf), bytearray()
+                return line
+            self.buf += chunk
+        i = self.buf.index(b"\n") + 1
+        line = bytes(self.buf[:i])
+        del self.buf[:i]
+        return line
+
+
+def program(req, proto_in, proto_out, home, home_fd):
+    """The forked launcher of one program: its own session, working folder and limits; one child per test.
+    Never returns."""
+    try:
+        os.setsid()
+        os.fchdir(home_fd)
+        os.close(home_fd)
+        os.environ["HOME"] = os.environ["TMPDIR"] = home
+        limit(resource.RLIMIT_AS, req.get("memory"))
+        limit(resource.RLIMIT_NPROC, req.get("nproc"))
+        limit(resource.RLIMIT_FSIZE, req.get("fsize"))
+        limit(resource.RLIMIT_NOFILE, req.get("nofile"))
+        limit(resource.RLIMIT_CORE, 0)
+        try:
+            code = compile(HEADER + req["code"], "<solution>", "exec")
+        except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
+            code = None
+            send(proto_out, {"compile_error": f"{type(e).__name__}: {e}"[:ERR_TAIL]})
+        if code is not None:
+            send(proto_out, {"ready": True})
+        while True:
+            line = proto_in.readline()
+            if not line.strip():
+                break
+            test = json.loads(line)
+            if "end" in test or code is None:
+                break
+            send(proto_out, run_test(req, code, test))
+    finally:
+        os._exit(0)
+
+
+# ---------------------------------------------------------------------------------------- the server
+
+def libc_prctl():
+    """prctl(option, value) through ctypes, or None where ctypes cannot load (then no server is reused)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (ImportError, OSError):
+        return None
+    return lambda option, value: libc.prctl(option, value, 0, 0, 0) == 0
+
+
+PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 4, 36
+
+
+def own_state():
+    """What a program of the same user could change about the server from outside: its resource limits, CPU
+    affinity, priority and scheduling policy (ptrace, /proc/<pid>/mem and the like are closed: not dumpable)."""
+    names = sorted(n for n in dir(resource) if n.startswith("RLIMIT_"))
+    return ([resource.getrlimit(getattr(resource, n)) for n in names], sorted(os.sched_getaffinity(0)),
+            os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0))
+
+
+def descendants():
+    """Pids of every process below this one (from each /proc/<pid>/stat's parent pid)."""
+    parent = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            parent[int(name)] = int(stat[stat.rindex(b")") + 2:].split()[1])
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, pp in parent.items() if pp in frontier and pid not in found}
+        found |= frontier
+    return found
+
+
+def kill_leftovers(deadline):
+    """Kill and reap every process the program left behind; True when none is left. We are the subreaper, so
+    every one of them is our descendant: having no child at all means having none."""
+    while True:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        for pid in descendants():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.001)
+
+
+def wipe(dfd):
+    """Remove everything inside the folder open as `dfd` (a program may have made its folders unreadable)."""
+    for entry in list(os.scandir(dfd)):
+        if entry.is_dir(follow_symlinks=False):
+            os.chmod(entry.name, 0o700, dir_fd=dfd)
+            sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+            try:
+                wipe(sub)
+            finally:
+                os.close(sub)
+            os.rmdir(entry.name, dir_fd=dfd)
+        else:
+            os.unlink(entry.name, dir_fd=dfd)
+
+
+def clean_up(work, before):
+    """None when the program left nothing behind (processes, files, changes to us), else what it left."""
+    if not kill_leftovers(time.monotonic() + 3.0):
+        return "processes left running"
+    for path, fd, mode in work:
+        try:
+            if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+                return f"{path} was moved"
+            os.fchmod(fd, mode)
+            wipe(fd)
+            if os.listdir(fd):
+                return "files left"
+        except (OSError, RecursionError) as e:
+            return f"files left ({type(e).__name__})"
+    if own_state() != before:
+        return "the server's limits, affinity or priority were changed"
+    return None
+
+
 def main():
-    proto_in = os.fdopen(os.dup(0), "rb")
+    proto_in = LineReader(os.dup(0))
     proto_out = os.dup(1)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1):
         os.dup2(null, fd)
-    req = json.loads(proto_in.readline())
-    limit(resource.RLIMIT_AS, req.get("memory"))
-    limit(resource.RLIMIT_NPROC, req.get("nproc"))
-    limit(resource.RLIMIT_FSIZE, req.get("fsize"))
-    limit(resource.RLIMIT_NOFILE, req.get("nofile"))
-    limit(resource.RLIMIT_CORE, 0)
-    try:
-        code = compile(HEADER + req["code"], "<solution>", "exec")
-    except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
-        send(proto_out, {"compile_error": f"{type(e).__name__}: {e}"[:ERR_TAIL]})
-        return
-    exec(compile(HEADER, "<header>", "exec"), {})  # imported once here, inherited by every forked child
-    send(proto_out, {"ready": True})
-    for line in proto_in:
+    cfg = json.loads(proto_in.readline())["serve"]
+    exec(compile(HEADER, "<header>", "exec"), {})  # imported once here, inherited by every program's fork
+    sys.setrecursionlimit(1000)  # the header's 50000 is for the programs
+    prctl = libc_prctl()
+    reusable = prctl is not None and prctl(PR_SET_CHILD_SUBREAPER, 1)
+    if cfg.get("protect"):  # the programs' user may not ptrace us, read our memory or our file descriptors
+        reusable = reusable and prctl(PR_SET_DUMPABLE, 0)
+    work = []
+    for path in cfg["workdirs"]:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        work.append((path, fd, os.fstat(fd).st_mode & 0o7777))
+    before = own_state()
+    send(proto_out, {"hello": True, "reusable": bool(reusable)})
+    os.dup2(null, 2)  # nobody reads our stderr after the start
+    while True:
+        line = proto_in.readline()
         if not line.strip():
-            break
-        send(proto_out, run_test(req, code, json.loads(line)))
+            return
+        req = json.loads(line)
+        if not isinstance(req.get("code"), str):
+            return
+        path, fd, _ = work[0]
+        name = "run-" + os.urandom(6).hex()  # a fresh private working folder per program
+        os.mkdir(name, 0o700, dir_fd=fd)
+        home_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        pid = os.fork()
+        if pid == 0:
+            program(req, proto_in, proto_out, os.path.join(path, name), home_fd)
+        os.close(home_fd)
+        while os.waitpid(-1, 0)[0] != pid:  # reaping the program's orphans as they end
+            pass
+        why = clean_up(work, before)
+        send(proto_out, {"done": True, "clean": why is None, "why": why})
 
 
 if __name__ == "__main__":

@@ -122,15 +122,15 @@ def _shown(payload: str) -> str:
 # ---------------------------------------------------------------------------------------------- grading
 
 def run_tests(code: str, tests: Sequence[CodeTest], *, fn_name: str | None = None, limits: Limits | None = None,
-              mode: str = "auto") -> tuple[str, list[str], dict | None]:
-    """Run `code` on `tests` in one sandbox, in order, up to the first failure.
+              mode: str = "auto", reuse: bool = True) -> tuple[str, list[str], dict | None]:
+    """Run `code` on `tests` in one sandbox, in order, up to the first failure (`reuse`: SandboxedProgram's).
 
     Returns (overall status, each run test's status, the first failure or None).
     """
     limits = limits or Limits()
     statuses: list[str] = []
     kind = "call" if fn_name else "stdio"
-    with SandboxedProgram(code, kind=kind, fn_name=fn_name, limits=limits, mode=mode) as prog:
+    with SandboxedProgram(code, kind=kind, fn_name=fn_name, limits=limits, mode=mode, reuse=reuse) as prog:
         if prog.compile_error is not None:
             fail = {"index": 0, "status": "runtime_error", "input": _cut(tests[0].input),
                     "expected": _cut(tests[0].output), "got": "", "error": _cut(prog.compile_error)}
@@ -155,13 +155,14 @@ def run_tests(code: str, tests: Sequence[CodeTest], *, fn_name: str | None = Non
 
 
 def grade_code(tests: Iterable, response, *, fn_name: str | None = None, timeout: float = 6.0,
-               memory_mb: int = 4096, mode: str = "auto", starts_in_thinking: bool = True,
+               memory_mb: int = 4096, mode: str = "auto", reuse: bool = True, starts_in_thinking: bool = True,
                think_end: str = THINK_END) -> Grade:
     """Grade a response to a code problem: its summary's last Python block, run on `tests` in a sandbox.
 
     `tests`: (input, output) pairs, {"input", "output"} dicts or CodeTests; `fn_name` makes them call-based
     (`Solution().fn_name(*json_args)`), else stdin/stdout. `timeout`: wall (and CPU) seconds per test;
-    `memory_mb`: address-space limit. The grade's `status` is passed or the first failing test's status
+    `memory_mb`: address-space limit. `reuse=False` runs the program in a sandbox started for it alone
+    instead of a fresh fork of a warm sandbox server (slower; docs/livecodebench.md). The grade's `status` is passed or the first failing test's status
     (wrong_answer, timeout, runtime_error, memory_limit; no_code when the summary has no Python block),
     `tests` each run test's status, `failure` the first failing test's input, expected and got (cut).
     """
@@ -174,7 +175,7 @@ def grade_code(tests: Iterable, response, *, fn_name: str | None = None, timeout
     code = extract_code(summary)
     if code is None:
         return Grade(False, None, thinking_closed=True, status="no_code", tests=(), n_tests=n)
-    status, statuses, failure = run_tests(code, tests, fn_name=fn_name, limits=limits, mode=mode)
+    status, statuses, failure = run_tests(code, tests, fn_name=fn_name, limits=limits, mode=mode, reuse=reuse)
     return Grade(status == "passed", code, thinking_closed=True, status=status, tests=tuple(statuses),
                  n_tests=n, failure=failure)
 

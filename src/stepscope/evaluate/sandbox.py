@@ -1,7 +1,8 @@
 """Runs a model-written program on test inputs in a sandbox: bubblewrap when present, else a setsid subprocess.
 
-Each program runs in processes of its own, never in ours: `python -I -S` running _sandbox_launcher.py's text,
-which sets the resource limits and forks one child per test (docs/livecodebench.md has the whole story).
+Each program runs in processes of its own, never in ours: a fresh fork of a sandbox server (`python -I -S`
+running _sandbox_launcher.py's text, LiveCodeBench's header already imported; sandbox_server.py), which sets
+the resource limits and forks one child per test (docs/livecodebench.md has the whole story).
 
 - bwrap mode (`bwrap` on PATH): new user, PID, network, IPC and UTS namespaces (no network at all, not even
   loopback; no other process visible), the system folders read-only, a private size-limited tmpfs as the
@@ -12,36 +13,26 @@ which sets the resource limits and forks one child per test (docs/livecodebench.
 - Both: limits on CPU time and wall time per test, address space, processes, file size and open files;
   `no_new_privs`; when we run as root, the program runs as an unprivileged uid (65534, "nobody", minus the
   worker slot, so that concurrent programs neither share a process limit nor can signal each other); after
-  the program, its whole process group (and in setsid mode every process carrying its marker) is killed.
+  the program, every process it started is killed (the server is their subreaper), its writable folders are
+  emptied, and the server is lent to the next program of a worker only when all of that came back clean
+  (`reuse=False`: a server of its own, killed with everything in it afterwards).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import secrets
-import select
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import StepscopeError
+from .sandbox_server import POOL, STARTUP_TIMEOUT, SandboxServer, close_servers
 
 MODES = ("auto", "bwrap", "setsid")
-LAUNCHER = Path(__file__).with_name("_sandbox_launcher.py")
-STARTUP_TIMEOUT = 30.0  # seconds for the sandbox to start and compile the program
 GRACE = 3.0  # seconds past the launcher's own per-test deadline before we kill everything
-UID_ENV = "STEPSCOPE_SANDBOX_UID"  # the first uid programs run as when we are root (default 65534)
-MARKER_ENV = "STEPSCOPE_SANDBOX"
-REAP_WAIT = 3.0  # seconds to wait for killed leftovers (setsid mode) to be gone
 
 
 @dataclass(frozen=True)
@@ -129,210 +120,65 @@ def _check(mode: str) -> str | None:
     return why
 
 
-# ------------------------------------------------------------------------------------------- processes
-
-_SLOT_LOCK = threading.Lock()
-_SLOTS_USED: set[int] = set()
-
-
-def _take_slot() -> int:
-    with _SLOT_LOCK:
-        slot = next(i for i in range(len(_SLOTS_USED) + 1) if i not in _SLOTS_USED)
-        _SLOTS_USED.add(slot)
-        return slot
-
-
-def _give_slot(slot: int) -> None:
-    with _SLOT_LOCK:
-        _SLOTS_USED.discard(slot)
-
-
-def _world_reachable(path: str) -> bool:
-    """Whether every folder above `path` lets any user through (the programs' user is not us)."""
-    p = Path(path)
-    return all(os.stat(d).st_mode & 0o001 for d in p.parents)
-
-
-def _interpreter() -> tuple[str, str | None]:
-    """(python, its prefix to bind read-only or None): our base interpreter (not a venv's, so programs see only
-    the standard library), or the system's /usr/bin/python3 when we are root and the unprivileged user cannot
-    reach ours (a pyenv under /root)."""
-    python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
-    prefix = os.path.realpath(sys.base_prefix)
-    if os.geteuid() == 0 and not _world_reachable(python):
-        system = os.path.realpath("/usr/bin/python3")
-        if not os.path.exists(system):
-            raise StepscopeError(f"the programs' unprivileged user cannot reach {python} and there is no "
-                                 f"/usr/bin/python3")
-        return system, None
-    return python, (None if prefix == "/usr" or prefix.startswith("/usr/") else prefix)
-
-
-def _launcher_source() -> str:
-    return LAUNCHER.read_text(encoding="utf-8")
-
-
-def _bwrap_args(python: str, prefix: str | None, limits: Limits, env: dict[str, str]) -> list[str]:
-    args = ["bwrap", "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--ro-bind", "/usr", "/usr"]
-    for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-        if os.path.islink(d):
-            args += ["--symlink", os.readlink(d), d]
-        elif os.path.isdir(d):
-            args += ["--ro-bind", d, d]
-    if prefix is not None:
-        args += ["--ro-bind", prefix, prefix]
-    if not python.startswith("/usr/") and not (prefix and python.startswith(prefix + "/")):
-        args += ["--ro-bind", python, python]
-    args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--proc", "/proc", "--dev", "/dev",
-             "--size", str(limits.fsize_mb << 20), "--tmpfs", "/tmp", "--chdir", "/tmp", "--clearenv"]
-    for k, v in env.items():
-        args += ["--setenv", k, v]
-    return args + ["--"]
-
-
-def _env(home: str, marker: str | None) -> dict[str, str]:
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home, "TMPDIR": home,
-           "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1"}
-    if marker:
-        env[MARKER_ENV] = marker
-    return env
-
-
-def _kill_marked(marker: str) -> int:
-    """Stop, then kill, every process whose environment carries `marker` (setsid mode); returns how many are
-    still not reaped after REAP_WAIT seconds."""
-    needle = f"{MARKER_ENV}={marker}".encode()
-    found: set[int] = set()
-    for _ in range(20):  # a process may fork while we scan: stop what we find and look again
-        new = 0
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) in found:
-                continue
-            try:
-                with open(f"/proc/{entry.name}/environ", "rb") as f:
-                    if needle not in f.read():
-                        continue
-            except OSError:
-                continue
-            pid = int(entry.name)
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGSTOP)
-            found.add(pid)
-            new += 1
-        if not new:
-            break
-    for pid in found:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    # wait (a little) until init has reaped them: until then they still count against the user's process limit
-    deadline = time.monotonic() + REAP_WAIT
-    while found and time.monotonic() < deadline:
-        found = {pid for pid in found if os.path.exists(f"/proc/{pid}")}
-        if found:
-            time.sleep(0.005)
-    return len(found)
-
-
 class SandboxedProgram:
-    """One program in its own sandbox: `run(input)` runs it on one test; `close()` (or the with block's end)
-    kills everything it started and removes its working folder.
+    """One program in a sandbox of its own: `run(input)` runs it on one test; `close()` (or the with block's end)
+    kills everything it started and empties its working folders.
 
     kind "stdio": the program reads the input on stdin and its stdout is the output. kind "call": the input is
     one JSON value per line, the arguments of `Solution().<fn_name>(...)` (or of a top-level function
     `fn_name` when the code has no class Solution); the output is the JSON of the returned value.
+    `reuse` (default True): run as a fresh fork of an idle sandbox server of this process when there is one
+    (docs/livecodebench.md, "Sandbox servers"); False: a server of its own, for this program only.
+    `server_id` names the server, `served` how many programs it started before this one.
     """
 
     def __init__(self, code: str, *, kind: str = "stdio", fn_name: str | None = None, limits: Limits | None = None,
-                 mode: str = "auto", _checked: bool = False) -> None:
+                 mode: str = "auto", reuse: bool = True, _checked: bool = False) -> None:
         if kind not in ("stdio", "call"):
             raise StepscopeError(f"unknown program kind {kind!r}; use stdio or call")
         if kind == "call" and not fn_name:
             raise StepscopeError("a call-based program needs the name of the function to call (fn_name)")
         self.mode = mode if _checked else resolve_mode(mode)
         self.limits = limits or Limits()
+        self.reuse = reuse
         self.compile_error: str | None = None
-        self.proc: subprocess.Popen | None = None
-        self.slot = _take_slot()
-        self.workdir: str | None = None
-        self.marker: str | None = None
-        self._buf = bytearray()
-        try:
-            self._start(code, kind, fn_name)
-        except BaseException:
-            self.close()
-            raise
-
-    # -- start and stop
-
-    def _start(self, code: str, kind: str, fn_name: str | None) -> None:
-        import json
-
-        root = os.geteuid() == 0
-        uid = int(os.environ.get(UID_ENV, "65534")) - self.slot if root else None
-        python, py_prefix = _interpreter()
-        launcher = [python, "-I", "-S", "-c", _launcher_source()]
-        setpriv = shutil.which("setpriv")
-        prefix: list[str] = []
-        if setpriv:
-            prefix = [setpriv, "--no-new-privs"]
-            if uid is not None:
-                prefix += [f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all"]
-        elif root:
-            raise StepscopeError("running model-written code as root needs setpriv (util-linux) to drop to an "
-                                 "unprivileged user")
-        if self.mode == "bwrap":
-            cmd = prefix + _bwrap_args(python, py_prefix, self.limits, _env("/tmp", None)) + launcher
-            cwd, env = "/", _env("/tmp", None)
-        else:
-            self.workdir = tempfile.mkdtemp(prefix="stepscope-code-")
-            if uid is not None:
-                os.chown(self.workdir, uid, uid)
-            self.marker = secrets.token_hex(12)
-            cmd = prefix + launcher
-            cwd, env = self.workdir, _env(self.workdir, self.marker)
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     cwd=cwd, env=env, start_new_session=True, close_fds=True)
-        for f in (self.proc.stdin, self.proc.stdout):
-            os.set_blocking(f.fileno(), False)
+        self._server: SandboxServer | None = None
         lim = self.limits
         header = {"code": code, "kind": kind, "fn_name": fn_name, "timeout": lim.timeout,
                   "cpu": int(math.ceil(lim.timeout)), "memory": lim.memory_mb << 20, "nproc": lim.nproc,
                   "fsize": lim.fsize_mb << 20, "nofile": lim.nofile}
-        deadline = time.monotonic() + STARTUP_TIMEOUT + lim.timeout
-        first = None
-        if self._send(json.dumps(header) + "\n", deadline):
-            first = self._recv(deadline, 1 << 20)
-        if first is None:
-            raise StepscopeError(f"the {self.mode} sandbox did not start: {self._stderr_line()}")
-        if "compile_error" in first:
-            self.compile_error = str(first["compile_error"])
-        elif not first.get("ready"):
-            raise StepscopeError(f"the {self.mode} sandbox did not start: unexpected answer {str(first)[:100]}")
+        try:
+            first = None
+            for _ in range(2):  # an idle server may have died meanwhile: then once more on a fresh one
+                server = self._server = POOL.acquire(self.mode, lim.fsize_mb, reuse=reuse)
+                self.server_id, self.served = server.id, server.served
+                server.served += 1
+                deadline = time.monotonic() + STARTUP_TIMEOUT + lim.timeout
+                first = server.recv(deadline, 1 << 20) if server.send(header, deadline) else None
+                if first is not None or self.served == 0:
+                    break
+                self._discard()
+            if first is None:
+                raise StepscopeError(f"the {self.mode} sandbox did not start the program")
+            if "compile_error" in first:
+                self.compile_error = str(first["compile_error"])
+            elif not first.get("ready"):
+                raise StepscopeError(f"the {self.mode} sandbox did not start: unexpected answer {str(first)[:100]}")
+        except BaseException:
+            self._discard()
+            raise
 
     def close(self) -> None:
-        """Kill the program's processes (all of them), reap them and remove the working folder."""
-        p, self.proc = self.proc, None
-        if p is not None:
-            with contextlib.suppress(OSError):
-                os.killpg(p.pid, signal.SIGKILL)
-            with contextlib.suppress(OSError):
-                p.kill()
-            with contextlib.suppress(Exception):
-                p.wait(timeout=10)
-            for f in (p.stdin, p.stdout, p.stderr):
-                with contextlib.suppress(Exception):
-                    f.close()
-        if self.marker is not None:
-            _kill_marked(self.marker)
-            self.marker = None
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
-        if self.slot is not None:
-            _give_slot(self.slot)
-            self.slot = None
+        """End the program: its server cleans up and is lent again, or (anything amiss) is killed with
+        everything in it."""
+        server, self._server = self._server, None
+        if server is not None:
+            POOL.release(server, clean=server.finish(), reuse=self.reuse)
+
+    def _discard(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.kill()
 
     def __enter__(self) -> SandboxedProgram:
         return self
@@ -342,89 +188,25 @@ class SandboxedProgram:
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            self.close()
-
-    # -- tests
+            self._discard()
 
     def run(self, test_input: str, *, cap: int = 1 << 20) -> TestRun | None:
         """Run the program on one input (its output cut at `cap` characters); None when the sandbox died or
         stopped answering (everything is then killed; later calls return None too)."""
-        import json
-
-        if self.proc is None or self.compile_error is not None:
+        server = self._server
+        if server is None or self.compile_error is not None:
             return None
         deadline = time.monotonic() + self.limits.timeout + GRACE
         line_cap = 8 * cap + (1 << 20)  # JSON may escape every character
         ans = None
-        if self._send(json.dumps({"input": test_input, "cap": cap}) + "\n", deadline):
-            ans = self._recv(deadline, line_cap)
+        if server.send({"input": test_input, "cap": cap}, deadline):
+            ans = server.recv(deadline, line_cap)
         if ans is None or not isinstance(ans.get("status"), str):
-            self.close()
+            self._discard()
             return None
         return TestRun(str(ans["status"]), str(ans.get("out", "")), str(ans.get("err", "")),
                        float(ans.get("time") or 0.0), bool(ans.get("truncated")))
 
-    # -- the pipes, with deadlines (a stopped or flooding program never blocks us)
 
-    def _send(self, text: str, deadline: float) -> bool:
-        data = memoryview(text.encode("utf-8"))
-        fd = self.proc.stdin.fileno()
-        while data:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            _, w, _ = select.select([], [fd], [], left)
-            if not w:
-                continue
-            try:
-                data = data[os.write(fd, data[:1 << 16]):]
-            except BlockingIOError:
-                continue
-            except OSError:
-                return False
-        return True
-
-    def _recv(self, deadline: float, cap: int) -> dict | None:
-        import json
-
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buf:
-            if len(self._buf) > cap:
-                return None
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            r, _, _ = select.select([fd], [], [], left)
-            if not r:
-                continue
-            try:
-                chunk = os.read(fd, 1 << 20)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return None
-            if not chunk:
-                return None
-            self._buf += chunk
-        i = self._buf.index(b"\n")
-        line = bytes(self._buf[:i])
-        del self._buf[:i + 1]
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            return None
-        return obj if isinstance(obj, dict) else None
-
-    def _stderr_line(self) -> str:
-        p = self.proc
-        if p is None:
-            return "no process"
-        with contextlib.suppress(Exception):
-            p.kill()
-            p.wait(timeout=5)
-        text = ""
-        with contextlib.suppress(Exception):
-            os.set_blocking(p.stderr.fileno(), False)
-            text = (p.stderr.read(4096) or b"").decode("utf-8", errors="replace")
-        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-        return lines[-1][:200] if lines else f"exit status {p.returncode}"
+__all__ = ["GRACE", "MODES", "Limits", "SandboxedProgram", "TestRun", "bwrap_available", "close_servers",
+           "resolve_mode"]
