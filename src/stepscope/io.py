@@ -64,6 +64,54 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
 
 
+def _probe_folder(folder: Path) -> str | None:
+    """Why a new file cannot be created in the existing folder `folder` (None when it can): a real try, since
+    permission bits do not tell the whole story (root, read-only mounts, /proc)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".stepscope-probe.", dir=folder)
+    except OSError as e:
+        return f"cannot create files in {folder}: {e.strerror or type(e).__name__}"
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    return None
+
+
+def check_writable(path: str | os.PathLike, what: str, *, folder: bool = False) -> Path:
+    """Check, before any work, that an output can be written at `path`; a one-line error naming `what` (the
+    option, e.g. "--out") otherwise. Returns `path` as a Path; creates nothing.
+
+    `folder`: the output is a folder (written inside, or replaced whole), else a file (written whole or appended
+    to). The checks: a file is not an existing folder and a folder not an existing file; the nearest existing
+    ancestor is a folder (not a file, as in `notes.txt/out.jsonl`); a file can be created where the output goes
+    (beside it, and inside an existing output folder); an existing output file is writable.
+    """
+    path = Path(path)
+    shown = f"{what} {path}" if what else str(path)
+    if path.exists() or path.is_symlink():
+        if folder and not path.is_dir():
+            raise StepscopeError(f"{shown}: is a file, expected a folder")
+        if not folder and path.is_dir():
+            raise StepscopeError(f"{shown}: is a folder, expected a file")
+    if str(path) in ("", ".") or path == Path(path.anchor):
+        parent = path
+    else:
+        parent = path.parent
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise StepscopeError(f"{shown}: cannot be written ({ancestor} is a file, not a folder)")
+    why = _probe_folder(ancestor)
+    if why is None and folder and path.is_dir():
+        why = _probe_folder(path)
+    if why is None and not folder and path.is_file() and not os.access(path, os.W_OK):
+        why = f"{path}: permission denied"
+    if why is not None:
+        raise StepscopeError(f"{shown}: cannot be written ({why})")
+    return path
+
+
 def read_text_file(path: str | os.PathLike) -> str:
     """Read a UTF-8 file; a clear one-line error for a missing file or bytes that are not UTF-8."""
     path = Path(path)

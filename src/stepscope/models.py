@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -105,21 +106,132 @@ def default_model_path() -> Path:
     return target
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    if name_or_path in (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "HuggingFaceTB/" + DEFAULT_MODEL_NAME) and not \
-            Path(name_or_path).exists():
+# a hub id: "name" or "owner/name" (letters, digits, '-', '_', '.'; not starting with '.' or '-')
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)?[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth", "*.gguf")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def looks_local(name_or_path: str) -> bool:
+    """Whether a model name is meant as a local path: it starts with '/', '.' or '~', or it holds a path
+    separator and is no hub id ("owner/name")."""
+    s = str(name_or_path)
+    if s.startswith(("/", ".", "~")) or (os.altsep and s.startswith(os.altsep)):
+        return True
+    return (os.sep in s or bool(os.altsep and os.altsep in s)) and not _HUB_ID.fullmatch(s)
+
+
+def _check_local_folder(name: str, path: Path, *, weights: bool) -> None:
+    """A one-line error for a local path that is no model folder: missing, a file, or lacking config.json,
+    the tokenizer files or (with `weights`) the weights."""
+    if not path.exists():
+        raise ModelLoadError(f"cannot load model {name!r}: no such folder")
+    if not path.is_dir():
+        raise ModelLoadError(f"cannot load model {name!r}: it is a file; give the folder holding config.json and the weights")
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json or tokenizer_config.json)")
+    if weights and not any(next(path.glob(g), None) for g in _WEIGHTS):
+        missing.append("weights (*.safetensors or pytorch_model*.bin)")
+    if missing:
+        raise ModelLoadError(f"cannot load model {name!r}: the folder {path} is no Hugging Face model folder: it has no "
+                             + " and no ".join(missing))
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub cannot be reached: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, or (no proxy
+    set) the hub's host does not answer a TCP connection within 3 s."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or \
+            os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return False  # the hub may be reachable through the proxy only: let the hub client find out
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=3).close()
+    except OSError:
+        return True
+    return False
+
+
+def _hub_snapshot(repo_id: str) -> str | None:
+    """The local folder of a hub repository in the hub's cache (None when it is not cached)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not cached, or a name the hub client refuses
+        return None
+
+
+def is_default_model(name_or_path: str) -> bool:
+    """Whether a model name means the bundled default model (and no local folder of that name exists)."""
+    name = str(name_or_path)
+    return name in (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "HuggingFaceTB/" + DEFAULT_MODEL_NAME) and not Path(name).exists()
+
+
+def resolve_model_path(name_or_path: str, *, weights: bool = True) -> str:
+    """What to hand to from_pretrained for a model name (a folder or a hub id), checked at once.
+
+    "default" (or SmolLM2-135M-Instruct's names) is the bundled model. A local-looking path (see `looks_local`)
+    or an existing folder must be a model folder (config.json, tokenizer files and, with `weights`, weights).
+    A hub id with the hub unreachable is its folder in the hub's local cache, else a one-line error saying how
+    to point at a local folder.
+    """
+    name = str(name_or_path)
+    if is_default_model(name):
         return str(default_model_path())
-    return name_or_path
+    local = Path(name).expanduser()
+    if local.exists() or looks_local(name):
+        _check_local_folder(name, local, weights=weights)
+        return str(local)
+    if not _HUB_ID.fullmatch(name):
+        raise ModelLoadError(f"cannot load model {name!r}: it is neither a local folder nor a hub id (owner/name)")
+    if hub_offline():
+        cached = _hub_snapshot(name)
+        if cached is not None:
+            return cached
+        raise ModelLoadError(f"cannot load model {name!r}: the Hugging Face hub is unreachable (offline) and the model is not "
+                             f"in the local cache; download it where there is network, or pass --model "
+                             f"/path/to/folder (a folder with config.json, the tokenizer and the weights)")
+    return name
+
+
+def load_config(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
+    """The model's config alone (no weights read): enough to check layer options before loading the model."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_path, weights=False)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the config of {name_or_path!r}: {_first_line(e)}") from None
+
+
+def num_layers(config) -> int:
+    """The number of decoder layers of a model's config (of its text model, for a multimodal one)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(cfg.num_hidden_layers)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path, weights=False)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise ModelLoadError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load tokenizer {name_or_path!r}: {_first_line(e)}") from None
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
@@ -145,14 +257,12 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise ModelLoadError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
-    except ValueError as e:
-        raise ModelLoadError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {_first_line(e)}") from None
     if not device_map:
         model = model.to(device)
     model.eval()
-    model.name_or_path = DEFAULT_MODEL_NAME if path != str(name_or_path) else str(name_or_path)
+    model.name_or_path = DEFAULT_MODEL_NAME if is_default_model(name_or_path) else str(name_or_path)
     return model, tokenizer
 
 

@@ -36,9 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..diagnose import compare, diagnose
     from ..errors import StepscopeError
-    from ..io import atomic_dir
+    from ..io import atomic_dir, check_writable
     from ..saliency.result import find_results
 
+    check_writable(args.out, "--out", folder=True)
     correct = [diagnose(p) for p in find_results(args.correct)] if args.correct else []
     wrong = [diagnose(p) for p in find_results(args.wrong)] if args.wrong else []
     if args.by_meta:

@@ -32,11 +32,13 @@ def run(args: argparse.Namespace) -> int:
 
     from ..demo import DemoSettings, run_demo
     from ..errors import StepscopeError
+    from ..io import check_writable
 
     if args.problems < 1:
         raise StepscopeError("--problems must be at least 1")
     if args.max_thinking_tokens < 1 or args.max_new_tokens <= args.max_thinking_tokens:
         raise StepscopeError("need 1 <= --max-thinking-tokens < --max-new-tokens")
+    check_writable(args.out, "--out", folder=True)
     t0 = time.perf_counter()
     summary = run_demo(args.out, DemoSettings(model=args.model, problems=args.problems, benchmark=args.benchmark,
                                               max_thinking_tokens=args.max_thinking_tokens,

@@ -31,11 +31,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..diagnose import Profile, apply_baseline, build_profile, diagnose, format_scores
     from ..errors import StepscopeError
+    from ..io import check_writable
     from ..saliency.result import find_results
 
     if args.z <= 0:
         raise StepscopeError("--z must be positive")
+    if args.save_profile:
+        check_writable(args.save_profile, "--save-profile")
     dirs = find_results(args.dirs)
+    if not args.no_write:
+        for d in dirs:
+            check_writable(d / "diagnosis.json", "")  # or --no-write
     baseline = Profile.load(args.baseline) if args.baseline else None
     diagnoses = [diagnose(d) for d in dirs]  # everything is computed before anything is written
     plain = [type(d).from_json(d.to_json()) for d in diagnoses]  # copies without baseline fields, for a profile

@@ -88,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise StepscopeError("--out is required (the run folder)")
+    from ..io import check_writable
+
+    check_writable(args.out, "--out", folder=True)
     if args.summarize:
         s = write_summary(args.out)
         print(markdown(s), end="")
@@ -96,7 +99,17 @@ def run(args: argparse.Namespace) -> int:
         raise StepscopeError("--benchmark is required (or --summarize / --table)")
 
     from ..evaluate.benchmarks import load_benchmark
-    from ..evaluate.runner import PAPER_SAMPLES, EvalSettings, arms_json, build_arms, dist_env, run_eval
+    from ..evaluate.runfolder import RunFolder
+    from ..evaluate.runner import (
+        PAPER_SAMPLES,
+        EvalSettings,
+        arms_json,
+        build_arms,
+        check_settings,
+        dist_env,
+        run_eval,
+        run_info,
+    )
 
     rank, world = dist_env()
     if args.device_map and world > 1:
@@ -117,8 +130,18 @@ def run(args: argparse.Namespace) -> int:
                      start_date=args.start_date, end_date=args.end_date)
     elif args.code_timeout is not None or args.code_memory is not None:
         raise StepscopeError("--code-timeout and --code-memory apply to code benchmarks (livecodebench) only")
+    if args.engine == "vllm":  # run.json: the engine decides the samples
+        from ..vllm.engine import require_vllm
+
+        extra.update(engine="vllm", engine_version=require_vllm())
     settings = EvalSettings(model=args.model, benchmark=bench.name, n_samples=n_samples, arms=arms_json(arm_configs),
                             decode=decode, prompt_style=args.prompt_style, dtype=args.dtype, extra=extra)
+    # everything is checked before the weights load and anything is written: a bad setting leaves no trace
+    layers = options.model_layers(args)
+    options.check_stepflow_layers(args, layers)
+    check_settings(settings, arm_configs, args.batch_size, num_layers=layers)
+    if rank == 0:
+        RunFolder(args.out).check(run_info(settings, bench, args.batch_size, world), resume=args.resume)
 
     import torch
 
@@ -126,8 +149,6 @@ def run(args: argparse.Namespace) -> int:
         local = int(os.environ.get("LOCAL_RANK", "0"))  # one GPU per process
         args.device = f"cuda:{local % torch.cuda.device_count()}" if world > 1 else "cuda"
     engine = options.load_engine(args, device_map=args.device_map)
-    if engine.name != "transformers":  # run.json: the engine decides the samples
-        settings.extra.update(engine=engine.name, engine_version=engine.version)
     if rank == 0:
         print(f"stepscope eval: {bench.name} ({len(bench)} problems from {bench.source}), {n_samples} samples, "
               f"arms {', '.join(arm_configs)}, {world} process(es) -> {args.out}", file=sys.stderr)

@@ -117,10 +117,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         problems = read_problems(args.input)
     out = Path(args.out) if args.out else (Path(args.input).with_suffix(".traces.jsonl") if args.input else None)
-    if out is not None and out.is_dir():
-        raise StepscopeError(f"{out} is a folder; --out needs a .jsonl file")
+    if out is not None:
+        from ..io import check_writable
+
+        check_writable(out, "--out")
     sf_config = options.stepflow_config(args)
     fmt = options.format_arg(args)
+    if sf_config is not None:  # the layers against the model's config, before the weights load
+        layers = options.model_layers(args)
+        options.check_stepflow_layers(args, layers)
+        sf_config.resolve(layers)
 
     import torch  # noqa: F401  (heavy imports from here on)
 

@@ -72,6 +72,13 @@ def load_tokenizer(args: argparse.Namespace):
     return load(args.model, trust_remote_code=args.trust_remote_code)
 
 
+def model_layers(args: argparse.Namespace) -> int:
+    """The number of layers of --model, from its config alone (checks options before the weights load)."""
+    from ..models import load_config, num_layers
+
+    return num_layers(load_config(args.model, trust_remote_code=args.trust_remote_code))
+
+
 # -- engine -----------------------------------------------------------------------------------------------------
 
 ENGINES = ("transformers", "vllm")
@@ -226,6 +233,16 @@ def stepflow_knobs(args: argparse.Namespace) -> dict:
                 raise StepscopeError(f"{_flag(name)}: name the layers (all is not a StepFlow band)")
             kw[name] = layers
     return kw
+
+
+def check_stepflow_layers(args: argparse.Namespace, num_layers: int) -> None:
+    """--oeb-layers and --smi-layers against a model of `num_layers` layers; an index outside it is an error
+    naming the option (before anything is loaded or written)."""
+    from ..layers import parse_layers
+
+    for name in ("oeb_layers", "smi_layers"):
+        if getattr(args, name, None) is not None:
+            parse_layers(getattr(args, name), num_layers, what=_flag(name))
 
 
 def stepflow_config(args: argparse.Namespace):

@@ -47,6 +47,7 @@ def _parse_positions(spec: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     from ..diagnose import Profile, diagnose
     from ..errors import StepscopeError
+    from ..io import check_writable
     from ..report.html import render_report
     from ..saliency.result import find_results, load_result
 
@@ -54,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
         raise StepscopeError(f"--out {args.out}: expected a .html file name")
     if args.max_mb <= 0:
         raise StepscopeError("--max-mb must be positive")
+    check_writable(args.out, "--out")
+    if args.figures:
+        check_writable(args.figures, "--figures", folder=True)
     dirs = find_results(args.dirs)
     baseline = Profile.load(args.baseline) if args.baseline else None
     results = [load_result(d) for d in dirs]

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import StepscopeError
+    from ..io import check_writable
     from ..layers import parse_layers
     from ..saliency import SaliencyResult, estimate_memory, step_saliency
     from ..saliency.core import _check_traces, max_positions
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     for f in args.traces:
         if not Path(f).is_file():
             raise StepscopeError(f"{f}: no such file")
+    check_writable(args.out, "--out", folder=True)
     model, tokenizer = options.load_model(args)
     traces, rebuilt = [], []
     for f in args.traces:

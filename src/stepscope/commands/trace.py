@@ -37,11 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import StepscopeError
-    from ..io import atomic_dir, atomic_write_text
+    from ..io import atomic_dir, atomic_write_text, check_writable
     from ..trace import load_traces
 
     fmt = options.format_arg(args)
-    needs_tokenizer = any(not options.is_trace_json(f) for f in args.inputs)
+    if args.out:
+        check_writable(args.out, "--out", folder=Path(args.out).suffix not in (".json", ".jsonl"))
+    # trace JSON needs no tokenizer, but a --model that was named is loaded (and so checked) all the same
+    needs_tokenizer = args.model != "default" or any(not options.is_trace_json(f) for f in args.inputs)
     tokenizer = options.load_tokenizer(args) if needs_tokenizer else None
     traces, rebuilt = [], []
     for f in args.inputs:

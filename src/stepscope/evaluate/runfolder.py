@@ -92,6 +92,16 @@ class RunFolder:
                     raise StepscopeError(f"rank {rank}: rank 0 did not create {path} within {wait_timeout:.0f} s")
                 time.sleep(poll)
             resume = True
+        if self.check(run_info, resume=resume):
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, run_info)
+
+    def check(self, run_info: dict, *, resume: bool) -> bool:
+        """Whether these settings may run in this folder, without writing anything: True for a run to continue
+        (run.json holds the same settings and `resume` is set), False for a new one; a one-line error for a
+        folder that holds another run, a run without --resume, or results without run.json."""
+        path = self.path / "run.json"
         if path.exists():
             try:
                 old = json.loads(read_text_file(path))
@@ -106,11 +116,10 @@ class RunFolder:
                 shown = "; ".join(f"{k}: {old.get(k)!r} -> {run_info.get(k)!r}"[:160] for k in diff[:4])
                 raise StepscopeError(f"--resume: the settings differ from {path} ({shown}); use the same settings "
                                      f"or another --out")
-            return
+            return True
         if self.path.exists() and any(self.path.glob("results*.jsonl")):
             raise StepscopeError(f"{self.path} holds results but no run.json; choose another --out")
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, run_info)
+        return False
 
     # ------------------------------------------------------------------------------------------- results
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ..decoding import DecodeConfig
 from ..errors import StepscopeError
+from ..models import num_layers as model_layers
 from .benchmarks import Benchmark, Problem
 from .code_grading import default_workers, grade_code
 from .grading import DEFAULT_TIMEOUT, Grade, grade_choice_detail, grade_math_detail
@@ -199,7 +200,10 @@ def _prompt_style(settings: EvalSettings, problem: Problem) -> str:
     return settings.prompt_style or problem.prompt_style
 
 
-def _check(settings: EvalSettings, arm_configs: dict, batch_size: int) -> None:
+def check_settings(settings: EvalSettings, arm_configs: dict, batch_size: int, num_layers: int | None = None) -> None:
+    """Check a run's settings before anything is generated or written; with `num_layers` (the model's), also
+    every arm's StepFlow layers. `run_eval` calls it with the model's count; a caller may call it earlier, from
+    the model's config alone (stepscope.models.load_config), before loading the weights."""
     if batch_size < 1:
         raise StepscopeError(f"--batch-size must be at least 1, got {batch_size}")
     if settings.n_samples < 1:
@@ -208,6 +212,10 @@ def _check(settings: EvalSettings, arm_configs: dict, batch_size: int) -> None:
         raise StepscopeError("no arms to run")
     if set(arm_configs) != set(settings.arms):
         raise StepscopeError("arm_configs and settings.arms name different arms")
+    if num_layers is not None:
+        for config in arm_configs.values():
+            if config is not None and hasattr(config, "resolve"):
+                config.resolve(num_layers)
 
 
 def run_info(settings: EvalSettings, benchmark: Benchmark, batch_size: int, world: int) -> dict:
@@ -277,7 +285,9 @@ def run_eval(model, tokenizer, benchmark: Benchmark, settings: EvalSettings, out
     rank = env_rank if rank is None else rank
     world = env_world if world_size is None else world_size
     arm_configs = dict(settings.arms) if arm_configs is None else arm_configs
-    _check(settings, arm_configs, batch_size)
+    model_config = getattr(model, "config", None)  # a transformers model's (another engine checks its own)
+    check_settings(settings, arm_configs, batch_size,
+                   num_layers=None if model_config is None else model_layers(model_config))
     if generate_fn is None:
         from ..flow import generate_traces as generate_fn  # noqa: N813
 
