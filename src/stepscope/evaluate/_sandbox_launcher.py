@@ -6,9 +6,11 @@ standard library. The server imports LiveCodeBench's header modules once, then s
 each program is a fresh fork of it (its own session, limits and random seed; the server itself never runs
 program code), and after each program the server kills every process the program left (it is their subreaper:
 none can leave it), empties the writable folders and checks that its own limits, CPU affinity and priority are
-as they were; the grader discards a server that says otherwise. Protocol, one JSON object per line:
+as they were (in bwrap mode also removes the System V IPC objects of its namespace); the grader discards a
+server that says otherwise. Protocol, one JSON object per line:
 
-  server  in:  {"serve": {"workdirs": [path, ...], "protect": bool}}      out: {"hello": true, "reusable": bool}
+  server  in:  {"serve": {"workdirs": [path, ...], "protect": bool, "ipc": bool}}
+                                                                           out: {"hello": true, "reusable": bool}
   program in:  {"code", "kind": "stdio"|"call", "fn_name", "timeout", "cpu", "memory", "nproc", "fsize",
                 "nofile"}                                                 out: {"ready": true} | {"compile_error"}
   test    in:  {"input": str, "cap": int}            out: {"status": "ok"|"timeout"|"runtime_error"|"memory_limit",
@@ -237,6 +239,7 @@ def program(req, proto_in, proto_out, home, home_fd):
         limit(resource.RLIMIT_FSIZE, req.get("fsize"))
         limit(resource.RLIMIT_NOFILE, req.get("nofile"))
         limit(resource.RLIMIT_CORE, 0)
+        limit(resource.RLIMIT_MSGQUEUE, 0)  # no POSIX message queue: they could outlive the program unseen
         try:
             code = compile(HEADER + req["code"], "<solution>", "exec")
         except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
@@ -258,18 +261,35 @@ def program(req, proto_in, proto_out, home, home_fd):
 
 # ---------------------------------------------------------------------------------------- the server
 
-def libc_prctl():
-    """prctl(option, value) through ctypes, or None where ctypes cannot load (then no server is reused)."""
+def load_libc():
+    """The C library through ctypes, or None where ctypes cannot load it (then no server is reused)."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
+        return ctypes.CDLL(None, use_errno=True)
     except (ImportError, OSError):
         return None
-    return lambda option, value: libc.prctl(option, value, 0, 0, 0) == 0
 
 
-PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 4, 36
+PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, IPC_RMID = 4, 36, 0
+
+
+def remove_ipc(libc):
+    """Remove every System V shared memory segment, semaphore set and message queue (bwrap mode: the IPC
+    namespace is the server's own); True when none is left."""
+    removers = {"shm": lambda i: libc.shmctl(i, IPC_RMID, None), "sem": lambda i: libc.semctl(i, 0, IPC_RMID),
+                "msg": lambda i: libc.msgctl(i, IPC_RMID, None)}
+    left = False
+    for kind, remove in removers.items():
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                ids = [int(line.split()[1]) for line in f.readlines()[1:] if line.strip()]
+        except OSError:
+            return False
+        for i in ids:
+            if remove(i) != 0:
+                left = True
+    return not left
 
 
 def own_state():
@@ -332,10 +352,12 @@ def wipe(dfd):
             os.unlink(entry.name, dir_fd=dfd)
 
 
-def clean_up(work, before):
-    """None when the program left nothing behind (processes, files, changes to us), else what it left."""
+def clean_up(work, before, libc, ipc):
+    """None when the program left nothing behind (processes, files, IPC objects, changes to us), else what."""
     if not kill_leftovers(time.monotonic() + 3.0):
         return "processes left running"
+    if ipc and not remove_ipc(libc):
+        return "System V IPC objects left"
     for path, fd, mode in work:
         try:
             if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
@@ -360,10 +382,10 @@ def main():
     cfg = json.loads(proto_in.readline())["serve"]
     exec(compile(HEADER, "<header>", "exec"), {})  # imported once here, inherited by every program's fork
     sys.setrecursionlimit(1000)  # the header's 50000 is for the programs
-    prctl = libc_prctl()
-    reusable = prctl is not None and prctl(PR_SET_CHILD_SUBREAPER, 1)
+    libc = load_libc()
+    reusable = libc is not None and libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     if cfg.get("protect"):  # the programs' user may not ptrace us, read our memory or our file descriptors
-        reusable = reusable and prctl(PR_SET_DUMPABLE, 0)
+        reusable = reusable and libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
     work = []
     for path in cfg["workdirs"]:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -388,7 +410,7 @@ def main():
         os.close(home_fd)
         while os.waitpid(-1, 0)[0] != pid:  # reaping the program's orphans as they end
             pass
-        why = clean_up(work, before)
+        why = clean_up(work, before, libc, cfg.get("ipc"))
         send(proto_out, {"done": True, "clean": why is None, "why": why})
 
 

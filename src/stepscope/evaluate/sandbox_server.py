@@ -229,7 +229,7 @@ class SandboxServer:
         for f in (self.proc.stdin, self.proc.stdout):
             os.set_blocking(f.fileno(), False)
         # protect: the programs' user is not ours (root) or the sandbox is a namespace of its own (bwrap)
-        cfg = {"serve": {"workdirs": workdirs, "protect": root or self.mode == "bwrap"}}
+        cfg = {"serve": {"workdirs": workdirs, "protect": root or self.mode == "bwrap", "ipc": self.mode == "bwrap"}}
         deadline = time.monotonic() + STARTUP_TIMEOUT
         hello = self.recv(deadline, 1 << 16) if self.send(cfg, deadline) else None
         if hello is None or not hello.get("hello"):
