@@ -130,6 +130,7 @@ TAMPER = {"kill": "os.kill(server, signal.SIGKILL)",
 def test_a_harmed_server_is_replaced(mode, harm):
     if harm == "affinity" and len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one CPU: the affinity cannot be narrowed")
+    close_servers()  # no idle server: the second program runs on the first one's server or on a new one
     with SandboxedProgram(_server_pid_of_program() + TAMPER[harm] + "\nprint('done')", mode=mode) as p1:
         r1 = p1.run("")
     if harm != "kill":
