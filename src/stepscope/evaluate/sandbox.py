@@ -155,7 +155,7 @@ class SandboxedProgram:
                 server.served += 1
                 deadline = time.monotonic() + STARTUP_TIMEOUT + lim.timeout
                 first = server.recv(deadline, 1 << 20) if server.send(header, deadline) else None
-                if first is not None or self.served == 0:
+                if first is not None or self.served == 0 or server.alive:
                     break
                 self._discard()
             if first is None:
