@@ -50,7 +50,7 @@ if {bwrap}:
     open('/dev/shm/left', 'w').write('x')
     shm, msg = libc.shmget({shm}, 4096, 0o1600), libc.msgget({msg}, 0o1600)
     assert shm >= 0 and msg >= 0
-mq = libc.mq_open(b'/left', os.O_CREAT | os.O_RDWR, 0o600, None)
+mq = libc.mq_open(b'/{token}', os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600, None)
 builtins.len = lambda x: -1
 math.pi = 3
 json.dumps = lambda *a, **k: 'tampered'
