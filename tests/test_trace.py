@@ -120,7 +120,7 @@ def test_load_traces_record_shapes(tmp_path, chatml_tokenizer):
     with pytest.raises(TraceError, match="out of range"):
         load_traces(p, chatml_tokenizer, index=7)
     (tmp_path / "n.jsonl").write_text(json.dumps({"foo": 1}) + "\n")
-    with pytest.raises(TraceError, match="no a question field"):
+    with pytest.raises(TraceError, match="no question field"):
         load_traces(tmp_path / "n.jsonl", chatml_tokenizer)
 
 

@@ -8,12 +8,27 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from . import __version__
 from .errors import StepscopeError
 
 COMMANDS = ["demo", "trace", "generate", "saliency", "diagnose", "compare", "report", "eval"]
+
+# the library's errors name its parameters; the CLI says the same with its options (one table, used by `main`)
+OPTION_WORDS = [
+    (re.compile(r"fmt='(\w+)' or '(\w+)'"), r"--fmt \1 or --fmt \2"),
+    (re.compile(r"fmt='(\w+)'"), r"--fmt \1"),
+    (re.compile(r"markers=\(start, end\)"), "--markers START END"),
+]
+
+
+def in_option_words(message: str) -> str:
+    """A library error message as the CLI says it: parameters (fmt='think') become options (--fmt think)."""
+    for pattern, words in OPTION_WORDS:
+        message = pattern.sub(words, message)
+    return message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except StepscopeError as e:
-        print(f"stepscope {args.command}: error: {e}", file=sys.stderr)
+        print(f"stepscope {args.command}: error: {in_option_words(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"stepscope {args.command}: interrupted", file=sys.stderr)

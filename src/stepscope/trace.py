@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections.abc import Sequence
@@ -216,7 +217,9 @@ class Trace:
                         {k: (int(v[0]), int(v[1])) for k, v in d["segments"].items()},
                         [Step.from_json(s) for s in d["steps"]], list(d["token_char_ends"]),
                         dict(d.get("meta", {})), fmt_obj)
-        except (KeyError, TypeError, IndexError, ValueError) as e:
+        except KeyError as e:
+            raise TraceError(f"malformed trace JSON (no field {e.args[0]!r})") from None
+        except (TypeError, IndexError, ValueError) as e:
             raise TraceError(f"malformed trace JSON ({type(e).__name__}: {e})") from None
         trace.validate()
         return trace
@@ -224,6 +227,11 @@ class Trace:
     def validate(self) -> None:
         """Check the invariants: steps and segments tile the tokens, texts concatenate to the trace text."""
         T = len(self.token_ids)
+        if sorted(self.segments) != sorted(KINDS):
+            raise TraceError(f"segments: has {', '.join(map(repr, self.segments))}; expected {', '.join(KINDS)}")
+        for i, s in enumerate(self.steps):
+            if s.kind not in KINDS:
+                raise TraceError(f"steps[{i}].kind: {s.kind!r} is not one of {', '.join(KINDS)}")
         if len(self.token_char_ends) != T:
             raise TraceError("token_char_ends does not match the number of tokens")
         pos = 0
@@ -247,17 +255,50 @@ class Trace:
         if "".join(s.text for s in self.steps) != self.text:
             raise TraceError("the step texts do not concatenate to the trace text")
 
+    def check_tokens(self, tokenizer) -> None:
+        """Check that the token ids spell the text, token by token, with this tokenizer; a hand-edited id (or
+        text, or a trace of another tokenizer) is an error naming the first token where they part."""
+        tb = token_bytes(tokenizer)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # as the segmenter decodes
+        pos, last = 0, len(self.token_ids) - 1
+        for t, tid in enumerate(self.token_ids):
+            try:
+                chars = decoder.decode(tb(int(tid)), final=t == last)
+            except (ValueError, IndexError, KeyError, TypeError, OverflowError):
+                raise TraceError(f"token_ids[{t}]: id {tid!r} is not in the tokenizer's vocabulary") from None
+            end = pos + len(chars)
+            if self.text[pos:end] != chars or self.token_char_ends[t] != end:
+                shown = self.text[pos:max(self.token_char_ends[t], pos + 1)][:40]
+                raise TraceError(f"token_ids[{t}]: id {tid} spells {chars!r} but the text has {shown!r} there: the "
+                                 "token ids and the text disagree "
+                                 "(edited by hand, or written with another tokenizer)")
+            pos = end
+        if pos != len(self.text):
+            raise TraceError(f"text: {len(self.text) - pos} characters after the last token's")
+
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps(self.to_json(), ensure_ascii=False))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Trace:
+    def load(cls, path: str | os.PathLike, tokenizer=None) -> Trace:
+        """Read a trace JSON file; with `tokenizer`, also check that its ids spell its text. Errors name the file."""
         text = read_text_file(path)
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise TraceError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        return cls.from_json(d)
+        return _from_json_at(d, str(path), tokenizer)
+
+
+def _from_json_at(d: dict, where: str, tokenizer=None) -> Trace:
+    """Trace.from_json (then check_tokens with a tokenizer), with errors that say where the JSON came from."""
+    try:
+        trace = Trace.from_json(d)
+        if tokenizer is not None:
+            trace.check_tokens(tokenizer)
+    except TraceError as e:
+        raise TraceError(f"{where}: {e}") from None
+    return trace
 
 
 # -- reading the files people have ----------------------------------------------------------------------------
@@ -272,29 +313,54 @@ def record_fields(rec: dict) -> tuple[str, str]:
     Knows flat records (question/problem/prompt + response/output/completion/generation), lm-eval-harness
     samples (`doc` + `resps`/`filtered_resps`) and chat records (`messages` with user and assistant turns).
     """
+    q, r, _ = _record_fields(rec)
+    return q, r
+
+
+def _record_fields(rec: dict) -> tuple[str, str, str]:
+    """(question, response, the field the response came from) of a record (see `record_fields`)."""
     if "messages" in rec and isinstance(rec["messages"], list):
-        users = [m.get("content", "") for m in rec["messages"] if m.get("role") == "user"]
-        bots = [m.get("content", "") for m in rec["messages"] if m.get("role") == "assistant"]
+        users = [m.get("content", "") for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+        bots = [m.get("content", "") for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "assistant"]
         if users and bots:
-            return users[-1], bots[-1]
+            return users[-1], bots[-1], "messages"
     doc = rec.get("doc") if isinstance(rec.get("doc"), dict) else None
     q = next((rec[k] for k in QUESTION_KEYS if isinstance(rec.get(k), str)), None)
     if q is None and doc:
         q = next((doc[k] for k in QUESTION_KEYS if isinstance(doc.get(k), str)), None)
-    r = next((rec[k] for k in RESPONSE_KEYS if isinstance(rec.get(k), str)), None)
+    key = next((k for k in RESPONSE_KEYS if isinstance(rec.get(k), str)), None)
+    r = None if key is None else rec[key]
     if r is None:
         for k in ("filtered_resps", "resps"):
             v = rec.get(k)
             while isinstance(v, list) and v:
                 v = v[0]
             if isinstance(v, str):
-                r = v
+                r, key = v, k
                 break
     if q is None or r is None:
-        missing = "a question field (" + "/".join(QUESTION_KEYS) + ")" if q is None else \
-            "a response field (" + "/".join(RESPONSE_KEYS) + ")"
-        raise TraceError(f"record has no {missing}; keys: {', '.join(sorted(rec))}")
-    return q, r
+        missing = "question field (" + "/".join(QUESTION_KEYS) + ")" if q is None else \
+            "response field (" + _RESPONSE_FIELDS + ")"
+        raise TraceError(f"the record has no {missing}; its keys: {', '.join(sorted(rec))}")
+    return q, r, key
+
+
+_RESPONSE_FIELDS = "/".join(RESPONSE_KEYS) + ", lm-eval's resps/filtered_resps, or chat messages"
+
+
+def _trace_of_record(rec: dict, tokenizer, *, fmt, markers, strict: bool, meta: dict) -> Trace:
+    """The trace of one record: its question and response rebuilt through the chat template. A response with
+    no thinking at all (an all-question trace) is an error: its field is most likely not the response."""
+    q, r, key = _record_fields(rec)
+    meta = {**{k: v for k, v in rec.items() if k not in RESPONSE_KEYS and k not in ("messages", "resps",
+                                                                                  "filtered_resps")}, **meta}
+    meta["id"] = rec.get("id", meta["id"])
+    trace = Trace.from_text(tokenizer, question=q, response=r, fmt=fmt, markers=markers, meta=meta, strict=strict)
+    if trace.segments["question"][1] == len(trace):
+        raise TraceError(f"the response (field {key!r}) holds no thinking, so the trace would be all question; "
+                         f"is the response under another name? Accepted response fields: {_RESPONSE_FIELDS}; "
+                         f"the record's keys: {', '.join(sorted(rec))}")
+    return trace
 
 
 def load_traces(path: str | os.PathLike, tokenizer=None, index: int | None = None, fmt: str | Format = "auto",
@@ -302,7 +368,8 @@ def load_traces(path: str | os.PathLike, tokenizer=None, index: int | None = Non
                 strict: bool = True) -> list[Trace]:
     """Read traces from a trace JSON file, a JSONL file of records, or a plain text file.
 
-    - trace JSON (written by Trace.save): loaded as is, no tokenizer needed.
+    - trace JSON (written by Trace.save): loaded as is, no tokenizer needed; with one, its ids are checked to
+      spell its text (`Trace.check_tokens`).
     - JSONL (or a JSON list) of records with question/response fields: rebuilt with Trace.from_text;
       `index` picks one record (0-based), else all.
     - plain text: the whole trace as the model saw it (prompt, markers and response), tokenized as is;
@@ -318,7 +385,7 @@ def load_traces(path: str | os.PathLike, tokenizer=None, index: int | None = Non
         except json.JSONDecodeError:
             obj = None  # maybe JSONL
         if isinstance(obj, dict) and "stepscope_trace" in obj:
-            return [Trace.from_json(obj)]
+            return [_from_json_at(obj, str(path), tokenizer)]
         if isinstance(obj, dict):
             records = [obj]
         elif isinstance(obj, list):
@@ -337,22 +404,17 @@ def load_traces(path: str | os.PathLike, tokenizer=None, index: int | None = Non
             if not isinstance(rec, dict):
                 raise TraceError(f"{path}: record {i} is not a JSON object")
             if "stepscope_trace" in rec:
-                out.append(Trace.from_json(rec))
+                out.append(_from_json_at(rec, f"{path}: record {i}", tokenizer))
                 continue
             if "trace" in rec and isinstance(rec["trace"], dict) and "stepscope_trace" in rec["trace"]:
-                out.append(Trace.from_json(rec["trace"]))
+                out.append(_from_json_at(rec["trace"], f"{path}: record {i}: trace", tokenizer))
                 continue
             if tokenizer is None:
                 raise TraceError(f"{path}: records need a tokenizer (--model) to be tokenized")
-            q, r = record_fields(rec)
-            meta = {k: v for k, v in rec.items() if k not in RESPONSE_KEYS and k not in ("messages", "resps",
-                                                                                       "filtered_resps")}
-            meta.setdefault("id", rec.get("id", f"{path.stem}-{i}"))
-            meta["source_file"] = str(path)
-            meta["source_index"] = i
             try:
-                out.append(Trace.from_text(tokenizer, question=q, response=r, fmt=fmt, markers=markers,
-                                           meta=meta, strict=strict))
+                out.append(_trace_of_record(rec, tokenizer, fmt=fmt, markers=markers, strict=strict,
+                                            meta={"id": rec.get("id", f"{path.stem}-{i}"), "source_file": str(path),
+                                                  "source_index": i}))
             except TraceError as e:
                 raise TraceError(f"{path}: record {i}: {e}") from None
         return out

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         for d in args.table:
             info, records = load_run(d)
             summaries.append(summarize(records, info))
-        print(paper_table(summaries), end="")
+        print(paper_table(summaries, labels=args.table), end="")
         return 0
     if not args.out:
         raise StepscopeError("--out is required (the run folder)")

@@ -101,6 +101,16 @@ def _record(rid: str, trace) -> dict:
             "trace": trace.to_json(), "meta": trace.meta}
 
 
+def _interrupted(out: Path | None, finished: int, total: int) -> str:
+    """What an interrupted run says: what it kept and how to continue."""
+    if out is None:
+        return "stepscope generate: interrupted; nothing was saved (pass --out FILE.jsonl to keep the traces)"
+    if not finished:
+        return f"stepscope generate: interrupted before the first batch finished; nothing was saved to {out}"
+    return (f"stepscope generate: interrupted; {finished} of {total} traces are in {out}; run the same command "
+            "again to continue (the finished ones are skipped)")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..errors import StepscopeError
 
@@ -159,9 +169,11 @@ def run(args: argparse.Namespace) -> int:
         created = not out.exists()
         log = JsonlLog(out).open(truncate=args.overwrite)
 
+    saved = [0]
+
     def save(traces) -> None:  # appended and flushed after every finished batch
         if log is not None:
-            log.append(_record(t.meta["id"], t) for t in traces)
+            saved[0] += log.append(_record(t.meta["id"], t) for t in traces)
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)
@@ -175,11 +187,15 @@ def run(args: argparse.Namespace) -> int:
                                     seeds=[decode.seed + i for i, _, _ in todo],
                                     metas=[{"id": rid} for _, rid, _ in todo], batch_size=args.batch_size,
                                     progress=not args.quiet and not single, on_batch=save, **extra, **settings)
-    except BaseException:
+    except BaseException as e:
         if log is not None:
             log.close()
             if created and out.stat().st_size == 0:
                 out.unlink()
+        if isinstance(e, KeyboardInterrupt):
+            print(file=sys.stderr)
+            print(_interrupted(out, len(done) + saved[0], len(problems)), file=sys.stderr, flush=True)
+            return 130
         raise
     finally:
         if log is not None:

@@ -42,12 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chunked (default): exact, blockwise backward; reference: brute force, small inputs only")
     p.add_argument("--heads", action="store_true", help="also save per-head maps (tensor head_maps)")
     p.add_argument("--batch-size", type=int, default=1, help="traces per forward/backward (default 1)")
-    p.add_argument("--block-rows", type=int, default=None,
+    p.add_argument("--block-rows", type=options.positive_int, default=None,
                    help="query rows per backward block (default: from free memory)")
     p.add_argument("--index", type=int, default=None, help="only record N (0-based) of each JSONL file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true",
                    help="recompute traces whose folders in --out are finished (default: skip them)")
+    options.add_format_options(p)
     options.add_model_options(p)
 
 
@@ -88,10 +89,12 @@ def run(args: argparse.Namespace) -> int:
         if not Path(f).is_file():
             raise StepscopeError(f"{f}: no such file")
     check_writable(args.out, "--out", folder=True)
+    fmt = options.format_arg(args)
     model, tokenizer = options.load_model(args)
     traces, rebuilt = [], []
     for f in args.traces:
-        got = load_traces(f, tokenizer if not options.is_trace_json(f) else None, index=args.index)
+        # records are rebuilt with the model's tokenizer; trace JSON is checked against it (ids spell the text)
+        got = load_traces(f, tokenizer, index=args.index, fmt=fmt)
         traces.extend(got)
         if not options.is_trace_json(f):
             rebuilt.extend(got)

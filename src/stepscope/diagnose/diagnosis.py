@@ -249,15 +249,19 @@ def format_table(d: Diagnosis) -> str:
                  + "; band S=shallow quarter, D=deep quarter; '-' = null" + ("; '!' = flagged" if d.flags else ""))
     lines.append(format_scores(d))
     for name, why in sorted(d.reasons.items()):
-        lines.append(f"null {name}: {why}")
+        if name not in SCORES:  # a null score's reason is on the scores line
+            lines.append(f"null {name}: {why}")
     return "\n".join(lines)
 
 
 def format_scores(d: Diagnosis) -> str:
+    """The scores on one line (a null one with its reason), their z-scores and flags, and the verdict."""
     parts = []
     for name in SCORES:
         v = d.scores[name]
         s = f"{name}={'null' if v is None else format(v, '.4g')}"
+        if v is None and d.reasons.get(name):
+            s += f" ({d.reasons[name]})"
         if d.score_z is not None and d.score_z.get(name) is not None:
             s += f" (z={d.score_z[name]:+.2f}{', flagged' if d.score_flags.get(name) else ''})"
         parts.append(s)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -261,13 +261,25 @@ def write_summary(out: str | os.PathLike, **kwargs) -> dict:
     return summary
 
 
-def paper_table(summaries: list[dict], arm: str = "stepflow", reference: str = "baseline") -> str:
-    """One row per model, one column per benchmark, cells "base → arm" (the paper's main table, §6)."""
+def paper_table(summaries: list[dict], arm: str = "stepflow", reference: str = "baseline",
+                labels: list[str] | None = None) -> str:
+    """One row per model, one column per benchmark, cells "base → arm" (the paper's main table, §6).
+
+    Two runs of the same model and benchmark get a row each, named by their `labels` (the run folders; default
+    "run 1", "run 2", ... in the order given), so no cell hides another.
+    """
+    labels = [f"run {i + 1}" for i in range(len(summaries))] if labels is None else [str(x) for x in labels]
+    if len(labels) != len(summaries):
+        raise StepscopeError(f"{len(labels)} labels for {len(summaries)} summaries")
+    runs = Counter((model_label(s["model"]), s["benchmark"]) for s in summaries)
+    shared = {m for (m, _), n in runs.items() if n > 1}  # models with a benchmark run more than once
     models: list[str] = []
     benches: list[str] = []
     cell: dict[tuple[str, str], str] = {}
-    for s in summaries:
+    for s, label in zip(summaries, labels):
         m, b = model_label(s["model"]), s["benchmark"]
+        if m in shared:
+            m = f"{m} ({label})"
         models += [m] if m not in models else []
         benches += [b] if b not in benches else []
         arms = s["arms"]

@@ -22,6 +22,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..errors import StepscopeError
+
 FLUSH_AFTER = 512  # pending decode entries reduced together at most
 
 
@@ -60,12 +62,27 @@ class StepFlowStats:
     def total_smi_fires(self) -> int:
         return sum(self.smi_fires.values())
 
+    PER_LAYER = ("oeb_fires", "oeb_eligible", "bridge_mass_before", "bridge_mass_after", "group_mass_before",
+                 "group_mass_after", "smi_fires")
+
     def to_json(self) -> dict:
+        """The stats as JSON (a trace's meta "stepflow_stats"). The per-layer fields stay objects keyed by
+        layer index, and JSON keys are strings: `{"0": 12, "1": 9}`; `from_json` turns them back into ints."""
         d = dataclasses.asdict(self)
-        for k in ("oeb_fires", "oeb_eligible", "bridge_mass_before", "bridge_mass_after", "group_mass_before",
-                  "group_mass_after", "smi_fires"):
+        for k in self.PER_LAYER:
             d[k] = {str(i): v for i, v in d[k].items()}
         return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> StepFlowStats:
+        """The stats of `to_json` (or of a trace's meta), the per-layer fields keyed by int layer index again."""
+        try:
+            fields = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+            for k in cls.PER_LAYER:
+                fields[k] = {int(i): v for i, v in fields[k].items()}
+            return cls(**fields)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise StepscopeError(f"not StepFlow stats ({type(e).__name__}: {e})") from None
 
     def summary(self) -> str:
         lines = [f"StepFlow: {self.forwards} forwards, {self.tokens} tokens"]

@@ -414,6 +414,8 @@ def step_saliency(model, trace_or_traces: Trace | Sequence[Trace], pool: str = "
         raise SaliencyError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     if batch_size < 1:
         raise SaliencyError("batch_size must be at least 1")
+    if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
+        raise SaliencyError(f"block_rows must be a positive integer or None, got {block_rows!r}")
     _check_traces(model, traces, loss)
     shape = model_shape(model)
     try:
