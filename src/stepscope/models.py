@@ -202,15 +202,24 @@ def resolve_model_path(name_or_path: str, *, weights: bool = True) -> str:
     return name
 
 
+def _from_pretrained(auto, name_or_path: str, what: str, *, weights: bool, shown: str | None = None, **kwargs):
+    """`auto.from_pretrained` of a checked model name (resolve_model_path); its errors as one line naming
+    `shown` (default: the name)."""
+    path = resolve_model_path(name_or_path, weights=weights)
+    try:
+        return auto.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        text = str(e).strip()
+        raise ModelLoadError(f"cannot load {what} {(shown or name_or_path)!r}: "
+                             f"{text.splitlines()[0] if text else type(e).__name__}") from None
+
+
 def load_config(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
     """The model's config alone (no weights read): enough to check layer options before loading the model."""
     from transformers import AutoConfig
 
-    path = resolve_model_path(name_or_path, weights=False)
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load the config of {name_or_path!r}: {_first_line(e)}") from None
+    return _from_pretrained(AutoConfig, name_or_path, "the config of", weights=False,
+                            trust_remote_code=trust_remote_code)
 
 
 def num_layers(config) -> int:
@@ -219,19 +228,11 @@ def num_layers(config) -> int:
     return int(cfg.num_hidden_layers)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path, weights=False)
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load tokenizer {name_or_path!r}: {_first_line(e)}") from None
+    return _from_pretrained(AutoTokenizer, name_or_path, "tokenizer", weights=False,
+                            trust_remote_code=trust_remote_code)
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
@@ -248,17 +249,14 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
 
     device = device or default_device()
     torch_dtype = _resolve_dtype(dtype, device)
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path)  # checked whole (weights too) before the tokenizer loads
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if device_map:
         kwargs["device_map"] = device_map
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load model {name_or_path!r}: {_first_line(e)}") from None
+    model = _from_pretrained(AutoModelForCausalLM, path, "model", weights=True, shown=str(name_or_path), **kwargs)
     if not device_map:
         model = model.to(device)
     model.eval()

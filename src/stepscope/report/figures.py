@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from ..diagnose import BAD_DIRECTION, METRICS, SCORES, Comparison, Diagnosis, layer_groups
 from ..layers import layer_bands
@@ -46,6 +47,45 @@ def log_norm(values: np.ndarray, decades: float = 6.0) -> LogNorm:
     return LogNorm(vmin=max(float(pos.min()), vmax * 10.0 ** -decades), vmax=vmax)
 
 
+def step_ticks(num_steps: int, max_ticks: int = 8) -> list[int]:
+    """The step numbers a step map's axes label: 0, d, 2d, ... below `num_steps`, with d the smallest of 1, 2, 5,
+    10, 20, 50, ... that gives at most `max_ticks` of them (the figures and the HTML report use the same)."""
+    k = 0
+    while True:
+        for m in (1, 2, 5):
+            d = m * 10 ** k
+            if -(-num_steps // d) <= max_ticks:
+                return list(range(0, num_steps, d))
+        k += 1
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
+
+
+def decade_label(v: float, _pos: Any = None) -> str:
+    """A colour-bar value as plain text (10\u207b\u00b3, 2\u00d710\u207b\u2075, 1): no mathtext, whose layout made
+    every log colour bar, and so every figure, slow."""
+    if not v > 0:
+        return "0"
+    k = int(np.floor(np.log10(v) + 1e-9))
+    m = round(v / 10.0 ** k, 6)
+    power = "" if k == 0 else "10" if k == 1 else "10" + str(k).translate(_SUPERSCRIPT)
+    if m == 1:
+        return power or "1"
+    return f"{m:g}" + ("\u00d7" + power if power else "")
+
+
+def _log_colorbar(ax: Any, im: Any, label: str | None) -> Any:
+    """A colour bar for a log-scaled image: ticks at decades (1, 2, 5 when it spans less than one), no minor ticks."""
+    cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label=label)
+    norm = im.norm
+    one_decade = np.log10(norm.vmax / norm.vmin) < 1
+    cb.ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if one_decade else (1.0,)))
+    cb.ax.yaxis.set_minor_locator(NullLocator())
+    cb.ax.yaxis.set_major_formatter(FuncFormatter(decade_label))
+    return cb
+
+
 def boundaries(step_kinds: Sequence[str]) -> list[int]:
     """Step indices where a new segment starts (question -> thinking, thinking -> summary)."""
     return [i for i in range(1, len(step_kinds)) if step_kinds[i] != step_kinds[i - 1]]
@@ -58,8 +98,11 @@ def row_normalize(m: np.ndarray) -> np.ndarray:
 
 
 def plot_step_map(ax: Any, m: np.ndarray, step_kinds: Sequence[str], *, title: str | None = None,
-                  norm: LogNorm | None = None, colorbar: bool = True, normalize_rows: bool = False) -> Any:
-    """Draw one layer's step map [S, S] on `ax`: log colour scale, zero cells blank, segment boundaries."""
+                  norm: LogNorm | None = None, colorbar: bool = True, normalize_rows: bool = False,
+                  labels: tuple[bool, bool, bool] = (True, True, True)) -> Any:
+    """Draw one layer's step map [S, S] on `ax`: log colour scale, zero cells blank, segment boundaries, step
+    numbers on both axes and each segment's letter beyond them. `labels`: whether to name the x axis, the y axis
+    and the colour bar (a grid names only its outer panels)."""
     m = np.asarray(m, dtype=np.float64)
     if normalize_rows:
         m = row_normalize(m)
@@ -72,23 +115,30 @@ def plot_step_map(ax: Any, m: np.ndarray, step_kinds: Sequence[str], *, title: s
         ax.axvline(b - 0.5, color=_BOUNDARY, lw=0.9)
         ax.axhline(b - 0.5, color="black", lw=0.3, ls=":")
         ax.axvline(b - 0.5, color="black", lw=0.3, ls=":")
-    # segment names at their middles
+    # step numbers (major ticks), and segment letters at the segments' middles (minor ticks, one row further out)
+    ticks = step_ticks(len(step_kinds))
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_yticks(ticks, [str(t) for t in ticks])
     edges = [0, *boundaries(step_kinds), len(step_kinds)]
     mids = [(a + b - 1) / 2 for a, b in zip(edges[:-1], edges[1:])]
     names = [step_kinds[a][0].upper() for a in edges[:-1]]
-    ax.set_xticks(mids, names)
-    ax.set_yticks(mids, names)
-    for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
-        for lab, a in zip(labels, edges[:-1]):
+    ax.set_xticks(mids, names, minor=True)
+    ax.set_yticks(mids, names, minor=True)
+    for letters in (ax.get_xticklabels(minor=True), ax.get_yticklabels(minor=True)):
+        for lab, a in zip(letters, edges[:-1]):
             lab.set_color(KIND_COLORS[step_kinds[a]])
             lab.set_fontweight("bold")
-    ax.tick_params(length=0)
-    ax.set_xlabel("key step j")
-    ax.set_ylabel("query step i")
+    ax.tick_params(which="major", length=2, pad=1.5, labelsize=6.5)
+    ax.tick_params(axis="x", which="minor", length=0, pad=9)
+    ax.tick_params(axis="y", which="minor", length=0, pad=4 + 4 * len(str(ticks[-1])))
+    if labels[0]:
+        ax.set_xlabel("key step j")
+    if labels[1]:
+        ax.set_ylabel("query step i")
     if title:
         ax.set_title(title, parse_math=False)
     if colorbar:
-        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="N[i, j]" if normalize_rows else "M[i, j]")
+        _log_colorbar(ax, im, ("N[i, j]" if normalize_rows else "M[i, j]") if labels[2] else None)
     return im
 
 
@@ -139,10 +189,11 @@ def layer_grid_figure(maps: Any, step_kinds: Sequence[str], layers: Sequence[int
         axes = fig.subplots(nrows, ncols, squeeze=False)
         for ax in axes.flat[len(layers):]:
             ax.set_axis_off()
-        for ax, layer in zip(axes.flat, layers):
+        for k, (ax, layer) in enumerate(zip(axes.flat, layers)):
             band = " (shallow)" if layer in groups["shallow"] else " (deep)" if layer in groups["deep"] else ""
+            outer = (k + ncols >= len(layers), k % ncols == 0, k % ncols == ncols - 1 or k == len(layers) - 1)
             plot_step_map(ax, maps[layer], step_kinds, norm=shared, colorbar=not shared_scale,
-                          normalize_rows=normalize_rows, title=f"layer {ids[layer]}{band}")
+                          normalize_rows=normalize_rows, title=f"layer {ids[layer]}{band}", labels=outer)
         if title:
             fig.suptitle(title, parse_math=False)
     return fig
