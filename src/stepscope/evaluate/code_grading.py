@@ -162,9 +162,10 @@ def grade_code(tests: Iterable, response, *, fn_name: str | None = None, timeout
     `tests`: (input, output) pairs, {"input", "output"} dicts or CodeTests; `fn_name` makes them call-based
     (`Solution().fn_name(*json_args)`), else stdin/stdout. `timeout`: wall (and CPU) seconds per test;
     `memory_mb`: address-space limit. `reuse=False` runs the program in a sandbox started for it alone
-    instead of a fresh fork of a warm sandbox server (slower; docs/livecodebench.md). The grade's `status` is passed or the first failing test's status
-    (wrong_answer, timeout, runtime_error, memory_limit; no_code when the summary has no Python block),
-    `tests` each run test's status, `failure` the first failing test's input, expected and got (cut).
+    instead of a fresh fork of a warm sandbox server (slower; docs/livecodebench.md). The grade's `status`
+    is passed or the first failing test's status (wrong_answer, timeout, runtime_error, memory_limit;
+    no_code when the summary has no Python block), `tests` each run test's status, `failure` the first
+    failing test's input, expected and got (cut).
     """
     tests = as_tests(tests)
     limits = Limits(timeout=timeout, memory_mb=memory_mb)

@@ -130,7 +130,7 @@ def plot_step_map(ax: Any, m: np.ndarray, step_kinds: Sequence[str], *, title: s
             lab.set_fontweight("bold")
     ax.tick_params(which="major", length=2, pad=1.5, labelsize=6.5)
     ax.tick_params(axis="x", which="minor", length=0, pad=9)
-    ax.tick_params(axis="y", which="minor", length=0, pad=4 + 4 * len(str(ticks[-1])))
+    ax.tick_params(axis="y", which="minor", length=0, pad=5 + 4.5 * len(str(ticks[-1])))
     if labels[0]:
         ax.set_xlabel("key step j")
     if labels[1]:
