@@ -215,8 +215,8 @@ class SandboxServer:
                                  "unprivileged user")
         if self.mode == "bwrap":
             env = sandbox_env("/tmp", None)
-            cmd, cwd, workdirs = prefix + bwrap_args(python, py_prefix, self.fsize_mb, env) + launcher, "/", [
-                "/tmp", "/dev/shm"]
+            cmd = prefix + bwrap_args(python, py_prefix, self.fsize_mb, env) + launcher
+            cwd, workdirs = "/", ["/tmp", "/dev/shm"]  # the sandbox's only writable places
         else:
             self.workdir = tempfile.mkdtemp(prefix="stepscope-code-")
             if uid is not None:
@@ -247,8 +247,8 @@ class SandboxServer:
         return done is not None and done.get("done") is True and done.get("clean") is True
 
     def stop(self) -> None:
-        """End an idle server: it exits when its input ends (its sandbox reaps it, so CPU time is accounted for),
-        then kill() as always."""
+        """End an idle server: it exits when its input ends (and is reaped, its CPU time handed up to us in
+        setsid mode), then kill() as always."""
         if self.proc is not None:
             with contextlib.suppress(Exception):
                 self.proc.stdin.close()
@@ -365,19 +365,16 @@ class ServerPool:
         self._lock = threading.Lock()
         self._idle: dict[tuple[str, int], list[SandboxServer]] = {}
 
-    def __len__(self) -> int:
-        with self._lock:
-            return sum(len(idle) for idle in self._idle.values())
-
     def acquire(self, mode: str, fsize_mb: int, *, reuse: bool = True) -> SandboxServer:
-        if reuse:
+        while reuse:
             with self._lock:
-                idle = self._idle.get((mode, fsize_mb), [])
-                while idle:
-                    server = idle.pop()
-                    if server.alive:
-                        return server
-                    server.kill()
+                idle = self._idle.get((mode, fsize_mb))
+                server = idle.pop() if idle else None
+            if server is None:
+                break
+            if server.alive:
+                return server
+            server.kill()  # died while idle
         return SandboxServer(mode, fsize_mb)
 
     def release(self, server: SandboxServer, *, clean: bool, reuse: bool = True) -> None:
