@@ -152,9 +152,7 @@ class SandboxedProgram:
             for _ in range(2):  # an idle server may have died meanwhile: then once more on a fresh one
                 server = self._server = POOL.acquire(self.mode, lim.fsize_mb, reuse=reuse)
                 self.server_id, self.served = server.id, server.served
-                server.served += 1
-                deadline = time.monotonic() + STARTUP_TIMEOUT + lim.timeout
-                first = server.recv(deadline, 1 << 20) if server.send(header, deadline) else None
+                first = server.start_program(header, time.monotonic() + STARTUP_TIMEOUT + lim.timeout)
                 if first is not None or self.served == 0 or server.alive:
                     break
                 self._discard()

@@ -240,6 +240,11 @@ class SandboxServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def start_program(self, request: dict, deadline: float) -> dict | None:
+        """Hand the server one program (code, kind, limits); its first answer (ready or compile_error) or None."""
+        self.served += 1
+        return self.recv(deadline, 1 << 20) if self.send(request, deadline) else None
+
     def finish(self) -> bool:
         """End the current program; True when the server reports that it left nothing behind."""
         deadline = time.monotonic() + CLEANUP_TIMEOUT
