@@ -637,3 +637,25 @@ def test_pytorch_paths_equal_the_pure_functions(q_len, use_sinks):
     st = stats.totals(0, 0, 0, 0)
     assert st.oeb_fires[0] == fires > 0 and st.oeb_eligible[0] == int(elig.sum()) * H
     assert fires < st.oeb_eligible[0]  # it also held back
+
+
+def test_gradients_after_a_generation_under_inference_mode():
+    """StepFlow used under torch.inference_mode() first (as generate_traces does) must not leave cached inference
+    tensors behind that a later decoding step with gradients would trip on."""
+    model, tok = build("llama", "think")
+    cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt="think")
+    p, c = prompt_and_continuation(tok, "think", 0)
+    p = p + c[:12]
+    for grad in (False, True):
+        model.zero_grad()
+        cache = DynamicCache()
+        with StepFlow(model, tok, cfg, kernel="torch") as flow:
+            with torch.inference_mode(not grad), torch.set_grad_enabled(grad):
+                with torch.no_grad():
+                    model(input_ids=torch.tensor([p]), past_key_values=cache, use_cache=True)
+                out = model(input_ids=torch.tensor([c[12:13]]), past_key_values=cache, use_cache=True)
+                if grad:
+                    out.logits.float().pow(2).sum().backward()
+        assert flow.stats.oeb_eligible[0] > 0
+    g = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert g is not None and g.abs().sum() > 0

@@ -30,8 +30,13 @@ from .state import LayerGeometry, decode_groups
 
 @functools.cache
 def _decode_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Firing thresholds of (tau_B / p(B), tau_S / p(S)), and the map (p(B), p(S)) -> (0, p(B) + p(S))."""
-    return (torch.tensor([1.0, 0.0], device=device), torch.tensor([[[0.0, 1.0], [0.0, 1.0]]], device=device))
+    """Firing thresholds of (tau_B / p(B), tau_S / p(S)), and the map (p(B), p(S)) -> (0, p(B) + p(S)).
+
+    Made outside inference mode: a cached inference tensor could not take part in a later forward that
+    records gradients."""
+    with torch.inference_mode(False):
+        return (torch.tensor([1.0, 0.0], device=device),
+                torch.tensor([[[0.0, 1.0], [0.0, 1.0]]], device=device))
 
 
 def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry,
