@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     if args.engine == "transformers" and args.device is None and not args.device_map and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))  # one GPU per process
         args.device = f"cuda:{local % torch.cuda.device_count()}" if world > 1 else "cuda"
-    engine = options.load_engine(args, device_map=args.device_map)
+    engine = options.load_engine(args, stepflow=any(c is not None for c in arm_configs.values()),
+                                 device_map=args.device_map)
     if rank == 0:
         print(f"stepscope eval: {bench.name} ({len(bench)} problems from {bench.source}), {n_samples} samples, "
               f"arms {', '.join(arm_configs)}, {world} process(es) -> {args.out}", file=sys.stderr)

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    engine = options.load_engine(args)
+    engine = options.load_engine(args, stepflow=sf_config is not None)
     model, tokenizer = engine.model, engine.tokenizer
     settings = dict(decode=decode, stepflow=sf_config, prompt_style=args.prompt_style, system=args.system, fmt=fmt)
     config = engine.run_config(**settings)

@@ -113,8 +113,9 @@ class Engine:
     version: str | None = None  # vLLM's version (the transformers engine records none)
 
 
-def load_engine(args: argparse.Namespace, **kwargs) -> Engine:
-    """The engine the engine and model options ask for; `kwargs` go to the transformers engine's load_model."""
+def load_engine(args: argparse.Namespace, stepflow: bool = False, **kwargs) -> Engine:
+    """The engine the engine and model options ask for; `stepflow`: the run has StepFlow requests (a vLLM that
+    cannot serve them is refused before it starts); `kwargs` go to the transformers engine's load_model."""
     vllm_only = {"--tensor-parallel-size": args.tensor_parallel_size, "--data-parallel-size": args.data_parallel_size,
                  "--max-model-len": args.max_model_len}
     if args.engine == "transformers":
@@ -140,7 +141,13 @@ def load_engine(args: argparse.Namespace, **kwargs) -> Engine:
     from ..vllm import engine as ve
 
     version = ve.require_vllm()
+    from ..vllm.plugin import support_problem
     from ..vllm.runner import generate_traces, run_config
+
+    problem = support_problem() if stepflow else None
+    if problem:  # e.g. a GPU: the plugin serves StepFlow on vLLM's CPU backend only
+        raise StepscopeError(f"--engine vllm cannot run StepFlow here ({problem}); use --no-stepflow or "
+                             "--arms baseline with vLLM, or the transformers engine for StepFlow")
 
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(args)

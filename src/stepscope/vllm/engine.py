@@ -63,6 +63,14 @@ def load_llm(**kwargs):
     return llm
 
 
+def shutdown_engines() -> None:
+    """Stop this process's engines (their engine-core processes). A process that ends without its exit handlers
+    (a multiprocessing child) would otherwise leave them running."""
+    for llm in _ENGINES.values():
+        llm.llm_engine.engine_core.shutdown()
+    _ENGINES.clear()
+
+
 def device_groups(n: int, per_engine: int) -> list[str | None]:
     """CUDA_VISIBLE_DEVICES of each of n engines of `per_engine` GPUs (None each where there are no GPUs)."""
     import torch
@@ -85,16 +93,28 @@ def _serve(conn, kwargs: dict, devices: str | None, tokenizer_name: str, trust_r
         os.environ["CUDA_VISIBLE_DEVICES"] = devices
     try:
         from ..models import load_tokenizer
-        from .runner import generate_traces, run_config
 
         llm = load_llm(**kwargs)
         tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=trust_remote_code)
         conn.send(("ok", None))
     except BaseException as e:  # noqa: BLE001 - reported to the parent as one line
         conn.send(("error", f"{type(e).__name__}: {e}"))
+        shutdown_engines()
         return
+    try:
+        _answer_jobs(conn, llm, tokenizer)
+    finally:
+        shutdown_engines()
+
+
+def _answer_jobs(conn, llm, tokenizer) -> None:
+    from .runner import generate_traces, run_config
+
     while True:
-        msg = conn.recv()
+        try:
+            msg = conn.recv()
+        except EOFError:  # the parent is gone
+            return
         if msg[0] == "stop":
             return
         try:
