@@ -319,10 +319,13 @@ def save_figure(fig: Figure, stem: str | os.PathLike, formats: Sequence[str] = (
                 dpi: int = 150) -> list[Path]:
     """Write `fig` as stem.png and stem.svg (each through a temporary file and a rename); returns the paths."""
     out = []
-    if len(formats) > 1 and fig.get_layout_engine() is not None:
+    if fig.get_layout_engine() is not None:
         with matplotlib.rc_context(RC):
             fig.draw_without_rendering()  # lay out once: the positions then hold for every format
-        fig.set_layout_engine("none")
+        # no layout engine from here on: "none" would leave a placeholder engine, and savefig draws a figure that
+        # has one twice (a dry run, then the real one)
+        with matplotlib.rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
+            fig.set_layout_engine(None)
     for fmt in formats:
         buf = io.BytesIO()
         with matplotlib.rc_context(RC):
