@@ -256,8 +256,10 @@ class Trace:
             raise TraceError("the step texts do not concatenate to the trace text")
 
     def check_tokens(self, tokenizer) -> None:
-        """Check that the token ids spell the text, token by token, with this tokenizer; a hand-edited id (or
-        text, or a trace of another tokenizer) is an error naming the first token where they part."""
+        """Check that the token ids spell the text with this tokenizer, token by token.
+
+        A hand-edited id (or text, or a trace of another tokenizer) is an error naming the first token where the
+        ids and the text part."""
         tb = token_bytes(tokenizer)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # as the segmenter decodes
         pos, last = 0, len(self.token_ids) - 1
@@ -354,7 +356,6 @@ def _trace_of_record(rec: dict, tokenizer, *, fmt, markers, strict: bool, meta: 
     q, r, key = _record_fields(rec)
     meta = {**{k: v for k, v in rec.items() if k not in RESPONSE_KEYS and k not in ("messages", "resps",
                                                                                   "filtered_resps")}, **meta}
-    meta["id"] = rec.get("id", meta["id"])
     trace = Trace.from_text(tokenizer, question=q, response=r, fmt=fmt, markers=markers, meta=meta, strict=strict)
     if trace.segments["question"][1] == len(trace):
         raise TraceError(f"the response (field {key!r}) holds no thinking, so the trace would be all question; "
