@@ -11,8 +11,8 @@ per program (`reuse=False`). The breakdown times, one program at a time, the par
 `python -I -S` start, bwrap's own cost (`bwrap ... true`), a server's start, a program's start on a warm
 server and in a fresh sandbox, one test (a forked child) and the end of a program (clean-up). Besides the
 wall-clock rate it reports the CPU time per program of the grader and all sandbox processes together, which a
-shared machine's load does not inflate (setsid mode only: bubblewrap does not pass its children's CPU time
-up).
+shared machine's load does not inflate (not for bwrap's fresh way: bubblewrap does not hand its children's CPU
+time up, and a fresh sandbox is gone before it can be read).
 """
 
 from __future__ import annotations
@@ -76,9 +76,26 @@ def breakdown(mode: str, reps: int) -> dict[str, float]:
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process and of every reaped descendant (the servers, and what they reaped)."""
-    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-               for f in ("ru_utime", "ru_stime"))
+    """CPU time of this process, of every reaped descendant (setsid servers and what they reaped) and of every
+    live one (read from /proc: bubblewrap never hands its children's CPU time up, so a bwrap server's is read
+    while it lives)."""
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    stats = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            stats[int(name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))  # parent; u, s, cu, cs time
+    live, frontier = 0, {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, (parent, _) in stats.items() if parent in frontier}
+        live += sum(stats[pid][1] for pid in frontier)
+    return own + live / os.sysconf("SC_CLK_TCK")
 
 
 def throughput(mode: str, programs: int, n_tests: int, workers: int, reuse: bool) -> tuple[float, float]:
@@ -89,8 +106,7 @@ def throughput(mode: str, programs: int, n_tests: int, workers: int, reuse: bool
     c, t = cpu_seconds(), time.perf_counter()
     grades = grade_code_many(jobs, workers=workers, mode=mode, reuse=reuse)
     dt = time.perf_counter() - t
-    close_servers()  # reaped: their CPU time is counted
-    cpu = cpu_seconds() - c
+    cpu = cpu_seconds() - c  # the servers still live: their CPU time is read from /proc
     assert all(g.correct for g in grades), [g.status for g in grades if not g.correct][:3]
     return programs / dt, 1000 * cpu / programs
 
@@ -136,14 +152,12 @@ def main() -> int:
               f"{rate['fresh']:.1f}/s, {per_core['fresh']:.1f} per core; server / fresh "
               f"{rate['server'] / rate['fresh']:.2f}x (median of {args.rounds} rounds; each round: server "
               f"{', '.join(f'{r:.1f}' for r in rates['server'])}; fresh {', '.join(f'{r:.1f}' for r in rates['fresh'])})")
-        if mode == "bwrap":  # bwrap does not hand its children's CPU time up: only ours would be counted
-            cpu = None
-            print("CPU time per program: not measurable in bwrap mode (bubblewrap does not pass its children's CPU "
-                  "time up to us); the setsid numbers run the same launcher")
-        else:
-            print(f"CPU time per program (grader and sandboxes): server {cpu['server']:.1f} ms "
-                  f"({1000 / cpu['server']:.1f} programs per CPU-second), fresh {cpu['fresh']:.1f} ms "
-                  f"({1000 / cpu['fresh']:.1f} per CPU-second)")
+        if mode == "bwrap":  # a fresh sandbox ends before its CPU time can be read, and bwrap does not hand it up
+            cpu["fresh"] = None
+        fresh_cpu = (f"fresh {cpu['fresh']:.1f} ms ({1000 / cpu['fresh']:.1f} per CPU-second)" if cpu["fresh"]
+                     else "fresh: not measurable (bubblewrap does not hand its children's CPU time up)")
+        print(f"CPU time per program (grader and sandboxes): server {cpu['server']:.1f} ms "
+              f"({1000 / cpu['server']:.1f} programs per CPU-second), {fresh_cpu}")
         print("| part (one program at a time, median) | ms |\n|---|---|")
         for k, v in parts.items():
             print(f"| {k} | {v:.1f} |")
@@ -156,7 +170,7 @@ def main() -> int:
               f"({parts['program start, fresh sandbox']:.1f} ms, of which the bare interpreter start is "
               f"{parts['python -I -S start']:.1f} ms)")
         result["modes"][mode] = {"programs_per_s": rate, "per_core": per_core, "rounds": rates, "goal": goal,
-                                 "cpu_ms_per_program": cpu, "cpu_rounds": cpus if cpu else None, "parts_ms": parts}
+                                 "cpu_ms_per_program": cpu, "cpu_rounds": cpus, "parts_ms": parts}
     close_servers()
     result["load"] = {"start": loads[0], "max": max(loads), "median": statistics.median(loads)}
     print(f"\nload average (1 min): {loads[0]:.2f} at the start, median {statistics.median(loads):.2f}, "

@@ -293,6 +293,18 @@ def diagnosis_depth_figure(diagnoses: Sequence[Diagnosis], metrics: Sequence[str
     return fig
 
 
+def result_figures(stem: str | os.PathLike, maps: Any, step_kinds: Sequence[str], diagnosis: Diagnosis,
+                   label: str) -> list[Path]:
+    """The figures `stepscope report --figures` writes of one result: STEM_layers (the step maps of about 8 layers
+    spread over the depth) and STEM_metrics (every metric by layer), each as PNG and SVG; returns the paths.
+    Its arguments are plain data, so that worker processes can draw several results at once."""
+    maps = _np(maps)
+    grid = layer_grid_figure(maps, step_kinds, default_grid_layers(maps.shape[0]), title=label,
+                             layer_ids=diagnosis.layer_ids, num_model_layers=diagnosis.model_layers)
+    paths = save_figure(grid, f"{os.fspath(stem)}_layers")
+    return paths + save_figure(diagnosis_depth_figure([diagnosis], labels=[label]), f"{os.fspath(stem)}_metrics")
+
+
 @functools.cache
 def _umask() -> int:
     """The process umask, read once (reading it means setting it, briefly)."""
