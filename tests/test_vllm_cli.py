@@ -15,7 +15,7 @@ from conftest import require_vllm
 
 require_vllm()
 
-from tiny import make_model, make_tokenizer, peaked  # noqa: E402
+from test_vllm_tiny_llama import tiny_folder  # noqa: E402
 
 from stepscope.cli import main  # noqa: E402
 
@@ -29,11 +29,7 @@ TAU = ["--tau-max", "0.95"]  # near-uniform attention: OEB fires (tests/test_vll
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    path = tmp_path_factory.mktemp("tiny_llama_cli")
-    peaked(make_model("llama", hidden_size=128, intermediate_size=256, head_dim=32, layers=4, seed=1)
-           ).save_pretrained(path)
-    make_tokenizer("think").save_pretrained(path)
-    return str(path)
+    return tiny_folder(tmp_path_factory, "llama")[0]  # the commands' engine is tests/test_vllm_tiny_llama.py's
 
 
 @pytest.fixture(scope="module")

@@ -26,20 +26,27 @@ def arch():
     return "llama"  # tests/test_vllm_tiny_qwen2.py runs this module's tests on Qwen2
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, arch):
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
-    path = tmp_path_factory.mktemp(f"tiny_{arch}")
+def tiny_folder(tmp_path_factory, arch: str):
+    """(folder, model, tokenizer): the random model saved once per test session, so that the modules using it
+    share one engine (stepscope.vllm.engine.load_llm; tests/test_vllm_cli.py's commands make the same one)."""
+    path = tmp_path_factory.getbasetemp() / f"tiny_{arch}_vllm"
     # CPU_ATTN needs head_dim in {32, 64, ...}
     model = peaked(make_model(arch, hidden_size=128, intermediate_size=256, head_dim=32, layers=4, seed=1))
     tok = make_tokenizer("think")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4, seed=0)
-    yield llm, model, tok
-    del llm
+    if not path.exists():
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return str(path), model, tok
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, arch):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from stepscope.vllm.engine import engine_kwargs, load_llm, shutdown_engines
+
+    path, model, tok = tiny_folder(tmp_path_factory, arch)
+    yield load_llm(**engine_kwargs(path, dtype="float32", max_model_len=512)), model, tok
+    shutdown_engines()
 
 
 def test_stepflow_matches_teacher_forced_transformers(setup):

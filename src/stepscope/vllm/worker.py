@@ -190,6 +190,7 @@ class Worker:
         self._formats: dict = {}
         self._ctx = None
         self._plans: list[RowPlan] | None = None
+        self.decode_inputs: dict = {}  # this forward's DecodeInputs by (window, rows): shared by its OEB layers
         self._warned: set[str] = set()
 
     # -- the batch (logits processor) -------------------------------------------------------------------------
@@ -282,6 +283,7 @@ class Worker:
         if ctx is self._ctx:
             return self._plans
         self._ctx, self._plans = ctx, None
+        self.decode_inputs = {}
         if not self.rows:
             return None
         qsl = metadata.query_start_loc.tolist()
@@ -390,30 +392,52 @@ def apply_layer(impl, layer_idx: int, query: torch.Tensor, kv_cache: torch.Tenso
             if pos >= rp.count_from:
                 req.tally.smi[layer_idx] += 1
     if decode:
+        key = (window, tuple(rp.index for rp, _ in decode))
+        d = WORKER.decode_inputs.get(key)
+        if d is None:
+            d = WORKER.decode_inputs[key] = DecodeInputs.of(decode, metadata.block_table)
+        keys, values = gather_kv(*caches, d.blocks, d.S)
+        values = values.masked_fill(d.pad, 0.0)
+        out, fired, before, after = oeb_decode(query[d.tok][:, None], keys, values, d.qpos, d.gidx, d.tau, d.codes,
+                                               impl.scale, window, impl.sinks)
+        output[d.tok] = out[:, 0].to(output.dtype)
+        _count_oeb(d.rows, layer_idx, d.qpos, fired, before, after, H, d.first)
+
+
+@dataclass
+class DecodeInputs:
+    """What the OEB layers of one forward share for its decoding rows (one query each)."""
+
+    rows: list  # RowPlan [R]
+    S: int  # the longest row's keys
+    blocks: torch.Tensor  # int [R, n]: the rows' block tables
+    pad: torch.Tensor  # bool [R, 1, S, 1]: past a row's keys (other data in its blocks)
+    codes: torch.Tensor  # long [R, S]: segment of each key
+    tok: torch.Tensor  # long [R]: each row's query in the flat token axis
+    qpos: torch.Tensor  # long [R, 1]
+    gidx: torch.Tensor  # long [R, 1, 2]
+    tau: torch.Tensor  # float32 [R, 1]
+    first: torch.Tensor  # bool [R, 1]: the query is counted (computed here for the first time)
+
+    @classmethod
+    def of(cls, decode: list[tuple[RowPlan, Geometry]], block_table: torch.Tensor) -> DecodeInputs:
         rows = [rp for rp, _ in decode]
         S = max(rp.seq_len for rp in rows)
-        seq = torch.tensor([rp.seq_len for rp in rows])
-        keys, values = gather_kv(*caches, metadata.block_table[torch.tensor([rp.index for rp in rows])], S)
-        pad = torch.arange(S)[None, :] >= seq[:, None]  # [R, S]: past a row's keys (other data in its blocks)
-        values = values.masked_fill(pad[:, None, :, None], 0.0)
         k = torch.arange(S)[None, :]
-        codes = (k >= torch.tensor([rp.t0 for rp in rows])[:, None]).long() + \
-            (k >= torch.tensor([rp.s0 for rp in rows])[:, None]).long()  # [R, S]
-        tok = torch.tensor([rp.tok0 for rp in rows])
-        qpos = torch.cat([g.qpos for _, g in decode])[:, None]  # [R, 1]
-        out, fired, before, after = oeb_decode(query[tok][:, None], keys, values, qpos,
-                                               torch.cat([g.gidx for _, g in decode])[:, None],
-                                               torch.cat([g.tau for _, g in decode])[:, None], codes, impl.scale,
-                                               window, impl.sinks)
-        output[tok] = out[:, 0].to(output.dtype)
-        _count_oeb(rows, layer_idx, qpos, fired, before, after, H)
+        seq, t0, s0 = (torch.tensor([getattr(rp, f) for rp in rows])[:, None] for f in ("seq_len", "t0", "s0"))
+        qpos = torch.cat([g.qpos for _, g in decode])[:, None]
+        return cls(rows, S, block_table[torch.tensor([rp.index for rp in rows])], (k >= seq)[:, None, :, None],
+                   (k >= t0).long() + (k >= s0).long(), torch.tensor([rp.tok0 for rp in rows]), qpos,
+                   torch.cat([g.gidx for _, g in decode])[:, None], torch.cat([g.tau for _, g in decode])[:, None],
+                   qpos >= torch.tensor([rp.count_from for rp in rows])[:, None])
 
 
 def _count_oeb(rows: list[RowPlan], layer: int, qpos: torch.Tensor, fired: torch.Tensor, before: torch.Tensor,
-               after: torch.Tensor, heads: int) -> None:
+               after: torch.Tensor, heads: int, first: torch.Tensor | None = None) -> None:
     """Add OEB counts of rows' queries (qpos [R, Q]; fired [R, Q, H]; masses [R, Q, H, 2]) to their tallies, only
-    for positions computed here for the first time."""
-    first = qpos >= torch.tensor([rp.count_from for rp in rows])[:, None]  # [R, Q]
+    for positions computed here for the first time (`first` [R, Q], when known)."""
+    if first is None:
+        first = qpos >= torch.tensor([rp.count_from for rp in rows])[:, None]  # [R, Q]
     part = torch.cat([fired.to(torch.float64)[..., None], before.double(), after.double()], -1)  # [R, Q, H, 5]
     sums = (part * first[..., None, None]).sum((1, 2)).numpy()  # [R, 5]
     n = first.sum(1).tolist()

@@ -1,0 +1,77 @@
+"""StepFlow inside vLLM with tensor parallelism: 3 ranks (6 heads, 3 KV heads: one KV head and two query heads
+each) on a tiny random Llama, exact against the transformers path as TP=1 is (tests/test_vllm_tiny_llama.py).
+
+Each rank recomputes its own heads from its own cache shard; `collect_stats` sums the OEB counts of the ranks.
+So the teacher-forced argmax and logprobs, the runner's traces (greedy, budget-forced, both arms) and the
+fire counts equal the transformers engine's, as at TP=1: TP=3 equals TP=1. One engine (four processes on the
+CPU); SmolLM2 at TP=3 (30 layers, two all-reduces each per token) costs too much on a small shared CPU.
+"""
+
+import os
+
+import pytest
+from conftest import require_vllm
+
+require_vllm()
+
+import torch  # noqa: E402
+from test_vllm_tiny_llama import CFG, QUESTIONS, _assert_same_traces  # noqa: E402
+from tiny import make_model, make_tokenizer, peaked  # noqa: E402
+
+from stepscope.flow import StepFlow, generate_traces  # noqa: E402
+
+TP = 3
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # more ranks than NUMA nodes
+    from vllm import LLM
+
+    path = tmp_path_factory.mktemp("tiny_llama_tp")
+    model = peaked(make_model("llama", hidden_size=192, intermediate_size=384, head_dim=32, num_attention_heads=6,
+                              num_key_value_heads=3, layers=4, seed=2))
+    tok = make_tokenizer("think")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4, seed=0,
+              tensor_parallel_size=TP)
+    yield llm, model, tok
+    del llm
+
+
+def test_tp3_matches_teacher_forced_transformers(setup):
+    import stepscope.vllm as sv
+    from stepscope.prompts import build_prompt
+
+    llm, model, tok = setup
+    ids = [build_prompt(tok, q, fmt="think")[1] for q in QUESTIONS]
+    params = [sv.sampling_params(CFG, f"tp{i}", max_tokens=16 + 4 * i, temperature=0, logprobs=1)
+              for i in range(len(ids))]
+    outs = llm.generate([sv.prompt(p, CFG) for p in ids], params, use_tqdm=False)
+    stats = sv.collect_stats(llm, keys=[f"tp{i}" for i in range(len(ids))], clear=True)
+    for i, (p, o) in enumerate(zip(ids, outs)):
+        c = o.outputs[0]
+        gen = list(c.token_ids)
+        with torch.no_grad(), StepFlow(model, tok, CFG, kernel="torch") as flow:
+            logits = model(torch.tensor([p + gen[:-1]])).logits[0].float()
+        ref = torch.log_softmax(logits, -1)[len(p) - 1:]
+        assert ref.argmax(-1).tolist() == gen
+        lps = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, gen)])
+        assert (lps - ref.gather(-1, torch.tensor(gen)[:, None])[:, 0]).abs().max().item() < 1e-3
+        s, r = stats[f"tp{i}"], flow.stats
+        assert s.oeb_fires == r.oeb_fires and s.oeb_eligible == r.oeb_eligible and s.smi_fires == r.smi_fires
+        assert s.total_oeb_fires > 0
+
+
+@pytest.mark.parametrize("stepflow", [None, CFG], ids=["plain", "stepflow"])
+def test_tp3_runner_writes_the_transformers_engines_traces(setup, stepflow):
+    import stepscope.vllm as sv
+
+    llm, model, tok = setup
+    kw = dict(stepflow=stepflow, max_new_tokens=16, max_thinking_tokens=5, temperature=0.0, prompt_style="r1",
+              fmt="think")
+    got = sv.generate_traces(llm, tok, QUESTIONS, progress=False, **kw)
+    want = generate_traces(model, tok, QUESTIONS, progress=False, flow_kernel="torch", **kw)
+    _assert_same_traces(got, want, stepflow)
