@@ -105,6 +105,12 @@ def test_report_renders_in_chromium(report_page, tmp_path):
     assert f"query step {S - 1} (summary)" in tip and "key step 0 (question)" in tip
     assert a.trace.steps[-1].text.strip()[:40] in tip
     assert int(st["data-highlighted"]) == 2
+    # step numbers on both axes of the heatmap: the figures' ticks, as text beside the canvas
+    from stepscope.report.figures import step_ticks
+
+    assert st["data-axis-ticks"] == ",".join(map(str, step_ticks(S)))
+    ticks = [a.get("style", "") for t, a in scan.tags if t == "span" and a.get("class") == "tick"]
+    assert len(ticks) == 2 * len(step_ticks(S))
     # the selector switches to the second result
     assert st["data-selected"] == "second trace" and int(st["data-selected-steps"]) == b.trace.num_steps
     # hostile text stayed text: no element but ours, and the strings are visible

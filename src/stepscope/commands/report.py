@@ -3,7 +3,8 @@
 The page needs no network: the trace text coloured by step, each layer's step map drawn from embedded data
 (layer slider; hover a cell to read both steps), a metric-by-layer chart, the metrics table and, with
 --baseline, z-scores, flags and verdicts. Several results get a selector. Model text is always shown as text.
---figures DIR also writes per-result PNG/SVG figures (a grid of layers, metrics by layer).
+--figures DIR also writes per-result PNG/SVG figures (a grid of layers, metrics by layer), several results at
+once (--jobs), with a line per finished result.
 
 examples:
   stepscope report sal/ --out report.html
@@ -28,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "when the maps would exceed --max-mb)")
     p.add_argument("--max-mb", type=float, default=40.0, help="size budget of the embedded maps (default 40)")
     p.add_argument("--figures", metavar="DIR", help="also write PNG/SVG figures per result into DIR")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="processes drawing --figures at once (default: one per CPU, at most 8; 1: this process)")
 
 
 def _parse_positions(spec: str) -> list[int]:
@@ -55,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         raise StepscopeError(f"--out {args.out}: expected a .html file name")
     if args.max_mb <= 0:
         raise StepscopeError("--max-mb must be positive")
+    if args.jobs is not None and args.jobs < 1:
+        raise StepscopeError(f"--jobs must be at least 1, got {args.jobs}")
     check_writable(args.out, "--out")
     if args.figures:
         check_writable(args.figures, "--figures", folder=True)
@@ -68,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         rid = getattr(r.trace, "meta", {}).get("id")
         labels.append(str(rid) if rid is not None else d.name)
     if args.figures:
-        _figures(args.figures, results, diagnoses, labels)
+        _figures(args.figures, results, diagnoses, labels, args.jobs or _default_jobs())
     out = render_report(results, args.out, diagnoses=diagnoses, baseline=baseline, title=args.title,
                         labels=labels, layers=layers, max_map_bytes=int(args.max_mb * 1e6))
     size = out.stat().st_size
@@ -77,19 +82,48 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _figures(folder: str, results, diagnoses, labels) -> None:
+def _default_jobs() -> int:
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus))
+
+
+def _figures(folder: str, results, diagnoses, labels, jobs: int) -> None:
+    """Every result's figures (stepscope.report.figures.result_figures) into `folder`, atomically; with `jobs` > 1
+    in that many worker processes. A line per finished result."""
+    import time
+
     from ..io import atomic_dir
-    from ..report.figures import default_grid_layers, diagnosis_depth_figure, layer_grid_figure, save_figure
+    from ..report.figures import result_figures
 
     used: set[str] = set()
+    tasks = []  # (file name stem, result_figures' other arguments)
+    for k, (r, d, label) in enumerate(zip(results, diagnoses, labels)):
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._")[:80] or f"result_{k}"
+        if name in used:
+            name = f"{name}_{k}"
+        used.add(name)
+        # maps: [L, S, S] float32 of a SaliencyResult read from its folder
+        tasks.append((name, (r.maps.float().numpy(), [s.kind for s in r.trace.steps], d, label)))
+    jobs = min(jobs, len(tasks))
+    print(f"figures of {len(tasks)} result(s) -> {folder}" + (f" ({jobs} processes)" if jobs > 1 else ""), flush=True)
+    start = time.perf_counter()
     with atomic_dir(folder) as tmp:
-        for k, (r, d, label) in enumerate(zip(results, diagnoses, labels)):
-            name = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._")[:80] or f"result_{k}"
-            if name in used:
-                name = f"{name}_{k}"
-            used.add(name)
-            maps = r.maps.float().numpy()  # [L, S, S] of a SaliencyResult read from its folder
-            grid = layer_grid_figure(maps, [s.kind for s in r.trace.steps], default_grid_layers(maps.shape[0]),
-                                     title=label, layer_ids=d.layer_ids, num_model_layers=d.model_layers)
-            save_figure(grid, tmp / f"{name}_layers")
-            save_figure(diagnosis_depth_figure([d], labels=[label]), tmp / f"{name}_metrics")
+        def finished(k: int, name: str) -> None:
+            print(f"figures {k}/{len(tasks)}: {name} ({time.perf_counter() - start:.1f} s)", flush=True)
+
+        if jobs == 1:
+            for k, (name, rest) in enumerate(tasks, 1):
+                result_figures(tmp / name, *rest)
+                finished(k, name)
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn: the workers start clean (no copy of this process's threads), as on every platform
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(result_figures, tmp / name, *rest): name for name, rest in tasks}
+            for k, f in enumerate(as_completed(futures), 1):
+                f.result()
+                finished(k, futures[f])

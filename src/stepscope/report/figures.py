@@ -32,10 +32,34 @@ RC = {"svg.hashsalt": "stepscope", "font.size": 8, "axes.titlesize": 9}
 _BOUNDARY = "#ffffff"
 
 
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
+def _figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
+
+
+def _axes_at(fig: Figure, left: float, bottom: float, width: float, height: float) -> Any:
+    """An axes at a fixed place, in inches from the figure's lower left corner. Figures of many panels are laid
+    out this way, not by constrained layout: measuring every label of every panel cost more than drawing them."""
+    W, H = fig.get_size_inches()
+    return fig.add_axes((left / W, bottom / H, width / W, height / H))
+
+
+# room around a step map panel's square, in inches: step numbers, segment letters and axis names on the left and
+# below, the title above, the colour bar and its decade labels to the right
+_MAP_LEFT, _MAP_BOTTOM, _MAP_TOP, _BAR_PAD, _BAR, _BAR_RIGHT = 0.62, 0.5, 0.26, 0.07, 0.1, 0.62
+
+
+def _step_map_axes(fig: Figure, x0: float, y0: float, width: float, height: float,
+                   colorbar: bool) -> tuple[Any, Any]:
+    """The axes of one step map panel filling the box (x0, y0, width, height) (inches), and of its colour bar
+    (None without one)."""
+    right = _BAR_PAD + _BAR + _BAR_RIGHT if colorbar else 0.1
+    side = max(0.5, min(width - _MAP_LEFT - right, height - _MAP_BOTTOM - _MAP_TOP))
+    bottom = y0 + _MAP_BOTTOM + (height - _MAP_BOTTOM - _MAP_TOP - side) / 2
+    ax = _axes_at(fig, x0 + _MAP_LEFT, bottom, side, side)
+    cax = _axes_at(fig, x0 + _MAP_LEFT + side + _BAR_PAD, bottom, _BAR, side) if colorbar else None
+    return ax, cax
 
 
 def log_norm(values: np.ndarray, decades: float = 6.0) -> LogNorm:
@@ -75,9 +99,13 @@ def decade_label(v: float, _pos: Any = None) -> str:
     return f"{m:g}" + ("\u00d7" + power if power else "")
 
 
-def _log_colorbar(ax: Any, im: Any, label: str | None) -> Any:
-    """A colour bar for a log-scaled image: ticks at decades (1, 2, 5 when it spans less than one), no minor ticks."""
-    cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label=label)
+def _log_colorbar(ax: Any, im: Any, label: str | None, cax: Any = None) -> Any:
+    """A colour bar for a log-scaled image (in `cax`, else beside `ax`): ticks at decades (1, 2, 5 when it spans
+    less than one), no minor ticks."""
+    if cax is not None:
+        cb = ax.figure.colorbar(im, cax=cax, label=label)
+    else:
+        cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label=label)
     norm = im.norm
     one_decade = np.log10(norm.vmax / norm.vmin) < 1
     cb.ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if one_decade else (1.0,)))
@@ -99,10 +127,11 @@ def row_normalize(m: np.ndarray) -> np.ndarray:
 
 def plot_step_map(ax: Any, m: np.ndarray, step_kinds: Sequence[str], *, title: str | None = None,
                   norm: LogNorm | None = None, colorbar: bool = True, normalize_rows: bool = False,
-                  labels: tuple[bool, bool, bool] = (True, True, True)) -> Any:
+                  labels: tuple[bool, bool, bool] = (True, True, True), cax: Any = None) -> Any:
     """Draw one layer's step map [S, S] on `ax`: log colour scale, zero cells blank, segment boundaries, step
     numbers on both axes and each segment's letter beyond them. `labels`: whether to name the x axis, the y axis
-    and the colour bar (a grid names only its outer panels)."""
+    and the colour bar (a grid names only its outer panels); `cax`: the colour bar's axes (default: taken from
+    `ax`)."""
     m = np.asarray(m, dtype=np.float64)
     if normalize_rows:
         m = row_normalize(m)
@@ -124,6 +153,7 @@ def plot_step_map(ax: Any, m: np.ndarray, step_kinds: Sequence[str], *, title: s
     names = [step_kinds[a][0].upper() for a in edges[:-1]]
     ax.set_xticks(mids, names, minor=True)
     ax.set_yticks(mids, names, minor=True)
+    ax.xaxis.remove_overlapping_locs = ax.yaxis.remove_overlapping_locs = False  # a letter may sit on a number
     for letters in (ax.get_xticklabels(minor=True), ax.get_yticklabels(minor=True)):
         for lab, a in zip(letters, edges[:-1]):
             lab.set_color(KIND_COLORS[step_kinds[a]])
@@ -138,7 +168,7 @@ def plot_step_map(ax: Any, m: np.ndarray, step_kinds: Sequence[str], *, title: s
     if title:
         ax.set_title(title, parse_math=False)
     if colorbar:
-        _log_colorbar(ax, im, ("N[i, j]" if normalize_rows else "M[i, j]") if labels[2] else None)
+        _log_colorbar(ax, im, ("N[i, j]" if normalize_rows else "M[i, j]") if labels[2] else None, cax)
     return im
 
 
@@ -147,10 +177,10 @@ def heatmap_figure(maps: Any, step_kinds: Sequence[str], layer: int, *, title: s
     """One layer's step map as a figure."""
     maps = _np(maps)
     with matplotlib.rc_context(RC):
-        fig = _figure(5.2, 4.4)
-        ax = fig.add_subplot()
+        fig = _figure(5.2, 4.4, layout=None)
+        ax, cax = _step_map_axes(fig, 0.0, 0.0, 5.2, 4.4, colorbar=True)
         plot_step_map(ax, maps[layer], step_kinds, normalize_rows=normalize_rows,
-                      title=title or f"layer {layer} of {maps.shape[0]}")
+                      title=title or f"layer {layer} of {maps.shape[0]}", cax=cax)
     return fig
 
 
@@ -185,27 +215,30 @@ def layer_grid_figure(maps: Any, step_kinds: Sequence[str], layers: Sequence[int
     values = row_normalize(maps[layers]) if normalize_rows else maps[layers]
     shared = log_norm(values) if shared_scale else None
     with matplotlib.rc_context(RC):
-        fig = _figure(3.3 * ncols, 2.9 * nrows + (0.3 if title else 0))
-        axes = fig.subplots(nrows, ncols, squeeze=False)
-        for ax in axes.flat[len(layers):]:
-            ax.set_axis_off()
-        for k, (ax, layer) in enumerate(zip(axes.flat, layers)):
+        top = 0.3 if title else 0.0
+        fig = _figure(3.3 * ncols, 2.9 * nrows + top, layout=None)
+        for k, layer in enumerate(layers):
+            row, col = divmod(k, ncols)
+            ax, cax = _step_map_axes(fig, 3.3 * col, 2.9 * (nrows - 1 - row), 3.3, 2.9, colorbar=not shared_scale)
             band = " (shallow)" if layer in groups["shallow"] else " (deep)" if layer in groups["deep"] else ""
-            outer = (k + ncols >= len(layers), k % ncols == 0, k % ncols == ncols - 1 or k == len(layers) - 1)
+            outer = (k + ncols >= len(layers), col == 0, col == ncols - 1 or k == len(layers) - 1)
             plot_step_map(ax, maps[layer], step_kinds, norm=shared, colorbar=not shared_scale,
-                          normalize_rows=normalize_rows, title=f"layer {ids[layer]}{band}", labels=outer)
+                          normalize_rows=normalize_rows, title=f"layer {ids[layer]}{band}", labels=outer, cax=cax)
         if title:
-            fig.suptitle(title, parse_math=False)
+            fig.suptitle(title, parse_math=False, y=1 - 0.06 / fig.get_size_inches()[1], va="top")
     return fig
 
 
-def _metric_grid(metrics: Sequence[str], ncols: int) -> tuple[Figure, Any]:
-    """A figure with one panel per metric in rows of `ncols`; unused panels are hidden."""
+def _metric_grid(metrics: Sequence[str], ncols: int, suptitle: bool = False) -> tuple[Figure, Any]:
+    """A figure with one panel per metric in rows of `ncols` (each 3.4 x 2.4 inches, tick labels and the title
+    inside that box; 0.35 inches more on top for a `suptitle`); returns it and the panels' axes (an array)."""
     nrows = -(-len(metrics) // ncols)
-    fig = _figure(3.4 * ncols, 2.4 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax in axes.flat[len(metrics):]:
-        ax.set_axis_off()
+    top = 0.35 if suptitle else 0.0
+    fig = _figure(3.4 * ncols, 2.4 * nrows + top, layout=None)
+    axes = np.empty(len(metrics), dtype=object)
+    for k in range(len(metrics)):
+        row, col = divmod(k, ncols)
+        axes[k] = _axes_at(fig, 3.4 * col + 0.55, 2.4 * (nrows - 1 - row) + 0.4, 3.4 - 0.55 - 0.12, 2.4 - 0.4 - 0.3)
     return fig, axes
 
 
@@ -225,7 +258,7 @@ def metric_depth_figure(comparison: Comparison, metrics: Sequence[str] = METRICS
     depth = comparison.num_model_layers or comparison.num_layers
     x = np.array(comparison.layer_ids)
     with matplotlib.rc_context(RC):
-        fig, axes = _metric_grid(metrics, ncols)
+        fig, axes = _metric_grid(metrics, ncols, suptitle=True)
         for ax, name in zip(axes.flat, metrics):
             _band_shading(ax, depth)
             for group in ("correct", "wrong"):
@@ -244,7 +277,7 @@ def metric_depth_figure(comparison: Comparison, metrics: Sequence[str] = METRICS
             ax.set_xlim(-0.5, depth - 0.5)
         axes.flat[0].legend(loc="best", fontsize=7, frameon=False)
         fig.suptitle(f"correct vs wrong: means with {comparison.settings['level']:.0%} bootstrap intervals; "
-                     f"* = Welch p_holm < {alpha:g}")
+                     f"* = Welch p_holm < {alpha:g}", y=1 - 0.08 / fig.get_size_inches()[1], va="top")
     return fig
 
 

@@ -142,6 +142,7 @@ def _result_payload(result: Any, diagnosis: Diagnosis, label: str, budget: int,
         raise StepscopeError(f"{label}: the diagnosis has {diagnosis.num_layers} layers, the maps {L}")
     chosen = _pick_layers(L, S, budget, layers)
     from ..diagnose import result_meta
+    from .figures import step_ticks
 
     return {
         "label": label,
@@ -150,6 +151,7 @@ def _result_payload(result: Any, diagnosis: Diagnosis, label: str, budget: int,
         "texts": [s.text for s in trace.steps],
         "tokens": [[int(s.token_start), int(s.token_end)] for s in trace.steps],
         "L": int(L), "S": int(S),
+        "step_ticks": step_ticks(int(S)),  # the step numbers on the heatmap's axes (as in the figures)
         "layers": [{"layer": int(x), **quantize_layer(maps[x])} for x in chosen],
         "omitted_layers": L - len(chosen),
         "diagnosis": diagnosis.to_json(),

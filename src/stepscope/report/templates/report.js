@@ -113,6 +113,21 @@
     drawChart();
   }
 
+  function renderAxes() {
+    // step numbers beside the heatmap, at the middle of their cells (percentages follow a shrunk canvas)
+    [["heat-x", "left", "key step j"], ["heat-y", "top", "query step i"]].forEach(function (a) {
+      var box = $(a[0]);
+      box.textContent = "";
+      R.step_ticks.forEach(function (t) {
+        var s = el("span", t, "tick");
+        s.style[a[1]] = ((t + 0.5) / R.S * 100) + "%";
+        box.appendChild(s);
+      });
+      box.appendChild(el("span", a[2], "title"));
+    });
+    status.setAttribute("data-axis-ticks", R.step_ticks.join(","));
+  }
+
   function clip(s, n) { s = String(s); return s.length > n ? s.slice(0, n - 1) + "\u2026" : s; }
   function setHighlight(cls, idx) {
     var old = $("text").querySelectorAll("." + cls);
@@ -287,7 +302,7 @@
     cur = k; R = DATA.results[k]; layerIdx = 0;
     var s = $("layer");
     s.max = String(R.layers.length - 1); s.value = "0";
-    renderMeta(); renderTable(); renderText(); drawHeat();
+    renderMeta(); renderTable(); renderText(); renderAxes(); drawHeat();
   }
 
   function main() {

@@ -1,0 +1,107 @@
+"""The step map's axes carry step numbers (figures and HTML report, the same ticks), its colour bar labels decades
+as plain text (no mathtext: laying that out made every figure slow), and `report --figures` says what it does."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+
+import numpy as np
+import pytest
+from test_report import make_result, payload_of
+
+from stepscope.cli import main
+from stepscope.report import build_report_html, figures
+
+
+def nice_ticks_reference(num_steps: int, max_ticks: int) -> list[int]:
+    """The smallest spacing of the form {1, 2, 5} x 10^k giving at most `max_ticks` ticks 0, d, 2d, ... < S."""
+    for d in sorted(m * 10 ** k for k in range(8) for m in (1, 2, 5)):
+        ticks = list(range(0, num_steps, d))
+        if len(ticks) <= max_ticks:
+            return ticks
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("S", [1, 2, 7, 8, 9, 16, 17, 40, 41, 81, 100, 119, 1000, 12345])
+def test_step_ticks_follow_the_reference(S):
+    assert figures.step_ticks(S) == nice_ticks_reference(S, 8)
+    assert figures.step_ticks(S, max_ticks=4) == nice_ticks_reference(S, 4)
+
+
+@pytest.fixture(scope="module")
+def result(think_tokenizer):
+    return make_result(think_tokenizer)
+
+
+def test_heatmap_axes_number_the_steps_and_keep_the_segment_letters(result):
+    kinds = result.trace.kinds
+    S = len(kinds)
+    fig = figures.heatmap_figure(result.maps, kinds, layer=1)
+    ax = fig.axes[0]
+    want = figures.step_ticks(S)
+    assert len(want) >= 2
+    for axis in (ax.xaxis, ax.yaxis):
+        assert list(axis.get_majorticklocs()) == want
+        assert [t.get_text() for t in axis.get_majorticklabels()] == [str(s) for s in want]
+        letters = [t.get_text() for t in axis.get_minorticklabels()]
+        assert letters == ["Q", "T", "S"]  # one letter per segment, at its middle
+    fig.canvas.draw()  # the labels render
+
+
+def test_colorbar_labels_are_plain_decades(result):
+    kinds = result.trace.kinds
+    fig = figures.layer_grid_figure(result.maps, kinds, layers=[0, 1])
+    bars = [a for a in fig.axes if not a.images]
+    assert len(bars) == 2
+    fig.canvas.draw()
+    for cb in bars:
+        assert len(cb.yaxis.get_minorticklocs()) == 0
+        lo, hi = cb.get_ylim()
+        labels = [(v, t.get_text()) for v, t in zip(cb.yaxis.get_majorticklocs(), cb.yaxis.get_majorticklabels())
+                  if lo <= v <= hi]
+        assert labels
+        for v, text in labels:
+            assert "$" not in text  # no mathtext
+            k = int(round(np.log10(v)))
+            assert np.isclose(v, 10.0 ** k) and text == figures.decade_label(v)
+    assert figures.decade_label(1e-3) == "10\u207b\u00b3" and figures.decade_label(1.0) == "1"
+    assert figures.decade_label(10.0) == "10" and figures.decade_label(2e-5) == "2\u00d710\u207b\u2075"
+
+
+def test_report_payload_carries_the_same_ticks(result):
+    data = payload_of(build_report_html([result]))
+    assert data["results"][0]["step_ticks"] == figures.step_ticks(result.trace.num_steps)
+
+
+def test_report_figures_show_progress_and_workers_draw_the_same(result, tmp_path):
+    import torch
+
+    from stepscope.saliency import SaliencyResult
+
+    dirs = []
+    for k in range(2):
+        d = tmp_path / "sal" / f"r{k}"
+        SaliencyResult(maps=torch.tensor(result.maps), trace=result.trace, meta={"model": "tiny"}).save(d)
+        dirs.append(str(d))
+    files = {}
+    for jobs in (1, 2):
+        out, err = io.StringIO(), io.StringIO()
+        figs = tmp_path / f"figs{jobs}"
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(["report", *dirs, "--out", str(tmp_path / "r.html"), "--figures", str(figs), "--jobs", str(jobs)])
+        assert rc == 0, err.getvalue()
+        lines = out.getvalue().splitlines()
+        assert lines[0].startswith("figures of 2 result(s) -> ") and ("2 processes" in lines[0]) == (jobs == 2)
+        progress = [line.split(":")[0] for line in lines if re.match(r"figures \d", line)]
+        assert progress == ["figures 1/2", "figures 2/2"]
+        files[jobs] = {p.name: p.read_bytes() for p in figs.iterdir()}
+    assert len(files[1]) == 8 and {re.sub(r"^.*_", "", n) for n in files[1]} == {
+        "layers.png", "layers.svg", "metrics.png", "metrics.svg"}  # two results (same id), four files each
+    assert files[1] == files[2]  # the worker processes draw byte for byte the same figures
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert main(["report", *dirs, "--out", str(tmp_path / "r.html"), "--figures", str(tmp_path / "f"),
+                     "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in err.getvalue()
