@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -315,3 +317,13 @@ def restore_attn_implementations(saved: list[tuple[object, str, object]]) -> Non
     """Put back what `swap_attn_implementations` changed, exactly (last changed first)."""
     for cfg, attr, value in reversed(saved):
         cfg.__dict__[attr] = value
+
+
+@contextlib.contextmanager
+def attn_implementation(model, name: str) -> Iterator[None]:
+    """Use attention implementation `name` in every config of `model`; restore each config's own value after."""
+    saved = swap_attn_implementations(model, lambda _old: name)
+    try:
+        yield
+    finally:
+        restore_attn_implementations(saved)

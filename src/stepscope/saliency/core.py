@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..errors import StepscopeError
 from ..layers import parse_layers, resolve_layers
-from ..models import restore_attn_implementations, swap_attn_implementations
+from ..models import attn_implementation
 from ..trace import Trace
 from .attention import ATTN_NAME, SaliencyRun, active_run, register
 from .memory import Measure, model_shape
@@ -123,16 +123,6 @@ def _check_traces(model, traces: Sequence[Trace], loss: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # the model, prepared for the duration and restored exactly
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def attn_implementation(model, name: str) -> Iterator[None]:
-    """Use attention implementation `name` in every config of `model`; restore each config's own value after."""
-    saved = swap_attn_implementations(model, lambda _old: name)
-    try:
-        yield
-    finally:
-        restore_attn_implementations(saved)
 
 
 @contextlib.contextmanager

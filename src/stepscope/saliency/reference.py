@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models import attn_implementation
 from ..trace import Trace
 
 
@@ -49,8 +50,6 @@ def reference_saliency(model, trace: Trace, loss: str = "all", pool: str = "mean
 
     The caller puts the model in eval mode with frozen parameters (gradients flow from the embeddings).
     """
-    from .core import attn_implementation
-
     device = model.get_input_embeddings().weight.device
     wide = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
     ids = torch.tensor([trace.token_ids], dtype=torch.long, device=device)  # [1, T]
