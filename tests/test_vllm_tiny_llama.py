@@ -49,16 +49,18 @@ def setup(tmp_path_factory, arch):
     shutdown_engines()
 
 
-def test_stepflow_matches_teacher_forced_transformers(setup):
+def assert_matches_teacher_forced(llm, model, tok, key: str, max_tokens) -> None:
+    """vLLM with StepFlow against our transformers StepFlow teacher-forced over vLLM's tokens: every argmax equals
+    vLLM's token, the chosen tokens' logprobs agree within 1e-3 and the fire counts are equal (request i of
+    QUESTIONS asks for max_tokens(i) tokens under the stats key f"{key}{i}")."""
     import stepscope.vllm as sv
     from stepscope.prompts import build_prompt
 
-    llm, model, tok = setup
     ids = [build_prompt(tok, q, fmt="think")[1] for q in QUESTIONS]
-    params = [sv.sampling_params(CFG, f"t{i}", max_tokens=20 + 6 * i, temperature=0, logprobs=1)
+    params = [sv.sampling_params(CFG, f"{key}{i}", max_tokens=max_tokens(i), temperature=0, logprobs=1)
               for i in range(len(ids))]
     outs = llm.generate([sv.prompt(p, CFG) for p in ids], params, use_tqdm=False)
-    stats = sv.collect_stats(llm, keys=[f"t{i}" for i in range(len(ids))], clear=True)
+    stats = sv.collect_stats(llm, keys=[f"{key}{i}" for i in range(len(ids))], clear=True)
     for i, (p, o) in enumerate(zip(ids, outs)):
         c = o.outputs[0]
         gen = list(c.token_ids)
@@ -68,9 +70,14 @@ def test_stepflow_matches_teacher_forced_transformers(setup):
         assert ref.argmax(-1).tolist() == gen
         lps = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, gen)])
         assert (lps - ref.gather(-1, torch.tensor(gen)[:, None])[:, 0]).abs().max().item() < 1e-3
-        s, r = stats[f"t{i}"], flow.stats
+        s, r = stats[f"{key}{i}"], flow.stats
         assert s.oeb_fires == r.oeb_fires and s.oeb_eligible == r.oeb_eligible and s.smi_fires == r.smi_fires
         assert s.total_oeb_fires > 0
+
+
+def test_stepflow_matches_teacher_forced_transformers(setup):
+    llm, model, tok = setup
+    assert_matches_teacher_forced(llm, model, tok, "t", lambda i: 20 + 6 * i)
 
 
 def _assert_same_traces(got, want, stepflow):

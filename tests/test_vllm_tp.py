@@ -14,11 +14,10 @@ from conftest import require_vllm
 
 require_vllm()
 
-import torch  # noqa: E402
-from test_vllm_tiny_llama import CFG, QUESTIONS, _assert_same_traces  # noqa: E402
+from test_vllm_tiny_llama import CFG, QUESTIONS, _assert_same_traces, assert_matches_teacher_forced  # noqa: E402
 from tiny import make_model, make_tokenizer, peaked  # noqa: E402
 
-from stepscope.flow import StepFlow, generate_traces  # noqa: E402
+from stepscope.flow import generate_traces  # noqa: E402
 
 TP = 3
 
@@ -42,27 +41,8 @@ def setup(tmp_path_factory):
 
 
 def test_tp3_matches_teacher_forced_transformers(setup):
-    import stepscope.vllm as sv
-    from stepscope.prompts import build_prompt
-
     llm, model, tok = setup
-    ids = [build_prompt(tok, q, fmt="think")[1] for q in QUESTIONS]
-    params = [sv.sampling_params(CFG, f"tp{i}", max_tokens=16 + 4 * i, temperature=0, logprobs=1)
-              for i in range(len(ids))]
-    outs = llm.generate([sv.prompt(p, CFG) for p in ids], params, use_tqdm=False)
-    stats = sv.collect_stats(llm, keys=[f"tp{i}" for i in range(len(ids))], clear=True)
-    for i, (p, o) in enumerate(zip(ids, outs)):
-        c = o.outputs[0]
-        gen = list(c.token_ids)
-        with torch.no_grad(), StepFlow(model, tok, CFG, kernel="torch") as flow:
-            logits = model(torch.tensor([p + gen[:-1]])).logits[0].float()
-        ref = torch.log_softmax(logits, -1)[len(p) - 1:]
-        assert ref.argmax(-1).tolist() == gen
-        lps = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, gen)])
-        assert (lps - ref.gather(-1, torch.tensor(gen)[:, None])[:, 0]).abs().max().item() < 1e-3
-        s, r = stats[f"tp{i}"], flow.stats
-        assert s.oeb_fires == r.oeb_fires and s.oeb_eligible == r.oeb_eligible and s.smi_fires == r.smi_fires
-        assert s.total_oeb_fires > 0
+    assert_matches_teacher_forced(llm, model, tok, "tp", lambda i: 16 + 4 * i)
 
 
 @pytest.mark.parametrize("stepflow", [None, CFG], ids=["plain", "stepflow"])
