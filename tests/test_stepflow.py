@@ -1,7 +1,7 @@
 """StepFlow against an independent, slow reference: explicit group shifts and value means in Python loops.
 
 The reference below shares no code with stepscope.flow: it reads segments and steps from an offline Trace,
-computes every OEB query and head one at a time with logit shifts log(tau/p) and a fresh softmax (METHOD.md
+computes every OEB query and head one at a time with logit shifts log(tau/p) and a fresh softmax (docs/method.md
 §5 in its logit form), and adds SMI as alpha times an explicit mean of value vectors. Tolerance: 1e-5 on
 float32 logits (the two paths differ only in summation order and in sdpa versus explicit attention).
 """
@@ -142,7 +142,7 @@ class Reference:
         return out, None
 
     def _shift(self, z, reals, seg, r, trace, sink):
-        """Explicit METHOD.md §5 shifts of one query's logits (keys given by real index)."""
+        """Explicit docs/method.md §5 shifts of one query's logits (keys given by real index)."""
         t0, s0 = trace.segments["thinking"][0], trace.segments["summary"][0]
         k = torch.tensor(reals)
         if seg == "thinking":
