@@ -90,7 +90,8 @@ def test_report_figures_show_progress_and_workers_draw_the_same(result, tmp_path
         out, err = io.StringIO(), io.StringIO()
         figs = tmp_path / f"figs{jobs}"
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main(["report", *dirs, "--out", str(tmp_path / "r.html"), "--figures", str(figs), "--jobs", str(jobs)])
+            rc = main(["report", *dirs, "--out", str(tmp_path / "r.html"), "--figures", str(figs), "--jobs", str(jobs),
+                       "--figure-format", "svg, png"])
         assert rc == 0, err.getvalue()
         lines = out.getvalue().splitlines()
         assert lines[0].startswith("figures of 2 result(s) -> ") and ("2 processes" in lines[0]) == (jobs == 2)
@@ -105,3 +106,12 @@ def test_report_figures_show_progress_and_workers_draw_the_same(result, tmp_path
         assert main(["report", *dirs, "--out", str(tmp_path / "r.html"), "--figures", str(tmp_path / "f"),
                      "--jobs", "0"]) == 2
     assert "--jobs must be at least 1" in err.getvalue()
+    # PNG only by default; an unknown format is refused before any work
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["report", *dirs, "--out", str(tmp_path / "r.html"), "--figures", str(tmp_path / "png")]) == 0
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == sorted(n for n in files[1] if n.endswith(".png"))
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        assert main(["report", *dirs, "--out", str(tmp_path / "r2.html"), "--figures", str(tmp_path / "bad"),
+                     "--figure-format", "png,pdf"]) == 2
+    assert "--figure-format 'png,pdf'" in err.getvalue() and not (tmp_path / "r2.html").exists()

@@ -3,12 +3,13 @@
 The page needs no network: the trace text coloured by step, each layer's step map drawn from embedded data
 (layer slider; hover a cell to read both steps), a metric-by-layer chart, the metrics table and, with
 --baseline, z-scores, flags and verdicts. Several results get a selector. Model text is always shown as text.
---figures DIR also writes per-result PNG/SVG figures (a grid of layers, metrics by layer), several results at
-once (--jobs), with a line per finished result.
+--figures DIR also writes per-result figures (a grid of layers, metrics by layer): PNG, or SVG too with
+--figure-format png,svg; several results at once (--jobs), with a line per finished result.
 
 examples:
   stepscope report sal/ --out report.html
   stepscope report sal/suspect --baseline correct_profile.json --out suspect.html --figures figs/
+  stepscope report sal/ --out report.html --figures figs/ --figure-format png,svg
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="embed only these map positions, e.g. 0,1,2,27-29 (default: all, or an even spread "
                         "when the maps would exceed --max-mb)")
     p.add_argument("--max-mb", type=float, default=40.0, help="size budget of the embedded maps (default 40)")
-    p.add_argument("--figures", metavar="DIR", help="also write PNG/SVG figures per result into DIR")
+    p.add_argument("--figures", metavar="DIR", help="also write figures per result into DIR")
+    p.add_argument("--figure-format", default="png", metavar="FMT",
+                   help="formats of --figures, comma-separated: png, svg (default png; SVG takes about half as "
+                        "long again)")
     p.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="processes drawing --figures at once (default: one per CPU, at most 8; 1: this process)")
 
@@ -60,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise StepscopeError("--max-mb must be positive")
     if args.jobs is not None and args.jobs < 1:
         raise StepscopeError(f"--jobs must be at least 1, got {args.jobs}")
+    formats = _figure_formats(args.figure_format)
     check_writable(args.out, "--out")
     if args.figures:
         check_writable(args.figures, "--figures", folder=True)
@@ -73,13 +78,24 @@ def run(args: argparse.Namespace) -> int:
         rid = getattr(r.trace, "meta", {}).get("id")
         labels.append(str(rid) if rid is not None else d.name)
     if args.figures:
-        _figures(args.figures, results, diagnoses, labels, args.jobs or _default_jobs())
+        _figures(args.figures, results, diagnoses, labels, args.jobs or _default_jobs(), formats)
     out = render_report(results, args.out, diagnoses=diagnoses, baseline=baseline, title=args.title,
                         labels=labels, layers=layers, max_map_bytes=int(args.max_mb * 1e6))
     size = out.stat().st_size
     print(f"wrote {out} ({size / 1e6:.2f} MB, {len(results)} result{'s' if len(results) != 1 else ''})"
           + (f" and figures in {args.figures}" if args.figures else ""))
     return 0
+
+
+def _figure_formats(spec: str) -> tuple[str, ...]:
+    from ..errors import StepscopeError
+    from ..report.figures import FIGURE_FORMATS
+
+    formats = tuple(dict.fromkeys(f.strip().lower() for f in spec.split(",") if f.strip()))
+    bad = [f for f in formats if f not in FIGURE_FORMATS]
+    if bad or not formats:
+        raise StepscopeError(f"--figure-format {spec!r}: use {', '.join(FIGURE_FORMATS)} or both, comma-separated")
+    return formats
 
 
 def _default_jobs() -> int:
@@ -89,7 +105,7 @@ def _default_jobs() -> int:
     return max(1, min(8, cpus))
 
 
-def _figures(folder: str, results, diagnoses, labels, jobs: int) -> None:
+def _figures(folder: str, results, diagnoses, labels, jobs: int, formats: tuple[str, ...]) -> None:
     """Every result's figures (stepscope.report.figures.result_figures) into `folder`, atomically; with `jobs` > 1
     in that many worker processes. A line per finished result."""
     import time
@@ -105,7 +121,7 @@ def _figures(folder: str, results, diagnoses, labels, jobs: int) -> None:
             name = f"{name}_{k}"
         used.add(name)
         # maps: [L, S, S] float32 of a SaliencyResult read from its folder
-        tasks.append((name, (r.maps.float().numpy(), [s.kind for s in r.trace.steps], d, label)))
+        tasks.append((name, (r.maps.float().numpy(), [s.kind for s in r.trace.steps], d, label, formats)))
     jobs = min(jobs, len(tasks))
     print(f"figures of {len(tasks)} result(s) -> {folder}" + (f" ({jobs} processes)" if jobs > 1 else ""), flush=True)
     start = time.perf_counter()

@@ -1,5 +1,5 @@
 """Matplotlib figures: per-layer step heatmaps (log colour scale, segment boundaries), layer grids,
-metric-versus-depth curves (correct versus wrong, with interval bands); saved as PNG and SVG.
+metric-versus-depth curves (correct versus wrong, with interval bands); saved as PNG, SVG or both.
 
 Figures are built on `matplotlib.figure.Figure` directly (no pyplot, no global state, Agg canvas), so they
 work headless and in threads. Titles never go through mathtext (`$` in a trace id stays a dollar sign).
@@ -28,7 +28,9 @@ from ..layers import layer_bands
 
 KIND_COLORS = {"question": "#6a4c93", "thinking": "#1982c4", "summary": "#e07a1f"}
 GROUP_COLORS = {"correct": "#2a9d8f", "wrong": "#d62828"}
-RC = {"svg.hashsalt": "stepscope", "font.size": 8, "axes.titlesize": 9}
+# axes.titley fixed: a title's automatic placement measures every tick label of its axes at each draw
+RC = {"svg.hashsalt": "stepscope", "font.size": 8, "axes.titlesize": 9, "axes.titley": 1.0}
+FIGURE_FORMATS = ("png", "svg")
 _BOUNDARY = "#ffffff"
 
 
@@ -327,15 +329,16 @@ def diagnosis_depth_figure(diagnoses: Sequence[Diagnosis], metrics: Sequence[str
 
 
 def result_figures(stem: str | os.PathLike, maps: Any, step_kinds: Sequence[str], diagnosis: Diagnosis,
-                   label: str) -> list[Path]:
+                   label: str, formats: Sequence[str] = ("png",)) -> list[Path]:
     """The figures `stepscope report --figures` writes of one result: STEM_layers (the step maps of about 8 layers
-    spread over the depth) and STEM_metrics (every metric by layer), each as PNG and SVG; returns the paths.
+    spread over the depth) and STEM_metrics (every metric by layer), each in `formats`; returns the paths.
     Its arguments are plain data, so that worker processes can draw several results at once."""
     maps = _np(maps)
     grid = layer_grid_figure(maps, step_kinds, default_grid_layers(maps.shape[0]), title=label,
                              layer_ids=diagnosis.layer_ids, num_model_layers=diagnosis.model_layers)
-    paths = save_figure(grid, f"{os.fspath(stem)}_layers")
-    return paths + save_figure(diagnosis_depth_figure([diagnosis], labels=[label]), f"{os.fspath(stem)}_metrics")
+    paths = save_figure(grid, f"{os.fspath(stem)}_layers", formats)
+    return paths + save_figure(diagnosis_depth_figure([diagnosis], labels=[label]), f"{os.fspath(stem)}_metrics",
+                               formats)
 
 
 @functools.cache
