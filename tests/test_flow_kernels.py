@@ -333,6 +333,13 @@ def test_kernel_bench_smoke(tmp_path):
     rows = res["batches"][0]["rows"]
     assert len(rows) == len(mod.VARIANTS) and all(r["ok"] and r["num_splits"] == 2 for r in rows)
     assert "| 2 | broadcast form |" in (tmp_path / "oeb_kernel_cpu_smoke.md").read_text()
+    # --paged: oeb_decode_paged over a cache in vLLM's layout against sdpa over the gathered cache
+    assert mod.main(["--smoke", "--paged", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "oeb_kernel_paged_cpu_smoke.json").read_text())
+    rows = res["batches"][0]["rows"]
+    assert len(rows) == len(mod.PAGED_VARIANTS) + 2 and all(r["ok"] and "us" in r for r in rows)
+    assert [r["num_warps"] for r in rows[1:3]] == [8, 4] and all(r["num_splits"] == 2 for r in rows[1:])
+    assert "| 2 | oeb_decode_paged, 4 warps |" in (tmp_path / "oeb_kernel_paged_cpu_smoke.md").read_text()
 
 
 @pytest.mark.parametrize("sinks,num_splits", [(False, 1), (True, 4)])
@@ -364,3 +371,181 @@ def test_kernel_equals_the_pure_functions(sinks, num_splits):
             fired_any |= bool(fired) and el > 0
             held_any |= not bool(fired) and el > 0
     assert fired_any and held_any
+
+
+# --- the paged form: vLLM's FLASH_ATTN cache read in place ------------------------------------------------------
+
+GARBAGE_BLOCK = 2**31 - 1  # a block-table entry no cache has: reading it would fault, not just spoil the result
+
+
+def paged_cache(key, value, kseg, block_size, seed=0):
+    """Scatter dense key/value [B, Hkv, K, D] into a new cache laid out as vLLM's FLASH_ATTN backend keeps it:
+    kv_cache [num_blocks, Hkv, block_size, 2 * D] (keys in [..., :D], values in [..., D:]), blocks 1, 2, ...
+    handed out in a random order. Only visible keys (kseg != 3) are written, and only pages holding one get a
+    block; every other slot holds NaN or 1e30, and the block-table entries of pages without a visible key (and
+    one extra column) are garbage: in turn block 0 (kept spare, as vLLM keeps its null block), the last block
+    (also spare) and GARBAGE_BLOCK. Returns (kv_cache, block_table int32 [B, ceil(K / block_size) + 1])."""
+    B, Hkv, K, D = key.shape
+    assert value.shape == key.shape
+    pages = -(-K // block_size)
+    used = [[j for j in range(pages) if (kseg[b, j * block_size:(j + 1) * block_size] != HIDDEN).any()]
+            for b in range(B)]
+    num_blocks = sum(len(u) for u in used) + 2
+    order = (1 + torch.randperm(num_blocks - 2, generator=torch.Generator().manual_seed(seed))).tolist()
+    garbage = [0, num_blocks - 1, GARBAGE_BLOCK]
+    kv_cache = torch.full((num_blocks, Hkv, block_size, 2 * D), float("nan"), dtype=key.dtype)
+    kv_cache[:, :, 1::2] = 1e30
+    block_table = torch.empty(B, pages + 1, dtype=torch.int32)
+    handed = 0
+    for b in range(B):
+        for j in range(pages + 1):
+            if j not in used[b]:
+                block_table[b, j] = garbage[(b + j) % 3]
+                continue
+            blk = order[handed]
+            handed += 1
+            block_table[b, j] = blk
+            for k in range(j * block_size, min(K, (j + 1) * block_size)):
+                if kseg[b, k] != HIDDEN:
+                    kv_cache[blk, :, k % block_size, :D] = key[b, :, k]
+                    kv_cache[blk, :, k % block_size, D:] = value[b, :, k]
+    return kv_cache, block_table
+
+
+def vllm_views(kv_cache, head_size):
+    """key_cache, value_cache [num_blocks, block_size, Hkv, D] as vLLM's FlashAttentionImpl.forward makes them."""
+    return kv_cache.transpose(1, 2).split(head_size, dim=-1)
+
+
+def paged_inputs(B, H, Hkv, K, D, block_size, dtype, sinks, seed):
+    """make_inputs with rows of different lengths (row 0 the longest; row 1 also has make_inputs' hidden start:
+    a sliding window), the query rows picked out of a wider flat token buffer, and the paged cache."""
+    query, key, value, kseg, qgroups, tau_b, scaling, sk = make_inputs(B, H, Hkv, K, D, dtype=dtype, sinks=sinks,
+                                                                       seed=seed)
+    for b in range(1, B):
+        kseg[b, max(1, K - 11 * b - 3):] = HIDDEN
+    flat = torch.randn(2 * B + 1, H, D).to(dtype)
+    flat[1::2][:B] = query[:, :, 0]
+    kv_cache, block_table = paged_cache(key, value, kseg, block_size, seed=seed)
+    return query, key, value, kseg, qgroups, tau_b, scaling, sk, flat, kv_cache, block_table
+
+
+PAGED_CASES = [  # B, H, Hkv, K, D, block_size, sinks, num_splits, dtype
+    (3, 4, 4, 40, 16, 16, False, 1, torch.float32),
+    (3, 4, 2, 90, 16, 16, True, 2, torch.float32),
+    (2, 7, 1, 90, 32, 32, True, 3, torch.float32),  # 2 blocks of 64 keys, 3 splits: one is empty
+    (3, 4, 2, 70, 16, 32, True, 1, torch.bfloat16),
+    (2, 7, 1, 90, 16, 16, False, 2, torch.bfloat16),
+    (3, 4, 4, 40, 32, 32, True, 2, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,K,D,block_size,sinks,num_splits,dtype", PAGED_CASES)
+def test_paged_matches_reference_and_dense(B, H, Hkv, K, D, block_size, sinks, num_splits, dtype):
+    """oeb_decode_paged over vLLM's cache layout gives the float64 reference and the dense kernel's output and
+    stats for the same keys; the NaN / 1e30 slots and garbage block-table entries are never read."""
+    (query, key, value, kseg, qgroups, tau_b, scaling, sk, flat, kv_cache,
+     block_table) = paged_inputs(B, H, Hkv, K, D, block_size, dtype, sinks, seed=K + D + H)
+    kv_dev = to(kv_cache)
+    key_cache, value_cache = vllm_views(kv_dev, D)
+    assert key_cache.shape == (kv_cache.shape[0], block_size, Hkv, D)
+    assert key_cache.stride() == (Hkv * block_size * 2 * D, 2 * D, block_size * 2 * D, 1)
+    for b in range(B):  # the addressing rule: row b's key k at key_cache[block_table[b, k // bs], k % bs]
+        for k in range(K):
+            if kseg[b, k] != HIDDEN:
+                blk = int(block_table[b, k // block_size])
+                assert torch.equal(key_cache[blk, k % block_size].cpu(), key[b, :, k])
+                assert torch.equal(value_cache[blk, k % block_size].cpu(), value[b, :, k])
+    stats = torch.full((B, H, 5), float("nan"), device=DEVICE)
+    out = kernels.oeb_decode_paged(to(flat)[1::2][:B], key_cache, value_cache, to(block_table), to(kseg), to(qgroups),
+                                   to(tau_b), scaling, sinks=to(sk), stats=stats, num_splits=num_splits)
+    assert out.shape == (B, H, D) and out.dtype == dtype and out.is_contiguous()
+    out, stats = out.cpu(), stats.cpu()
+    assert torch.isfinite(out).all() and torch.isfinite(stats).all()
+    ref, ref_stats, _ = reference(query, key, value, kseg, qgroups, tau_b, scaling, sk)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2 * max(ref.abs().max().item(), 1e-6)
+    assert (out.double() - ref[:, 0]).abs().max().item() <= tol
+    assert (stats.double() - ref_stats).abs().max().item() <= (1e-5 if dtype == torch.float32 else 2e-2)
+    dense_stats = torch.zeros(B, H, 5)
+    dense = oeb_decode(query, key, value, kseg, qgroups, tau_b, scaling, sinks=sk, stats=dense_stats,
+                       num_splits=num_splits)
+    same = (1e-6 if dtype == torch.float32 else 2**-7) * max(1.0, dense.abs().max().item())
+    torch.testing.assert_close(out, dense[:, 0], atol=same, rtol=0)
+    torch.testing.assert_close(stats, dense_stats, atol=1e-6, rtol=0)
+
+
+def test_paged_small_blocks_broadcast_form_and_one_plan():
+    """Blocks of 16 keys inside pages of 32, the broadcast form, and one plan_decode_paged plan serving two layers
+    (two caches of the same shapes, one of them with a garbage-free full-length row set)."""
+    B, H, Hkv, K, D, bs = 3, 4, 2, 90, 16, 32
+    layers = [paged_inputs(B, H, Hkv, K, D, bs, torch.float32, sinks=s, seed=30 + i)
+              for i, s in enumerate((True, False))]
+    flat, kv_cache, block_table = layers[0][8:]
+    key_cache, value_cache = vllm_views(to(kv_cache), D)
+    query, kseg, qgroups, tau_b = to(flat)[1::2][:B], to(layers[0][3]), to(layers[0][4]), to(layers[0][5])
+    plan = kernels.plan_decode_paged(query, key_cache, value_cache, to(block_table), kseg, qgroups, tau_b,
+                                     stats=torch.zeros(B, H, 5, device=DEVICE), num_splits=3, dot=False,
+                                     block_k=16)
+    assert (plan.page_size, plan.BK, plan.num_splits, plan.dot) == (bs, 16, 3, False)
+    for query, key, value, kseg, qgroups, tau_b, scaling, sk, flat, kv_cache, block_table in layers:
+        key_cache, value_cache = vllm_views(to(kv_cache), D)
+        stats = torch.zeros(B, H, 5, device=DEVICE)
+        out = kernels.oeb_decode_paged(to(flat)[1::2][:B], key_cache, value_cache, to(block_table), to(kseg),
+                                       to(qgroups), to(tau_b), scaling, sinks=to(sk), stats=stats, plan=plan)
+        ref, ref_stats, _ = reference(query, key, value, kseg, qgroups, tau_b, scaling, sk)
+        torch.testing.assert_close(out.cpu().double(), ref[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(stats.cpu().double(), ref_stats, atol=1e-5, rtol=0)
+
+
+def test_paged_row_without_keys_and_plan_checks():
+    """A row whose keys are all hidden (its block table all garbage) gives zeros; plan_decode_paged names the
+    problem of each wrong argument."""
+    B, H, Hkv, K, D, bs = 2, 4, 2, 20, 16, 16
+    query, key, value, kseg, qgroups, tau_b, scaling, _ = make_inputs(B, H, Hkv, K, D, seed=8)
+    kseg[1] = HIDDEN
+    kv_cache, block_table = paged_cache(key, value, kseg, bs)
+    assert (block_table[1] == GARBAGE_BLOCK).any()
+    for e in block_table[1].tolist():  # the rest are spare blocks, nothing but NaN and 1e30
+        assert e == GARBAGE_BLOCK or (kv_cache[e].isnan() | (kv_cache[e] == 1e30)).all()
+    kc, vc = vllm_views(kv_cache, D)
+    q = query[:, :, 0]
+    stats = torch.full((B, H, 5), float("nan"), device=DEVICE)
+    kcd, vcd = vllm_views(to(kv_cache), D)
+    out = kernels.oeb_decode_paged(to(q), kcd, vcd, to(block_table), to(kseg), to(qgroups), to(tau_b), scaling,
+                                   stats=stats, num_splits=2).cpu()
+    ref, ref_stats, _ = reference(query, key, value, kseg, qgroups, tau_b, scaling)
+    assert (out[1] == 0).all() and (stats[1] == 0).all()
+    torch.testing.assert_close(out.double(), ref[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(stats.cpu().double(), ref_stats, atol=1e-5, rtol=0)
+
+    def plan(**kw):
+        args = dict(query=q, key_cache=kc, value_cache=vc, block_table=block_table, kseg=kseg, qgroups=qgroups,
+                    tau_b=tau_b)
+        args.update(kw)
+        return kernels.plan_decode_paged(**args)
+
+    assert plan().page_size == bs
+    with pytest.raises(ValueError, match="block_table too short: 1 blocks of 16 keys"):
+        plan(block_table=block_table[:, :1])
+    with pytest.raises(ValueError, match="block_table must be int32"):
+        plan(block_table=block_table.long())
+    with pytest.raises(ValueError, match=r"query must be \[B, H, D\]"):
+        plan(query=query)
+    with pytest.raises(ValueError, match="must share a dtype"):
+        plan(query=q.double())
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        plan(key_cache=kc.transpose(2, 3).contiguous().transpose(2, 3))
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        plan(value_cache=vc[:, :, :1])
+    with pytest.raises(ValueError, match="kseg must be int8"):
+        plan(kseg=kseg.long())
+    with pytest.raises(ValueError, match="tau_b must be float32"):
+        plan(tau_b=tau_b.double())
+    dense_plan = kernels.plan_decode(query, key, value, kseg, qgroups, tau_b)
+    # one launch-parameter choice for both forms: the paged one differs in its block size and, with tl.dot, warps
+    assert plan()._replace(page_size=0, num_warps=dense_plan.num_warps) == dense_plan
+    assert (plan().num_warps, dense_plan.num_warps) == (8, 4)
+    with pytest.raises(ValueError, match="plan with plan_decode_paged"):
+        kernels.oeb_decode_paged(q, kc, vc, block_table, kseg, qgroups, tau_b, scaling, plan=dense_plan)
+    with pytest.raises(ValueError, match="use oeb_decode_paged"):
+        kernels.oeb_decode(query, key, value, kseg, qgroups, tau_b, scaling, plan=plan())

@@ -23,6 +23,23 @@ fine), qgroups int32 [B, 2], tau_b float32 [B], sinks [H] (any float dtype) or N
 contiguous or None. The output is [B, 1, H, Dv] contiguous in value's dtype. Scores, probabilities and
 accumulators are float32.
 
+Paged form (`oeb_decode_paged`: StepFlow inside vLLM reads vLLM's paged cache in place, no gather). vLLM's
+FLASH_ATTN backend keeps one layer's cache as kv_cache [num_blocks, Hkv, block_size, 2 * D] and splits it with
+`kv_cache.transpose(1, 2).split(D, dim=-1)` into key_cache and value_cache [num_blocks, block_size, Hkv, D],
+strided views (strides (Hkv * block_size * 2D, 2D, block_size * 2D, 1)); the kernel takes any strides with a
+contiguous last dim. Row b's key k is key_cache[block_table[b, k // block_size], k % block_size, g] with
+block_table int32 [B, n], n >= ceil(K / block_size). query is [B, H, D] (one query per row: vLLM's flat token
+axis, rows chosen by the caller), the output [B, H, Dv] (the same memory as the dense form's [B, 1, H, Dv]).
+Rows of different lengths and sliding windows are expressed by kseg [B, K] alone (K the longest row, 3 past a
+row's length or outside its window). It is the same kernel body with the constexpr PAGED: only the address of
+key k differs (block-table entry times the block stride plus slot times the slot stride, instead of k times
+the key stride), and the block-table entries, keys and values of hidden keys are never loaded (the loads are
+masked by visibility, not only by the key range as in the dense form), so garbage there (stale blocks, NaN in
+the unused slots of a row's last block, entries past a row's length) never reaches the result. The launch
+parameters are those of the dense form for the same shapes, except 8 warps instead of 4 with tl.dot (at 4 the
+paged form's address arithmetic spills registers: ptxas for sm_90; not yet timed on a GPU, bench/oeb_kernel.py
+--paged compares both).
+
 One program handles one (row, kv head) pair and all its n_rep query heads: every block of BK keys and values
 is loaded once and used by the query heads of that pair. Products: by tl.dot (the default, `USE_DOT`; tensor
 cores on a GPU): NR = max(16, next_pow2(n_rep)) rows (tl.dot's minimum), blocks of 64 keys, scores
@@ -164,10 +181,14 @@ def _kernels():
     @triton.jit
     def _oeb_split_kernel(q_ptr, s_qb, s_qh, k_ptr, s_kb, s_kh, s_kk, v_ptr, s_vb, s_vh, s_vk,
                          seg_ptr, s_seg, qg_ptr, s_qg0, s_qg1, tau_ptr, s_tau, sink_ptr, out_ptr, stats_ptr,
-                         ws_ptr, scaling, H, Hkv, K, D, Dv, n_rep, keys_per_split,
+                         ws_ptr, bt_ptr, s_bt, scaling, H, Hkv, K, D, Dv, n_rep, keys_per_split,
                          NR: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                          FINAL: tl.constexpr, HAS_SINK: tl.constexpr, HAS_STATS: tl.constexpr,
-                         DOT: tl.constexpr, DOT_F32: tl.constexpr):
+                         DOT: tl.constexpr, DOT_F32: tl.constexpr, PAGED: tl.constexpr,
+                         PAGE_SIZE: tl.constexpr):
+        # dense: s_kb / s_kh / s_kk are the row / kv head / key strides of key [B, Hkv, K, D] (value alike);
+        # PAGED: the block / kv head / slot strides of key_cache [num_blocks, PAGE_SIZE, Hkv, D], key kk of row b
+        # in block bt[b, kk // PAGE_SIZE], slot kk % PAGE_SIZE (bt_ptr, s_bt: the block table and its row stride)
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // Hkv
@@ -194,8 +215,12 @@ def _kernels():
 
         m, lb, ls, lo, acc_b, acc_s, acc_o = _oeb_empty_state(NR, BDV)
 
-        k_base = k_ptr + b64 * s_kb + g64 * s_kh
-        v_base = v_ptr + b64 * s_vb + g64 * s_vh
+        if PAGED:
+            k_base = k_ptr + g64 * s_kh
+            v_base = v_ptr + g64 * s_vh
+        else:
+            k_base = k_ptr + b64 * s_kb + g64 * s_kh
+            v_base = v_ptr + b64 * s_vb + g64 * s_vh
         seg_base = seg_ptr + b64 * s_seg
         start = split * keys_per_split
         end = tl.minimum(start + keys_per_split, K)
@@ -207,8 +232,18 @@ def _kernels():
             in_b = vis & (seg == g_b)
             in_s = vis & (seg == g_s)
             in_o = vis & (seg != g_b) & (seg != g_s)
-            kt = tl.load(k_base + kk.to(tl.int64)[:, None] * s_kk + offs_d[None, :],
-                         mask=kmask[:, None] & dmask[None, :], other=0.0)  # [BK, BD], the input dtype
+            if PAGED:  # only visible keys are read: hidden ones may sit in garbage blocks or slots
+                lmask = vis
+                blk = tl.load(bt_ptr + b64 * s_bt + kk // PAGE_SIZE, mask=vis, other=0).to(tl.int64)
+                slot = (kk % PAGE_SIZE).to(tl.int64)
+                k_off = blk * s_kb + slot * s_kk
+                v_off = blk * s_vb + slot * s_vk
+            else:
+                lmask = kmask
+                k_off = kk.to(tl.int64) * s_kk
+                v_off = kk.to(tl.int64) * s_vk
+            kt = tl.load(k_base + k_off[:, None] + offs_d[None, :],
+                         mask=lmask[:, None] & dmask[None, :], other=0.0)  # [BK, BD], the input dtype
             if DOT:
                 if DOT_F32:  # float32 operands, exact products ("ieee", not tf32)
                     s = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee") * scaling  # [NR, BK]
@@ -223,8 +258,8 @@ def _kernels():
             p_b = tl.where(in_b[None, :], p, 0.0)
             p_s = tl.where(in_s[None, :], p, 0.0)
             p_o = tl.where(in_o[None, :], p, 0.0)
-            vt = tl.load(v_base + kk.to(tl.int64)[:, None] * s_vk + offs_dv[None, :],
-                         mask=kmask[:, None] & dvmask[None, :], other=0.0)  # [BK, BDV], the input dtype
+            vt = tl.load(v_base + v_off[:, None] + offs_dv[None, :],
+                         mask=lmask[:, None] & dvmask[None, :], other=0.0)  # [BK, BDV], the input dtype
             lb = lb * alpha + tl.sum(p_b, axis=1)
             ls = ls * alpha + tl.sum(p_s, axis=1)
             lo = lo * alpha + tl.sum(p_o, axis=1)
@@ -308,8 +343,8 @@ def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 class DecodePlan(NamedTuple):
-    """Launch parameters of `oeb_decode` for one set of shapes: made once per forward by StepFlow and reused by
-    every OEB layer of that forward (the layers share B, H, Hkv, K, D and the device)."""
+    """Launch parameters of `oeb_decode` (or `oeb_decode_paged`) for one set of shapes: made once per forward by
+    StepFlow and reused by every OEB layer of that forward (the layers share B, H, Hkv, K, D and the device)."""
 
     B: int
     H: int
@@ -329,23 +364,12 @@ class DecodePlan(NamedTuple):
     dot: bool  # scores and value sums by tl.dot (NR >= 16) instead of broadcast products
     dot_f32: bool  # tl.dot on float32 operands with input_precision="ieee" (exact); else bf16/fp16 operands
     other_device: bool  # the tensors are on a CUDA device other than the current one (launch under a guard)
+    page_size: int = 0  # the paged cache's block size (`oeb_decode_paged`); 0: a dense cache (`oeb_decode`)
 
 
-def plan_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg: torch.Tensor,
-                qgroups: torch.Tensor, tau_b: torch.Tensor, sinks: torch.Tensor | None = None,
-                stats: torch.Tensor | None = None, num_splits: int | None = None, dot: bool | None = None,
-                block_k: int | None = None, num_warps: int | None = None) -> DecodePlan:
-    """Check the arguments of `oeb_decode` (ValueError naming the problem) and choose its launch parameters.
-    dot: products by tl.dot (tensor cores; the default, `USE_DOT`) or by broadcast multiply-and-sum.
-    block_k (a power of two, at least 16 with dot) and num_warps override the defaults (bench/oeb_kernel.py)."""
-    B, H, Q, D = query.shape
-    Bk, Hkv, K, Dk = key.shape
-    Dv = value.shape[-1]
-    if Q != 1:
-        raise ValueError(f"oeb_decode needs one query per row, got {Q}")
-    if Bk != B or Dk != D or value.shape[:3] != key.shape[:3] or H % Hkv:
-        raise ValueError(f"shapes do not fit: query {tuple(query.shape)}, key {tuple(key.shape)}, "
-                         f"value {tuple(value.shape)}")
+def _check_row_args(B: int, H: int, K: int, kseg: torch.Tensor, qgroups: torch.Tensor, tau_b: torch.Tensor,
+                    sinks: torch.Tensor | None, stats: torch.Tensor | None) -> None:
+    """The per-row arguments both cache forms share (ValueError naming the problem)."""
     if kseg.dtype != torch.int8 or tuple(kseg.shape) != (B, K):
         raise ValueError(f"kseg must be int8 [{B}, {K}], got {kseg.dtype} {tuple(kseg.shape)}")
     if qgroups.dtype != torch.int32 or tuple(qgroups.shape) != (B, 2):
@@ -357,6 +381,11 @@ def plan_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kse
     if stats is not None and (stats.dtype != torch.float32 or tuple(stats.shape) != (B, H, 5)
                               or not stats.is_contiguous()):
         raise ValueError(f"stats must be a contiguous float32 [{B}, {H}, 5] tensor")
+
+
+def _launch_plan(B: int, H: int, Hkv: int, K: int, D: int, Dv: int, query: torch.Tensor, num_splits: int | None,
+                 dot: bool | None, block_k: int | None, num_warps: int | None, page_size: int = 0) -> DecodePlan:
+    """The launch parameters for checked shapes: the one place that chooses them, for both cache forms."""
     n_rep = H // Hkv
     dot = USE_DOT if dot is None else dot
     NR = max(16, _next_pow2(n_rep)) if dot else _next_pow2(n_rep)  # tl.dot needs 16 rows at least
@@ -374,14 +403,111 @@ def plan_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kse
     nblocks = max(1, -(-K // BK))
     keys_per_split = -(-nblocks // num_splits) * BK
     if num_warps is None:
-        num_warps = 4 if dot or NR * BK * max(BD, BDV) <= _ELEMS_BUDGET else 8
+        if dot:  # the paged form (block-table entries per key) spills registers at 4 warps, not at 8 (ptxas -v
+            # for sm_90, bf16, head dims 64 to 256: up to 644 bytes per thread; scripts/compile_flow_kernels.py)
+            num_warps = 8 if page_size else 4
+        else:
+            num_warps = 4 if NR * BK * max(BD, BDV) <= _ELEMS_BUDGET else 8
     ws_elems = 0 if num_splits == 1 else pairs * num_splits * (4 * NR + 3 * NR * BDV)
     # float32 operands for float32 inputs, and for every input under Triton's interpreter (its bf16/fp16 tl.dot is
     # wrong: seen with Triton 3.9); bf16/fp16 operands on a GPU
     dot_f32 = query.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     other_device = query.device.type == "cuda" and query.device.index != torch.cuda.current_device()
     return DecodePlan(B, H, Hkv, K, D, Dv, n_rep, NR, BK, BD, BDV, num_splits, keys_per_split, num_warps,
-                      ws_elems, dot, dot_f32, other_device)
+                      ws_elems, dot, dot_f32, other_device, page_size)
+
+
+def plan_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg: torch.Tensor,
+                qgroups: torch.Tensor, tau_b: torch.Tensor, sinks: torch.Tensor | None = None,
+                stats: torch.Tensor | None = None, num_splits: int | None = None, dot: bool | None = None,
+                block_k: int | None = None, num_warps: int | None = None) -> DecodePlan:
+    """Check the arguments of `oeb_decode` (ValueError naming the problem) and choose its launch parameters.
+    dot: products by tl.dot (tensor cores; the default, `USE_DOT`) or by broadcast multiply-and-sum.
+    block_k (a power of two, at least 16 with dot) and num_warps override the defaults (bench/oeb_kernel.py)."""
+    B, H, Q, D = query.shape
+    Bk, Hkv, K, Dk = key.shape
+    Dv = value.shape[-1]
+    if Q != 1:
+        raise ValueError(f"oeb_decode needs one query per row, got {Q}")
+    if Bk != B or Dk != D or value.shape[:3] != key.shape[:3] or H % Hkv:
+        raise ValueError(f"shapes do not fit: query {tuple(query.shape)}, key {tuple(key.shape)}, "
+                         f"value {tuple(value.shape)}")
+    _check_row_args(B, H, K, kseg, qgroups, tau_b, sinks, stats)
+    return _launch_plan(B, H, Hkv, K, D, Dv, query, num_splits, dot, block_k, num_warps)
+
+
+def plan_decode_paged(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      block_table: torch.Tensor, kseg: torch.Tensor, qgroups: torch.Tensor, tau_b: torch.Tensor,
+                      sinks: torch.Tensor | None = None, stats: torch.Tensor | None = None,
+                      num_splits: int | None = None, dot: bool | None = None, block_k: int | None = None,
+                      num_warps: int | None = None) -> DecodePlan:
+    """Check the arguments of `oeb_decode_paged` (ValueError naming the problem) and choose its launch parameters
+    (the same choice as `plan_decode` for the same B, H, Hkv, K, D; the keyword arguments as there). K is
+    kseg's length (the longest row); the block table must hold ceil(K / block_size) blocks per row at least."""
+    if query.dim() != 3:
+        raise ValueError(f"query must be [B, H, D] (one query per row), got {tuple(query.shape)}")
+    if key_cache.dim() != 4 or value_cache.dim() != 4:
+        raise ValueError(f"key_cache and value_cache must be [num_blocks, block_size, Hkv, D], got "
+                         f"{tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
+    B, H, D = query.shape
+    _, page_size, Hkv, Dk = key_cache.shape
+    Dv = value_cache.shape[-1]
+    if Dk != D or value_cache.shape[:3] != key_cache.shape[:3] or Hkv == 0 or H % Hkv:
+        raise ValueError(f"shapes do not fit: query {tuple(query.shape)}, key_cache {tuple(key_cache.shape)}, "
+                         f"value_cache {tuple(value_cache.shape)}")
+    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+        raise ValueError(f"query, key_cache and value_cache must share a dtype, got {query.dtype}, "
+                         f"{key_cache.dtype} and {value_cache.dtype}")
+    if key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
+        raise ValueError("key_cache and value_cache need a contiguous last dimension (the cache is never copied)")
+    if kseg.dim() != 2:
+        raise ValueError(f"kseg must be int8 [B, K], got {kseg.dtype} {tuple(kseg.shape)}")
+    K = kseg.shape[1]
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B:
+        raise ValueError(f"block_table must be int32 [{B}, blocks], got {block_table.dtype} "
+                         f"{tuple(block_table.shape)}")
+    if block_table.shape[1] * page_size < K:
+        raise ValueError(f"block_table too short: {block_table.shape[1]} blocks of {page_size} keys per row, "
+                         f"fewer than K = {K} keys (kseg's length)")
+    if not (key_cache.device == value_cache.device == block_table.device == query.device):
+        raise ValueError(f"query, key_cache, value_cache and block_table must be on one device, got "
+                         f"{query.device}, {key_cache.device}, {value_cache.device} and {block_table.device}")
+    _check_row_args(B, H, K, kseg, qgroups, tau_b, sinks, stats)
+    return _launch_plan(B, H, Hkv, K, D, Dv, query, num_splits, dot, block_k, num_warps, page_size)
+
+
+def _launch(plan: DecodePlan, out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, k_strides: tuple,
+            value: torch.Tensor, v_strides: tuple, kseg: torch.Tensor, qgroups: torch.Tensor, tau_b: torch.Tensor,
+            scaling: float, sinks: torch.Tensor | None, stats: torch.Tensor | None,
+            block_table: torch.Tensor | None) -> torch.Tensor:
+    """Launch the split kernel (and the combine kernel for num_splits > 1) into `out` [B, H, Dv] (any view of
+    that contiguous memory). k_strides / v_strides: (row or block, kv head, key or slot) strides of key and value
+    (see `_oeb_split_kernel`); block_table None for a dense cache."""
+    split_kernel, combine_kernel = _kernels()
+    if plan.other_device:  # e.g. a model on cuda:1: triton launches on the current device
+        with torch.cuda.device(query.device):
+            return _launch(plan._replace(other_device=False), out, query, key, k_strides, value, v_strides, kseg,
+                           qgroups, tau_b, scaling, sinks, stats, block_table)
+    H, Dv, pairs = plan.H, plan.Dv, plan.B * plan.Hkv
+    final = plan.num_splits == 1
+    ws = out if final else torch.empty(plan.ws_elems, dtype=torch.float32, device=query.device)
+    sink_arg = sinks if sinks is not None else tau_b
+    stats_arg = stats if stats is not None else tau_b
+    paged = block_table is not None
+    bt_arg, s_bt = (block_table, block_table.stride(0)) if paged else (qgroups, 0)
+    split_kernel[(pairs, plan.num_splits)](
+        query, query.stride(0), query.stride(1), key, *k_strides, value, *v_strides, kseg, kseg.stride(0),
+        qgroups, qgroups.stride(0), qgroups.stride(1), tau_b, tau_b.stride(0), sink_arg, out, stats_arg,
+        ws, bt_arg, s_bt, float(scaling), H, plan.Hkv, plan.K, plan.D, Dv, plan.n_rep, plan.keys_per_split,
+        NR=plan.NR, BK=plan.BK, BD=plan.BD, BDV=plan.BDV, FINAL=final, HAS_SINK=sinks is not None,
+        HAS_STATS=stats is not None, DOT=plan.dot, DOT_F32=plan.dot_f32, PAGED=paged,
+        PAGE_SIZE=plan.page_size if paged else 1, num_warps=plan.num_warps)
+    if not final:
+        combine_kernel[(pairs,)](
+            ws, tau_b, tau_b.stride(0), sink_arg, out, stats_arg,
+            H, plan.Hkv, Dv, plan.n_rep, plan.num_splits,
+            NR=plan.NR, BDV=plan.BDV, HAS_SINK=sinks is not None, HAS_STATS=stats is not None, num_warps=4)
+    return out
 
 
 def oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg: torch.Tensor,
@@ -397,34 +523,44 @@ def oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kseg
     fine). `plan`: the result of `plan_decode` for these shapes (its checks are then skipped: the caller
     vouches that the shapes are the planned ones). Returns [B, 1, H, Dv] contiguous in value's dtype.
     Compilation errors propagate."""
-    split_kernel, combine_kernel = _kernels()
     if plan is None:
         plan = plan_decode(query, key, value, kseg, qgroups, tau_b, sinks, stats, num_splits)
+    elif plan.page_size:
+        raise ValueError("oeb_decode got a plan of plan_decode_paged (a paged cache): use oeb_decode_paged")
     query, key, value = _last_contiguous(query), _last_contiguous(key), _last_contiguous(value)
     kseg = _last_contiguous(kseg)
     if sinks is not None:
         sinks = sinks.contiguous()
-    if plan.other_device:  # e.g. a model on cuda:1: triton launches on the current device
-        with torch.cuda.device(query.device):
-            return oeb_decode(query, key, value, kseg, qgroups, tau_b, scaling, sinks, stats,
-                              plan=plan._replace(other_device=False))
-    B, H, Dv, pairs = plan.B, plan.H, plan.Dv, plan.B * plan.Hkv
-    out = torch.empty(B, 1, H, Dv, dtype=value.dtype, device=value.device)
-    final = plan.num_splits == 1
-    ws = out if final else torch.empty(plan.ws_elems, dtype=torch.float32, device=query.device)
-    sink_arg = sinks if sinks is not None else tau_b
-    stats_arg = stats if stats is not None else tau_b
-    split_kernel[(pairs, plan.num_splits)](
-        query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1), key.stride(2),
-        value, value.stride(0), value.stride(1), value.stride(2), kseg, kseg.stride(0),
-        qgroups, qgroups.stride(0), qgroups.stride(1), tau_b, tau_b.stride(0), sink_arg, out, stats_arg,
-        ws, float(scaling), H, plan.Hkv, plan.K, plan.D, Dv, plan.n_rep, plan.keys_per_split,
-        NR=plan.NR, BK=plan.BK, BD=plan.BD, BDV=plan.BDV, FINAL=final, HAS_SINK=sinks is not None,
-        HAS_STATS=stats is not None, DOT=plan.dot, DOT_F32=plan.dot_f32,
-        num_warps=plan.num_warps)
-    if not final:
-        combine_kernel[(pairs,)](
-            ws, tau_b, tau_b.stride(0), sink_arg, out, stats_arg,
-            H, plan.Hkv, Dv, plan.n_rep, plan.num_splits,
-            NR=plan.NR, BDV=plan.BDV, HAS_SINK=sinks is not None, HAS_STATS=stats is not None, num_warps=4)
-    return out
+    out = torch.empty(plan.B, 1, plan.H, plan.Dv, dtype=value.dtype, device=value.device)
+    return _launch(plan, out, query, key, (key.stride(0), key.stride(1), key.stride(2)), value,
+                   (value.stride(0), value.stride(1), value.stride(2)), kseg, qgroups, tau_b, scaling, sinks, stats,
+                   None)
+
+
+def oeb_decode_paged(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     block_table: torch.Tensor, kseg: torch.Tensor, qgroups: torch.Tensor, tau_b: torch.Tensor,
+                     scaling: float, sinks: torch.Tensor | None = None, stats: torch.Tensor | None = None,
+                     num_splits: int | None = None, plan: DecodePlan | None = None) -> torch.Tensor:
+    """`oeb_decode` reading a paged KV cache in place (vLLM's FLASH_ATTN layout; see the module docstring).
+
+    query [B, H, D] (one query per row: vLLM's flat token axis, rows selected by the caller; any strides),
+    key_cache [num_blocks, block_size, Hkv, D] and value_cache [num_blocks, block_size, Hkv, Dv] (any strides,
+    last dim contiguous: e.g. vLLM's `kv_cache.transpose(1, 2).split(head_size, dim=-1)` views), block_table
+    int32 [B, n] (row b's key k in block block_table[b, k // block_size], slot k % block_size), kseg int8
+    [B, K] with K the longest row (3 hides a key: past a row's length, outside its sliding window; hidden keys
+    are never read, so their blocks, slots and block-table entries may hold anything). qgroups, tau_b, sinks,
+    stats, num_splits as in `oeb_decode`; `plan`: the result of `plan_decode_paged` for these shapes (its checks
+    are then skipped). Returns [B, H, Dv] contiguous in the cache's dtype. Compilation errors propagate."""
+    if plan is None:
+        plan = plan_decode_paged(query, key_cache, value_cache, block_table, kseg, qgroups, tau_b, sinks, stats,
+                                 num_splits)
+    elif plan.page_size != key_cache.shape[1]:
+        raise ValueError(f"the plan is for block size {plan.page_size} (0: a dense cache), the cache's is "
+                         f"{key_cache.shape[1]}: plan with plan_decode_paged")
+    query, kseg, block_table = _last_contiguous(query), _last_contiguous(kseg), _last_contiguous(block_table)
+    if sinks is not None:
+        sinks = sinks.contiguous()
+    out = torch.empty(plan.B, plan.H, plan.Dv, dtype=value_cache.dtype, device=value_cache.device)
+    return _launch(plan, out, query, key_cache, (key_cache.stride(0), key_cache.stride(2), key_cache.stride(1)),
+                   value_cache, (value_cache.stride(0), value_cache.stride(2), value_cache.stride(1)), kseg, qgroups,
+                   tau_b, scaling, sinks, stats, block_table)
