@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from stepscope.flow import StepFlowConfig  # noqa: E402
 from stepscope.vllm.attention import oeb_rows, smi_delta  # noqa: E402
-from stepscope.vllm.paged import gather_kv, split_cache  # noqa: E402
+from stepscope.vllm.paged import CpuVecLayout  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -25,13 +25,13 @@ def test_gather_reads_what_vllms_cache_writer_wrote(dtype):
     isa = _get_attn_isa(dtype, bs, D)
     assert isa == "vec"
     kv = torch.zeros(nb, Hkv, bs, 2 * D, dtype=dtype)
-    kc, vc = split_cache(kv)
+    kc, vc = CpuVecLayout.views(kv)
     S = 2 * bs + 7
     key, val = torch.randn(S, Hkv, D).to(dtype), torch.randn(S, Hkv, D).to(dtype)
     blocks = torch.tensor([4, 1, 3])  # a row's blocks, out of order in the pool
     slots = blocks[torch.arange(S) // bs] * bs + torch.arange(S) % bs
     ops.cpu_attn_reshape_and_cache(key, val, kc, vc, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
-    k, v = gather_kv(kc, vc, blocks, S)
+    k, v = CpuVecLayout.gather(kc, vc, blocks, S)
     assert torch.equal(k, key.transpose(0, 1)) and torch.equal(v, val.transpose(0, 1))
 
 

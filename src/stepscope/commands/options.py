@@ -145,7 +145,7 @@ def load_engine(args: argparse.Namespace, stepflow: bool = False, **kwargs) -> E
     from ..vllm.runner import generate_traces, run_config
 
     problem = support_problem() if stepflow else None
-    if problem:  # e.g. a GPU: the plugin serves StepFlow on vLLM's CPU backend only
+    if problem:  # e.g. a vLLM outside the tested range, or a platform without a StepFlow backend
         raise StepscopeError(f"--engine vllm cannot run StepFlow here ({problem}); use --no-stepflow or "
                              "--arms baseline with vLLM, or the transformers engine for StepFlow")
 

@@ -84,6 +84,21 @@ class StepFlowStats:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StepscopeError(f"not StepFlow stats ({type(e).__name__}: {e})") from None
 
+    @classmethod
+    def from_sums(cls, oeb_layers, smi_layers, sums, eligible, smi_fires, forwards: int, tokens: int, rows: int = 0,
+                  rows_with_thinking: int = 0) -> StepFlowStats:
+        """The stats of per-layer tallies: sums [L, 5] over eligible query-heads (fired, p(B), p(S) before, p(B),
+        p(S) after), eligible [L] (query-heads), smi_fires [L]; masses become means over the eligible pairs."""
+        s, n = np.asarray(sums, dtype=np.float64), np.asarray(eligible)
+
+        def mean(col: int) -> dict[int, float]:
+            return {i: float(s[i, col] / n[i]) if n[i] else 0.0 for i in oeb_layers}
+
+        return cls(list(oeb_layers), list(smi_layers), {i: int(round(s[i, 0])) for i in oeb_layers},
+                   {i: int(n[i]) for i in oeb_layers}, mean(1), mean(3), mean(2), mean(4),
+                   {i: int(smi_fires[i]) for i in smi_layers}, int(forwards), int(tokens), int(rows),
+                   int(rows_with_thinking))
+
     def summary(self) -> str:
         lines = [f"StepFlow: {self.forwards} forwards, {self.tokens} tokens"]
         if self.rows and not self.rows_with_thinking:
@@ -266,14 +281,5 @@ class FlowStats:
 
     def _make(self, s: np.ndarray, n, smi_fires, forwards: int, tokens: int, rows: int, thinking: int
               ) -> StepFlowStats:
-        # columns of s, summed over eligible query-heads: fired, p(B), p(S) before, p(B), p(S) after
-        oeb = self.oeb_layers
-        fires = {i: int(round(s[i, 0])) for i in oeb}
-        elig = {i: int(n[i]) for i in oeb}
-        before = {i: float(s[i, 1] / n[i]) if n[i] else 0.0 for i in oeb}
-        after = {i: float(s[i, 3] / n[i]) if n[i] else 0.0 for i in oeb}
-        g_before = {i: float(s[i, 2] / n[i]) if n[i] else 0.0 for i in oeb}
-        g_after = {i: float(s[i, 4] / n[i]) if n[i] else 0.0 for i in oeb}
-        smi = {i: int(smi_fires[i]) for i in self.smi_layers}
-        return StepFlowStats(list(oeb), list(self.smi_layers), fires, elig, before, after, g_before, g_after, smi,
-                             forwards, tokens, rows, thinking)
+        return StepFlowStats.from_sums(self.oeb_layers, self.smi_layers, s, n, smi_fires, forwards, tokens, rows,
+                                       thinking)

@@ -49,7 +49,7 @@ def oeb_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qp
     n_rep = H // hkv
     q6 = query.to(torch.float32).view(R, Q, hkv, n_rep, D).permute(0, 2, 3, 1, 4)  # [R, Hkv, n_rep, Q, D]
     s = torch.matmul(q6, keys.to(torch.float32)[:, :, None].transpose(-1, -2)) * scale  # [R, Hkv, n_rep, Q, S]
-    kpos = torch.arange(S)
+    kpos = torch.arange(S, device=query.device)
     hidden = kpos > qpos[..., None]  # [R, Q, S]
     if window:
         hidden |= kpos <= qpos[..., None] - window

@@ -1,48 +1,54 @@
-"""The attention backend the plugin puts in place of vLLM's CPU_ATTN: CPU_ATTN itself, then StepFlow's rows.
+"""What StepFlow's attention backends share: the backend's own forward over the whole batch, then StepFlow's rows.
 
-Every layer first runs CPU_ATTN's own kernel over the whole batch, untouched. Then, only when this forward has
+Every layer first runs the backend's own kernel over the whole batch, untouched. Then, only when this forward has
 StepFlow requests (worker.WORKER.plan), `worker.apply_layer` recomputes those requests' thinking and summary
 queries in the layers their config puts OEB on, and adds the step momentum in their SMI layers. A batch
 without StepFlow requests costs one dictionary lookup per layer.
+
+`StepFlowImpl` is mixed into one vLLM attention implementation per platform: backend_cpu.py (CPU_ATTN) and
+backend_cuda.py (FLASH_ATTN). Each says how its cache is laid out (`stepflow_layout`) and how it stores its
+sliding window; everything else is here and in worker.py, the same on both.
 """
 
 from __future__ import annotations
 
-from vllm.model_executor.models.utils import extract_layer_index
-from vllm.v1.attention.backend import AttentionType
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
-
-from .worker import WORKER, apply_layer
+from .worker import WORKER, LayerSpec, apply_layer
 
 
-class StepFlowCPUAttentionImpl(CPUAttentionBackendImpl):
-    """CPU_ATTN, then OEB/SMI for the StepFlow rows of the batch."""
+class StepFlowImpl:
+    """Mixin for a vLLM AttentionImpl: its forward, then OEB/SMI for the StepFlow rows of the batch."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._stepscope_layer: int | None = None
-        self._stepscope_isa: str | None = None
+        self._stepflow_spec: LayerSpec | None = None
         WORKER.backend = True
+
+    def stepflow_layout(self, layer):
+        """The paged cache layout this backend uses for `layer` (stepscope.vllm.paged)."""
+        raise NotImplementedError
+
+    def stepflow_window(self) -> int | None:
+        """The layer's sliding window in keys (a query sees keys > position - window), None for full attention."""
+        w = getattr(self, "sliding_window", None)
+        return int(w) if w and w > 0 else None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
+        from vllm.v1.attention.backend import AttentionType
+
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                               output_block_scale)
         if attn_metadata is None or self.attn_type != AttentionType.DECODER:
             return out
         plans = WORKER.plan(attn_metadata)
         if plans:
-            if self._stepscope_layer is None:
-                self._stepscope_layer = extract_layer_index(layer.layer_name)
-                self._stepscope_isa = getattr(layer, "isa", None)
+            spec = self._stepflow_spec
+            if spec is None:
+                from vllm.model_executor.models.utils import extract_layer_index
+
+                spec = self._stepflow_spec = LayerSpec(
+                    extract_layer_index(layer.layer_name), self.stepflow_layout(layer), self.stepflow_window(),
+                    self.num_heads, self.num_kv_heads, float(self.scale), getattr(self, "sinks", None))
             n = attn_metadata.num_actual_tokens
-            apply_layer(self, self._stepscope_layer, query[:n], kv_cache, attn_metadata, output[:n], plans)
+            apply_layer(spec, query[:n], kv_cache, attn_metadata, output[:n], plans)
         return out
-
-
-class StepFlowCPUAttentionBackend(CPUAttentionBackend):
-    """CPU_ATTN with StepFlow (same name, metadata, cache layout and kernel)."""
-
-    @staticmethod
-    def get_impl_cls() -> type[StepFlowCPUAttentionImpl]:
-        return StepFlowCPUAttentionImpl

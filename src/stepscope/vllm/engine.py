@@ -34,12 +34,15 @@ def require_vllm() -> str:
 def engine_kwargs(model: str, *, dtype: str = "auto", tensor_parallel_size: int = 1, max_model_len: int | None = None,
                   max_num_seqs: int | None = None, seed: int = 0) -> dict:
     """`LLM(...)` arguments for stepscope's runs. dtype "auto": float32 on vLLM's CPU backend, bfloat16 elsewhere
-    (as the transformers engine reads it). CPU engines run eagerly (the tested path: docs/vllm.md)."""
+    (as the transformers engine reads it). CPU engines run eagerly (the tested path: docs/vllm.md); GPU engines
+    schedule synchronously (StepFlow needs each row's newest token before the forward)."""
     from vllm.platforms import current_platform
 
     cpu = current_platform.is_cpu()
     kw = {"model": model, "dtype": ("float32" if cpu else "bfloat16") if dtype == "auto" else dtype,
           "tensor_parallel_size": int(tensor_parallel_size), "seed": int(seed), "enforce_eager": cpu}
+    if not cpu:
+        kw["async_scheduling"] = False
     if max_model_len is not None:
         kw["max_model_len"] = int(max_model_len)
     if max_num_seqs is not None:

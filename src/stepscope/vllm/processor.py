@@ -35,6 +35,11 @@ class StepFlowLogitsProcessor(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         WORKER.vllm_config = vllm_config
+        if getattr(vllm_config.scheduler_config, "async_scheduling", False):
+            # the forward would run before the host knows each row's newest token, which StepFlow's segmenter needs
+            WORKER.problem = ("StepFlow needs each row's newest token before the forward, which vLLM's async "
+                              "scheduling does not give: start the engine with async_scheduling=False "
+                              "(--no-async-scheduling)")
 
     def is_argmax_invariant(self) -> bool:
         return True

@@ -9,17 +9,8 @@ from ..flow import StepFlowStats
 
 def to_stats(t: dict) -> StepFlowStats:
     """One merged tally (worker.Tally.to_json) -> StepFlowStats (means over eligible query-heads)."""
-    s, n, smi = np.asarray(t["oeb"]), np.asarray(t["eligible"]), np.asarray(t["smi"])
-
-    def mean(col: int) -> dict:
-        return {i: float(s[i, col] / n[i]) if n[i] else 0.0 for i in t["oeb_layers"]}
-
-    return StepFlowStats(
-        oeb_layers=list(t["oeb_layers"]), smi_layers=list(t["smi_layers"]),
-        oeb_fires={i: int(round(s[i, 0])) for i in t["oeb_layers"]},
-        oeb_eligible={i: int(n[i]) for i in t["oeb_layers"]},
-        bridge_mass_before=mean(1), bridge_mass_after=mean(3), group_mass_before=mean(2), group_mass_after=mean(4),
-        smi_fires={i: int(smi[i]) for i in t["smi_layers"]}, forwards=int(t["forwards"]), tokens=int(t["tokens"]))
+    return StepFlowStats.from_sums(t["oeb_layers"], t["smi_layers"], t["oeb"], t["eligible"], t["smi"],
+                                   t["forwards"], t["tokens"])
 
 
 def merge_ranks(ranks: list[dict]) -> dict[str, StepFlowStats]:

@@ -25,6 +25,7 @@ docs/vllm.md, prefix caching): it is counted in `cache_conflicts` and warned abo
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -40,7 +41,6 @@ from ..formats import get_format
 from ..segment import Segmenter
 from ..tokens import token_bytes
 from .attention import oeb_decode, oeb_rows, smi_delta
-from .paged import check_isa, gather_kv, split_cache
 
 log = logging.getLogger("stepscope.vllm")
 EXTRA_KEY, ID_KEY = "stepflow", "stepflow_id"
@@ -158,20 +158,23 @@ class RowPlan:
     def q_len(self) -> int:
         return self.seq_len - self.pos0
 
-    def codes(self) -> torch.Tensor:
+    def codes(self, device=None) -> torch.Tensor:
         """Segment of each key 0..seq_len-1: long [S]."""
-        k = torch.arange(self.seq_len)
+        k = torch.arange(self.seq_len, device=device)
         return (k >= self.t0).long() + (k >= self.s0).long()
 
-    def geometry(self, window: int | None) -> Geometry:
-        got = self.geometries.get(window)
+    def geometry(self, window: int | None, device=None) -> Geometry:
+        """The OEB inputs of this row's queries in a layer with this sliding window, on `device`."""
+        key = (window, None if device is None else str(device))
+        got = self.geometries.get(key)
         if got is None:
             one = np.zeros(1, dtype=np.int64)
             g, t, _ = query_geometry(one, one + self.seq_len, one + self.t0, one + self.s0, self.pos0, self.q_len,
                                      window, self.req.config.tau_max)
             sel = np.nonzero(t[0] > 0)[0]
-            got = self.geometries[window] = Geometry(torch.from_numpy(sel), torch.from_numpy(sel + self.pos0),
-                                                     torch.from_numpy(g[0][sel]), torch.from_numpy(t[0][sel]))
+            parts = (sel, sel + self.pos0, g[0][sel], t[0][sel])
+            got = self.geometries[key] = Geometry(*(torch.from_numpy(np.ascontiguousarray(a)).to(device)
+                                                    for a in parts))
         return got
 
 
@@ -185,6 +188,7 @@ class Worker:
         self.batch_size = 0
         self.vllm_config = None
         self.backend = False  # the StepFlow attention backend runs in this process
+        self.problem: str | None = None  # why this engine cannot serve StepFlow requests (processor.py), if so
         self._tokenizer = None
         self._tokbytes = None
         self._formats: dict = {}
@@ -209,6 +213,8 @@ class Worker:
             cfg = request_config(params)
             if cfg is None:
                 continue
+            if self.problem:
+                raise StepscopeError(self.problem)
             if not self.backend:
                 raise StepscopeError("a request asks for StepFlow but the StepFlow attention backend is not "
                                      "active in this vLLM worker (is the 'stepscope_stepflow' general plugin "
@@ -354,59 +360,98 @@ class Worker:
 WORKER = Worker()
 
 
-def apply_layer(impl, layer_idx: int, query: torch.Tensor, kv_cache: torch.Tensor, metadata,
-                output: torch.Tensor, plans: list[RowPlan]) -> None:
+@dataclass(frozen=True)
+class LayerSpec:
+    """What `apply_layer` needs of one attention layer (made once per layer by backend.StepFlowImpl)."""
+
+    index: int  # the model layer
+    layout: object  # paged.CpuVecLayout or paged.FlashLayout
+    window: int | None  # sliding window in keys, None for full attention
+    num_heads: int  # this rank's query heads
+    num_kv_heads: int
+    scale: float
+    sinks: torch.Tensor | None = None  # [num_heads] (GPT-OSS)
+
+
+def apply_layer(spec: LayerSpec, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor,
+                plans: list[RowPlan], shared: dict | None = None) -> None:
     """OEB and SMI of one attention layer for the StepFlow rows of this forward, in place on `output`.
 
     query/output: [num_tokens, H, D] (this rank's heads); kv_cache: this layer's paged cache, already holding
-    this forward's keys. Decoding rows (one query each) go through one batched `oeb_decode`; prefill rows and
-    rows with an SMI fire one by one."""
-    window = impl.sliding_window if impl.sliding_window and impl.sliding_window > 0 else None
-    H = impl.num_heads
-    n_rep = H // impl.num_kv_heads
+    this forward's keys. Decoding rows (one query each) go through one batched call: the fused paged kernel
+    where the layout has one and it can run, else `attention.oeb_decode` over the gathered keys; prefill rows and
+    rows with an SMI fire one by one. `shared`: where the forward's OEB layers keep their common decoding inputs
+    (default: the worker's, reset every forward)."""
+    layer, window, H = spec.index, spec.window, spec.num_heads
+    n_rep = H // spec.num_kv_heads
+    device = query.device
     caches = None
     decode: list[tuple[RowPlan, Geometry]] = []
     for rp in plans:
         req = rp.req
-        geo = rp.geometry(window) if layer_idx in req.oeb else None
-        fires = rp.fires if layer_idx in req.smi else ()
+        geo = rp.geometry(window, device) if layer in req.oeb else None
+        fires = rp.fires if layer in req.smi else ()
         if not (fires or (geo is not None and geo.sel.numel())):
             continue
         if caches is None:
-            check_isa(getattr(impl, "_stepscope_isa", None))
-            caches = split_cache(kv_cache)
+            spec.layout.check()
+            caches = spec.layout.views(kv_cache)
         if not fires and rp.q_len == 1:
             decode.append((rp, geo))
             continue
-        keys, values = gather_kv(*caches, metadata.block_table[rp.index], rp.seq_len)  # [Hkv, S, D]
+        keys, values = spec.layout.gather(*caches, metadata.block_table[rp.index], rp.seq_len)  # [Hkv, S, D]
         if geo is not None and geo.sel.numel():
             tok = rp.tok0 + geo.sel
-            res = oeb_rows(query[tok], keys, values, geo.qpos, geo.gidx, geo.tau, rp.codes(), impl.scale, window,
-                           impl.sinks)
+            res = oeb_rows(query[tok], keys, values, geo.qpos, geo.gidx, geo.tau, rp.codes(device), spec.scale,
+                           window, spec.sinks)
             output[tok] = res[0].to(output.dtype)
-            _count_oeb([rp], layer_idx, geo.qpos[None], res[1][None], res[2][None], res[3][None], H)
+            _count_oeb([rp], layer, geo.qpos[None], res[1][None], res[2][None], res[3][None], H)
         for pos, ws, we in fires:
             d = smi_delta(values, ws, we, pos, float(req.config.alpha), n_rep, window)
             if d is not None:
                 output[rp.tok0 + pos - rp.pos0] += d.to(output.dtype)
             if pos >= rp.count_from:
-                req.tally.smi[layer_idx] += 1
+                req.tally.smi[layer] += 1
     if decode:
+        shared = WORKER.decode_inputs if shared is None else shared
         key = (window, tuple(rp.index for rp, _ in decode))
-        d = WORKER.decode_inputs.get(key)
+        d = shared.get(key)
         if d is None:
-            d = WORKER.decode_inputs[key] = DecodeInputs.of(decode, metadata.block_table)
-        keys, values = gather_kv(*caches, d.blocks, d.S)
-        values = values.masked_fill(d.pad, 0.0)
-        out, fired, before, after = oeb_decode(query[d.tok][:, None], keys, values, d.qpos, d.gidx, d.tau, d.codes,
-                                               impl.scale, window, impl.sinks)
-        output[d.tok] = out[:, 0].to(output.dtype)
-        _count_oeb(d.rows, layer_idx, d.qpos, fired, before, after, H, d.first)
+            d = shared[key] = DecodeInputs.of(decode, metadata.block_table, window)
+        if spec.layout.paged_kernel and _kernel_runs(device):
+            out, fired, before, after = _decode_paged_kernel(spec, query, caches, d)
+        else:
+            keys, values = spec.layout.gather(*caches, d.blocks, d.S)
+            values = values.masked_fill(d.pad, 0.0)
+            out, fired, before, after = oeb_decode(query[d.tok][:, None], keys, values, d.qpos, d.gidx, d.tau,
+                                                   d.codes, spec.scale, window, spec.sinks)
+            out = out[:, 0]
+        output[d.tok] = out.to(output.dtype)
+        _count_oeb(d.rows, layer, d.qpos, fired, before, after, H, d.first)
+
+
+def _kernel_runs(device: torch.device) -> bool:
+    from ..flow import kernels
+
+    return kernels.available(device)
+
+
+def _decode_paged_kernel(spec: LayerSpec, query: torch.Tensor, caches, d: DecodeInputs):
+    """The decoding rows through the fused paged kernel: (out [R, H, D], fired [R, 1, H], before/after
+    [R, 1, H, 2]) as `attention.oeb_decode` gives them."""
+    from ..flow import kernels
+
+    R, H = len(d.rows), spec.num_heads
+    stats = torch.empty(R, H, 5, dtype=torch.float32, device=query.device)
+    out = kernels.oeb_decode_paged(query[d.tok], caches[0], caches[1], d.block_table_i32, d.kseg, d.qgroups,
+                                   d.tau_b, spec.scale, sinks=spec.sinks, stats=stats)
+    st = stats[:, None]  # every decoding row here is eligible: (fire, p_B, p_S before, p_B, p_S after)
+    return out, st[..., 0] > 0, st[..., 1:3], st[..., 3:5]
 
 
 @dataclass
 class DecodeInputs:
-    """What the OEB layers of one forward share for its decoding rows (one query each)."""
+    """What the OEB layers of one forward share for its decoding rows (one query each), on the batch's device."""
 
     rows: list  # RowPlan [R]
     S: int  # the longest row's keys
@@ -418,18 +463,50 @@ class DecodeInputs:
     gidx: torch.Tensor  # long [R, 1, 2]
     tau: torch.Tensor  # float32 [R, 1]
     first: torch.Tensor  # bool [R, 1]: the query is counted (computed here for the first time)
+    window: int | None = None
 
     @classmethod
-    def of(cls, decode: list[tuple[RowPlan, Geometry]], block_table: torch.Tensor) -> DecodeInputs:
+    def of(cls, decode: list[tuple[RowPlan, Geometry]], block_table: torch.Tensor,
+           window: int | None = None) -> DecodeInputs:
+        dev = block_table.device
         rows = [rp for rp, _ in decode]
         S = max(rp.seq_len for rp in rows)
-        k = torch.arange(S)[None, :]
-        seq, t0, s0 = (torch.tensor([getattr(rp, f) for rp in rows])[:, None] for f in ("seq_len", "t0", "s0"))
+        k = torch.arange(S, device=dev)[None, :]
+
+        def col(values) -> torch.Tensor:
+            return torch.tensor(values, device=dev)[:, None]
+
+        seq, t0, s0 = (col([getattr(rp, f) for rp in rows]) for f in ("seq_len", "t0", "s0"))
         qpos = torch.cat([g.qpos for _, g in decode])[:, None]
-        return cls(rows, S, block_table[torch.tensor([rp.index for rp in rows])], (k >= seq)[:, None, :, None],
-                   (k >= t0).long() + (k >= s0).long(), torch.tensor([rp.tok0 for rp in rows]), qpos,
+        return cls(rows, S, block_table[torch.tensor([rp.index for rp in rows], device=dev)],
+                   (k >= seq)[:, None, :, None], (k >= t0).long() + (k >= s0).long(),
+                   torch.tensor([rp.tok0 for rp in rows], device=dev), qpos,
                    torch.cat([g.gidx for _, g in decode])[:, None], torch.cat([g.tau for _, g in decode])[:, None],
-                   qpos >= torch.tensor([rp.count_from for rp in rows])[:, None])
+                   qpos >= col([rp.count_from for rp in rows]), window)
+
+    # the fused paged kernel's form of the same inputs (stepscope.flow.kernels.oeb_decode_paged)
+
+    @functools.cached_property
+    def kseg(self) -> torch.Tensor:
+        """int8 [R, S]: each key's segment, 3 where the row's query does not see it (past its keys, or out of
+        its sliding window)."""
+        k = torch.arange(self.S, device=self.codes.device)[None, :]
+        hidden = self.pad[:, 0, :, 0] | (k > self.qpos)
+        if self.window:
+            hidden |= k <= self.qpos - self.window
+        return self.codes.masked_fill(hidden, 3).to(torch.int8)
+
+    @functools.cached_property
+    def qgroups(self) -> torch.Tensor:
+        return self.gidx[:, 0].to(torch.int32).contiguous()
+
+    @functools.cached_property
+    def tau_b(self) -> torch.Tensor:
+        return self.tau[:, 0].to(torch.float32).contiguous()
+
+    @functools.cached_property
+    def block_table_i32(self) -> torch.Tensor:
+        return self.blocks.to(torch.int32)
 
 
 def _count_oeb(rows: list[RowPlan], layer: int, qpos: torch.Tensor, fired: torch.Tensor, before: torch.Tensor,
@@ -437,9 +514,9 @@ def _count_oeb(rows: list[RowPlan], layer: int, qpos: torch.Tensor, fired: torch
     """Add OEB counts of rows' queries (qpos [R, Q]; fired [R, Q, H]; masses [R, Q, H, 2]) to their tallies, only
     for positions computed here for the first time (`first` [R, Q], when known)."""
     if first is None:
-        first = qpos >= torch.tensor([rp.count_from for rp in rows])[:, None]  # [R, Q]
+        first = qpos >= torch.tensor([rp.count_from for rp in rows], device=qpos.device)[:, None]  # [R, Q]
     part = torch.cat([fired.to(torch.float64)[..., None], before.double(), after.double()], -1)  # [R, Q, H, 5]
-    sums = (part * first[..., None, None]).sum((1, 2)).numpy()  # [R, 5]
+    sums = (part * first[..., None, None]).sum((1, 2)).cpu().numpy()  # [R, 5]
     n = first.sum(1).tolist()
     for rp, s, k in zip(rows, sums, n):
         if k:
