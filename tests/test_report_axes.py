@@ -42,12 +42,22 @@ def test_heatmap_axes_number_the_steps_and_keep_the_segment_letters(result):
     ax = fig.axes[0]
     want = figures.step_ticks(S)
     assert len(want) >= 2
-    for axis in (ax.xaxis, ax.yaxis):
-        assert list(axis.get_majorticklocs()) == want
-        assert [t.get_text() for t in axis.get_majorticklabels()] == [str(s) for s in want]
-        letters = [t.get_text() for t in axis.get_minorticklabels()]
-        assert letters == ["Q", "T", "S"]  # one letter per segment, at its middle
+    edges = [0, *figures.boundaries(kinds), S]
+    mids = [(a + b - 1) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    below = [(t.xy[0], t.get_text()) for t in ax.texts if t.xyann[1] < 0]  # offset down: the x axis
+    beside = [(t.xy[1], t.get_text()) for t in ax.texts if t.xyann[0] < 0]  # offset left: the y axis
+    for got in (below, beside):
+        assert [p for p, text in got if text.isdigit()] == want  # a number at each step tick
+        assert [text for _, text in got if text.isdigit()] == [str(s) for s in want]
+        assert [(p, text) for p, text in got if not text.isdigit()] == list(zip(mids, ["Q", "T", "S"]))
+    assert [t.get_color() for t in ax.texts if t.get_text() == "T"] == [figures.KIND_COLORS["thinking"]] * 2
     fig.canvas.draw()  # the labels render
+    # under the x axis: numbers, then the letters below them, then the axis name below both
+    r = fig.canvas.get_renderer()
+    number = next(t for t in ax.texts if t.get_text() == "0" and t.xyann[1] < 0).get_window_extent(r)
+    letter = next(t for t in ax.texts if t.get_text() == "Q" and t.xyann[1] < 0).get_window_extent(r)
+    name = ax.xaxis.label.get_window_extent(r)
+    assert number.y0 > letter.y1 - 1 and letter.y0 > name.y1 - 1
 
 
 def test_colorbar_labels_are_plain_decades(result):

@@ -146,32 +146,52 @@ def plot_step_map(ax: Any, m: np.ndarray, step_kinds: Sequence[str], *, title: s
         ax.axvline(b - 0.5, color=_BOUNDARY, lw=0.9)
         ax.axhline(b - 0.5, color="black", lw=0.3, ls=":")
         ax.axvline(b - 0.5, color="black", lw=0.3, ls=":")
-    # step numbers (major ticks), and segment letters at the segments' middles (minor ticks, one row further out)
-    ticks = step_ticks(len(step_kinds))
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.set_yticks(ticks, [str(t) for t in ticks])
-    edges = [0, *boundaries(step_kinds), len(step_kinds)]
-    mids = [(a + b - 1) / 2 for a, b in zip(edges[:-1], edges[1:])]
-    names = [step_kinds[a][0].upper() for a in edges[:-1]]
-    ax.set_xticks(mids, names, minor=True)
-    ax.set_yticks(mids, names, minor=True)
-    ax.xaxis.remove_overlapping_locs = ax.yaxis.remove_overlapping_locs = False  # a letter may sit on a number
-    for letters in (ax.get_xticklabels(minor=True), ax.get_yticklabels(minor=True)):
-        for lab, a in zip(letters, edges[:-1]):
-            lab.set_color(KIND_COLORS[step_kinds[a]])
-            lab.set_fontweight("bold")
-    ax.tick_params(which="major", length=2, pad=1.5, labelsize=6.5)
-    ax.tick_params(axis="x", which="minor", length=0, pad=9)
-    ax.tick_params(axis="y", which="minor", length=0, pad=5 + 4.5 * len(str(ticks[-1])))
+    _step_axes(ax, step_kinds)
     if labels[0]:
-        ax.set_xlabel("key step j")
+        ax.set_xlabel("key step j", labelpad=_NUMBER_PAD + 20)
     if labels[1]:
-        ax.set_ylabel("query step i")
+        ax.set_ylabel("query step i", labelpad=_letter_pad(len(step_kinds)) + 8)
     if title:
         ax.set_title(title, parse_math=False)
     if colorbar:
         _log_colorbar(ax, im, ("N[i, j]" if normalize_rows else "M[i, j]") if labels[2] else None, cax)
     return im
+
+
+_NUMBER_PAD = 3.0  # points between an axis and its step numbers
+
+
+def _letter_pad(num_steps: int) -> float:
+    """Points between the y axis and its segment letters: beyond the widest step number."""
+    return _NUMBER_PAD + 2 + 4.5 * len(str(step_ticks(num_steps)[-1]))
+
+
+def _step_axes(ax: Any, step_kinds: Sequence[str]) -> None:
+    """A step map's axes: step numbers with tick marks, and each segment's letter at its middle one row further
+    out (coloured by kind). Drawn as a few texts and one marker line per axis, not as matplotlib ticks: ticks
+    (five artists each, made again at every draw) were most of a grid figure's time."""
+    from matplotlib.transforms import blended_transform_factory as blend
+
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ticks = step_ticks(len(step_kinds))
+    edges = [0, *boundaries(step_kinds), len(step_kinds)]
+    mids = [(a + b - 1) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    letters = [(m, step_kinds[a]) for m, a in zip(mids, edges[:-1])]
+    xt, yt = blend(ax.transData, ax.transAxes), blend(ax.transAxes, ax.transData)
+    ax.plot(ticks, [0] * len(ticks), ls="", marker=3, ms=2, mew=0.6, color="black", transform=xt, clip_on=False)
+    ax.plot([0] * len(ticks), ticks, ls="", marker=0, ms=2, mew=0.6, color="black", transform=yt, clip_on=False)
+    for t in ticks:
+        ax.annotate(str(t), (t, 0), xycoords=xt, xytext=(0, -_NUMBER_PAD), textcoords="offset points",
+                    ha="center", va="top", fontsize=6.5, annotation_clip=False)
+        ax.annotate(str(t), (0, t), xycoords=yt, xytext=(-_NUMBER_PAD, 0), textcoords="offset points",
+                    ha="right", va="center", fontsize=6.5, annotation_clip=False)
+    pad = _letter_pad(len(step_kinds))
+    for m, kind in letters:
+        style = dict(color=KIND_COLORS[kind], fontweight="bold", textcoords="offset points", annotation_clip=False)
+        ax.annotate(kind[0].upper(), (m, 0), xycoords=xt, xytext=(0, -_NUMBER_PAD - 9), ha="center", va="top",
+                    **style)
+        ax.annotate(kind[0].upper(), (0, m), xycoords=yt, xytext=(-pad, 0), ha="right", va="center", **style)
 
 
 def heatmap_figure(maps: Any, step_kinds: Sequence[str], layer: int, *, title: str | None = None,
