@@ -2,7 +2,8 @@
 # The device-machine run (docs/performance.md, bench/RESULTS.md), in two phases that fit one device session with
 # room for a rerun of the first:
 #   bash bench/gpu_run.sh check   # ~3 min: GPU and library versions, the fused OEB kernel's tests compiled on the
-#                                 # GPU, the kernel alone against sdpa (bench/oeb_kernel.py), StepFlow's self-check, the
+#                                 # GPU, the kernel alone against sdpa, dense and over a paged cache in vLLM's
+#                                 # layout (bench/oeb_kernel.py [--paged]), StepFlow's self-check, the
 #                                 # synchronizing CUDA operations per token of plain and StepFlow
 #                                 # and profiles of plain and StepFlow at batch 1 and 16 -> $OUT/check
 #   bash bench/gpu_run.sh bench   # ~6 min: bench/stepflow_overhead.py's timed rounds, batch 1 and 16 -> $OUT/bench
@@ -24,6 +25,7 @@ if [ "$phase" != bench ]; then
   TRITON_INTERPRET=0 timeout "${KERNEL_TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_flow_kernels.py 2>&1 | tail -25 | tee "$OUT/check/kernel_tests.log"
   timeout 120 python3 bench/oeb_kernel.py --out "$OUT/check" 2>&1 | tee "$OUT/check/oeb_kernel.log"
+  timeout 120 python3 bench/oeb_kernel.py --paged --out "$OUT/check" 2>&1 | tee "$OUT/check/oeb_kernel_paged.log"
   python3 bench/stepflow_overhead.py "${COMMON[@]}" --no-timing --self-check --sync-check --profile-tokens 24 \
     --profile-batch-sizes 1,16 --out "$OUT/check" "$@" 2>&1 | tee "$OUT/check/bench.log"
 fi
