@@ -35,26 +35,38 @@ def oeb_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qpos
     return tuple(torch.cat([p[i][:, 0] for p in parts]) for i in range(4))  # each query a row of its own
 
 
+def decode_masks(qpos: torch.Tensor, gidx: torch.Tensor, codes: torch.Tensor, window: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden [R, Q, S] bool: keys a query does not see, past its position or out of its sliding window;
+    group [R, Q, S] long: 0 for the bridge B, 1 for the query's group S, 2 for the rest O) of R rows' queries
+    (qpos [R, Q], gidx [R, Q, 2]) over keys whose segments are codes [R, S]. The same for every layer of a
+    forward with this window."""
+    kpos = torch.arange(codes.shape[-1], device=codes.device)
+    hidden = kpos > qpos[..., None]
+    if window:
+        hidden |= kpos <= qpos[..., None] - window
+    group = torch.where(codes[:, None, :] == gidx[..., :1], 0, torch.where(codes[:, None, :] == gidx[..., 1:], 1, 2))
+    return hidden, group
+
+
 def oeb_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qpos: torch.Tensor,
                gidx: torch.Tensor, tau: torch.Tensor, codes: torch.Tensor, scale: float, window: int | None = None,
-               sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               sinks: torch.Tensor | None = None, masks: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bridged attention of R rows at once, Q queries each (decoding: Q = 1), keys padded to a common S (a key
     past a query's position is hidden, so padding never counts).
 
-    query [R, Q, H, D]; keys/values [R, Hkv, S, D]; qpos [R, Q]; gidx [R, Q, 2]; tau [R, Q]; codes [R, S].
+    query [R, Q, H, D]; keys/values [R, Hkv, S, D]; qpos [R, Q]; gidx [R, Q, 2]; tau [R, Q]; codes [R, S];
+    masks: `decode_masks(qpos, gidx, codes, window)` when the caller has them already.
     Returns (out [R, Q, H, D] float32, fired [R, Q, H], before [R, Q, H, 2], after [R, Q, H, 2]).
     """
     R, Q, H, D = query.shape
-    hkv, S = keys.shape[1], keys.shape[2]
+    hkv = keys.shape[1]
     n_rep = H // hkv
     q6 = query.to(torch.float32).view(R, Q, hkv, n_rep, D).permute(0, 2, 3, 1, 4)  # [R, Hkv, n_rep, Q, D]
     s = torch.matmul(q6, keys.to(torch.float32)[:, :, None].transpose(-1, -2)) * scale  # [R, Hkv, n_rep, Q, S]
-    kpos = torch.arange(S, device=query.device)
-    hidden = kpos > qpos[..., None]  # [R, Q, S]
-    if window:
-        hidden |= kpos <= qpos[..., None] - window
+    hidden, group = masks if masks is not None else decode_masks(qpos, gidx, codes, window)
     s = s.masked_fill(hidden[:, None, None], float("-inf"))
-    group = torch.where(codes[:, None, :] == gidx[..., :1], 0, torch.where(codes[:, None, :] == gidx[..., 1:], 1, 2))
     part_out, lse = group_partials(s, values.to(torch.float32)[:, :, None, None], group[:, None, None])
     sink = None if sinks is None else sinks.to(torch.float32).view(1, hkv, n_rep, 1).expand(R, hkv, n_rep, Q)
     merged, fired, before, after = oeb_merge(part_out, lse, tau[:, None, None], sink)  # [R, Hkv, n_rep, Q, ...]

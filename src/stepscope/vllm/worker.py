@@ -40,7 +40,7 @@ from ..flow.state import query_geometry
 from ..formats import get_format
 from ..segment import Segmenter
 from ..tokens import token_bytes
-from .attention import oeb_decode, oeb_rows, smi_delta
+from .attention import decode_masks, oeb_decode, oeb_rows, smi_delta
 
 log = logging.getLogger("stepscope.vllm")
 EXTRA_KEY, ID_KEY = "stepflow", "stepflow_id"
@@ -424,7 +424,7 @@ def apply_layer(spec: LayerSpec, query: torch.Tensor, kv_cache: torch.Tensor, me
             keys, values = spec.layout.gather(*caches, d.blocks, d.S)
             values = values.masked_fill(d.pad, 0.0)
             out, fired, before, after = oeb_decode(query[d.tok][:, None], keys, values, d.qpos, d.gidx, d.tau,
-                                                   d.codes, spec.scale, window, spec.sinks)
+                                                   d.codes, spec.scale, window, spec.sinks, d.masks)
             out = out[:, 0]
         output[d.tok] = out.to(output.dtype)
         _count_oeb(d.rows, layer, d.qpos, fired, before, after, H, d.first)
@@ -484,17 +484,18 @@ class DecodeInputs:
                    torch.cat([g.gidx for _, g in decode])[:, None], torch.cat([g.tau for _, g in decode])[:, None],
                    qpos >= col([rp.count_from for rp in rows]), window)
 
+    @functools.cached_property
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attention.decode_masks` of these rows: (hidden, group), each [R, 1, S]."""
+        return decode_masks(self.qpos, self.gidx, self.codes, self.window)
+
     # the fused paged kernel's form of the same inputs (stepscope.flow.kernels.oeb_decode_paged)
 
     @functools.cached_property
     def kseg(self) -> torch.Tensor:
         """int8 [R, S]: each key's segment, 3 where the row's query does not see it (past its keys, or out of
         its sliding window)."""
-        k = torch.arange(self.S, device=self.codes.device)[None, :]
-        hidden = self.pad[:, 0, :, 0] | (k > self.qpos)
-        if self.window:
-            hidden |= k <= self.qpos - self.window
-        return self.codes.masked_fill(hidden, 3).to(torch.int8)
+        return self.codes.masked_fill(self.masks[0][:, 0], 3).to(torch.int8)
 
     @functools.cached_property
     def qgroups(self) -> torch.Tensor:
