@@ -14,7 +14,6 @@ from conftest import require_vllm
 require_vllm()
 
 import pytest  # noqa: E402
-import test_vllm_tiny_llama as llama_module  # noqa: E402
 import torch  # noqa: E402
 from test_vllm_tiny_llama import *  # noqa: E402,F401,F403
 from test_vllm_tiny_llama import QUESTIONS, assert_matches_teacher_forced  # noqa: E402
@@ -66,7 +65,7 @@ def test_sinks_and_windows_are_in_play(setup):
             assert (got - _chosen_logprobs(other, p, gen)).abs().max().item() > 0.1
 
 
-def test_stepflow_in_sliding_and_full_layers(setup, monkeypatch):
+def test_stepflow_in_sliding_and_full_layers(setup):
     """OEB in layer 0 (sliding window) and layer 1 (full attention) teacher-forced as in the other modules; and
     in vLLM's own counts, the window limits who is eligible: in the sliding layer only the first window - 1
     thinking queries still see question keys, in the full layer every thinking query does."""
@@ -74,8 +73,7 @@ def test_stepflow_in_sliding_and_full_layers(setup, monkeypatch):
 
     llm, model, tok = setup
     cfg = StepFlowConfig(fmt="think", tau_max=0.95, oeb_layers=[0, 1])
-    monkeypatch.setattr(llama_module, "CFG", cfg)  # the config assert_matches_teacher_forced runs
-    assert_matches_teacher_forced(llm, model, tok, "w", lambda i: 20 + 6 * i)
+    assert_matches_teacher_forced(llm, model, tok, "w", lambda i: 20 + 6 * i, cfg)
 
     ids = _prompts(tok)[0]
     llm.generate([sv.prompt(ids, cfg)], [sv.sampling_params(cfg, "win", max_tokens=24, temperature=0)],

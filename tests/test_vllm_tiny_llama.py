@@ -49,22 +49,22 @@ def setup(tmp_path_factory, arch):
     shutdown_engines()
 
 
-def assert_matches_teacher_forced(llm, model, tok, key: str, max_tokens) -> None:
-    """vLLM with StepFlow against our transformers StepFlow teacher-forced over vLLM's tokens: every argmax equals
-    vLLM's token, the chosen tokens' logprobs agree within 1e-3 and the fire counts are equal (request i of
-    QUESTIONS asks for max_tokens(i) tokens under the stats key f"{key}{i}")."""
+def assert_matches_teacher_forced(llm, model, tok, key: str, max_tokens, cfg: StepFlowConfig = CFG) -> None:
+    """vLLM with StepFlow (config `cfg`) against our transformers StepFlow teacher-forced over vLLM's tokens: every
+    argmax equals vLLM's token, the chosen tokens' logprobs agree within 1e-3 and the fire counts are equal
+    (request i of QUESTIONS asks for max_tokens(i) tokens under the stats key f"{key}{i}")."""
     import stepscope.vllm as sv
     from stepscope.prompts import build_prompt
 
     ids = [build_prompt(tok, q, fmt="think")[1] for q in QUESTIONS]
-    params = [sv.sampling_params(CFG, f"{key}{i}", max_tokens=max_tokens(i), temperature=0, logprobs=1)
+    params = [sv.sampling_params(cfg, f"{key}{i}", max_tokens=max_tokens(i), temperature=0, logprobs=1)
               for i in range(len(ids))]
-    outs = llm.generate([sv.prompt(p, CFG) for p in ids], params, use_tqdm=False)
+    outs = llm.generate([sv.prompt(p, cfg) for p in ids], params, use_tqdm=False)
     stats = sv.collect_stats(llm, keys=[f"{key}{i}" for i in range(len(ids))], clear=True)
     for i, (p, o) in enumerate(zip(ids, outs)):
         c = o.outputs[0]
         gen = list(c.token_ids)
-        with torch.no_grad(), StepFlow(model, tok, CFG, kernel="torch") as flow:
+        with torch.no_grad(), StepFlow(model, tok, cfg, kernel="torch") as flow:
             logits = model(torch.tensor([p + gen[:-1]])).logits[0].float()
         ref = torch.log_softmax(logits, -1)[len(p) - 1:]
         assert ref.argmax(-1).tolist() == gen
