@@ -63,8 +63,12 @@ def oeb_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qp
     R, Q, H, D = query.shape
     hkv = keys.shape[1]
     n_rep = H // hkv
-    q6 = query.to(torch.float32).view(R, Q, hkv, n_rep, D).permute(0, 2, 3, 1, 4)  # [R, Hkv, n_rep, Q, D]
-    s = torch.matmul(q6, keys.to(torch.float32)[:, :, None].transpose(-1, -2)) * scale  # [R, Hkv, n_rep, Q, S]
+    S = keys.shape[2]
+    # one plain batched product per (row, kv head): its n_rep * Q queries against its keys (no broadcast copy;
+    # contiguous keys, so that every cache layout gives the same products bit for bit)
+    q = query.to(torch.float32).view(R, Q, hkv, n_rep, D).permute(0, 2, 3, 1, 4).reshape(R, hkv, n_rep * Q, D)
+    k = keys.to(torch.float32).contiguous()
+    s = (torch.matmul(q, k.transpose(-1, -2)) * scale).view(R, hkv, n_rep, Q, S)
     hidden, group = masks if masks is not None else decode_masks(qpos, gidx, codes, window)
     s = s.masked_fill(hidden[:, None, None], float("-inf"))
     part_out, lse = group_partials(s, values.to(torch.float32)[:, :, None, None], group[:, None, None])
