@@ -7,11 +7,8 @@ work headless and in threads. Titles never go through mathtext (`$` in a trace i
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from ..diagnose import BAD_DIRECTION, METRICS, SCORES, Comparison, Diagnosis, layer_groups
+from ..io import atomic_write_bytes
 from ..layers import layer_bands
 
 KIND_COLORS = {"question": "#6a4c93", "thinking": "#1982c4", "summary": "#e07a1f"}
@@ -361,28 +359,6 @@ def result_figures(stem: str | os.PathLike, maps: Any, step_kinds: Sequence[str]
                                formats)
 
 
-@functools.cache
-def _umask() -> int:
-    """The process umask, read once (reading it means setting it, briefly)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a figure is for sharing, like any new file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def save_figure(fig: Figure, stem: str | os.PathLike, formats: Sequence[str] = ("png", "svg"),
                 dpi: int = 150) -> list[Path]:
     """Write `fig` as stem.png and stem.svg (each through a temporary file and a rename); returns the paths."""
@@ -399,7 +375,7 @@ def save_figure(fig: Figure, stem: str | os.PathLike, formats: Sequence[str] = (
         with matplotlib.rc_context(RC):
             fig.savefig(buf, format=fmt, dpi=dpi, metadata={"Date": None} if fmt == "svg" else None)
         path = Path(f"{os.fspath(stem)}.{fmt}")
-        _write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
         out.append(path)
     return out
 
