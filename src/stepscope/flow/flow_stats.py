@@ -271,15 +271,12 @@ class FlowStats:
         """The tallies so far (reading them synchronizes with the device once)."""
         self.flush()
         s = self._sums.cpu().numpy() if self._sums is not None else np.zeros((self.num_layers, 5))
-        return self._make(s, self._eligible, self._smi, forwards, tokens, rows, rows_with_thinking)
+        return StepFlowStats.from_sums(self.oeb_layers, self.smi_layers, s, self._eligible, self._smi, forwards,
+                                       tokens, rows, rows_with_thinking)
 
     def row(self, row: int, forwards: int, tokens: int, with_thinking: bool) -> StepFlowStats:
         """The tallies of one row of the last fresh batch, by its index in that batch."""
         self.flush()
         s = self._row_sums[row].cpu().numpy() if self._row_sums is not None else np.zeros((self.num_layers, 5))
-        return self._make(s, self._row_elig[row], self._row_smi[row], forwards, tokens, 1, int(with_thinking))
-
-    def _make(self, s: np.ndarray, n, smi_fires, forwards: int, tokens: int, rows: int, thinking: int
-              ) -> StepFlowStats:
-        return StepFlowStats.from_sums(self.oeb_layers, self.smi_layers, s, n, smi_fires, forwards, tokens, rows,
-                                       thinking)
+        return StepFlowStats.from_sums(self.oeb_layers, self.smi_layers, s, self._row_elig[row], self._row_smi[row],
+                                       forwards, tokens, 1, int(with_thinking))
