@@ -12,6 +12,8 @@ sliding window; everything else is here and in worker.py, the same on both.
 
 from __future__ import annotations
 
+from vllm.v1.attention.backend import AttentionType
+
 from .worker import WORKER, LayerSpec, apply_layer
 
 
@@ -34,8 +36,6 @@ class StepFlowImpl:
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        from vllm.v1.attention.backend import AttentionType
-
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                               output_block_scale)
         if attn_metadata is None or self.attn_type != AttentionType.DECODER:

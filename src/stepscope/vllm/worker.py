@@ -165,7 +165,7 @@ class RowPlan:
 
     def geometry(self, window: int | None, device=None) -> Geometry:
         """The OEB inputs of this row's queries in a layer with this sliding window, on `device`."""
-        key = (window, None if device is None else str(device))
+        key = (window, device)
         got = self.geometries.get(key)
         if got is None:
             one = np.zeros(1, dtype=np.int64)
@@ -430,7 +430,9 @@ def apply_layer(spec: LayerSpec, query: torch.Tensor, kv_cache: torch.Tensor, me
         _count_oeb(d.rows, layer, d.qpos, fired, before, after, H, d.first)
 
 
+@functools.cache
 def _kernel_runs(device: torch.device) -> bool:
+    """Whether the fused kernel runs on this device (a CUDA device, or Triton's interpreter): asked once."""
     from ..flow import kernels
 
     return kernels.available(device)
@@ -443,8 +445,12 @@ def _decode_paged_kernel(spec: LayerSpec, query: torch.Tensor, caches, d: Decode
 
     R, H = len(d.rows), spec.num_heads
     stats = torch.empty(R, H, 5, dtype=torch.float32, device=query.device)
-    out = kernels.oeb_decode_paged(query[d.tok], caches[0], caches[1], d.block_table_i32, d.kseg, d.qgroups,
-                                   d.tau_b, spec.scale, sinks=spec.sinks, stats=stats)
+    q = query[d.tok]
+    if d.paged_plan is None:  # the forward's OEB layers with this window share the shapes: checked and planned once
+        d.paged_plan = kernels.plan_decode_paged(q, caches[0], caches[1], d.block_table_i32, d.kseg, d.qgroups,
+                                                 d.tau_b, spec.sinks, stats)
+    out = kernels.oeb_decode_paged(q, caches[0], caches[1], d.block_table_i32, d.kseg, d.qgroups, d.tau_b,
+                                   spec.scale, sinks=spec.sinks, stats=stats, plan=d.paged_plan)
     st = stats[:, None]  # every decoding row here is eligible: (fire, p_B, p_S before, p_B, p_S after)
     return out, st[..., 0] > 0, st[..., 1:3], st[..., 3:5]
 
@@ -464,6 +470,7 @@ class DecodeInputs:
     tau: torch.Tensor  # float32 [R, 1]
     first: torch.Tensor  # bool [R, 1]: the query is counted (computed here for the first time)
     window: int | None = None
+    paged_plan: object = None  # the fused paged kernel's launch plan (kernels.DecodePlan), made by its first layer
 
     @classmethod
     def of(cls, decode: list[tuple[RowPlan, Geometry]], block_table: torch.Tensor,
