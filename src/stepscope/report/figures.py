@@ -144,11 +144,11 @@ def plot_step_map(ax: Any, m: np.ndarray, step_kinds: Sequence[str], *, title: s
         ax.axvline(b - 0.5, color=_BOUNDARY, lw=0.9)
         ax.axhline(b - 0.5, color="black", lw=0.3, ls=":")
         ax.axvline(b - 0.5, color="black", lw=0.3, ls=":")
-    _step_axes(ax, step_kinds)
+    letter_pad = _step_axes(ax, step_kinds)
     if labels[0]:
         ax.set_xlabel("key step j", labelpad=_NUMBER_PAD + 20)
     if labels[1]:
-        ax.set_ylabel("query step i", labelpad=_letter_pad(len(step_kinds)) + 8)
+        ax.set_ylabel("query step i", labelpad=letter_pad + 8)
     if title:
         ax.set_title(title, parse_math=False)
     if colorbar:
@@ -159,15 +159,11 @@ def plot_step_map(ax: Any, m: np.ndarray, step_kinds: Sequence[str], *, title: s
 _NUMBER_PAD = 3.0  # points between an axis and its step numbers
 
 
-def _letter_pad(num_steps: int) -> float:
-    """Points between the y axis and its segment letters: beyond the widest step number."""
-    return _NUMBER_PAD + 2 + 4.5 * len(str(step_ticks(num_steps)[-1]))
-
-
-def _step_axes(ax: Any, step_kinds: Sequence[str]) -> None:
+def _step_axes(ax: Any, step_kinds: Sequence[str]) -> float:
     """A step map's axes: step numbers with tick marks, and each segment's letter at its middle one row further
     out (coloured by kind). Drawn as a few texts and one marker line per axis, not as matplotlib ticks: ticks
-    (five artists each, made again at every draw) were most of a grid figure's time."""
+    (five artists each, made again at every draw) were most of a grid figure's time. Returns the points between
+    the y axis and its letters (beyond the widest step number)."""
     from matplotlib.transforms import blended_transform_factory as blend
 
     ax.set_xticks([])
@@ -184,12 +180,13 @@ def _step_axes(ax: Any, step_kinds: Sequence[str]) -> None:
                     ha="center", va="top", fontsize=6.5, annotation_clip=False)
         ax.annotate(str(t), (0, t), xycoords=yt, xytext=(-_NUMBER_PAD, 0), textcoords="offset points",
                     ha="right", va="center", fontsize=6.5, annotation_clip=False)
-    pad = _letter_pad(len(step_kinds))
+    pad = _NUMBER_PAD + 2 + 4.5 * len(str(ticks[-1]))
     for m, kind in letters:
         style = dict(color=KIND_COLORS[kind], fontweight="bold", textcoords="offset points", annotation_clip=False)
         ax.annotate(kind[0].upper(), (m, 0), xycoords=xt, xytext=(0, -_NUMBER_PAD - 9), ha="center", va="top",
                     **style)
         ax.annotate(kind[0].upper(), (0, m), xycoords=yt, xytext=(-pad, 0), ha="right", va="center", **style)
+    return pad
 
 
 def heatmap_figure(maps: Any, step_kinds: Sequence[str], layer: int, *, title: str | None = None,
