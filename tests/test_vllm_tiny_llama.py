@@ -99,15 +99,23 @@ def _assert_same_traces(got, want, stepflow):
                 assert all(abs(a[k][i] - b[k][i]) < 1e-4 for i in a[k]), k
 
 
-@pytest.mark.parametrize("stepflow", [None, CFG], ids=["plain", "stepflow"])
-def test_runner_writes_the_transformers_engines_traces(setup, stepflow):
+def assert_runner_matches(llm, model, tok, stepflow, **kw) -> list:
+    """`stepscope.vllm.generate_traces` on the engine and the transformers engine's `generate_traces` on the model,
+    greedy over QUESTIONS with the same settings (r1 prompts, think format, `kw`), write the same traces
+    (`_assert_same_traces`); returns vLLM's."""
     import stepscope.vllm as sv
 
-    llm, model, tok = setup
-    kw = dict(stepflow=stepflow, max_new_tokens=16, temperature=0.0, prompt_style="r1", fmt="think")
+    kw = dict(stepflow=stepflow, temperature=0.0, prompt_style="r1", fmt="think", **kw)
     got = sv.generate_traces(llm, tok, QUESTIONS, progress=False, **kw)
     want = generate_traces(model, tok, QUESTIONS, progress=False, flow_kernel="torch", **kw)
     _assert_same_traces(got, want, stepflow)
+    return got
+
+
+@pytest.mark.parametrize("stepflow", [None, CFG], ids=["plain", "stepflow"])
+def test_runner_writes_the_transformers_engines_traces(setup, stepflow):
+    llm, model, tok = setup
+    got = assert_runner_matches(llm, model, tok, stepflow, max_new_tokens=16)
     assert all(g.meta["timing"]["phases"] == 1 for g in got)
 
 
@@ -115,14 +123,8 @@ def test_runner_writes_the_transformers_engines_traces(setup, stepflow):
 def test_budget_forcing_equals_the_transformers_engines(setup, stepflow):
     """Budget forcing in phases (the forced end marker in a new request's prompt): the same tokens, steps,
     counts and StepFlow stats as the transformers engine, which forces it inside one decode loop."""
-    import stepscope.vllm as sv
-
     llm, model, tok = setup
-    kw = dict(stepflow=stepflow, max_new_tokens=24, max_thinking_tokens=6, temperature=0.0, prompt_style="r1",
-              fmt="think")
-    got = sv.generate_traces(llm, tok, QUESTIONS, progress=False, **kw)
-    want = generate_traces(model, tok, QUESTIONS, progress=False, flow_kernel="torch", **kw)
-    _assert_same_traces(got, want, stepflow)
+    got = assert_runner_matches(llm, model, tok, stepflow, max_new_tokens=24, max_thinking_tokens=6)
     forced = [g for g in got if g.meta["budget_forced"]]
     assert forced and all(g.meta["timing"]["phases"] >= 2 and g.meta["thinking_tokens"] == 6 for g in forced)
     assert all(g.segments["summary"][1] > g.segments["summary"][0] for g in forced)  # it went on after the marker

@@ -14,10 +14,8 @@ from conftest import require_vllm
 
 require_vllm()
 
-from test_vllm_tiny_llama import CFG, QUESTIONS, _assert_same_traces, assert_matches_teacher_forced  # noqa: E402
+from test_vllm_tiny_llama import CFG, assert_matches_teacher_forced, assert_runner_matches  # noqa: E402
 from tiny import make_model, make_tokenizer, peaked  # noqa: E402
-
-from stepscope.flow import generate_traces  # noqa: E402
 
 TP = 3
 
@@ -47,11 +45,5 @@ def test_tp3_matches_teacher_forced_transformers(setup):
 
 @pytest.mark.parametrize("stepflow", [None, CFG], ids=["plain", "stepflow"])
 def test_tp3_runner_writes_the_transformers_engines_traces(setup, stepflow):
-    import stepscope.vllm as sv
-
     llm, model, tok = setup
-    kw = dict(stepflow=stepflow, max_new_tokens=16, max_thinking_tokens=5, temperature=0.0, prompt_style="r1",
-              fmt="think")
-    got = sv.generate_traces(llm, tok, QUESTIONS, progress=False, **kw)
-    want = generate_traces(model, tok, QUESTIONS, progress=False, flow_kernel="torch", **kw)
-    _assert_same_traces(got, want, stepflow)
+    assert_runner_matches(llm, model, tok, stepflow, max_new_tokens=16, max_thinking_tokens=5)
