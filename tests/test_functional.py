@@ -9,8 +9,10 @@ from stepscope.errors import StepscopeError
 from stepscope.flow.functional import (
     bridge_target,
     group_partials,
+    key_groups,
     oeb_factors,
     oeb_merge,
+    oeb_reweight,
     query_groups,
     smi_window,
     step_momentum,
@@ -68,6 +70,43 @@ def test_oeb_merge_equals_the_logit_shift_reference(use_sink):
             torch.testing.assert_close(after, before)
             unfired_any = True
     assert fired_any and unfired_any
+
+
+@pytest.mark.parametrize("use_sink", [False, True])
+def test_oeb_reweight_equals_the_logit_shift_reference(use_sink):
+    """The probability form (key_groups + oeb_reweight), 40 rows of one query and 3 heads at once: each row's
+    keys in segments question/thinking/summary, its B and S two of them, its probabilities a softmax (with a
+    sink logit whose mass belongs to O)."""
+    g = torch.Generator().manual_seed(1)
+    Bn, H, K, D = 40, 3, 11, 4
+    codes = torch.randint(0, 3, (Bn, K), generator=g)
+    gidx = torch.tensor([[0, 1], [1, 2]])[torch.randint(0, 2, (Bn,), generator=g)]  # thinking or summary query
+    nb = (codes == gidx[:, :1]).sum(1)
+    ns = (codes == gidx[:, 1:]).sum(1)
+    tau = torch.tensor([bridge_target(int(a), int(b), 0.15 if i % 2 else 0.6)
+                        for i, (a, b) in enumerate(zip(nb, ns))], dtype=torch.float32)
+    z = torch.randn(Bn, H, K, generator=g) * 3
+    v = torch.randn(Bn, K, D, generator=g)
+    sink = torch.randn(H, generator=g) * 2 if use_sink else None
+    logits = z if sink is None else torch.cat([z, sink.view(1, H, 1).expand(Bn, H, 1)], -1)
+    p = torch.softmax(logits, -1)[..., :K]
+    onehot = torch.nn.functional.one_hot(codes, 3).to(torch.float32)
+    p2, fired, before, factors = oeb_reweight(p, *key_groups(onehot, gidx, tau))
+    out = torch.bmm(p2, v)  # [Bn, H, D]
+    n_fired = 0
+    for b in range(Bn):
+        groups = [0 if c == gidx[b, 0] else 1 if c == gidx[b, 1] else 2 for c in codes[b].tolist()]
+        for h in range(H):
+            ref, ref_fired = _reference_oeb(z[b, h].tolist(), v[b].tolist(), groups, float(tau[b]),
+                                            None if sink is None else float(sink[h]))
+            assert bool(fired[b, h, 0]) == ref_fired
+            torch.testing.assert_close(out[b, h], torch.tensor(ref, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+            if ref_fired:
+                assert float(before[b, h, 0] * factors[b, h, 0]) == pytest.approx(float(tau[b]), abs=1e-6)
+            else:
+                assert factors[b, h].tolist() == [1.0, 1.0]
+            n_fired += ref_fired
+    assert 0 < n_fired < Bn * H
 
 
 def test_oeb_factors_edges():

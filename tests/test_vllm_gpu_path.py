@@ -13,39 +13,11 @@ from conftest import require_vllm
 require_vllm()
 
 import torch  # noqa: E402
+from paged_caches import BS, cpu_vec_cache, flash_cache  # noqa: E402
 
 from stepscope.flow import StepFlowConfig  # noqa: E402
 from stepscope.vllm.paged import CpuVecLayout, FlashLayout  # noqa: E402
-from stepscope.vllm.worker import LayerSpec, Request, RowPlan, Tally, apply_layer  # noqa: E402
-
-BS = 16  # tokens per block
-
-
-def flash_cache(rows, num_blocks, Hkv, D, dtype, fill=float("nan")):
-    """FLASH_ATTN's cache [num_blocks, Hkv, block, 2D] holding each row's (keys, values) [Hkv, S, D] in the blocks
-    of its block table, written slot by slot as FlashAttention's forward reads it (key_cache[b, slot, h] is
-    kv[b, h, slot, :D], value_cache the second half); every other slot holds `fill`."""
-    kv = torch.full((num_blocks, Hkv, BS, 2 * D), fill, dtype=dtype)
-    for (keys, values), table in rows:
-        for pos in range(keys.shape[1]):
-            b, slot = int(table[pos // BS]), pos % BS
-            for h in range(Hkv):
-                kv[b, h, slot, :D] = keys[h, pos]
-                kv[b, h, slot, D:] = values[h, pos]
-    return kv
-
-
-def cpu_vec_cache(rows, num_blocks, Hkv, D, dtype):
-    """The same rows in CPU_ATTN's "vec" layout: per block and head, keys transposed [D, block], then values
-    [block, D] (what vLLM's CPU cache writer stores: tests/test_vllm_units.py)."""
-    kv = torch.zeros(num_blocks, Hkv, 2 * BS, D, dtype=dtype)
-    for (keys, values), table in rows:
-        for pos in range(keys.shape[1]):
-            b, slot = int(table[pos // BS]), pos % BS
-            for h in range(Hkv):
-                kv[b, h, :BS].view(D, BS)[:, slot] = keys[h, pos]
-                kv[b, h, BS + slot] = values[h, pos]
-    return kv.view(num_blocks, Hkv, BS, 2 * D)
+from stepscope.vllm.worker import LayerSpec, Request, RowPlan, Tally, apply_layer, flush_counts  # noqa: E402
 
 
 def test_flash_layout_views_and_gather_read_the_rows_back():
@@ -115,7 +87,9 @@ def test_one_layer_through_the_paged_kernel_equals_the_torch_path(window, sinks,
         plans, _ = _plans(lens, q_lens, t0s, s0s, smi_at, cfg, layer)
         out = torch.zeros(N, H, D, dtype=dtype)
         spec = LayerSpec(layer, layout, window, H, Hkv, D ** -0.5, sink)
-        apply_layer(spec, query, kv, meta, out, plans, shared={})
+        shared = {}
+        apply_layer(spec, query, kv, meta, out, plans, shared=shared)
+        flush_counts(shared)
         return out, [p.req.tally for p in plans]
 
     flash = flash_cache(rows, n_blocks, Hkv, D, dtype)
@@ -127,11 +101,13 @@ def test_one_layer_through_the_paged_kernel_equals_the_torch_path(window, sinks,
     if window is None:  # every query is repaired (with a window, some see no question key: nothing to bridge)
         assert (torch_out.abs().sum((1, 2)) > 0).all()
     torch.testing.assert_close(kernel_out.float(), torch_out.float(), atol=tol, rtol=tol)
-    torch.testing.assert_close(cpu_out.float(), torch_out.float(), atol=0, rtol=0)
+    # the same float32 products over another memory layout of the same blocks: rounding only
+    torch.testing.assert_close(cpu_out.float(), torch_out.float(), atol=1e-6, rtol=1e-5)
     for a, b, c in zip(kernel_tallies, torch_tallies, cpu_tallies):
         assert np.array_equal(a.eligible, b.eligible) and np.array_equal(a.smi, b.smi)
         np.testing.assert_allclose(a.oeb, b.oeb, atol=1e-3 if dtype == torch.float32 else 0.05)
-        assert np.array_equal(b.oeb, c.oeb)
+        assert np.array_equal(b.oeb[:, 0], c.oeb[:, 0])  # the same fires
+        np.testing.assert_allclose(b.oeb, c.oeb, atol=1e-5)
     assert sum(t.oeb[layer, 0] for t in kernel_tallies) > 0  # OEB fired somewhere: the comparison is not vacuous
     assert [t.smi[layer] for t in torch_tallies] == [0, 0, 0, 0, 1]
 

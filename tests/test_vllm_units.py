@@ -152,29 +152,56 @@ def test_stepflow_request_without_the_backend_is_an_error():
                              added=[(0, _Params({"stepflow": StepFlowConfig().to_json()}), [1], [])]))
 
 
-def test_batched_decoding_rows_equal_each_row_alone():
-    """oeb_decode over rows of different lengths padded to one key count (garbage past each row's keys) equals
-    oeb_rows on each row's own keys."""
+@pytest.mark.parametrize("layout", ["cpu", "flash"])
+@pytest.mark.parametrize("window,with_sinks", [(None, False), (12, True)])
+def test_decoding_rows_over_their_cache_blocks_match_the_dense_reference(layout, window, with_sinks):
+    """oeb_decode_blocks over rows of different lengths, their blocks out of order in the pool, every slot they do
+    not hold filled with large finite garbage: each row's output and fires equal the dense reference on its
+    own keys (and oeb_rows on them), in CPU_ATTN's and FlashAttention's layouts."""
     import numpy as np
+    from paged_caches import BS, cpu_vec_cache, flash_cache
 
+    from stepscope.flow.functional import key_groups
     from stepscope.flow.state import query_geometry
-    from stepscope.vllm.attention import oeb_decode
+    from stepscope.vllm.attention import hidden_keys, oeb_decode_blocks, segment_onehot
+    from stepscope.vllm.paged import FlashLayout
 
     torch.manual_seed(1)
-    H, Hkv, D, S = 4, 2, 8, 16
-    lens, t0s, s0s = [16, 11, 7], [3, 4, 2], [12, 1 << 62, 5]
-    q = torch.randn(3, 1, H, D) * 2
-    k, v = torch.randn(3, Hkv, S, D), torch.randn(3, Hkv, S, D)
-    rows, gidx, tau, codes = [], [], [], []
-    for r, (n, t0, s0) in enumerate(zip(lens, t0s, s0s)):
+    H, Hkv, D, tau_max, scale = 6, 2, 8, 0.6, 0.35
+    lens, t0s, s0s = [37, 20, 9], [3, 10, 2], [30, 1 << 62, 5]
+    R, n = len(lens), -(-max(lens) // BS)
+    tables = torch.tensor([[5, 0, 7], [2, 6, 3], [4, 1, 1]])  # unused entries point at other rows' blocks
+    data = [(torch.randn(Hkv, m, D), torch.randn(Hkv, m, D)) for m in lens]
+    rows = [(kv, tables[r]) for r, kv in enumerate(data)]
+    if layout == "cpu":
+        kv, lay = cpu_vec_cache(rows, 8, Hkv, D, torch.float32, fill=30.0), CpuVecLayout("vec")
+    else:
+        kv, lay = flash_cache(rows, 8, Hkv, D, torch.float32, fill=30.0), FlashLayout(kernel=False)
+    q = torch.randn(R, H, D) * 2
+    sinks = torch.randn(H) if with_sinks else None
+    gidx, tau = [], []
+    for m, t0, s0 in zip(lens, t0s, s0s):
         one = np.zeros(1, dtype=np.int64)
-        g, t, _ = query_geometry(one, one + n, one + t0, one + s0, n - 1, 1, None, 0.5)
-        c = (torch.arange(S) >= t0).long() + (torch.arange(S) >= s0).long()
-        gidx.append(torch.from_numpy(g[0]))
-        tau.append(torch.from_numpy(t[0]))
-        codes.append(c)
-        rows.append(oeb_rows(q[r], k[r, :, :n], v[r, :, :n], torch.tensor([n - 1]), gidx[-1], tau[-1], c[:n], 0.35))
-    out, fired, _, _ = oeb_decode(q, k, v, torch.tensor(lens)[:, None] - 1, torch.stack(gidx), torch.stack(tau),
-                                  torch.stack(codes), 0.35)
-    for r in range(3):
-        assert torch.allclose(out[r], rows[r][0], atol=1e-6) and torch.equal(fired[r], rows[r][1])
+        g, t, _ = query_geometry(one, one + m, one + t0, one + s0, m - 1, 1, window, tau_max)
+        gidx.append(torch.from_numpy(g[0][0]))
+        tau.append(float(t[0][0]))
+    assert min(tau) > 0  # every row's query is eligible: the comparison covers the bridge
+    slots = torch.arange(n * BS)
+    codes = torch.stack([(slots >= t0).long() + (slots >= s0).long() for t0, s0 in zip(t0s, s0s)])
+    qpos = torch.tensor(lens)[:, None] - 1
+    keys_t, values = lay.blocks(kv, tables[:, :n].reshape(-1))
+    out, fired, before, factors = oeb_decode_blocks(q, keys_t, values, hidden_keys(qpos, n * BS, window),
+                                                    key_groups(segment_onehot(codes), torch.stack(gidx),
+                                                               torch.tensor(tau)), scale, sinks)
+    any_fired = False
+    for r, ((k, v), m) in enumerate(zip(data, lens)):
+        ref, ref_fired = _dense_reference(q[r:r + 1], k, v, [m - 1], t0s[r], s0s[r], tau_max, scale, window, sinks)
+        assert torch.allclose(out[r].double(), ref[0], atol=1e-5)
+        assert torch.equal(fired[r, :, 0], ref_fired[0])
+        one = oeb_rows(q[r:r + 1], k, v, qpos[r], gidx[r][None], torch.tensor(tau[r:r + 1]), codes[r, :m], scale,
+                       window, sinks)
+        assert torch.allclose(out[r], one[0][0], atol=1e-6) and torch.equal(fired[r, :, 0], one[1][0])
+        assert torch.allclose(before[r], one[2][0], atol=1e-6)
+        assert torch.allclose(before[r] * factors[r], one[3][0], atol=1e-6)
+        any_fired |= bool(ref_fired.any())
+    assert any_fired

@@ -7,7 +7,10 @@ the bridge B, the current segment S and the rest O (a sink logit, GPT-OSS, belon
 - then B's probabilities are multiplied by tau_B / p(B) and S's by tau_S / p(S); O is untouched. Otherwise
   nothing changes (factor 1).
 Engines that compute attention per key range (split-KV decoding, a paged cache) have each group's log-sum-exp
-and normalized partial output; `oeb_merge` turns those into the bridged output.
+and normalized partial output; `oeb_merge` turns those into the bridged output. Engines that hold one query's
+probabilities over its keys (decoding, one query per row) use the probability form: `key_groups` turns the keys'
+segments into group indicators once per forward, and `oeb_reweight` projects the probabilities in a few batched
+matmuls.
 
 Step Momentum Injection (§5): at the first token of a new thinking step, in an SMI layer, each head's attention
 output gains alpha times the mean value vector of the last w tokens of the step just completed.
@@ -17,6 +20,7 @@ Shapes: any leading dimensions `...` (batch, heads, queries); groups are the las
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -99,6 +103,59 @@ def oeb_merge(out: torch.Tensor, lse: torch.Tensor, tau_bridge: torch.Tensor, si
     merged = (w[..., None] * o).sum(-2)
     before = p[..., :2]
     return merged.to(out.dtype), fired, before, w[..., :2]
+
+
+def key_groups(onehot: torch.Tensor, gidx: torch.Tensor, tau_b: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The probability form's key indicators of rows with one query each.
+
+    onehot: [B, K, 3] float32, each key's segment (question, thinking, summary) one-hot (any row for a key the
+    query does not see: its probability is 0); gidx: [B, 2] long, the segment of the row's B and of its S;
+    tau_b: [B] float32 targets. Returns (groups [B, K, 3]: key in B, in S, in O; groups_t [B, 2, K]: the B and S
+    columns transposed; tau_pair [B, 1, 2] = (tau_B, -tau_B)). The O column is 1 - B - S, so that keys of any
+    segment keep weight 1 when nothing fires (a question query has B = S = question: its O column is -1 there,
+    and it never fires)."""
+    seg = torch.arange(3, device=gidx.device)
+    in_b = (gidx[:, None, 0] == seg).to(torch.float32)  # [B, 3]
+    in_s = (gidx[:, None, 1] == seg).to(torch.float32)
+    sel = torch.stack([in_b, in_s, 1.0 - in_b - in_s], dim=-1)  # [B, 3 segments, 3 groups]
+    groups = torch.bmm(onehot, sel)  # [B, K, 3]
+    groups_t = torch.bmm(sel[:, :, :2].transpose(1, 2), onehot.transpose(1, 2))  # [B, 2, K]
+    tau = tau_b.to(torch.float32)[:, None]
+    return groups, groups_t, torch.stack([tau, -tau], dim=-1)
+
+
+@functools.cache
+def _reweight_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Firing thresholds of (tau_B / p(B), tau_S / p(S)), and the map (p(B), p(S)) -> (0, p(B) + p(S)).
+
+    Made outside inference mode: a cached inference tensor could not take part in a later forward that
+    records gradients."""
+    with torch.inference_mode(False):
+        return (torch.tensor([1.0, 0.0], device=device),
+                torch.tensor([[[0.0, 1.0], [0.0, 1.0]]], device=device))
+
+
+def oeb_reweight(p: torch.Tensor, groups: torch.Tensor, groups_t: torch.Tensor, tau_pair: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bridge in the probability form: one query per row, its probabilities over its keys reweighted.
+
+    p: [B, H, K] float32 attention probabilities (a sink's mass, GPT-OSS, counted in their normalization but
+    not among the keys: it belongs to O); groups, groups_t, tau_pair: `key_groups` of the rows.
+    Returns (p' [B, H, K], fired [B, H, 1] bool, masses before [B, H, 2] = (p(B), p(S)), factors [B, H, 2] =
+    (tau_B / p(B), tau_S / p(S)) where fired, else 1).
+
+    The same test and factors as `oeb_factors`, in fewer kernels: (tau_B, tau_S) from one baddbmm, their ratios
+    to (p(B), p(S)) from one division (fired where 1 < tau_B / p(B) < inf and tau_S / p(S) > 0), and every key's
+    multiplier (O keys x 1, B keys x factor_B, S keys x factor_S) from one more baddbmm."""
+    thresholds, sum_s = _reweight_constants(p.device)
+    B = p.shape[0]
+    p_bs = torch.bmm(p, groups[:, :, :2])  # [B, H, 2]: p(B), p(S)
+    num = torch.baddbmm(tau_pair, p_bs, sum_s.expand(B, 2, 2))  # (tau_B, p(B) + p(S) - tau_B)
+    ratio = num / p_bs
+    fired = ((ratio > thresholds) & (ratio < float("inf"))).all(-1, keepdim=True)  # [B, H, 1]
+    factors = torch.where(fired, ratio, 1.0)  # [B, H, 2]
+    return p * torch.baddbmm(groups[:, None, :, 2], factors, groups_t), fired, p_bs, factors
 
 
 def group_partials(scores: torch.Tensor, value: torch.Tensor, group: torch.Tensor

@@ -7,9 +7,8 @@ probabilities times tau_B / p(B) and S's times tau_S / p(S), tau_S = 1 - p(O) - 
 adding log(tau_B / p(B)) and log(tau_S / p(S)) to the logits (docs/method.md §5), without a second softmax.
 
 One query per row (decoding, no sinks): the same mathematics in about 15 kernels, as batched matmuls with the
-group indicators (`_oeb_decode`). Its firing test and factors come out of one baddbmm and a division, not out
-of `oeb_factors`, which would cost a few more kernels per layer and step; tests/test_stepflow_decode.py checks
-the two agree.
+group indicators (`_oeb_decode`, through `functional.oeb_reweight`, the probability form vLLM's decoding rows
+use too); tests/test_stepflow_decode.py checks it against the block path.
 
 Decisions (ours): OEB leaves a query alone when the projection does not exist, i.e. p(B) = 0 (nothing to
 scale) or tau_S <= 0 (the rest O, sink included, already holds more than 1 - tau_B). Probabilities are
@@ -20,23 +19,10 @@ computed in float32 (as transformers' eager path does), the weighted sum of valu
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .functional import oeb_factors
+from .functional import oeb_factors, oeb_reweight
 from .state import LayerGeometry, decode_groups
-
-
-@functools.cache
-def _decode_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Firing thresholds of (tau_B / p(B), tau_S / p(S)), and the map (p(B), p(S)) -> (0, p(B) + p(S)).
-
-    Made outside inference mode: a cached inference tensor could not take part in a later forward that
-    records gradients."""
-    with torch.inference_mode(False):
-        return (torch.tensor([1.0, 0.0], device=device),
-                torch.tensor([[[0.0, 1.0], [0.0, 1.0]]], device=device))
 
 
 def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry,
@@ -81,7 +67,6 @@ def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo
     Hkv, K = key.shape[1], key.shape[2]
     n_rep = H // Hkv
     decode_groups(geo)
-    thresholds, sum_s = _decode_constants(query.device)
     mkey = (Hkv, query.dtype)
     mask = geo.masks.get(mkey)
     if mask is None:  # [B * Hkv, 1, K] in the score dtype, once per forward
@@ -92,14 +77,7 @@ def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo
     s = torch.baddbmm(mask, query.reshape(B * Hkv, n_rep, D), key.reshape(B * Hkv, K, D).transpose(1, 2),
                       alpha=scaling)  # [B * Hkv, n_rep, K]
     p = torch.softmax(s, dim=-1, dtype=torch.float32).view(B, H, K)
-    groups = geo.groups  # [B, K, 3]: in B, in S, in O
-    p_bs = torch.bmm(p, groups[:, :, :2])  # [B, H, 2]: p(B), p(S)
-    num = torch.baddbmm(geo.tau_pair, p_bs, sum_s.expand(B, 2, 2))  # (tau_B, p(B) + p(S) - tau_B)
-    ratio = num / p_bs
-    # fire where 1 < tau_B / p(B) < inf (0 < p(B) < tau_B) and tau_S > 0 (then p(S) > 0)
-    fire = ((ratio > thresholds) & (ratio < float("inf"))).all(-1, keepdim=True)  # [B, H, 1]
-    factors = torch.where(fire, ratio, 1.0)  # [B, H, 2]
-    p = p * torch.baddbmm(groups[:, None, :, 2], factors, geo.groups_t)  # [B, H, K]
+    p, fire, p_bs, factors = oeb_reweight(p, geo.groups, geo.groups_t, geo.tau_pair)
     if dropout:
         p = torch.nn.functional.dropout(p, p=dropout, training=True)
     if stats is not None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .functional import bridge_target
+from .functional import bridge_target, key_groups
 
 BIG = 1 << 62  # "not yet known" for a segment boundary, in kv index space
 NEG = float(np.finfo(np.float32).min)  # additive mask value of a hidden key (finite: no NaN on empty rows)
@@ -417,19 +417,7 @@ def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Ten
 
 
 def decode_groups(geo: LayerGeometry) -> None:
-    """The decoding path's key indicators (in B, in S, in O) of a layer geometry and its (tau_B, -tau_B) pairs,
-    made on the device once per forward.
-
-    sel [B, 3, 3] maps a key's segment one-hot to (in B, in S, in O), with the O column = 1 - B - S so that keys
-    of any segment keep weight 1 when nothing fires (a question query has B = S = question: its O column is -1
-    there, and it never fires)."""
+    """The decoding path's key indicators of a layer geometry (`functional.key_groups`), made on the device once
+    per forward."""
     if geo.groups is None:
-        gidx = geo.qt.gidx[:, 0, :]  # [B, 2]: segment of B, of S
-        seg = torch.arange(3, device=gidx.device)
-        in_b = (gidx[:, None, 0] == seg).to(torch.float32)  # [B, 3]
-        in_s = (gidx[:, None, 1] == seg).to(torch.float32)
-        sel = torch.stack([in_b, in_s, 1.0 - in_b - in_s], dim=-1)  # [B, 3 segments, 3 groups]
-        geo.groups = torch.bmm(geo.onehot, sel)  # [B, K, 3]
-        geo.groups_t = torch.bmm(sel[:, :, :2].transpose(1, 2), geo.onehot.transpose(1, 2))  # [B, 2, K]
-        tau = geo.qt.tau_b[:, :1]
-        geo.tau_pair = torch.stack([tau, -tau], dim=-1)  # [B, 1, 2]
+        geo.groups, geo.groups_t, geo.tau_pair = key_groups(geo.onehot, geo.qt.gidx[:, 0, :], geo.qt.tau_b[:, 0])

@@ -1,19 +1,53 @@
-"""StepFlow's attention for rows of a vLLM batch: OEB recomputed over one row's keys, SMI added to its output.
+"""StepFlow's attention for rows of a vLLM batch: OEB recomputed over a row's keys, SMI added to its output.
 
-Both go through the pure mathematics of `stepscope.flow.functional` (docs/method.md §5): the queries' attention
-is split into the per-group log-sum-exps and partial outputs of the bridge B, the segment S and the rest O
-(`group_partials`), and `oeb_merge` turns them into the bridged output; SMI adds `step_momentum` of the window.
-Scores and probabilities are float32. Engine-free: tests/test_vllm_attention.py checks both against a dense
-softmax reference.
+Both go through the pure mathematics of `stepscope.flow.functional` (docs/method.md §5), in its probability form,
+as the transformers engine's decoding path does: each query's softmax over the keys it sees (a GPT-OSS sink as one
+more logit whose mass belongs to O), the keys' group indicators (`key_groups`), and `oeb_reweight`; SMI adds
+`step_momentum` of the window. Scores and probabilities are float32.
+
+- `oeb_rows`: Q queries of one row over its gathered keys (prefill and chunked prefill: each query is a row of
+  the probability form, with its own groups and target);
+- `oeb_decode_blocks`: the decoding rows of a forward (one query each) over their cache blocks as the paged
+  cache holds them (`paged.*Layout.blocks`): scores block by block in one batched product, no per-row copy of
+  the keys into one contiguous tensor.
+
+Engine-free: tests/test_vllm_units.py checks both against a dense softmax reference and each other.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..flow.functional import group_partials, oeb_merge, step_momentum
+from ..flow.functional import key_groups, oeb_reweight, step_momentum
 
-BLOCK_ELEMS = 1 << 22  # most (head, query, key, group) entries one block of queries holds
+BLOCK_ELEMS = 1 << 22  # most (head, query, key) scores one block of queries holds
+
+
+def hidden_keys(qpos: torch.Tensor, num_keys: int, window: int | None = None) -> torch.Tensor:
+    """Keys 0..num_keys-1 a query at position qpos [...] does not see (past its position, or out of its sliding
+    window): bool [..., num_keys]."""
+    kpos = torch.arange(num_keys, device=qpos.device)
+    hidden = kpos > qpos[..., None]
+    if window:
+        hidden |= kpos <= qpos[..., None] - window
+    return hidden
+
+
+def segment_onehot(codes: torch.Tensor) -> torch.Tensor:
+    """Each key's segment (codes [..., K] long: 0 question, 1 thinking, 2 summary) one-hot, float32 [..., K, 3]."""
+    return torch.nn.functional.one_hot(codes.clamp(0, 2), 3).to(torch.float32)
+
+
+def _bridged(s: torch.Tensor, hidden: torch.Tensor, groups, sinks: torch.Tensor | None):
+    """Scores s [B, H, K] float32 (contiguous, overwritten), hidden [B, 1, K] -> `oeb_reweight` of their
+    softmax (with a sink logit per head when given)."""
+    s.masked_fill_(hidden, float("-inf"))
+    if sinks is None:
+        p = torch.softmax(s, dim=-1)
+    else:
+        B, H, _ = s.shape
+        p = torch.softmax(torch.cat([s, sinks.to(torch.float32).view(1, H, 1).expand(B, H, 1)], -1), dim=-1)[..., :-1]
+    return oeb_reweight(p, *groups)
 
 
 def oeb_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qpos: torch.Tensor,
@@ -26,56 +60,54 @@ def oeb_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qpos
     (0: OEB leaves the query alone); codes [S] long; sinks [H] or None (GPT-OSS).
     Returns (out [Q, H, D] float32, fired [Q, H], masses before [Q, H, 2], after [Q, H, 2]).
     """
-    Q, H, _ = query.shape
-    S = keys.shape[1]
-    step = max(1, BLOCK_ELEMS // max(1, H * S * 3))
-    parts = [oeb_decode(query[a:a + step, None], keys[None], values[None], qpos[a:a + step, None],
-                        gidx[a:a + step][:, None], tau[a:a + step, None], codes[None], scale, window, sinks)
-             for a in range(0, Q, step)]
-    return tuple(torch.cat([p[i][:, 0] for p in parts]) for i in range(4))  # each query a row of its own
-
-
-def decode_masks(qpos: torch.Tensor, gidx: torch.Tensor, codes: torch.Tensor, window: int | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden [R, Q, S] bool: keys a query does not see, past its position or out of its sliding window;
-    group [R, Q, S] long: 0 for the bridge B, 1 for the query's group S, 2 for the rest O) of R rows' queries
-    (qpos [R, Q], gidx [R, Q, 2]) over keys whose segments are codes [R, S]. The same for every layer of a
-    forward with this window."""
-    kpos = torch.arange(codes.shape[-1], device=codes.device)
-    hidden = kpos > qpos[..., None]
-    if window:
-        hidden |= kpos <= qpos[..., None] - window
-    group = torch.where(codes[:, None, :] == gidx[..., :1], 0, torch.where(codes[:, None, :] == gidx[..., 1:], 1, 2))
-    return hidden, group
-
-
-def oeb_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qpos: torch.Tensor,
-               gidx: torch.Tensor, tau: torch.Tensor, codes: torch.Tensor, scale: float, window: int | None = None,
-               sinks: torch.Tensor | None = None, masks: tuple[torch.Tensor, torch.Tensor] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bridged attention of R rows at once, Q queries each (decoding: Q = 1), keys padded to a common S (a key
-    past a query's position is hidden, so padding never counts).
-
-    query [R, Q, H, D]; keys/values [R, Hkv, S, D]; qpos [R, Q]; gidx [R, Q, 2]; tau [R, Q]; codes [R, S];
-    masks: `decode_masks(qpos, gidx, codes, window)` when the caller has them already.
-    Returns (out [R, Q, H, D] float32, fired [R, Q, H], before [R, Q, H, 2], after [R, Q, H, 2]).
-    """
-    R, Q, H, D = query.shape
-    hkv = keys.shape[1]
+    Q, H, D = query.shape
+    hkv, S = keys.shape[0], keys.shape[1]
     n_rep = H // hkv
-    S = keys.shape[2]
-    # one plain batched product per (row, kv head): its n_rep * Q queries against its keys (no broadcast copy;
-    # contiguous keys, so that every cache layout gives the same products bit for bit)
-    q = query.to(torch.float32).view(R, Q, hkv, n_rep, D).permute(0, 2, 3, 1, 4).reshape(R, hkv, n_rep * Q, D)
-    k = keys.to(torch.float32).contiguous()
-    s = (torch.matmul(q, k.transpose(-1, -2)) * scale).view(R, hkv, n_rep, Q, S)
-    hidden, group = masks if masks is not None else decode_masks(qpos, gidx, codes, window)
-    s = s.masked_fill(hidden[:, None, None], float("-inf"))
-    part_out, lse = group_partials(s, values.to(torch.float32)[:, :, None, None], group[:, None, None])
-    sink = None if sinks is None else sinks.to(torch.float32).view(1, hkv, n_rep, 1).expand(R, hkv, n_rep, Q)
-    merged, fired, before, after = oeb_merge(part_out, lse, tau[:, None, None], sink)  # [R, Hkv, n_rep, Q, ...]
-    return (merged.permute(0, 3, 1, 2, 4).reshape(R, Q, H, D), fired.permute(0, 3, 1, 2).reshape(R, Q, H),
-            before.permute(0, 3, 1, 2, 4).reshape(R, Q, H, 2), after.permute(0, 3, 1, 2, 4).reshape(R, Q, H, 2))
+    k_t = keys.to(torch.float32).transpose(-1, -2)  # [Hkv, D, S]
+    v = values.to(torch.float32)
+    onehot = segment_onehot(codes)  # [S, 3]
+    step = max(1, BLOCK_ELEMS // max(1, H * S))
+    parts = []
+    for a in range(0, Q, step):
+        q = query[a:a + step].to(torch.float32)
+        n = q.shape[0]
+        # one plain batched product per kv head: its n_rep * n queries against its keys
+        q = q.view(n, hkv, n_rep, D).permute(1, 2, 0, 3).reshape(hkv, n_rep * n, D)
+        s = (torch.bmm(q, k_t) * scale).view(hkv, n_rep, n, S).permute(2, 0, 1, 3).reshape(n, H, S)
+        groups = key_groups(onehot.expand(n, S, 3), gidx[a:a + n], tau[a:a + n])
+        p, fired, p_bs, factors = _bridged(s, hidden_keys(qpos[a:a + n, None], S, window), groups, sinks)
+        out = torch.bmm(p.view(n, hkv, n_rep, S).permute(1, 2, 0, 3).reshape(hkv, n_rep * n, S), v)
+        parts.append((out.view(hkv, n_rep, n, D).permute(2, 0, 1, 3).reshape(n, H, D), fired[..., 0], p_bs,
+                      p_bs * factors))
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(4))
+
+
+def oeb_decode_blocks(query: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor,
+                      groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scale: float,
+                      sinks: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bridged attention of R decoding rows (one query each) over their n cache blocks of `bs` keys each.
+
+    query [R, H, D]; keys_t [R * n * Hkv, D, bs] (each block's keys of one kv head, transposed; any strides a
+    batched matmul takes) and values [R * n * Hkv, bs, D], in (row, block, kv head) order, as
+    `paged.*Layout.blocks` hands them out; hidden [R, 1, n * bs] bool: keys the row's query does not see
+    (`hidden_keys`; every slot past a row's keys among them); groups: `functional.key_groups` of the rows over
+    the n * bs keys; sinks [H] or None. Values of hidden slots must be finite (they are weighted by 0).
+    Returns (out [R, H, D] float32, fired [R, H, 1], masses before [R, H, 2], factors [R, H, 2]).
+    """
+    R, H, D = query.shape
+    N, _, bs = keys_t.shape
+    Sp = hidden.shape[-1]
+    n = Sp // bs
+    hkv = N // (R * n)
+    n_rep = H // hkv
+    q = (query.to(torch.float32) * scale).view(R, 1, hkv, n_rep, D).expand(R, n, hkv, n_rep, D)
+    s = torch.bmm(q.reshape(N, n_rep, D), keys_t.to(torch.float32))  # [R * n * Hkv, n_rep, bs]
+    s = s.view(R, n, hkv, n_rep, bs).permute(0, 2, 3, 1, 4).reshape(R, H, Sp)
+    p, fired, p_bs, factors = _bridged(s, hidden, groups, sinks)
+    p = p.view(R, hkv, n_rep, n, bs).permute(0, 3, 1, 2, 4).reshape(N, n_rep, bs)
+    out = torch.bmm(p, values.to(torch.float32)).view(R, n, H, D).sum(1)
+    return out, fired, p_bs, factors
 
 
 def smi_delta(values: torch.Tensor, ws: int, we: int, qpos: int, alpha: float, n_rep: int,

@@ -15,7 +15,9 @@ layer's key and value views and to gather rows' keys and values from their block
 
 `gather` returns the first `seq_len` keys and values of rows whose blocks are `blocks` (int [R, n] or [n] for
 one row, in order; entries past `seq_len` keys are read but their keys are never used): (keys, values)
-[R, Hkv, seq_len, D] (or [Hkv, seq_len, D] for one row).
+[R, Hkv, seq_len, D] (or [Hkv, seq_len, D] for one row). `blocks(kv_cache, ids)` copies the cache blocks `ids`
+(long [P]) out with one index_select and returns views of that copy as the decoding path
+(`attention.oeb_decode_blocks`) multiplies them: (keys_t [P * Hkv, D, block], values [P * Hkv, block, D]).
 """
 
 from __future__ import annotations
@@ -66,6 +68,13 @@ class CpuVecLayout:
         v = v.reshape(R, hkv, n * bs, d)[:, :, :seq_len]
         return (k[0], v[0]) if one else (k, v)
 
+    @staticmethod
+    def blocks(kv_cache: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, hkv, bs, d2 = kv_cache.shape
+        g = kv_cache.index_select(0, ids).view(ids.numel() * hkv, bs * d2)  # per (block, head): K^T, then V
+        half = bs * d2 // 2
+        return g[:, :half].view(-1, d2 // 2, bs), g[:, half:].view(-1, bs, d2 // 2)
+
 
 class FlashLayout:
     """FLASH_ATTN's cache (see the module docstring). `kernel`: decoding rows go through the fused paged kernel
@@ -92,3 +101,10 @@ class FlashLayout:
         k, v = (c.index_select(0, ids).reshape(R, n * bs, hkv, d).transpose(1, 2)[:, :, :seq_len]
                 for c in (key_cache, value_cache))
         return (k[0], v[0]) if one else (k, v)
+
+    @staticmethod
+    def blocks(kv_cache: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, hkv, bs, d2 = kv_cache.shape
+        g = kv_cache.index_select(0, ids)  # [P, Hkv, block, 2D] (the view FlashAttention transposes)
+        d = d2 // 2
+        return g[..., :d].transpose(-1, -2).reshape(-1, d, bs), g[..., d:].reshape(-1, bs, d)

@@ -35,12 +35,13 @@ import torch
 
 from ..errors import StepscopeError
 from ..flow.config import StepFlowConfig
+from ..flow.functional import key_groups
 from ..flow.rows import RowTracker
 from ..flow.state import query_geometry
 from ..formats import get_format
 from ..segment import Segmenter
 from ..tokens import token_bytes
-from .attention import decode_masks, oeb_decode, oeb_rows, smi_delta
+from .attention import hidden_keys, oeb_decode_blocks, oeb_rows, segment_onehot, smi_delta
 
 log = logging.getLogger("stepscope.vllm")
 EXTRA_KEY, ID_KEY = "stepflow", "stepflow_id"
@@ -201,6 +202,7 @@ class Worker:
 
     def update(self, batch_update) -> None:
         """Follow vLLM's persistent batch: removed, then added, then moved requests."""
+        self.flush_counts()  # the last forward's counts, before a request that finished is parked and reaped
         if batch_update is None:
             return
         from vllm.v1.sample.logits_processor.interface import MoveDirectionality
@@ -289,6 +291,7 @@ class Worker:
         if ctx is self._ctx:
             return self._plans
         self._ctx, self._plans = ctx, None
+        self.flush_counts()
         self.decode_inputs = {}
         if not self.rows:
             return None
@@ -334,8 +337,13 @@ class Worker:
 
     # -- stats --------------------------------------------------------------------------------------------------
 
+    def flush_counts(self) -> None:
+        """The decoding rows' counts of the last forward into their tallies (its OEB layers leave them pending)."""
+        flush_counts(self.decode_inputs)
+
     def tallies(self, keys=None, clear: bool = False) -> dict[str, dict]:
         """Counts by request key (active, parked and finished requests with the same key added up)."""
+        self.flush_counts()
         self._reap()
         out: dict[str, Tally] = {}
         live = list(self.rows.values()) + list(self.parked.values())
@@ -379,9 +387,10 @@ def apply_layer(spec: LayerSpec, query: torch.Tensor, kv_cache: torch.Tensor, me
 
     query/output: [num_tokens, H, D] (this rank's heads); kv_cache: this layer's paged cache, already holding
     this forward's keys. Decoding rows (one query each) go through one batched call: the fused paged kernel
-    where the layout has one and it can run, else `attention.oeb_decode` over the gathered keys; prefill rows and
-    rows with an SMI fire one by one. `shared`: where the forward's OEB layers keep their common decoding inputs
-    (default: the worker's, reset every forward)."""
+    where the layout has one and it can run, else `attention.oeb_decode_blocks` over their cache blocks; prefill
+    rows and rows with an SMI fire one by one. `shared`: where the forward's OEB layers keep their common decoding
+    inputs (default: the worker's, reset every forward); the decoding rows' counts wait there until
+    `flush_counts(shared)` (the worker flushes before the next forward and before reading tallies)."""
     layer, window, H = spec.index, spec.window, spec.num_heads
     n_rep = H // spec.num_kv_heads
     device = query.device
@@ -417,17 +426,18 @@ def apply_layer(spec: LayerSpec, query: torch.Tensor, kv_cache: torch.Tensor, me
         key = (window, tuple(rp.index for rp, _ in decode))
         d = shared.get(key)
         if d is None:
-            d = shared[key] = DecodeInputs.of(decode, metadata.block_table, window)
+            d = shared[key] = DecodeInputs.of(decode, metadata.block_table, window, kv_cache.shape[2])
         if spec.layout.paged_kernel and _kernel_runs(device):
-            out, fired, before, after = _decode_paged_kernel(spec, query, caches, d)
+            out, part = _decode_paged_kernel(spec, query, caches, d)
         else:
-            keys, values = spec.layout.gather(*caches, d.blocks, d.S)
-            values = values.masked_fill(d.pad, 0.0)
-            out, fired, before, after = oeb_decode(query[d.tok][:, None], keys, values, d.qpos, d.gidx, d.tau,
-                                                   d.codes, spec.scale, window, spec.sinks, d.masks)
-            out = out[:, 0]
-        output[d.tok] = out.to(output.dtype)
-        _count_oeb(d.rows, layer, d.qpos, fired, before, after, H, d.first)
+            keys_t, values = spec.layout.blocks(kv_cache, d.block_ids)
+            if d.pad_slots is not None:  # slots past a row's keys: other data, maybe not finite; weighted by 0
+                values.view(len(d.block_ids), -1, *values.shape[1:])[d.pad_slots] = 0.0
+            out, fired, p_bs, factors = oeb_decode_blocks(query.index_select(0, d.tok), keys_t, values,
+                                                          d.hidden_blocks, d.groups_blocks, spec.scale, spec.sinks)
+            part = torch.cat([fired.to(torch.float32), p_bs, p_bs * factors], -1)
+        output.index_copy_(0, d.tok, out.to(output.dtype))
+        d.counts.append((layer, part))
 
 
 @functools.cache
@@ -439,62 +449,99 @@ def _kernel_runs(device: torch.device) -> bool:
 
 
 def _decode_paged_kernel(spec: LayerSpec, query: torch.Tensor, caches, d: DecodeInputs):
-    """The decoding rows through the fused paged kernel: (out [R, H, D], fired [R, 1, H], before/after
-    [R, 1, H, 2]) as `attention.oeb_decode` gives them."""
+    """The decoding rows through the fused paged kernel: (out [R, H, D], stats [R, H, 5] = (fired, p(B), p(S)
+    before, after))."""
     from ..flow import kernels
 
     R, H = len(d.rows), spec.num_heads
     stats = torch.empty(R, H, 5, dtype=torch.float32, device=query.device)
-    q = query[d.tok]
+    q = query.index_select(0, d.tok)
     if d.paged_plan is None:  # the forward's OEB layers with this window share the shapes: checked and planned once
         d.paged_plan = kernels.plan_decode_paged(q, caches[0], caches[1], d.block_table_i32, d.kseg, d.qgroups,
                                                  d.tau_b, spec.sinks, stats)
     out = kernels.oeb_decode_paged(q, caches[0], caches[1], d.block_table_i32, d.kseg, d.qgroups, d.tau_b,
                                    spec.scale, sinks=spec.sinks, stats=stats, plan=d.paged_plan)
-    st = stats[:, None]  # every decoding row here is eligible: (fire, p_B, p_S before, p_B, p_S after)
-    return out, st[..., 0] > 0, st[..., 1:3], st[..., 3:5]
+    return out, stats
 
 
 @dataclass
 class DecodeInputs:
-    """What the OEB layers of one forward share for its decoding rows (one query each), on the batch's device."""
+    """What the OEB layers of one forward share for its decoding rows (one query each), on the batch's device,
+    and the counts those layers leave for `flush`."""
 
     rows: list  # RowPlan [R]
     S: int  # the longest row's keys
-    blocks: torch.Tensor  # int [R, n]: the rows' block tables
-    pad: torch.Tensor  # bool [R, 1, S, 1]: past a row's keys (other data in its blocks)
-    codes: torch.Tensor  # long [R, S]: segment of each key
+    block_size: int  # keys per cache block
+    blocks: torch.Tensor  # int [R, n]: the rows' block tables, n = ceil(S / block_size)
+    codes: torch.Tensor  # long [R, n * block_size]: segment of each key slot
     tok: torch.Tensor  # long [R]: each row's query in the flat token axis
     qpos: torch.Tensor  # long [R, 1]
     gidx: torch.Tensor  # long [R, 1, 2]
     tau: torch.Tensor  # float32 [R, 1]
-    first: torch.Tensor  # bool [R, 1]: the query is counted (computed here for the first time)
+    first: list  # bool [R]: the row's query is counted (computed here for the first time)
     window: int | None = None
     paged_plan: object = None  # the fused paged kernel's launch plan (kernels.DecodePlan), made by its first layer
+    counts: list = field(default_factory=list)  # (layer, float32 [R, H, 5]) of each OEB layer run, until flush
 
     @classmethod
-    def of(cls, decode: list[tuple[RowPlan, Geometry]], block_table: torch.Tensor,
-           window: int | None = None) -> DecodeInputs:
+    def of(cls, decode: list[tuple[RowPlan, Geometry]], block_table: torch.Tensor, window: int | None,
+           block_size: int) -> DecodeInputs:
         dev = block_table.device
         rows = [rp for rp, _ in decode]
         S = max(rp.seq_len for rp in rows)
-        k = torch.arange(S, device=dev)[None, :]
+        n = -(-S // block_size)
+        k = torch.arange(n * block_size, device=dev)[None, :]
+        t0, s0 = (torch.tensor([getattr(rp, f) for rp in rows], device=dev)[:, None] for f in ("t0", "s0"))
+        return cls(rows, S, block_size, block_table[torch.tensor([rp.index for rp in rows], device=dev), :n],
+                   (k >= t0).long() + (k >= s0).long(), torch.tensor([rp.tok0 for rp in rows], device=dev),
+                   torch.cat([g.qpos for _, g in decode])[:, None], torch.cat([g.gidx for _, g in decode])[:, None],
+                   torch.cat([g.tau for _, g in decode])[:, None], [rp.seq_len - 1 >= rp.count_from for rp in rows],
+                   window)
 
-        def col(values) -> torch.Tensor:
-            return torch.tensor(values, device=dev)[:, None]
+    def flush(self) -> None:
+        """Add the counts of the OEB layers run so far to the rows' tallies: one reduction and one copy to the host
+        for all of them."""
+        if not self.counts:
+            return
+        layers = [layer for layer, _ in self.counts]
+        parts = torch.stack([part for _, part in self.counts])  # [L, R, H, 5]
+        self.counts = []
+        heads = parts.shape[2]
+        sums = parts.double().sum(2).cpu().numpy()  # [L, R, 5]
+        for r, rp in enumerate(self.rows):
+            if self.first[r]:  # a layer runs once per forward: `layers` has no repeats
+                rp.req.tally.oeb[layers] += sums[:, r]
+                rp.req.tally.eligible[layers] += heads
 
-        seq, t0, s0 = (col([getattr(rp, f) for rp in rows]) for f in ("seq_len", "t0", "s0"))
-        qpos = torch.cat([g.qpos for _, g in decode])[:, None]
-        return cls(rows, S, block_table[torch.tensor([rp.index for rp in rows], device=dev)],
-                   (k >= seq)[:, None, :, None], (k >= t0).long() + (k >= s0).long(),
-                   torch.tensor([rp.tok0 for rp in rows], device=dev), qpos,
-                   torch.cat([g.gidx for _, g in decode])[:, None], torch.cat([g.tau for _, g in decode])[:, None],
-                   qpos >= col([rp.count_from for rp in rows]), window)
+    # the torch path's form (attention.oeb_decode_blocks): the rows' blocks as the cache holds them
 
     @functools.cached_property
-    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`attention.decode_masks` of these rows: (hidden, group), each [R, 1, S]."""
-        return decode_masks(self.qpos, self.gidx, self.codes, self.window)
+    def block_ids(self) -> torch.Tensor:
+        """long [R * n]: the blocks of the rows, row by row."""
+        return self.blocks.reshape(-1).long()
+
+    @functools.cached_property
+    def hidden_blocks(self) -> torch.Tensor:
+        """bool [R, 1, n * block_size]: key slots the row's query does not see (past its keys, or out of its
+        sliding window)."""
+        return hidden_keys(self.qpos, self.codes.shape[1], self.window)
+
+    @functools.cached_property
+    def groups_blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`functional.key_groups` of the rows over their key slots."""
+        return key_groups(segment_onehot(self.codes), self.gidx[:, 0], self.tau[:, 0])
+
+    @functools.cached_property
+    def pad_slots(self) -> tuple | None:
+        """Index of the slots past each row's keys in the rows' blocks viewed as [R * n, Hkv, block, D] (None when
+        there are none): their values are zeroed, so that whatever they hold is weighted by an exact 0."""
+        n = self.blocks.shape[1]
+        slot = torch.arange(n * self.block_size, device=self.codes.device)
+        seq = torch.tensor([rp.seq_len for rp in self.rows], device=slot.device)[:, None]
+        r, k = torch.nonzero(slot[None] >= seq, as_tuple=True)
+        if not r.numel():
+            return None
+        return r * n + k // self.block_size, slice(None), k % self.block_size
 
     # the fused paged kernel's form of the same inputs (stepscope.flow.kernels.oeb_decode_paged)
 
@@ -502,7 +549,7 @@ class DecodeInputs:
     def kseg(self) -> torch.Tensor:
         """int8 [R, S]: each key's segment, 3 where the row's query does not see it (past its keys, or out of
         its sliding window)."""
-        return self.codes.masked_fill(self.masks[0][:, 0], 3).to(torch.int8)
+        return self.codes[:, :self.S].masked_fill(self.hidden_blocks[:, 0, :self.S], 3).to(torch.int8)
 
     @functools.cached_property
     def qgroups(self) -> torch.Tensor:
@@ -515,6 +562,13 @@ class DecodeInputs:
     @functools.cached_property
     def block_table_i32(self) -> torch.Tensor:
         return self.blocks.to(torch.int32)
+
+
+def flush_counts(shared: dict) -> None:
+    """Add the pending counts of a forward's decoding rows (`shared`: apply_layer's dict of DecodeInputs) to
+    their requests' tallies."""
+    for d in shared.values():
+        d.flush()
 
 
 def _count_oeb(rows: list[RowPlan], layer: int, qpos: torch.Tensor, fired: torch.Tensor, before: torch.Tensor,
