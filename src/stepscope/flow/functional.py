@@ -160,8 +160,8 @@ def oeb_reweight(p: torch.Tensor, groups: torch.Tensor, groups_t: torch.Tensor, 
 
 def group_partials(scores: torch.Tensor, value: torch.Tensor, group: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group log-sum-exps and normalized partial outputs of one query's attention (a slow, plain helper for
-    engines without a split-KV kernel, and the tests' reference).
+    """Per-group log-sum-exps and normalized partial outputs of one query's attention (a slow, plain helper: the
+    tests' reference for the split-KV kernels and `oeb_merge`).
 
     scores: [..., K] scaled logits (-inf = hidden); value: [..., K, D]; group: [..., K] long in {0, 1, 2}
     (B, S, O). Returns (out [..., 3, D], lse [..., 3]).

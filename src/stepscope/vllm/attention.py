@@ -35,7 +35,7 @@ def hidden_keys(qpos: torch.Tensor, num_keys: int, window: int | None = None) ->
 
 def segment_onehot(codes: torch.Tensor) -> torch.Tensor:
     """Each key's segment (codes [..., K] long: 0 question, 1 thinking, 2 summary) one-hot, float32 [..., K, 3]."""
-    return torch.nn.functional.one_hot(codes.clamp(0, 2), 3).to(torch.float32)
+    return torch.nn.functional.one_hot(codes, 3).to(torch.float32)
 
 
 def _bridged(s: torch.Tensor, hidden: torch.Tensor, groups, sinks: torch.Tensor | None):

@@ -572,11 +572,10 @@ def flush_counts(shared: dict) -> None:
 
 
 def _count_oeb(rows: list[RowPlan], layer: int, qpos: torch.Tensor, fired: torch.Tensor, before: torch.Tensor,
-               after: torch.Tensor, heads: int, first: torch.Tensor | None = None) -> None:
+               after: torch.Tensor, heads: int) -> None:
     """Add OEB counts of rows' queries (qpos [R, Q]; fired [R, Q, H]; masses [R, Q, H, 2]) to their tallies, only
-    for positions computed here for the first time (`first` [R, Q], when known)."""
-    if first is None:
-        first = qpos >= torch.tensor([rp.count_from for rp in rows], device=qpos.device)[:, None]  # [R, Q]
+    for positions computed here for the first time."""
+    first = qpos >= torch.tensor([rp.count_from for rp in rows], device=qpos.device)[:, None]  # [R, Q]
     part = torch.cat([fired.to(torch.float64)[..., None], before.double(), after.double()], -1)  # [R, Q, H, 5]
     sums = (part * first[..., None, None]).sum((1, 2)).cpu().numpy()  # [R, 5]
     n = first.sum(1).tolist()
