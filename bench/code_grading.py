@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 
+from stepscope.cpus import usable_cpus
 from stepscope.evaluate.code_grading import grade_code_many
 from stepscope.evaluate.sandbox import SandboxedProgram, close_servers, resolve_mode
 from stepscope.evaluate.sandbox_server import SandboxServer, bwrap_args, interpreter, sandbox_env
@@ -121,7 +122,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=15, help="repetitions of each breakdown timing (median)")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = ap.parse_args()
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cpus()
     workers = args.workers or cores
     loads = [os.getloadavg()[0]]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

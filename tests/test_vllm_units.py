@@ -161,9 +161,9 @@ def test_decoding_rows_over_their_cache_blocks_match_the_dense_reference(layout,
     import numpy as np
     from paged_caches import BS, cpu_vec_cache, flash_cache
 
-    from stepscope.flow.functional import key_groups
+    from stepscope.flow.functional import hidden_keys, key_groups
     from stepscope.flow.state import query_geometry
-    from stepscope.vllm.attention import hidden_keys, oeb_decode_blocks, segment_onehot
+    from stepscope.vllm.attention import oeb_decode_blocks, segment_onehot
     from stepscope.vllm.paged import FlashLayout
 
     torch.manual_seed(1)
@@ -190,7 +190,7 @@ def test_decoding_rows_over_their_cache_blocks_match_the_dense_reference(layout,
     codes = torch.stack([(slots >= t0).long() + (slots >= s0).long() for t0, s0 in zip(t0s, s0s)])
     qpos = torch.tensor(lens)[:, None] - 1
     keys_t, values = lay.blocks(kv, tables[:, :n].reshape(-1))
-    out, fired, before, factors = oeb_decode_blocks(q, keys_t, values, hidden_keys(qpos, n * BS, window),
+    out, fired, before, factors = oeb_decode_blocks(q, keys_t, values, hidden_keys(qpos, slots, window),
                                                     key_groups(segment_onehot(codes), torch.stack(gidx),
                                                                torch.tensor(tau)), scale, sinks)
     any_fired = False

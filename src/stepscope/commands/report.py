@@ -52,6 +52,7 @@ def _parse_positions(spec: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cpus import usable_cpus
     from ..diagnose import Profile, diagnose
     from ..errors import StepscopeError
     from ..io import check_writable
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         rid = getattr(r.trace, "meta", {}).get("id")
         labels.append(str(rid) if rid is not None else d.name)
     if args.figures:
-        _figures(args.figures, results, diagnoses, labels, args.jobs or _default_jobs(), formats)
+        _figures(args.figures, results, diagnoses, labels, args.jobs or min(8, usable_cpus()), formats)
     out = render_report(results, args.out, diagnoses=diagnoses, baseline=baseline, title=args.title,
                         labels=labels, layers=layers, max_map_bytes=int(args.max_mb * 1e6))
     size = out.stat().st_size
@@ -96,13 +97,6 @@ def _figure_formats(spec: str) -> tuple[str, ...]:
     if bad or not formats:
         raise StepscopeError(f"--figure-format {spec!r}: use {', '.join(FIGURE_FORMATS)} or both, comma-separated")
     return formats
-
-
-def _default_jobs() -> int:
-    import os
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus))
 
 
 def _figures(folder: str, results, diagnoses, labels, jobs: int, formats: tuple[str, ...]) -> None:

@@ -13,13 +13,13 @@ the sandbox: the expected outputs never enter it.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
+from ..cpus import usable_cpus
 from ..errors import StepscopeError
 from .grading import THINK_END, Grade, summary_of
 from .sandbox import Limits, SandboxedProgram
@@ -181,14 +181,10 @@ def grade_code(tests: Iterable, response, *, fn_name: str | None = None, timeout
                  n_tests=n, failure=failure)
 
 
-def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-
-
 def grade_code_many(jobs: Sequence[dict], *, workers: int | None = None, **kwargs) -> list[Grade]:
     """grade_code over many jobs ({"tests", "response", "fn_name"} dicts) on `workers` threads (default: the
     CPU count), each job's program in its own sandbox; the grades come back in the jobs' order."""
-    workers = default_workers() if workers is None else workers
+    workers = usable_cpus() if workers is None else workers
     if workers < 1:
         raise StepscopeError(f"code-grading workers must be at least 1, got {workers}")
 

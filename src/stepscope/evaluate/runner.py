@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ..cpus import usable_cpus
 from ..decoding import DecodeConfig
 from ..errors import StepscopeError
 from ..models import num_layers as model_layers
 from .benchmarks import Benchmark, Problem
-from .code_grading import default_workers, grade_code
+from .code_grading import grade_code
 from .grading import DEFAULT_TIMEOUT, Grade, grade_choice_detail, grade_math_detail
 from .runfolder import RUN_VERSION, Key, RunFolder
 from .summary import write_summary
@@ -180,7 +181,7 @@ def grade_traces(problems: list[Problem], traces: list, timeout: float | None, s
     limits = {k: settings.extra[e] for k, e in (("timeout", "code_timeout"), ("memory_mb", "code_memory"))
               if settings.extra.get(e) is not None}
     if any(p.kind == "code" for p in problems):
-        with ThreadPoolExecutor(max_workers=min(default_workers(), len(problems))) as pool:
+        with ThreadPoolExecutor(max_workers=min(usable_cpus(), len(problems))) as pool:
             return list(pool.map(lambda pt: grade_trace(pt[0], pt[1], timeout, limits), zip(problems, traces)))
     return [grade_trace(p, t, timeout) for p, t in zip(problems, traces)]
 

@@ -47,6 +47,25 @@ def bridge_target(n_bridge, n_segment, tau_max: float):
     return min(math.sqrt(n_bridge / (n_bridge + n_segment)), tau_max)
 
 
+def segment_codes(pos, t0, s0):
+    """Each position's segment: 0 question (before t0), 1 thinking, 2 summary (from s0). pos, t0, s0: ints, numpy
+    arrays (int64 out) or tensors (long out), broadcasting."""
+    if isinstance(pos, torch.Tensor):
+        return (pos >= t0).long() + (pos >= s0).long()
+    if isinstance(pos, np.ndarray):
+        return (pos >= t0).astype(np.int64) + (pos >= s0)
+    return int(pos >= t0) + int(pos >= s0)
+
+
+def hidden_keys(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Keys at positions kpos [K] that a query at position qpos [...] does not see (past its position, or out
+    of its sliding window of `window` keys): bool [..., K]."""
+    hidden = kpos > qpos[..., None]
+    if window:
+        hidden |= kpos <= qpos[..., None] - window
+    return hidden
+
+
 def query_groups(q: int, t0: int, s0: int, lo: int = 0, window: int | None = None
                  ) -> tuple[tuple[int, int], tuple[int, int]] | None:
     """The bridge and segment key ranges ([start, end) positions, only keys the query sees) of the query at
@@ -54,7 +73,7 @@ def query_groups(q: int, t0: int, s0: int, lo: int = 0, window: int | None = Non
     position while not known yet); `window`: a sliding window's size. Query in thinking: B = question, S =
     thinking up to the query; in summary: B = thinking, S = summary up to the query. None for a question query
     or an empty bridge: OEB leaves that query alone."""
-    seg = int(q >= t0) + int(q >= s0)
+    seg = segment_codes(q, t0, s0)
     if seg == 0 or q < lo:
         return None
     vis_lo = max(lo, q - window + 1) if window else lo

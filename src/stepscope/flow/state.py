@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .functional import bridge_target, key_groups
+from .functional import bridge_target, hidden_keys, key_groups, segment_codes
 
 BIG = 1 << 62  # "not yet known" for a segment boundary, in kv index space
 NEG = float(np.finfo(np.float32).min)  # additive mask value of a hidden key (finite: no NaN on empty rows)
@@ -49,7 +49,7 @@ def query_geometry(lo: np.ndarray, hi: np.ndarray, t0: np.ndarray, s0: np.ndarra
     """
     q = (past + np.arange(q_len, dtype=np.int64))[None, :]  # [1, Q]
     lo, hi, t0, s0 = lo[:, None], hi[:, None], t0[:, None], s0[:, None]  # [B, 1]
-    qseg = (q >= t0).astype(np.int64) + (q >= s0)  # [B, Q]
+    qseg = segment_codes(q, t0, s0)  # [B, Q]
     summ = qseg == 2
     vis_lo = np.maximum(lo, q - (window - 1)) if window else np.broadcast_to(lo, qseg.shape)
     vis_hi = q + 1
@@ -312,7 +312,7 @@ def build_forward_state(trackers: list, keys: KeyState, past: int, q_len: int,
     else:
         # segment code of every new key (final: a key's segment never changes once it is fed)
         kabs = past + np.arange(q_len, dtype=np.int64)[None, :]
-        new_codes = (kabs >= t0[:, None]).astype(np.int64) + (kabs >= s0[:, None])
+        new_codes = segment_codes(kabs, t0[:, None], s0[:, None])
         up.add("codes", new_codes)
         if keys.seg is not None:
             seg8 = new_codes if new_pad is None else np.where(new_pad < 0, 3, new_codes)
@@ -372,7 +372,7 @@ def _decode_pack(lo: list[int], hi: list[int], bounds: list[tuple[int, int]], q:
     the eligible flag of each row (float64 [B])."""
     codes, gidx, tau, elig, oh = [], [], [], [], []
     for lo_b, hi_b, (t0, s0) in zip(lo, hi, bounds):
-        seg = (q >= t0) + (q >= s0)
+        seg = segment_codes(q, t0, s0)
         codes.append(seg)
         gidx += (max(seg - 1, 0), seg)
         if seg == 2:
@@ -406,11 +406,8 @@ def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Ten
         geo.addmask = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, NEG) \
             if m.dtype == torch.bool else m.to(torch.float32)
     else:  # no mask given (sdpa's causal shortcut, flash): causal, padding and window from the row state
-        kabs = torch.arange(k_offset, k_offset + K, device=fs.device)[None, None, :]  # [1, 1, K]
-        qabs = torch.arange(fs.past, fs.total, device=fs.device)[None, :, None]  # [1, Q, 1]
-        hidden = kabs > qabs
-        if window:
-            hidden |= kabs <= qabs - window
+        hidden = hidden_keys(torch.arange(fs.past, fs.total, device=fs.device)[None, :],
+                             torch.arange(k_offset, k_offset + K, device=fs.device), window)  # [1, Q, K]
         geo.addmask = fs.keys.padmask[:, None, k_offset:k_offset + K].masked_fill(hidden, NEG)  # [B, Q, K]
     geo.qt = fs.query_tensors(window)
     return geo

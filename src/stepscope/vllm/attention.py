@@ -18,19 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from ..flow.functional import key_groups, oeb_reweight, step_momentum
+from ..flow.functional import hidden_keys, key_groups, oeb_reweight, step_momentum
 
 BLOCK_ELEMS = 1 << 22  # most (head, query, key) scores one block of queries holds
-
-
-def hidden_keys(qpos: torch.Tensor, num_keys: int, window: int | None = None) -> torch.Tensor:
-    """Keys 0..num_keys-1 a query at position qpos [...] does not see (past its position, or out of its sliding
-    window): bool [..., num_keys]."""
-    kpos = torch.arange(num_keys, device=qpos.device)
-    hidden = kpos > qpos[..., None]
-    if window:
-        hidden |= kpos <= qpos[..., None] - window
-    return hidden
 
 
 def segment_onehot(codes: torch.Tensor) -> torch.Tensor:
@@ -75,7 +65,8 @@ def oeb_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, qpos
         q = q.view(n, hkv, n_rep, D).permute(1, 2, 0, 3).reshape(hkv, n_rep * n, D)
         s = (torch.bmm(q, k_t) * scale).view(hkv, n_rep, n, S).permute(2, 0, 1, 3).reshape(n, H, S)
         groups = key_groups(onehot.expand(n, S, 3), gidx[a:a + n], tau[a:a + n])
-        p, fired, p_bs, factors = _bridged(s, hidden_keys(qpos[a:a + n, None], S, window), groups, sinks)
+        hidden = hidden_keys(qpos[a:a + n, None], torch.arange(S, device=qpos.device), window)
+        p, fired, p_bs, factors = _bridged(s, hidden, groups, sinks)
         out = torch.bmm(p.view(n, hkv, n_rep, S).permute(1, 2, 0, 3).reshape(hkv, n_rep * n, S), v)
         parts.append((out.view(hkv, n_rep, n, D).permute(2, 0, 1, 3).reshape(n, H, D), fired[..., 0], p_bs,
                       p_bs * factors))
@@ -91,8 +82,8 @@ def oeb_decode_blocks(query: torch.Tensor, keys_t: torch.Tensor, values: torch.T
     query [R, H, D]; keys_t [R * n * Hkv, D, bs] (each block's keys of one kv head, transposed; any strides a
     batched matmul takes) and values [R * n * Hkv, bs, D], in (row, block, kv head) order, as
     `paged.*Layout.blocks` hands them out; hidden [R, 1, n * bs] bool: keys the row's query does not see
-    (`hidden_keys`; every slot past a row's keys among them); groups: `functional.key_groups` of the rows over
-    the n * bs keys; sinks [H] or None. Values of hidden slots must be finite (they are weighted by 0).
+    (`functional.hidden_keys`; every slot past a row's keys among them); groups: `functional.key_groups` of the
+    rows over the n * bs keys; sinks [H] or None. Values of hidden slots must be finite (they are weighted by 0).
     Returns (out [R, H, D] float32, fired [R, H, 1], masses before [R, H, 2], factors [R, H, 2]).
     """
     R, H, D = query.shape

@@ -35,13 +35,13 @@ import torch
 
 from ..errors import StepscopeError
 from ..flow.config import StepFlowConfig
-from ..flow.functional import key_groups
+from ..flow.functional import hidden_keys, key_groups, segment_codes
 from ..flow.rows import RowTracker
 from ..flow.state import query_geometry
 from ..formats import get_format
 from ..segment import Segmenter
 from ..tokens import token_bytes
-from .attention import hidden_keys, oeb_decode_blocks, oeb_rows, segment_onehot, smi_delta
+from .attention import oeb_decode_blocks, oeb_rows, segment_onehot, smi_delta
 
 log = logging.getLogger("stepscope.vllm")
 EXTRA_KEY, ID_KEY = "stepflow", "stepflow_id"
@@ -161,8 +161,7 @@ class RowPlan:
 
     def codes(self, device=None) -> torch.Tensor:
         """Segment of each key 0..seq_len-1: long [S]."""
-        k = torch.arange(self.seq_len, device=device)
-        return (k >= self.t0).long() + (k >= self.s0).long()
+        return segment_codes(torch.arange(self.seq_len, device=device), self.t0, self.s0)
 
     def geometry(self, window: int | None, device=None) -> Geometry:
         """The OEB inputs of this row's queries in a layer with this sliding window, on `device`."""
@@ -493,7 +492,7 @@ class DecodeInputs:
         k = torch.arange(n * block_size, device=dev)[None, :]
         t0, s0 = (torch.tensor([getattr(rp, f) for rp in rows], device=dev)[:, None] for f in ("t0", "s0"))
         return cls(rows, S, block_size, block_table[torch.tensor([rp.index for rp in rows], device=dev), :n],
-                   (k >= t0).long() + (k >= s0).long(), torch.tensor([rp.tok0 for rp in rows], device=dev),
+                   segment_codes(k, t0, s0), torch.tensor([rp.tok0 for rp in rows], device=dev),
                    torch.cat([g.qpos for _, g in decode])[:, None], torch.cat([g.gidx for _, g in decode])[:, None],
                    torch.cat([g.tau for _, g in decode])[:, None], [rp.seq_len - 1 >= rp.count_from for rp in rows],
                    window)
@@ -524,7 +523,7 @@ class DecodeInputs:
     def hidden_blocks(self) -> torch.Tensor:
         """bool [R, 1, n * block_size]: key slots the row's query does not see (past its keys, or out of its
         sliding window)."""
-        return hidden_keys(self.qpos, self.codes.shape[1], self.window)
+        return hidden_keys(self.qpos, torch.arange(self.codes.shape[1], device=self.qpos.device), self.window)
 
     @functools.cached_property
     def groups_blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
