@@ -6,7 +6,8 @@ side by side in one run, tokens/s and ratios.
 
 Greedy decoding. The vLLM arms write exactly `--new-tokens` tokens per request (ignore_eos); the transformers
 arms stop at end of sequence, and their tokens/s counts the tokens they wrote. Rounds alternate the arms; each
-arm's figure is its median over rounds. Run it in the environment scripts/env.sh's vllm_env makes.
+arm's figure is its median over rounds. The StepFlow/plain vLLM ratio is also given per round (the two arms run
+back to back, so a slow spell of a shared machine hits both) and as the median of those. Run it in the environment scripts/env.sh's vllm_env makes.
 """
 
 from __future__ import annotations
@@ -100,13 +101,17 @@ def main() -> None:
     print(f"{'arm':<24}{'tokens/s':>10}  per round")
     for k, v in res.items():
         print(f"{k:<24}{v:>10.2f}  {', '.join(f'{x:.2f}' for x in samples[k])}")
-    print(f"vLLM+StepFlow / plain vLLM: {res['vllm+stepflow'] / res['vllm']:.3f}")
+    paired = [f / p for f, p in zip(samples["vllm+stepflow"], samples["vllm"])]  # the two arms of one round
+    print(f"vLLM+StepFlow / plain vLLM: {res['vllm+stepflow'] / res['vllm']:.3f} (ratio of medians); "
+          f"per round {', '.join(f'{x:.3f}' for x in paired)}, median {statistics.median(paired):.3f}")
     if model is not None:
         print(f"transformers+StepFlow / transformers: {res['transformers+stepflow'] / res['transformers']:.3f}")
         print(f"vLLM+StepFlow / transformers+StepFlow: {res['vllm+stepflow'] / res['transformers+stepflow']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "tokens_per_s": res, "rounds": samples}, f, indent=1)
+            json.dump({"info": info, "tokens_per_s": res, "rounds": samples,
+                       "vllm_ratio_per_round": paired, "vllm_ratio_median_per_round": statistics.median(paired)},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

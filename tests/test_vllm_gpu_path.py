@@ -17,7 +17,7 @@ from paged_caches import BS, cpu_vec_cache, flash_cache  # noqa: E402
 
 from stepscope.flow import StepFlowConfig  # noqa: E402
 from stepscope.vllm.paged import CpuVecLayout, FlashLayout  # noqa: E402
-from stepscope.vllm.worker import LayerSpec, Request, RowPlan, Tally, apply_layer, flush_counts  # noqa: E402
+from stepscope.vllm.worker import ForwardShared, LayerSpec, Request, RowPlan, Tally, apply_layer  # noqa: E402
 
 
 def test_flash_layout_views_and_gather_read_the_rows_back():
@@ -87,9 +87,9 @@ def test_one_layer_through_the_paged_kernel_equals_the_torch_path(window, sinks,
         plans, _ = _plans(lens, q_lens, t0s, s0s, smi_at, cfg, layer)
         out = torch.zeros(N, H, D, dtype=dtype)
         spec = LayerSpec(layer, layout, window, H, Hkv, D ** -0.5, sink)
-        shared = {}
+        shared = ForwardShared()
         apply_layer(spec, query, kv, meta, out, plans, shared=shared)
-        flush_counts(shared)
+        shared.flush()
         return out, [p.req.tally for p in plans]
 
     flash = flash_cache(rows, n_blocks, Hkv, D, dtype)

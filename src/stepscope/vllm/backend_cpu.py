@@ -12,6 +12,8 @@ from .paged import CpuVecLayout
 class StepFlowCPUAttentionImpl(StepFlowImpl, CPUAttentionBackendImpl):
     """CPU_ATTN, then OEB/SMI for the StepFlow rows of the batch."""
 
+    kv_cache_update_in_forward = CPUAttentionBackend.forward_includes_kv_cache_update
+
     def stepflow_layout(self, layer) -> CpuVecLayout:
         return CpuVecLayout(getattr(layer, "isa", None))
 

@@ -28,6 +28,8 @@ from .paged import FlashLayout
 class StepFlowFlashAttentionImpl(StepFlowImpl, FlashAttentionImpl):
     """FLASH_ATTN, then OEB/SMI for the StepFlow rows of the batch."""
 
+    kv_cache_update_in_forward = FlashAttentionBackend.forward_includes_kv_cache_update
+
     def stepflow_layout(self, layer) -> FlashLayout:
         return FlashLayout()
 

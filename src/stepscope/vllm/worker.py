@@ -194,7 +194,7 @@ class Worker:
         self._formats: dict = {}
         self._ctx = None
         self._plans: list[RowPlan] | None = None
-        self.decode_inputs: dict = {}  # this forward's DecodeInputs by (window, rows): shared by its OEB layers
+        self.shared = ForwardShared()  # what this forward's layers share (work, decoding inputs, pending counts)
         self._warned: set[str] = set()
 
     # -- the batch (logits processor) -------------------------------------------------------------------------
@@ -291,7 +291,7 @@ class Worker:
             return self._plans
         self._ctx, self._plans = ctx, None
         self.flush_counts()
-        self.decode_inputs = {}
+        self.shared = ForwardShared()
         if not self.rows:
             return None
         qsl = metadata.query_start_loc.tolist()
@@ -338,7 +338,7 @@ class Worker:
 
     def flush_counts(self) -> None:
         """The decoding rows' counts of the last forward into their tallies (its OEB layers leave them pending)."""
-        flush_counts(self.decode_inputs)
+        self.shared.flush()
 
     def tallies(self, keys=None, clear: bool = False) -> dict[str, dict]:
         """Counts by request key (active, parked and finished requests with the same key added up)."""
@@ -364,8 +364,6 @@ class Worker:
         return {k: v.to_json() for k, v in out.items()}
 
 
-WORKER = Worker()
-
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -380,34 +378,100 @@ class LayerSpec:
     sinks: torch.Tensor | None = None  # [num_heads] (GPT-OSS)
 
 
+@dataclass
+class LayerWork:
+    """What one attention layer does for this forward's StepFlow rows (`ForwardShared.layer_work`): the decoding
+    rows it repairs in one batched call, and the rows it repairs one by one (prefill rows, rows with an SMI fire)."""
+
+    decode: DecodeInputs | None  # eligible decoding rows (one query each, no SMI fire in this layer)
+    slow: list  # (RowPlan, oeb: bool, fires) of the other rows with something to do
+    covers: bool  # the decoding rows are every token of the forward: the backend's own output is overwritten
+
+
+class ForwardShared:
+    """What the attention layers of one forward share: the geometry of its decoding rows (per sliding window),
+    each layer's `LayerWork` (layers whose rows have the same OEB/SMI membership share one), the `DecodeInputs`
+    of each set of decoding rows, and the counts those leave pending until `flush`. The worker makes a new one
+    every forward (after flushing the last)."""
+
+    def __init__(self) -> None:
+        self.work: dict = {}
+        self.decode: dict = {}
+        self.geometry: dict = {}
+
+    def flush(self) -> None:
+        """Add the pending counts of the decoding rows to their requests' tallies."""
+        for d in self.decode.values():
+            d.flush()
+
+    def decode_geometry(self, plans: list[RowPlan], window: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`query_geometry` of every row's last query at once (gidx int64 [B, 2], tau_B float32 [B], eligible
+        bool [B]), in coordinates relative to each row's query (the geometry only depends on differences)."""
+        got = self.geometry.get(window)
+        if got is None:
+            ar = np.array([(rp.seq_len - 1, rp.t0, rp.s0) for rp in plans], dtype=np.int64)
+            q, t0, s0 = ar[:, 0], ar[:, 1], ar[:, 2]
+            tau_max = np.array([rp.req.config.tau_max for rp in plans])[:, None]
+            g, t, _ = query_geometry(-q, np.ones_like(q), t0 - q, s0 - q, 0, 1, window, tau_max)
+            got = self.geometry[window] = (g[:, 0], t[:, 0], t[:, 0] > 0)
+        return got
+
+    def layer_work(self, spec: LayerSpec, plans: list[RowPlan], block_table: torch.Tensor, block_size: int,
+                   num_tokens: int) -> LayerWork | None:
+        """This layer's work (None when it has none), made once per forward for each OEB/SMI membership."""
+        layer, window = spec.index, spec.window
+        member = tuple((layer in rp.req.oeb, layer in rp.req.smi) for rp in plans)
+        key = (window, member)
+        if key in self.work:
+            return self.work[key]
+        decode, slow = [], []
+        gidx = tau = elig = None
+        for i, (rp, (oeb, smi)) in enumerate(zip(plans, member)):
+            fires = rp.fires if smi else ()
+            if oeb and not fires and rp.q_len == 1:
+                if elig is None:
+                    gidx, tau, elig = self.decode_geometry(plans, window)
+                if elig[i]:
+                    decode.append(i)
+            elif fires or (oeb and rp.geometry(window, block_table.device).sel.numel()):
+                slow.append((rp, oeb, fires))
+        d = None
+        if decode:
+            dkey = (window, tuple(decode))
+            d = self.decode.get(dkey)
+            if d is None:
+                d = self.decode[dkey] = DecodeInputs.of([plans[i] for i in decode], gidx[decode], tau[decode],
+                                                        block_table, window, block_size)
+        work = self.work[key] = (LayerWork(d, slow, not slow and len(decode) == num_tokens)
+                                 if decode or slow else None)
+        return work
+
+
 def apply_layer(spec: LayerSpec, query: torch.Tensor, kv_cache: torch.Tensor, metadata, output: torch.Tensor,
-                plans: list[RowPlan], shared: dict | None = None) -> None:
+                plans: list[RowPlan], shared: ForwardShared | None = None, work: LayerWork | None = None) -> None:
     """OEB and SMI of one attention layer for the StepFlow rows of this forward, in place on `output`.
 
     query/output: [num_tokens, H, D] (this rank's heads); kv_cache: this layer's paged cache, already holding
     this forward's keys. Decoding rows (one query each) go through one batched call: the fused paged kernel
     where the layout has one and it can run, else `attention.oeb_decode_blocks` over their cache blocks; prefill
-    rows and rows with an SMI fire one by one. `shared`: where the forward's OEB layers keep their common decoding
-    inputs (default: the worker's, reset every forward); the decoding rows' counts wait there until
-    `flush_counts(shared)` (the worker flushes before the next forward and before reading tallies)."""
+    rows and rows with an SMI fire one by one. `shared`: what the forward's layers share (default: the worker's,
+    new every forward); the decoding rows' counts wait there until `shared.flush()` (the worker flushes before
+    the next forward and before reading tallies). `work`: this layer's `shared.layer_work`, when the caller has
+    it already."""
+    shared = WORKER.shared if shared is None else shared
+    if work is None:
+        work = shared.layer_work(spec, plans, metadata.block_table, kv_cache.shape[2], query.shape[0])
+        if work is None:
+            return
     layer, window, H = spec.index, spec.window, spec.num_heads
     n_rep = H // spec.num_kv_heads
     device = query.device
-    caches = None
-    decode: list[tuple[RowPlan, Geometry]] = []
-    for rp in plans:
+    spec.layout.check()
+    caches = spec.layout.views(kv_cache)
+    for rp, oeb, fires in work.slow:
         req = rp.req
-        geo = rp.geometry(window, device) if layer in req.oeb else None
-        fires = rp.fires if layer in req.smi else ()
-        if not (fires or (geo is not None and geo.sel.numel())):
-            continue
-        if caches is None:
-            spec.layout.check()
-            caches = spec.layout.views(kv_cache)
-        if not fires and rp.q_len == 1:
-            decode.append((rp, geo))
-            continue
         keys, values = spec.layout.gather(*caches, metadata.block_table[rp.index], rp.seq_len)  # [Hkv, S, D]
+        geo = rp.geometry(window, device) if oeb else None
         if geo is not None and geo.sel.numel():
             tok = rp.tok0 + geo.sel
             res = oeb_rows(query[tok], keys, values, geo.qpos, geo.gidx, geo.tau, rp.codes(device), spec.scale,
@@ -420,12 +484,8 @@ def apply_layer(spec: LayerSpec, query: torch.Tensor, kv_cache: torch.Tensor, me
                 output[rp.tok0 + pos - rp.pos0] += d.to(output.dtype)
             if pos >= rp.count_from:
                 req.tally.smi[layer] += 1
-    if decode:
-        shared = WORKER.decode_inputs if shared is None else shared
-        key = (window, tuple(rp.index for rp, _ in decode))
-        d = shared.get(key)
-        if d is None:
-            d = shared[key] = DecodeInputs.of(decode, metadata.block_table, window, kv_cache.shape[2])
+    d = work.decode
+    if d is not None:
         if spec.layout.paged_kernel and _kernel_runs(device):
             out, part = _decode_paged_kernel(spec, query, caches, d)
         else:
@@ -483,19 +543,20 @@ class DecodeInputs:
     counts: list = field(default_factory=list)  # (layer, float32 [R, H, 5]) of each OEB layer run, until flush
 
     @classmethod
-    def of(cls, decode: list[tuple[RowPlan, Geometry]], block_table: torch.Tensor, window: int | None,
-           block_size: int) -> DecodeInputs:
+    def of(cls, rows: list[RowPlan], gidx: np.ndarray, tau: np.ndarray, block_table: torch.Tensor,
+           window: int | None, block_size: int) -> DecodeInputs:
+        """rows: the decoding rows; gidx [R, 2], tau [R]: their queries' groups and targets (`query_geometry`)."""
         dev = block_table.device
-        rows = [rp for rp, _ in decode]
         S = max(rp.seq_len for rp in rows)
         n = -(-S // block_size)
         k = torch.arange(n * block_size, device=dev)[None, :]
         t0, s0 = (torch.tensor([getattr(rp, f) for rp in rows], device=dev)[:, None] for f in ("t0", "s0"))
         return cls(rows, S, block_size, block_table[torch.tensor([rp.index for rp in rows], device=dev), :n],
                    segment_codes(k, t0, s0), torch.tensor([rp.tok0 for rp in rows], device=dev),
-                   torch.cat([g.qpos for _, g in decode])[:, None], torch.cat([g.gidx for _, g in decode])[:, None],
-                   torch.cat([g.tau for _, g in decode])[:, None], [rp.seq_len - 1 >= rp.count_from for rp in rows],
-                   window)
+                   torch.tensor([rp.seq_len - 1 for rp in rows], device=dev)[:, None],
+                   torch.from_numpy(np.ascontiguousarray(gidx)).to(dev)[:, None],
+                   torch.from_numpy(np.ascontiguousarray(tau, dtype=np.float32)).to(dev)[:, None],
+                   [rp.seq_len - 1 >= rp.count_from for rp in rows], window)
 
     def flush(self) -> None:
         """Add the counts of the OEB layers run so far to the rows' tallies: one reduction and one copy to the host
@@ -563,13 +624,6 @@ class DecodeInputs:
         return self.blocks.to(torch.int32)
 
 
-def flush_counts(shared: dict) -> None:
-    """Add the pending counts of a forward's decoding rows (`shared`: apply_layer's dict of DecodeInputs) to
-    their requests' tallies."""
-    for d in shared.values():
-        d.flush()
-
-
 def _count_oeb(rows: list[RowPlan], layer: int, qpos: torch.Tensor, fired: torch.Tensor, before: torch.Tensor,
                after: torch.Tensor, heads: int) -> None:
     """Add OEB counts of rows' queries (qpos [R, Q]; fired [R, Q, H]; masses [R, Q, H, 2]) to their tallies, only
@@ -587,3 +641,6 @@ def _count_oeb(rows: list[RowPlan], layer: int, qpos: torch.Tensor, fired: torch
 def worker_tallies(worker, keys=None, clear: bool = False) -> dict[str, dict]:
     """`collective_rpc` target: this process's counts (`worker` is vLLM's worker object, unused)."""
     return WORKER.tallies(None if keys is None else set(keys), clear)
+
+
+WORKER = Worker()
