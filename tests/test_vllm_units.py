@@ -205,3 +205,81 @@ def test_decoding_rows_over_their_cache_blocks_match_the_dense_reference(layout,
         assert torch.allclose(before[r] * factors[r], one[3][0], atol=1e-6)
         any_fired |= bool(ref_fired.any())
     assert any_fired
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_a_layer_repairs_each_row_by_its_own_config(window):
+    """One layer, a batch of rows with different configs: decoding rows with three tau_max, a row whose OEB
+    layers leave this layer out, a prefill chunk. Each repaired row equals the dense reference with its own
+    tau_max; the others keep the backend's output. A batch of eligible decoding rows only is every token of the
+    forward: the layer's work says so (the backend then skips its own kernel), and every token gets written."""
+    import types
+
+    from paged_caches import BS, cpu_vec_cache
+
+    from stepscope.vllm.worker import ForwardShared, LayerSpec, Request, RowPlan, Tally, apply_layer
+
+    torch.manual_seed(4)
+    H, Hkv, D, layer, scale = 6, 2, 8, 3, 0.4
+    taus = [0.3, 0.6, 0.9, 0.6, 0.6]
+    oeb_here = [True, True, True, False, True]
+    lens, q_lens = [30, 21, 40, 25, 19], [1, 1, 1, 1, 4]  # the decoding rows see question keys in the window
+    t0s, s0s = [25, 15, 2, 3, 5], [1 << 62, 1 << 62, 33, 1 << 62, 1 << 62]
+    n_max = -(-max(lens) // BS)
+    tables = torch.arange(len(lens) * n_max).view(len(lens), n_max).flip(1)  # blocks out of order
+    data = [(torch.randn(Hkv, m, D), torch.randn(Hkv, m, D)) for m in lens]
+    kv = cpu_vec_cache(list(zip(data, tables)), len(lens) * n_max, Hkv, D, torch.float32)
+    meta = types.SimpleNamespace(block_table=tables.to(torch.int32))
+    spec = LayerSpec(layer, CpuVecLayout("vec"), window, H, Hkv, scale)
+
+    def plans_of(rows):
+        plans, tok0 = [], 0
+        for r in rows:
+            cfg = StepFlowConfig(fmt="think", tau_max=taus[r])
+            oeb = frozenset([layer] if oeb_here[r] else [layer + 1])
+            req = Request(f"r{r}", cfg, oeb, frozenset(), None, [], [], Tally(layer + 2, sorted(oeb), []))
+            plans.append(RowPlan(req, r, tok0, lens[r] - q_lens[r], lens[r], 0, t0s[r], s0s[r], []))
+            tok0 += q_lens[r]
+        return plans, tok0
+
+    plans, N = plans_of(range(len(lens)))
+    query = torch.randn(N, H, D)
+    # the backend's own output: plain attention (the reference with tau_max 0 never bridges)
+    plain = torch.cat([_dense_reference(query[p.tok0:p.tok0 + p.q_len], *data[p.index], range(p.pos0, p.seq_len),
+                                        t0s[p.index], s0s[p.index], 0.0, scale, window)[0] for p in plans]).float()
+    out = plain.clone()
+    shared = ForwardShared()
+    work = shared.layer_work(spec, plans, meta.block_table, BS, N)
+    assert not work.covers  # a row left alone and a prefill row: the backend's output is needed
+    apply_layer(spec, query, kv, meta, out, plans, shared=shared, work=work)
+    shared.flush()
+    for rp in plans:
+        r, rows = rp.index, slice(rp.tok0, rp.tok0 + rp.q_len)
+        if not oeb_here[r]:
+            assert torch.equal(out[rows], plain[rows])
+            assert rp.req.tally.eligible.sum() == 0
+            continue
+        k, v = data[r]
+        ref, _ = _dense_reference(query[rows], k, v, range(rp.pos0, rp.seq_len), t0s[r], s0s[r], taus[r], scale,
+                                  window)
+        torch.testing.assert_close(out[rows].double(), ref, atol=1e-5, rtol=1e-5)
+        def has_bridge(q, t0=t0s[r], s0=s0s[r]):  # a question (thinking) key the thinking (summary) query sees
+            lo = max(0, q - window + 1) if window else 0
+            b_lo, b_hi = (t0, s0) if q >= s0 else (0, t0)
+            return q >= t0 and min(b_hi, q + 1) > max(b_lo, lo)
+
+        assert rp.req.tally.eligible[layer] == H * sum(map(has_bridge, range(rp.pos0, rp.seq_len)))
+
+    decoding = [r for r in range(len(lens)) if oeb_here[r] and q_lens[r] == 1]
+    first = {p.index: p.tok0 for p in plans}
+    plans, N = plans_of(decoding)
+    q2 = torch.cat([query[first[r]:first[r] + 1] for r in decoding])
+    out = torch.full((N, H, D), float("nan"))
+    shared = ForwardShared()
+    work = shared.layer_work(spec, plans, meta.block_table, BS, N)
+    assert work.covers
+    apply_layer(spec, q2, kv, meta, out, plans, shared=shared, work=work)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, torch.cat([out_r for out_r in (
+        _dense_reference(q2[i:i + 1], *data[r], [lens[r] - 1], t0s[r], s0s[r], taus[r], scale, window)[0]
+        for i, r in enumerate(decoding))]).float(), atol=1e-5, rtol=1e-5)

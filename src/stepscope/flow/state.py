@@ -37,7 +37,7 @@ NEG = float(np.finfo(np.float32).min)  # additive mask value of a hidden key (fi
 # -- host-side geometry ------------------------------------------------------------------------------------------
 
 def query_geometry(lo: np.ndarray, hi: np.ndarray, t0: np.ndarray, s0: np.ndarray, past: int, q_len: int,
-                   window: int | None, tau_max: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   window: int | None, tau_max) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """OEB groups of every query of a forward (docs/method.md §5; `functional.query_groups` is one query's):
     (gidx int64 [B, Q, 2], tau_b float32 [B, Q], eligible float32 [B, Q]).
 
@@ -45,7 +45,7 @@ def query_geometry(lo: np.ndarray, hi: np.ndarray, t0: np.ndarray, s0: np.ndarra
     up to the query, B = thinking keys (O = question keys). Only visible keys count: real (not padding),
     causal, inside the sliding window. tau_B = min(sqrt(|B| / (|B| + |S|)), tau_max), and 0 where OEB cannot
     act (a question or padding query, an empty bridge). gidx holds the segment index (0 question, 1 thinking,
-    2 summary) of B and of S.
+    2 summary) of B and of S. tau_max: a float, or one per row ([B, 1]).
     """
     q = (past + np.arange(q_len, dtype=np.int64))[None, :]  # [1, Q]
     lo, hi, t0, s0 = lo[:, None], hi[:, None], t0[:, None], s0[:, None]  # [B, 1]

@@ -9,9 +9,11 @@ Who calls what (one worker process; every tensor-parallel rank has its own copy 
   them; moved ones follow their index.
 - the attention backend (backend.py) calls `WORKER.plan(metadata)` in every layer; the first call of a forward
   feeds each StepFlow request's new tokens (positions up to the forward's last query) to its segmenter and
-  builds the forward's `RowPlan`s; `apply_layer` then recomputes, in an OEB layer, that row's thinking and
-  summary queries over its paged keys (`attention.oeb_rows`), and adds, in an SMI layer, the step momentum at
-  the row's fire positions (`attention.smi_delta`).
+  builds the forward's `RowPlan`s; each layer's `LayerWork` (which rows it repairs, and how) is made once per
+  forward for each OEB/SMI membership (`ForwardShared`); `apply_layer` then recomputes, in an OEB layer, the
+  rows' thinking and summary queries over their paged keys (decoding rows together:
+  `attention.oeb_decode_blocks`; prefill rows one by one: `attention.oeb_rows`), and adds, in an SMI layer, the
+  step momentum at the rows' fire positions (`attention.smi_delta`).
 
 Coordinates: a request's token i (prompt then output) is kv position i; in a forward its queries are the
 positions [seq_len - q_len, seq_len). Segment boundaries and SMI fires come from the tokens before a query,
