@@ -3,11 +3,13 @@
 # code sandbox), lints, tests.
 set -euo pipefail
 STEPSCOPE_EXTRAS=test . "$(dirname "$0")/env.sh"
-if [ ! -x /usr/bin/chromium ] && [ -f .ci/chromium.sh ]; then
-    bash .ci/chromium.sh || echo "warning: chromium could not be installed; the browser test will say so"
+if [ ! -x /usr/bin/chromium ] && [ -f .ci/debian_package.sh ]; then
+    bash .ci/debian_package.sh chromium /usr/bin/chromium \
+        || echo "warning: chromium could not be installed; the browser test will say so"
 fi
-if ! command -v bwrap >/dev/null 2>&1 && [ -f .ci/bubblewrap.sh ]; then
-    bash .ci/bubblewrap.sh || echo "warning: bubblewrap could not be installed; the sandbox tests will say so"
+if ! command -v bwrap >/dev/null 2>&1 && [ -f .ci/debian_package.sh ]; then
+    bash .ci/debian_package.sh bubblewrap bwrap \
+        || echo "warning: bubblewrap could not be installed; the sandbox tests will say so"
 fi
 ruff check src tests bench
 # StepFlow inside vLLM (tests/test_vllm*.py): vLLM pins transformers <5.20, so those tests run in a second

@@ -3,7 +3,7 @@ kinds, and hostile ones (a process flood, writes outside, a loopback connection,
 the parent's environment, an escaped process), each of which must be contained with the grader unharmed.
 
 The bwrap tests skip when bubblewrap is absent, and fail then when STEPSCOPE_REQUIRE_BWRAP=1 (CI sets it and
-installs bubblewrap through .ci/bubblewrap.sh).
+installs bubblewrap through .ci/debian_package.sh bubblewrap bwrap).
 """
 
 import os
@@ -29,7 +29,8 @@ TWO_SUM = [("[2, 7, 11, 15]\n9", "[0, 1]"), ("[3, 2, 4]\n6", "[1, 2]")]
 def mode(request):
     if request.param == "bwrap" and not bwrap_available():
         if os.environ.get("STEPSCOPE_REQUIRE_BWRAP"):
-            pytest.fail("STEPSCOPE_REQUIRE_BWRAP is set but bubblewrap does not work here (run .ci/bubblewrap.sh)")
+            pytest.fail("STEPSCOPE_REQUIRE_BWRAP is set but bubblewrap does not work here "
+                        "(run .ci/debian_package.sh bubblewrap bwrap)")
         pytest.skip("bubblewrap is not installed or cannot create namespaces here")
     return request.param
 

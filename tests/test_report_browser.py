@@ -3,7 +3,8 @@ hover with both steps' text, follows the layer slider and the result selector, l
 and shows hostile trace text as text.
 
 Skipped only when /usr/bin/chromium is absent and STEPSCOPE_REQUIRE_BROWSER is unset (CI sets it; there a
-missing browser fails the test). `.ci/chromium.sh` installs Debian's chromium.
+missing browser fails the test). `.ci/debian_package.sh chromium /usr/bin/chromium` installs Debian's
+chromium.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def chromium_or_skip() -> str:
     if found:
         return found
     if os.environ.get("STEPSCOPE_REQUIRE_BROWSER"):
-        pytest.fail(f"STEPSCOPE_REQUIRE_BROWSER is set but {CHROMIUM} is absent (run .ci/chromium.sh)")
-    pytest.skip("chromium is absent (install it with .ci/chromium.sh)")
+        pytest.fail(f"STEPSCOPE_REQUIRE_BROWSER is set but {CHROMIUM} is absent "
+                    "(run .ci/debian_package.sh chromium /usr/bin/chromium)")
+    pytest.skip("chromium is absent (install it with .ci/debian_package.sh chromium /usr/bin/chromium)")
 
 
 def dump_dom(browser: str, page: Path, profile: Path, fragment: str = "") -> tuple[str, list[str]]:
