@@ -58,10 +58,10 @@ class StepFlowImpl:
                 self.num_heads, self.num_kv_heads, float(self.scale), getattr(self, "sinks", None))
         n = attn_metadata.num_actual_tokens
         work = WORKER.shared.layer_work(spec, plans, attn_metadata.block_table, kv_cache.shape[2], n)
+        out = output
         if work is None or not work.covers or self.kv_cache_update_in_forward:
             out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                   output_block_scale)
-            if work is None:
-                return out
-        apply_layer(spec, query[:n], kv_cache, attn_metadata, output[:n], plans, work=work)
-        return output
+        if work is not None:
+            apply_layer(spec, query[:n], kv_cache, attn_metadata, output[:n], plans, work=work)
+        return out

@@ -366,7 +366,6 @@ class Worker:
         return {k: v.to_json() for k, v in out.items()}
 
 
-
 @dataclass(frozen=True)
 class LayerSpec:
     """What `apply_layer` needs of one attention layer (made once per layer by backend.StepFlowImpl)."""
