@@ -138,25 +138,3 @@ def test_vllm_plugins_without_stepflow_refuses_stepflow_requests(monkeypatch):
     monkeypatch.setattr(envs, "VLLM_PLUGINS", ["something_else"], raising=False)
     problem = support_problem()
     assert problem and "stepscope_stepflow" in problem
-
-
-def test_async_scheduling_refuses_stepflow_requests_before_any_forward():
-    from vllm.v1.sample.logits_processor.interface import BatchUpdate
-
-    from stepscope.errors import StepscopeError
-    from stepscope.vllm.processor import StepFlowLogitsProcessor
-    from stepscope.vllm.worker import WORKER
-
-    class Params:
-        extra_args = {"stepflow": StepFlowConfig().to_json()}
-
-    config = types.SimpleNamespace(scheduler_config=types.SimpleNamespace(async_scheduling=True))
-    saved = WORKER.vllm_config, WORKER.problem, WORKER.backend
-    try:
-        proc = StepFlowLogitsProcessor(config, torch.device("cpu"), False)
-        WORKER.backend = True
-        with pytest.raises(StepscopeError, match="async_scheduling=False"):
-            proc.update_state(BatchUpdate(1, removed=[], moved=[], added=[(0, Params(), [1], [])]))
-        assert not WORKER.rows
-    finally:
-        WORKER.vllm_config, WORKER.problem, WORKER.backend = saved

@@ -11,6 +11,7 @@ require_vllm()
 
 import torch  # noqa: E402
 
+from stepscope.errors import StepscopeError  # noqa: E402
 from stepscope.flow import StepFlowConfig  # noqa: E402
 from stepscope.vllm.attention import oeb_rows, smi_delta  # noqa: E402
 from stepscope.vllm.paged import CpuVecLayout  # noqa: E402
@@ -23,7 +24,11 @@ def test_gather_reads_what_vllms_cache_writer_wrote(dtype):
 
     bs, D, Hkv, nb = 32, 64, 3, 6
     isa = _get_attn_isa(dtype, bs, D)
-    assert isa == "vec"
+    if isa != "vec":  # bfloat16 on a CPU with AMX: vLLM's other layout, which StepFlow refuses in one line
+        assert dtype == torch.bfloat16 and isa == "amx"
+        with pytest.raises(StepscopeError, match="'amx'"):
+            CpuVecLayout(isa).check()
+        return
     kv = torch.zeros(nb, Hkv, bs, 2 * D, dtype=dtype)
     kc, vc = CpuVecLayout.views(kv)
     S = 2 * bs + 7
@@ -140,16 +145,15 @@ def test_batch_updates_keep_each_request_on_its_row():
     assert 0 not in w.rows and [r.key for r in w.rows.values()] == ["a"]
 
 
-def test_stepflow_request_without_the_backend_is_an_error():
+def test_stepflow_request_without_the_backend_is_stopped_not_decoded():
     from vllm.v1.sample.logits_processor.interface import BatchUpdate
 
-    from stepscope.errors import StepscopeError
     from stepscope.vllm.worker import Worker
 
     w = Worker()
-    with pytest.raises(StepscopeError, match="attention backend is not active"):
-        w.update(BatchUpdate(1, removed=[], moved=[],
-                             added=[(0, _Params({"stepflow": StepFlowConfig().to_json()}), [1], [])]))
+    w.update(BatchUpdate(2, removed=[], moved=[],
+                         added=[(0, _Params(), [1], []), (1, _Params({"stepflow": StepFlowConfig().to_json()}), [1], [])]))
+    assert w.refused_rows() == [1] and not w.rows
 
 
 @pytest.mark.parametrize("layout", ["cpu", "flash"])

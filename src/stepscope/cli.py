@@ -14,7 +14,7 @@ import sys
 from . import __version__
 from .errors import StepscopeError
 
-COMMANDS = ["demo", "trace", "generate", "saliency", "diagnose", "compare", "report", "eval"]
+COMMANDS = ["demo", "trace", "generate", "saliency", "diagnose", "compare", "report", "eval", "vllm-stats"]
 
 # the library's errors name its parameters; the CLI says the same with its options (one table, used by `main`)
 OPTION_WORDS = [
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stepscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        mod = importlib.import_module(f"stepscope.commands.{name}")
+        mod = importlib.import_module(f"stepscope.commands.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=mod.HELP, description=(mod.__doc__ or mod.HELP).strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)

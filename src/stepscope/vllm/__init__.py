@@ -18,21 +18,10 @@ Requests without `extra_args["stepflow"]` run untouched, in the same batches. Se
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from ..flow.config import StepFlowConfig
+from .requests import cache_salt
 
 __all__ = ["StepFlowConfig", "cache_salt", "collect_stats", "prompt", "sampling_params", "generate_traces"]
-
-
-def cache_salt(config: StepFlowConfig | None) -> str | None:
-    """The prefix-cache salt of a StepFlow config (None for plain requests): requests with the same config share
-    cached keys with each other only, so a cache hit is exactly what StepFlow would have computed."""
-    if config is None:
-        return None
-    blob = json.dumps(config.to_json(), sort_keys=True, default=str).encode()
-    return "stepflow-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
 def prompt(token_ids, config: StepFlowConfig | None = None) -> dict:

@@ -3,11 +3,13 @@ StepFlow's rows (backend.StepFlowImpl), reading FlashAttention's cache layout (p
 paged Triton kernel for decoding rows.
 
 CUDA graphs. StepFlow's per-forward planning is host code (which rows, where their steps start): a full CUDA graph
-would replay the first forward's plan for every later one. The metadata builder therefore declares no full-graph
-support (`AttentionCGSupport.NEVER`), and vLLM downgrades its default FULL_AND_PIECEWISE mode to PIECEWISE: the
-layers between attention calls stay in CUDA graphs, attention runs eagerly. An explicit full-graph
-`cudagraph_mode` is refused by vLLM itself, with its own message. This holds for every request of an engine that
-loads the plugin, with or without StepFlow; exclude the plugin (VLLM_PLUGINS) to get full graphs back.
+would replay the first forward's plan for every later one. On an engine that can serve StepFlow (V1 model runner,
+synchronous scheduling: plugin.engine_problem) the metadata builder therefore declares no full-graph support
+(`AttentionCGSupport.NEVER`), and vLLM downgrades its default FULL_AND_PIECEWISE mode to PIECEWISE: the layers
+between attention calls stay in CUDA graphs, attention runs eagerly. An explicit full-graph `cudagraph_mode` is
+refused by vLLM itself, with its own message. This holds for every request of such an engine, with or without
+StepFlow; exclude the plugin (VLLM_PLUGINS) to get full graphs back. Any other engine (vLLM's CUDA defaults: Model
+Runner V2 and async scheduling) keeps FlashAttention's own CUDA graph support.
 
 This module has not run on a GPU in stepscope's own tests (docs/vllm.md says what has).
 """
@@ -23,6 +25,7 @@ from vllm.v1.attention.backends.flash_attn import (
 
 from .backend import StepFlowImpl
 from .paged import FlashLayout
+from .plugin import engine_problem
 
 
 class StepFlowFlashAttentionImpl(StepFlowImpl, FlashAttentionImpl):
@@ -40,9 +43,15 @@ class StepFlowFlashAttentionImpl(StepFlowImpl, FlashAttentionImpl):
 
 
 class StepFlowFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
-    """FlashAttention's metadata, without full CUDA graph support (see the module docstring)."""
+    """FlashAttention's metadata, without full CUDA graph support where the engine can serve StepFlow (see the
+    module docstring); FlashAttention's own support where it cannot (Model Runner V2, async scheduling), since
+    StepFlow then never acts."""
 
-    _cudagraph_support = AttentionCGSupport.NEVER
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        if vllm_config is not None and engine_problem(vllm_config):
+            return super().get_cudagraph_support(vllm_config, kv_cache_spec)
+        return AttentionCGSupport.NEVER
 
 
 class StepFlowFlashAttentionBackend(FlashAttentionBackend):

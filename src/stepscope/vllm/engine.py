@@ -51,11 +51,15 @@ def engine_kwargs(model: str, *, dtype: str = "auto", tensor_parallel_size: int 
 
 
 def load_llm(**kwargs):
-    """`vllm.LLM(**kwargs)`, made once per process for the same arguments."""
+    """`vllm.LLM(**kwargs)`, made once per process for the same arguments. StepFlow runs on vLLM's V1 model runner:
+    unless the environment says otherwise, the engine is started with VLLM_USE_V2_MODEL_RUNNER=0 (where the
+    environment asks for V2, StepFlow requests are refused with one line)."""
     key = tuple(sorted(kwargs.items()))
     llm = _ENGINES.get(key)
     if llm is None:
         from vllm import LLM
+
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
         try:
             llm = LLM(**kwargs)

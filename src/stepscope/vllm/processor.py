@@ -1,23 +1,51 @@
-"""The v1 logits processor that keeps StepFlow's per-request state in step with vLLM's persistent batch.
+"""The logits processor vLLM loads from the `vllm.logits_processors` entry point, in both of vLLM's model runners.
 
-It changes no logits (`apply` returns them as they are; argmax invariant). Its job is `update_state`, which vLLM
-calls before every forward with the requests added to, removed from and moved within the batch, each added one
-with its SamplingParams, prompt ids and live output ids (worker.Worker.update). `validate_params` runs in the
-front end when a request arrives: a bad StepFlow config, or StepFlow asked of an engine the plugin cannot
-serve, is refused there with a one-line error (HTTP 400 on the server), never decoded plainly.
+vLLM loads every installed `vllm.logits_processors` entry point into every engine, whatever its requests ask
+for, so this class must be accepted by both loaders: it implements vLLM's V1 interface
+(`vllm.v1.sample.logits_processor.LogitsProcessor`) and Model Runner V2's
+(`vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor`, whose loader accepts subclasses only). Each
+runner constructs it with its own arguments: V1 `(vllm_config, device, is_pin_memory)`, V2 `(vllm_config,
+req_states)`.
+
+It changes no logits of a request StepFlow serves or of a plain request. Under V1 its job is `update_state`, which
+vLLM calls before every forward with the requests added to, removed from and moved within the batch
+(worker.Worker.update). `validate_params` runs in the front end when a request arrives: a bad StepFlow config,
+or StepFlow asked of an engine the plugin cannot serve, is refused there with a one-line error (HTTP 400 on the
+server), never decoded plainly.
+
+StepFlow runs on the V1 model runner with synchronous scheduling (plugin.engine_problem). The front end cannot
+see the engine's configuration; it refuses StepFlow wherever vLLM may choose Model Runner V2 from the
+environment (plugin.frontend_problem). A StepFlow request that still reaches an engine that cannot serve it (a
+server with async scheduling, or V2 forced by a feature that needs it) is stopped at its first token (its one
+token is the end of sequence) and logged, never decoded plainly and never allowed to stop the engine.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from vllm.v1.sample.logits_processor.interface import LogitsProcessor
+from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
 from ..errors import StepscopeError
-from .plugin import support_problem
-from .worker import WORKER, request_config, request_start
+from .plugin import engine_problem, frontend_problem, support_problem
+from .requests import request_config, request_start
+from .worker import WORKER
+
+log = logging.getLogger("stepscope.vllm")
 
 
-class StepFlowLogitsProcessor(LogitsProcessor):
+def stop_rows(logits: torch.Tensor, rows, eos: int) -> torch.Tensor:
+    """Make `eos` the only token rows `rows` of `logits` [N, V] can sample (in place)."""
+    if len(rows):
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=logits.device)
+        logits[idx] = float("-inf")
+        logits[idx, eos] = 0.0
+    return logits
+
+
+class StepFlowLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         try:
@@ -27,25 +55,64 @@ class StepFlowLogitsProcessor(LogitsProcessor):
             raise ValueError(f"StepFlow: {e}") from None
         if cfg is None:
             return
-        problem = support_problem()
+        problem = support_problem() or frontend_problem()
         if problem:
             raise ValueError(f"StepFlow: {problem}")
         if getattr(sampling_params, "n", 1) > 1:
             raise ValueError("StepFlow: use n=1 per request (one request per sample, each with its own seed)")
 
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        WORKER.vllm_config = vllm_config
-        if getattr(vllm_config.scheduler_config, "async_scheduling", False):
-            # the forward would run before the host knows each row's newest token, which StepFlow's segmenter needs
-            WORKER.problem = ("StepFlow needs each row's newest token before the forward, which vLLM's async "
-                              "scheduling does not give: start the engine with async_scheduling=False "
-                              "(--no-async-scheduling)")
+    def __init__(self, vllm_config, *args) -> None:
+        # V1: (vllm_config, device, is_pin_memory); V2: (vllm_config, req_states)
+        self.v2 = len(args) == 1
+        self.problem = engine_problem(vllm_config)
+        self.refused: set[int] = set()  # V2 slots of StepFlow requests this engine cannot serve
+        self._eos: int | None = None
+        self._config = vllm_config
+        if not self.v2:
+            WORKER.vllm_config = vllm_config
+            WORKER.problem = self.problem
 
     def is_argmax_invariant(self) -> bool:
-        return True
+        # False: a StepFlow request this engine cannot serve is stopped (its argmax changes). vLLM then calls `apply`
+        # on greedy batches too; it returns the logits untouched unless such a request is in the batch.
+        return False
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
+    def eos(self) -> int:
+        """The model's end-of-sequence token (its tokenizer's), the one token a refused request is given."""
+        if self._eos is None:
+            from transformers import AutoTokenizer
+
+            mc = self._config.model_config
+            tok = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision, trust_remote_code=False)
+            self._eos = int(tok.eos_token_id)
+        return self._eos
+
+    # -- V1 ------------------------------------------------------------------------------------------------------
 
     def update_state(self, batch_update) -> None:
         WORKER.update(batch_update)
+
+    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
+        if ctx is None:  # V1: after the forward; stop the batch rows the worker refused
+            WORKER.forward_done()
+            rows = WORKER.refused_rows()
+            return stop_rows(logits, rows, self.eos()) if rows else logits
+        # V2: logits rows -> request slots
+        if not self.refused:
+            return logits
+        slots = ctx.expanded_idx_mapping.tolist()
+        return stop_rows(logits, [i for i, s in enumerate(slots) if s in self.refused], self.eos())
+
+    # -- V2 ------------------------------------------------------------------------------------------------------
+
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        self.refused.discard(req_idx)
+        try:
+            asks = request_config(sampling_params) is not None
+        except StepscopeError:
+            asks = True
+        if not asks:
+            return False
+        self.refused.add(req_idx)
+        log.error("StepFlow request stopped at its first token: %s", self.problem)
+        return True

@@ -37,7 +37,7 @@ from ..tokens import token_bytes
 from ..trace import Trace
 from . import collect_stats, prompt, sampling_params
 from .plugin import vllm_version
-from .worker import START_KEY
+from .requests import START_KEY
 
 
 def _engine_model(llm) -> SimpleNamespace:

@@ -1,4 +1,9 @@
-"""StepFlow's per-request counts from a vLLM engine's workers, as the transformers path's `StepFlowStats`."""
+"""StepFlow's per-request counts from a vLLM engine's workers, as the transformers path's `StepFlowStats`.
+
+A tally is worker.Tally.to_json: per-layer OEB sums [L, 5] and eligible query-heads [L], SMI fires [L], and the
+request's tokens, forwards and cache conflicts. Tensor-parallel ranks each hold some of the heads: their OEB sums
+and eligible counts add up, while SMI fires, tokens and forwards are per position, the same on every rank.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,35 @@ import numpy as np
 
 from ..flow import StepFlowStats
 
+_PER_HEAD = ("oeb", "eligible")  # summed over ranks
+_PER_POSITION = ("smi", "tokens", "forwards", "cache_conflicts")  # one rank's (the same on every rank)
+
 
 def to_stats(t: dict) -> StepFlowStats:
-    """One merged tally (worker.Tally.to_json) -> StepFlowStats (means over eligible query-heads)."""
-    return StepFlowStats.from_sums(t["oeb_layers"], t["smi_layers"], t["oeb"], t["eligible"], t["smi"],
-                                   t["forwards"], t["tokens"])
+    """One merged tally -> StepFlowStats (means over eligible query-heads)."""
+    return StepFlowStats.from_sums(t["oeb_layers"], t["smi_layers"], np.asarray(t["oeb"]), np.asarray(t["eligible"]),
+                                   np.asarray(t["smi"]), t["forwards"], t["tokens"])
+
+
+def merge_rank_tallies(tallies: list[dict]) -> dict:
+    """One request's (or key's) tallies from its tensor-parallel ranks, rank 0 first -> one tally."""
+    t = dict(tallies[0])
+    for name in _PER_HEAD:
+        t[name] = np.sum([np.asarray(r[name]) for r in tallies], axis=0)
+    return t
+
+
+def add_tallies(a: dict, b: dict) -> dict:
+    """Two requests' merged tallies under one key -> their sum (as worker.Tally.add)."""
+    t = dict(a)
+    for name in _PER_HEAD + _PER_POSITION:
+        t[name] = np.asarray(a.get(name, 0)) + np.asarray(b.get(name, 0))
+    return t
 
 
 def merge_ranks(ranks: list[dict]) -> dict[str, StepFlowStats]:
-    """Per-rank tallies (key -> Tally json) -> key -> StepFlowStats. Every rank holds some of the heads: OEB sums
-    and eligible counts add up; SMI fires, tokens and forwards are per position, the same on every rank."""
+    """Per-rank tallies (key -> Tally json), rank 0 first -> key -> StepFlowStats."""
     out = {}
-    for key, first in ranks[0].items():
-        t = dict(first)
-        t["oeb"] = np.asarray(first["oeb"])
-        t["eligible"] = np.asarray(first["eligible"])
-        for r in ranks[1:]:
-            if key in r:
-                t["oeb"] = t["oeb"] + np.asarray(r[key]["oeb"])
-                t["eligible"] = t["eligible"] + np.asarray(r[key]["eligible"])
-        out[key] = to_stats(t)
+    for key in ranks[0]:
+        out[key] = to_stats(merge_rank_tallies([r[key] for r in ranks if key in r]))
     return out

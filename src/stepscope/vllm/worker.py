@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,40 +45,12 @@ from ..formats import get_format
 from ..segment import Segmenter
 from ..tokens import token_bytes
 from .attention import oeb_decode_blocks, oeb_rows, segment_onehot, smi_delta
+from .requests import request_config, request_key, request_start
+from .stats_file import StatsWriter, stats_path
 
 log = logging.getLogger("stepscope.vllm")
-EXTRA_KEY, ID_KEY = "stepflow", "stepflow_id"
-START_KEY = "stepflow_start"  # positions before it were queries of an earlier request under the same id
-
-
-def request_config(params) -> StepFlowConfig | None:
-    """The StepFlowConfig a request asks for (`extra_args["stepflow"]`: a config's `to_json()` dict or its JSON
-    string), or None for a plain request. Bad JSON or an unknown key raises StepscopeError."""
-    extra = getattr(params, "extra_args", None) or {}
-    raw = extra.get(EXTRA_KEY)
-    if raw is None:
-        return None
-    return raw if isinstance(raw, StepFlowConfig) else StepFlowConfig.from_json(raw)
-
-
-def request_key(params) -> str:
-    """The key a request's stats are kept under: `extra_args["stepflow_id"]` ("" when not given)."""
-    extra = getattr(params, "extra_args", None) or {}
-    return str(extra.get(ID_KEY, ""))
-
-
-def request_start(params) -> int:
-    """`extra_args["stepflow_start"]`: the first position this request counts (a continuation of an earlier
-    request with the same id, whose queries those positions were; e.g. a budget-forcing phase), 0 by default."""
-    extra = getattr(params, "extra_args", None) or {}
-    raw = extra.get(START_KEY, 0)
-    try:
-        start = int(raw)
-    except (TypeError, ValueError):
-        raise StepscopeError(f"extra_args[{START_KEY!r}] must be a position (an integer), got {raw!r}") from None
-    if start < 0:
-        raise StepscopeError(f"extra_args[{START_KEY!r}] must be >= 0, got {start}")
-    return start
+NO_BACKEND = ("the StepFlow attention backend is not active in this vLLM worker (StepFlow runs with vLLM's CPU_ATTN "
+              "and FLASH_ATTN backends; is the 'stepscope_stepflow' general plugin excluded by VLLM_PLUGINS?)")
 
 
 class Tally:
@@ -121,6 +94,8 @@ class Request:
     fires: dict = field(default_factory=dict)  # fire position -> (window start, window end), every fire so far
     done: int = 0  # positions [0, done) were queries here (or served from the prefix cache) or of an earlier request
     start: int = 0  # positions [0, start) belong to an earlier request under the same key (request_start)
+    seq: int = 0  # this engine's count of StepFlow requests when it arrived (the same on every rank)
+    written: int = -1  # its tally's forwards when its last stats line was written
 
     @property
     def fed(self) -> int:
@@ -191,6 +166,7 @@ class Worker:
         self.vllm_config = None
         self.backend = False  # the StepFlow attention backend runs in this process
         self.problem: str | None = None  # why this engine cannot serve StepFlow requests (processor.py), if so
+        self.refused: set[int] = set()  # batch rows of StepFlow requests stopped (`problem`, or no backend)
         self._tokenizer = None
         self._tokbytes = None
         self._formats: dict = {}
@@ -198,11 +174,29 @@ class Worker:
         self._plans: list[RowPlan] | None = None
         self.shared = ForwardShared()  # what this forward's layers share (work, decoding inputs, pending counts)
         self._warned: set[str] = set()
+        # the stats file (stats_file.py): its idle thread reads the requests under `lock`, only while no forward
+        # runs (`busy`: from `update` before a forward to `forward_done` after it)
+        self.lock = threading.Lock()
+        self.busy = False
+        self.seq = 0
+        self.stats_out: StatsWriter | None = None
 
     # -- the batch (logits processor) -------------------------------------------------------------------------
 
     def update(self, batch_update) -> None:
         """Follow vLLM's persistent batch: removed, then added, then moved requests."""
+        with self.lock:
+            self.busy = True
+            self._update(batch_update)
+
+    def forward_done(self) -> None:
+        """The logits processor's `apply`: this step's forward has run."""
+        with self.lock:
+            self.busy = False
+            if self.stats_out is not None:
+                self.stats_out.touch()
+
+    def _update(self, batch_update) -> None:
         self.flush_counts()  # the last forward's counts, before a request that finished is parked and reaped
         if batch_update is None:
             return
@@ -211,23 +205,27 @@ class Worker:
         self.batch_size = batch_update.batch_size
         for index in batch_update.removed:
             self._park(index)
+            self.refused.discard(index)
         for index, params, prompt, output in batch_update.added:
             self._park(index)  # an added request may take the slot of one that finished
+            self.refused.discard(index)
             cfg = request_config(params)
             if cfg is None:
                 continue
-            if self.problem:
-                raise StepscopeError(self.problem)
-            if not self.backend:
-                raise StepscopeError("a request asks for StepFlow but the StepFlow attention backend is not "
-                                     "active in this vLLM worker (is the 'stepscope_stepflow' general plugin "
-                                     "excluded by VLLM_PLUGINS?)")
+            problem = self.problem or (None if self.backend else NO_BACKEND)
+            if problem:  # the front end could not see it: stop the request, never decode it plainly
+                self.refused.add(index)
+                log.error("StepFlow request %r stopped at its first token: %s", request_key(params), problem)
+                continue
             req = self.parked.pop(id(output), None)
             if req is None or req.output is not output:
                 req = self._new_request(request_key(params), cfg, list(prompt or []), output)
                 req.start = req.done = request_start(params)
             self.rows[index] = req
         for a, b, direction in batch_update.moved:
+            fa, fb = a in self.refused, b in self.refused
+            self.refused -= {a, b}
+            self.refused |= ({b} if fa else set()) | ({a} if fb and direction == MoveDirectionality.SWAP else set())
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
             if ra is not None:
                 self.rows[b] = ra
@@ -237,6 +235,10 @@ class Worker:
                 else:
                     self.parked[id(rb.output)] = rb
         self._reap()
+
+    def refused_rows(self) -> list[int]:
+        """Batch rows of the StepFlow requests this engine cannot serve (the logits processor stops them)."""
+        return sorted(self.refused)
 
     def _park(self, index: int) -> None:
         req = self.rows.pop(index, None)
@@ -250,6 +252,8 @@ class Worker:
 
     def _finish(self, req: Request) -> None:
         req.tally.tokens = req.counted_tokens
+        if self.stats_out is not None:
+            self.stats_out.write([self._line(req, final=True)])
         got = self.finished.get(req.key)
         if got is None:
             self.finished[req.key] = req.tally
@@ -265,8 +269,29 @@ class Worker:
         num_layers = self.num_layers
         oeb, smi = cfg.resolve(num_layers)
         tracker = RowTracker(Segmenter(tok, fmt, tokbytes=self._tokbytes), 0, cfg.smi_window)
+        if self.stats_out is None and stats_path():
+            self.stats_out = StatsWriter.for_engine(self.vllm_config, self.lock, self._live_lines)
+        self.seq += 1
         return Request(key, cfg, frozenset(oeb), frozenset(smi), tracker, prompt, output,
-                       Tally(num_layers, oeb, smi))
+                       Tally(num_layers, oeb, smi), seq=self.seq)
+
+    def _line(self, req: Request, final: bool) -> dict:
+        req.written = req.tally.forwards
+        return self.stats_out.line(req.seq, req.key, final, req.tally.to_json(), len(req.prompt),
+                                   req.config.to_json())
+
+    def _live_lines(self) -> list[dict]:
+        """Stats lines of the requests in (or parked out of) the batch whose tallies changed since their last
+        line; None while a forward runs (the stats writer's idle thread calls this under `lock`)."""
+        if self.busy:
+            return []
+        self.flush_counts()
+        out = []
+        for req in list(self.rows.values()) + list(self.parked.values()):
+            if req.tally.forwards != req.written:
+                req.tally.tokens = req.counted_tokens
+                out.append(self._line(req, final=False))
+        return out
 
     @property
     def num_layers(self) -> int:
@@ -344,6 +369,10 @@ class Worker:
 
     def tallies(self, keys=None, clear: bool = False) -> dict[str, dict]:
         """Counts by request key (active, parked and finished requests with the same key added up)."""
+        with self.lock:
+            return self._tallies(keys, clear)
+
+    def _tallies(self, keys=None, clear: bool = False) -> dict[str, dict]:
         self.flush_counts()
         self._reap()
         out: dict[str, Tally] = {}

