@@ -193,3 +193,18 @@ def test_async_scheduling_stops_a_stepflow_request_instead_of_stopping_the_engin
     finally:
         WORKER.vllm_config, WORKER.problem, WORKER.backend = saved
         WORKER.refused.clear()
+
+
+def test_the_vllm_interfaces_the_plugin_uses_have_the_shape_it_was_written_for():
+    """Every vLLM function, class, method, field and member the plugin uses (tests/vllm_interfaces.py lists them)
+    has, in the installed vLLM, the parameters and names of the vLLM releases the plugin supports (0.32 and 0.33,
+    read from their source: tests/vllm_interfaces.json)."""
+    import json
+    from pathlib import Path
+
+    from vllm_interfaces import installed_root, shape
+
+    want = json.loads((Path(__file__).parent / "vllm_interfaces.json").read_text())
+    got = shape(installed_root())
+    changed = {k: (want.get(k), got.get(k)) for k in set(want) | set(got) if want.get(k) != got.get(k)}
+    assert not changed, f"vLLM interfaces changed shape (expected, installed): {changed}"

@@ -14,8 +14,9 @@ from conftest import require_vllm
 require_vllm()
 
 import torch  # noqa: E402
+from tiny import teacher_forced  # noqa: E402
 
-from stepscope.flow import StepFlow, StepFlowConfig  # noqa: E402
+from stepscope.flow import StepFlowConfig  # noqa: E402
 
 QUESTIONS = ["What is 12 * 13? Explain.", "A train goes 60 km in 1.5 hours. What is its speed?",
              "Is 91 a prime number? Think it through."]
@@ -53,18 +54,6 @@ def _tokens(out):
     return list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]
 
 
-def _teacher_forced(model, tok, cfg, prompt_ids, gen):
-    """Log-probabilities [len(gen), V] of one forward over prompt + gen[:-1] (under StepFlow when cfg), and the
-    StepFlow stats of that forward."""
-    x = torch.tensor([prompt_ids + gen[:-1]])
-    with torch.no_grad():
-        if cfg is None:
-            return torch.log_softmax(model(x).logits[0].float(), -1)[len(prompt_ids) - 1:], None
-        with StepFlow(model, tok, cfg, kernel="torch") as flow:
-            logits = model(x).logits[0].float()
-        return torch.log_softmax(logits, -1)[len(prompt_ids) - 1:], flow.stats
-
-
 @pytest.fixture(scope="module")
 def mixed(setup):
     """StepFlow and plain requests of each question, different lengths, 6 requests in 4 slots."""
@@ -87,7 +76,7 @@ def test_stepflow_requests_match_teacher_forced_transformers(setup, mixed):
         gen, lps = _tokens(outs[2 * i])
         plain, _ = _tokens(outs[2 * i + 1])
         assert len(gen) == LENGTHS[i]
-        ref, ref_stats = _teacher_forced(model, tok, CFG, p, gen)
+        ref, ref_stats = teacher_forced(model, tok, CFG, p, gen)
         assert ref.argmax(-1).tolist() == gen
         got = torch.tensor(lps)
         want = ref.gather(-1, torch.tensor(gen)[:, None])[:, 0]
@@ -117,7 +106,7 @@ def test_plain_requests_in_a_mixed_batch_equal_plain_vllm(setup, mixed):
         gen_alone, lps_alone = _tokens(alone[i])
         assert gen == gen_alone
         assert max(abs(a - b) for a, b in zip(lps, lps_alone)) < 1e-4
-        ref, _ = _teacher_forced(model, None, None, p, gen)  # and plain vLLM is the plain model
+        ref, _ = teacher_forced(model, None, None, p, gen)  # and plain vLLM is the plain model
         assert ref.argmax(-1).tolist() == gen
 
 

@@ -103,3 +103,17 @@ def peaked(model, factor: float = 40.0):
 
 def new_ids(trace) -> list[int]:
     return trace.token_ids[trace.meta["num_prompt_tokens"]:]
+
+
+def teacher_forced(model, tok, cfg, prompt_ids, gen):
+    """Log-probabilities [len(gen), V] of one forward over prompt + gen[:-1] (under StepFlow with `cfg`, the
+    transformers engine's, when cfg is not None), and the StepFlow stats of that forward (None when plain)."""
+    from stepscope.flow import StepFlow
+
+    x = torch.tensor([list(prompt_ids) + list(gen[:-1])])
+    with torch.no_grad():
+        if cfg is None:
+            return torch.log_softmax(model(x).logits[0].float(), -1)[len(prompt_ids) - 1:], None
+        with StepFlow(model, tok, cfg, kernel="torch") as flow:
+            logits = model(x).logits[0].float()
+        return torch.log_softmax(logits, -1)[len(prompt_ids) - 1:], flow.stats

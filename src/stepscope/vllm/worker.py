@@ -175,7 +175,7 @@ class Worker:
         self.shared = ForwardShared()  # what this forward's layers share (work, decoding inputs, pending counts)
         self._warned: set[str] = set()
         # the stats file (stats_file.py): its idle thread reads the requests under `lock`, only while no forward
-        # runs (`busy`: from `update` before a forward to `forward_done` after it)
+        # of StepFlow rows runs (`busy`: from `plan` at the forward's first layer to `forward_done` after it)
         self.lock = threading.Lock()
         self.busy = False
         self.seq = 0
@@ -186,7 +186,6 @@ class Worker:
     def update(self, batch_update) -> None:
         """Follow vLLM's persistent batch: removed, then added, then moved requests."""
         with self.lock:
-            self.busy = True
             self._update(batch_update)
 
     def forward_done(self) -> None:
@@ -282,10 +281,12 @@ class Worker:
 
     def _live_lines(self) -> list[dict]:
         """Stats lines of the requests in (or parked out of) the batch whose tallies changed since their last
-        line; None while a forward runs (the stats writer's idle thread calls this under `lock`)."""
+        line; none while a forward runs (the stats writer's idle thread calls this under `lock`). Parked requests
+        vLLM has let go of are finished first (their final lines are written by `_finish`)."""
         if self.busy:
             return []
         self.flush_counts()
+        self._reap()
         out = []
         for req in list(self.rows.values()) + list(self.parked.values()):
             if req.tally.forwards != req.written:
@@ -316,18 +317,20 @@ class Worker:
         ctx = get_forward_context()
         if ctx is self._ctx:
             return self._plans
-        self._ctx, self._plans = ctx, None
-        self.flush_counts()
-        self.shared = ForwardShared()
-        if not self.rows:
-            return None
-        qsl = metadata.query_start_loc.tolist()
-        if len(qsl) - 1 != self.batch_size:  # a dummy forward (profiling, warm-up): not the batch we follow
-            return None
-        seq = metadata.seq_lens.tolist()
-        self._plans = [self._plan_row(req, i, qsl[i], qsl[i + 1] - qsl[i], seq[i])
-                       for i, req in sorted(self.rows.items())]
-        return self._plans
+        with self.lock:
+            self._ctx, self._plans = ctx, None
+            self.flush_counts()
+            self.shared = ForwardShared()
+            if not self.rows:
+                return None
+            qsl = metadata.query_start_loc.tolist()
+            if len(qsl) - 1 != self.batch_size:  # a dummy forward (profiling, warm-up): not the batch we follow
+                return None
+            self.busy = True  # until forward_done: the stats writer's idle thread keeps off the rows
+            seq = metadata.seq_lens.tolist()
+            self._plans = [self._plan_row(req, i, qsl[i], qsl[i + 1] - qsl[i], seq[i])
+                           for i, req in sorted(self.rows.items())]
+            return self._plans
 
     def _plan_row(self, req: Request, index: int, tok0: int, q_len: int, seq_len: int) -> RowPlan:
         n_p, fed = len(req.prompt), req.fed
