@@ -22,7 +22,7 @@ from conftest import require_vllm
 require_vllm()
 
 import torch  # noqa: E402
-from tiny import teacher_forced  # noqa: E402
+from tiny import assert_same_counts, teacher_forced  # noqa: E402
 
 from stepscope.flow import StepFlowConfig  # noqa: E402
 
@@ -173,14 +173,7 @@ def test_stats_file_has_each_requests_statistics(server):
     got = wait_for_stats(stats, keys)
     for p, gen, k in zip(ids, gens, keys):
         _, ref = teacher_forced(model, tok, CFG, p, gen)
-        s = got[k]
-        assert s.tokens == len(p) + len(gen) - 1
-        assert s.oeb_fires == ref.oeb_fires and s.oeb_eligible == ref.oeb_eligible
-        assert s.smi_fires == ref.smi_fires
-        for name in ("bridge_mass_before", "bridge_mass_after", "group_mass_before", "group_mass_after"):
-            a, b = getattr(s, name), getattr(ref, name)
-            assert all(abs(a[j] - b[j]) < 1e-4 for j in a), name
-        assert s.total_oeb_fires > 0
+        assert_same_counts(got[k], ref, len(p) + len(gen) - 1)
     out = subprocess.run([sys.executable, "-m", "stepscope.cli", "vllm-stats", str(stats)], capture_output=True,
                          text=True, check=True).stdout
     assert "s0" in out and "s1" in out and "OEB" in out

@@ -117,3 +117,15 @@ def teacher_forced(model, tok, cfg, prompt_ids, gen):
         with StepFlow(model, tok, cfg, kernel="torch") as flow:
             logits = model(x).logits[0].float()
         return torch.log_softmax(logits, -1)[len(prompt_ids) - 1:], flow.stats
+
+
+def assert_same_counts(s, ref, tokens: int) -> None:
+    """vLLM's StepFlowStats `s` of one request against the transformers engine's `ref` for the same tokens: equal
+    fire and eligible counts, masses within 1e-4, `tokens` query positions, and OEB fired."""
+    assert s.tokens == tokens
+    assert s.oeb_fires == ref.oeb_fires and s.oeb_eligible == ref.oeb_eligible
+    assert s.smi_fires == ref.smi_fires
+    for name in ("bridge_mass_before", "bridge_mass_after", "group_mass_before", "group_mass_after"):
+        a, b = getattr(s, name), getattr(ref, name)
+        assert all(abs(a[j] - b[j]) < 1e-4 for j in a), name
+    assert s.total_oeb_fires > 0
