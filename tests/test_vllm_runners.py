@@ -38,20 +38,27 @@ def as_on_cuda(monkeypatch) -> None:
     monkeypatch.setattr(triton_utils, "HAS_TRITON", True)
 
 
-def vllm_config(folder, monkeypatch, v2: bool | None, async_scheduling: bool = False, cuda: bool = True):
-    """vLLM's own VllmConfig for the tiny model, its model runner chosen by vLLM from VLLM_USE_V2_MODEL_RUNNER
-    (None: unset) as on CUDA (`cuda`) or as on this CPU."""
+def runner_switch(monkeypatch, v2: bool | None) -> None:
+    """VLLM_USE_V2_MODEL_RUNNER as 1, 0 or unset (None), read afresh by vLLM's envs (an engine started earlier in
+    this process may have cached it, and `--engine vllm` sets it to 0)."""
     import vllm.envs as envs
-    from vllm.engine.arg_utils import EngineArgs
 
-    if cuda:
-        as_on_cuda(monkeypatch)
     if v2 is None:
         monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     else:
         monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1" if v2 else "0")
     if hasattr(envs, "disable_envs_cache"):
         envs.disable_envs_cache()
+
+
+def vllm_config(folder, monkeypatch, v2: bool | None, async_scheduling: bool = False, cuda: bool = True):
+    """vLLM's own VllmConfig for the tiny model, its model runner chosen by vLLM from VLLM_USE_V2_MODEL_RUNNER
+    (None: unset) as on CUDA (`cuda`) or as on this CPU."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if cuda:
+        as_on_cuda(monkeypatch)
+    runner_switch(monkeypatch, v2)
     cfg = EngineArgs(model=folder, dtype="float32", max_model_len=256, enforce_eager=True).create_engine_config()
     cfg.scheduler_config.async_scheduling = async_scheduling
     return cfg
@@ -86,6 +93,7 @@ def test_v2_loader_accepts_the_installed_entry_point(monkeypatch):
     validate = loader.build_custom_logits_processors_params_validator(None)
     validate(params())  # a plain request passes
     as_on_cuda(monkeypatch)
+    runner_switch(monkeypatch, None)  # CUDA's default
     from vllm.exceptions import VLLMValidationError
 
     with pytest.raises(VLLMValidationError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
