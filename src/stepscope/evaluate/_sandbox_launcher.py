@@ -1,34 +1,45 @@
-"""Runs model-written programs inside the sandbox: a server that forks one launcher per program, one child per test.
+"""Runs model-written programs inside the sandbox: a server forks a launcher per program, which runs all of the
+program's tests in one runner process.
 
 stepscope.evaluate.sandbox_server starts this file's text as `python -I -S -c <text>` inside bubblewrap (or a
 plain setsid subprocess) as the unprivileged user; it imports nothing from stepscope and needs only the
 standard library. The server imports LiveCodeBench's header modules once, then serves programs one at a time:
-each program is a fresh fork of it (its own session, limits and random seed; the server itself never runs
-program code), and after each program the server kills every process the program left (it is their subreaper:
-none can leave it), empties the writable folders and checks that its own limits, CPU affinity and priority are
-as they were (in bwrap mode also removes the System V IPC objects of its namespace); the grader discards a
-server that says otherwise. Protocol, one JSON object per line:
+each program is a fresh fork of it, the program's launcher (its own session, limits and random seed; the
+server itself never runs program code). The launcher compiles the program and forks one runner, which sets the
+module up once and then runs the tests one after another, as LiveCodeBench does: a stdin/stdout program runs as
+a fresh `__main__` per test (its top-level imports done once, in the set-up), a call-based program has its
+module executed and its `Solution()` made once, and the function is called per test. The launcher hands the
+runner each test's stdin, stdout, stderr and result as fresh memory files over a socket, times the test, and
+kills the runner when the test is late; after a failure the next test (if any) gets a fresh runner. After each
+program the server kills every process the program left (it is their subreaper: none can leave it), empties
+the writable folders and checks that its own limits, CPU affinity and priority are as they were (in bwrap mode
+also removes the System V IPC objects of its namespace); the grader discards a server that says otherwise.
+Protocol, one JSON object per line:
 
-  server  in:  {"serve": {"workdirs": [path, ...], "protect": bool, "ipc": bool}}
+  server  in:  {"serve": {"workdirs": [path, ...], "protect": bool, "ipc": bool, "path": [folder, ...]}}
                                                                            out: {"hello": true, "reusable": bool}
   program in:  {"code", "kind": "stdio"|"call", "fn_name", "timeout", "cpu", "memory", "nproc", "fsize",
                 "nofile"}                                                 out: {"ready": true} | {"compile_error"}
-  test    in:  {"input": str, "cap": int}            out: {"status": "ok"|"timeout"|"runtime_error"|"memory_limit",
-                                                           "out": str, "err": str, "time": s, "truncated": bool}
-  end     in:  {"end": true}                         out: {"done": true, "clean": bool, "why": str|null}
+  test    in:  {"input": str}        out: {"status": "ok"|"timeout"|"runtime_error"|"memory_limit", "err": str,
+                                           "time": s, "size": n}, then n bytes: the output (stdio: stdout;
+                                           call: "v" and the returned value's JSON, or "r" and its repr)
+  end     in:  {"end": true}         out: {"done": true, "clean": bool, "why": str|null}
 
 Everything here runs as the program's own user: nothing it reports is trusted to decide a pass. The outputs
 are compared outside the sandbox with the expected outputs, which never enter it; a hostile program can
 only make its own tests fail.
 """
 
+import ast
 import json
 import os
 import resource
 import select
 import signal
+import socket
 import sys
 import time
+import traceback
 
 # LiveCodeBench prepends these imports to every program (lcb_runner/evaluation/testing_util.py)
 HEADER = (
@@ -39,12 +50,18 @@ HEADER = (
     "import string\nimport re\nimport datetime\nimport collections\nimport heapq\nimport bisect\nimport copy\n"
     "import math\nimport random\nimport statistics\nimport itertools\nimport functools\nimport operator\n"
     "import io\nimport sys\nimport json\nsys.setrecursionlimit(50000)\n")
-MEMORY_EXIT = 86  # the child's exit status for a MemoryError
+HEADER_CODE = compile(HEADER, "<header>", "exec")
+INT_DIGITS = 50000  # LiveCodeBench's int-to-str limit (sys.set_int_max_str_digits)
+MEMORY_EXIT = 86  # the runner's exit status for a MemoryError
 ERR_TAIL = 2000  # characters of stderr kept
+VERDICTS = ("ok", "runtime_error", "memory_limit")  # what a runner reports for a finished test
+# the runner's standard streams as CPython makes them here (encoding, errors; newline "\n": no translation)
+STDIO = {"in": (sys.stdin.encoding, sys.stdin.errors), "out": (sys.stdout.encoding, sys.stdout.errors),
+         "err": (sys.stderr.encoding, sys.stderr.errors)}
 
 
-def send(fd, obj):
-    data = (json.dumps(obj) + "\n").encode("utf-8")
+def send(fd, obj, data=b""):
+    data = (json.dumps(obj) + "\n").encode("utf-8") + data
     while data:
         data = data[os.write(fd, data):]
 
@@ -54,9 +71,14 @@ def limit(which, value):
         resource.setrlimit(which, (value, value))
 
 
+# ---------------------------------------------------------------------------------------- the runner
+
 def plain(v, top=True):
     """v as JSON-able data when Python's == would compare it with a JSON value like LiveCodeBench does, else
-    raise TypeError (LiveCodeBench turns only a top-level tuple into a list)."""
+    raise TypeError (LiveCodeBench turns only a top-level tuple into a list; a numpy scalar counts as its
+    value, as numpy's == makes it)."""
+    if type(v).__module__ == "numpy" and hasattr(v, "item"):
+        v = v.item()
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, list) or (top and isinstance(v, tuple)):
@@ -66,145 +88,297 @@ def plain(v, top=True):
     raise TypeError(f"a {type(v).__name__} is not plain JSON data")
 
 
-def child(req, code, stdin_fd, out_fd, err_fd, res_fd, args):
-    """The forked child: runs the program once (stdio) or calls its method once (call). Never returns."""
+def encoded(result, dumps=json.dumps):
+    """The result memory file's bytes: "v" and the value's JSON, or "r" and its repr (the grader shows it)."""
+    try:
+        return b"v" + dumps(plain(result)).encode("ascii")
+    except BaseException:  # not plain data, too deep, an int past the digit limit, an odd object's own error
+        try:
+            text = repr(result)[:1000]
+        except BaseException as e:
+            text = f"<a {type(result).__name__} that cannot be shown: {type(e).__name__}>"
+        return b"r" + text.encode("utf-8", "backslashreplace")
+
+
+def streams(fds):
+    """Put a test's stdin, stdout and stderr on fds 0-2 and make sys.stdin/stdout/stderr for them as CPython
+    makes its own (no newline translation: "abc\\r\\n" reads as "abc\\r\\n"); returns (stdout, stderr)."""
+    for target, fd in zip((0, 1, 2), fds):
+        if fd != target:
+            os.dup2(fd, target)
+            os.close(fd)
+    (ie, ir), (oe, orr), (ee, er) = STDIO["in"], STDIO["out"], STDIO["err"]
+    sys.stdin = sys.__stdin__ = open(0, encoding=ie, errors=ir, newline="\n", closefd=False)
+    sys.stdout = sys.__stdout__ = open(1, "w", encoding=oe, errors=orr, newline="\n", closefd=False)
+    sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, encoding=ee, errors=er, newline="\n", closefd=False)
+    return sys.stdout, sys.stderr
+
+
+def cpu_budget(seconds):
+    """The CPU-time limit: `seconds` more than the runner has used so far (its earlier tests included)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    soft = int(ru.ru_utime + ru.ru_stime) + 1 + seconds
+    try:
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
+    except (OSError, ValueError):
+        pass
+
+
+def attempt(err, fn, *args):
+    """Run fn(*args); its verdict ("ok", "runtime_error" with the traceback on `err`, "memory_limit")."""
+    try:
+        fn(*args)
+        return "ok"
+    except MemoryError:
+        return "memory_limit"
+    except BaseException as e:
+        tb = e.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename == "<string>":  # the launcher's own frames
+            tb = tb.tb_next
+        try:
+            traceback.print_exception(type(e), e, tb or e.__traceback__, file=err)
+        except BaseException:
+            pass
+        return "runtime_error"
+
+
+def finish(out, err, wait_threads):
+    """What the interpreter does when a program ends: wait for its non-daemon threads, flush its streams."""
+    threading = sys.modules.get("threading")
+    if wait_threads and threading is not None:
+        try:
+            main = threading.main_thread()
+            for t in threading.enumerate():
+                if t is not main and not t.daemon:
+                    t.join()
+        except BaseException:
+            pass
+    for s in {id(x): x for x in (sys.stdout, sys.stderr, out, err)}.values():
+        try:
+            s.flush()
+        except BaseException:
+            pass
+
+
+def call_test(fn, text, res_fd, loads, write):
+    """One call-based test: the arguments are one JSON value per line (LiveCodeBench's json.loads)."""
+    data = encoded(fn(*[loads(line) for line in text.split("\n")]))
+    while data:
+        data = data[write(res_fd, data):]
+
+
+def stdio_test(code, scope):
+    """One stdin/stdout test: the program as a fresh __main__."""
+    try:
+        exec(code, scope)
+    except SystemExit:
+        pass  # LiveCodeBench counts exit() as a normal end
+
+
+def runner(req, codes, sock, setup_fds):
+    """The forked runner of one program: the module set-up once, then each test the launcher hands over, one
+    message per test back ("ok", "runtime_error", "memory_limit"; the first message says how the set-up went).
+    Never returns."""
     try:
         os.setpgid(0, 0)
+        out, err = streams(setup_fds)
+        keep = sock.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, 1 << 16)
+        write, loads, recv_fds, read = os.write, json.loads, socket.recv_fds, os.read
         cpu = req["cpu"]
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        os.dup2(stdin_fd, 0)
-        os.dup2(out_fd, 1)
-        os.dup2(err_fd, 2)
-        sys.stdin = open(0, encoding="utf-8", errors="replace", closefd=False)
-        sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)
-        sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False)
-        os.closerange(3, res_fd)  # the protocol pipes and the other memfds; only the result fd stays
-        os.closerange(res_fd + 1, 1 << 16)
-        status = 0
-        scope = {"__name__": "__main__", "__builtins__": __builtins__}
-        try:
-            exec(code, scope)
-            if req["kind"] == "call":
-                sol = scope["Solution"]() if "class Solution" in req["code"] else None
-                fn = getattr(sol, req["fn_name"]) if sol is not None else scope[req["fn_name"]]
-                result = fn(*args)
-                try:
-                    payload = {"value": plain(result)}
-                except (TypeError, RecursionError, ValueError):
-                    payload = {"repr": repr(result)[:1000]}
-                os.write(res_fd, json.dumps(payload).encode("utf-8"))
-        except SystemExit:
-            pass  # LiveCodeBench counts exit() as a normal end
-        except MemoryError:
-            status = MEMORY_EXIT
-        except BaseException:
-            import traceback  # only here: the launcher's start stays short
+        cpu_budget(cpu)
+        call, (code, imports) = req["kind"] == "call", codes
+        base = {"__name__": "__main__", "__builtins__": __builtins__}
+        target = {}
 
-            traceback.print_exc()
-            status = 1
-        for s in (sys.stdout, sys.stderr):
-            try:
-                s.flush()
-            except BaseException:
-                pass
-        os._exit(status)
+        def set_up():
+            exec(HEADER_CODE, base)
+            if not call:
+                exec(imports, dict(base))  # the program's top-level imports, as LiveCodeBench hoists them
+                return
+            exec(code, base)
+            owner = base["Solution"]() if "class Solution" in req["code"] else None
+            target["fn"] = getattr(owner, req["fn_name"]) if owner is not None else base[req["fn_name"]]
+
+        status = attempt(err, set_up)
+        finish(out, err, False)
+        write(keep, status.encode() if status != "ok" else b"ready")
+        while status == "ok":
+            msg, fds, _, _ = recv_fds(sock, 16, 4)
+            if not msg or len(fds) != 4:
+                break
+            *io_fds, res_fd = fds
+            if call:  # the arguments, read before the program may touch fd 0
+                chunks = []
+                while chunk := read(io_fds[0], 1 << 20):
+                    chunks.append(chunk)
+                text = b"".join(chunks).decode("utf-8", "surrogatepass")
+            out, err = streams(io_fds)
+            cpu_budget(cpu)
+            scope = dict(base)
+            if call:
+                status = attempt(err, call_test, target["fn"], text, res_fd, loads, write)
+            else:
+                status = attempt(err, stdio_test, code, scope)
+            finish(out, err, not call)
+            scope.clear()
+            os.close(res_fd)
+            write(keep, status.encode())
+        os._exit(0)
     except MemoryError:
         os._exit(MEMORY_EXIT)
     except BaseException:
         os._exit(1)
 
 
+# ---------------------------------------------------------------------------------------- the launcher
+
 def memfd(name, data=b""):
     fd = os.memfd_create(name, 0)
-    if data:
-        os.write(fd, data)
-        os.lseek(fd, 0, os.SEEK_SET)
+    while data:
+        data = data[os.write(fd, data):]
+    os.lseek(fd, 0, os.SEEK_SET)
     return fd
 
 
 def read_fd(fd, cap):
+    """Up to `cap` bytes of a memory file, from its start."""
     os.lseek(fd, 0, os.SEEK_SET)
     chunks, n = [], 0
-    while n < cap + 1:
-        b = os.read(fd, min(1 << 20, cap + 1 - n))
+    while n < cap:
+        b = os.read(fd, min(1 << 20, cap - n))
         if not b:
             break
         chunks.append(b)
         n += len(b)
-    data = b"".join(chunks)
-    return data[:cap].decode("utf-8", errors="replace"), len(data) > cap
+    return b"".join(chunks)
 
 
-def wait(pid, timeout):
-    """(wait status, timed out): waits up to `timeout` seconds, then kills the child's process group."""
-    deadline = time.monotonic() + timeout
-    pidfd = None
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        pass
-    try:
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return status, False
+def tail(fd):
+    return read_fd(fd, 1 << 16).decode("utf-8", errors="replace")[-ERR_TAIL:]
+
+
+class Runner:
+    """The launcher's handle on one runner process: start, hand a test over, wait for its report, kill."""
+
+    def __init__(self, req, codes):
+        self.req = req
+        self.setup_fds = [memfd("setup-stdin"), memfd("setup-stdout"), memfd("setup-stderr")]
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sys.stdout.flush()
+        self.started = time.monotonic()
+        self.pid = os.fork()
+        if self.pid == 0:
+            self.sock.close()
+            runner(req, codes, theirs, self.setup_fds)
+        theirs.close()
+        self.pidfd = None
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            pass
+        self.exit = None  # the wait status once it ended
+
+    def report(self, deadline):
+        """The runner's next message, ("exit", wait status) when it ended first, or ("late", None)."""
+        while self.exit is None:
             left = deadline - time.monotonic()
             if left <= 0:
-                break
-            if pidfd is not None:
-                select.select([pidfd], [], [], left)
-            else:
-                time.sleep(min(left, 0.002))
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-    for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+                return "late", None
+            watch = [self.sock] + ([self.pidfd] if self.pidfd is not None else [])
+            ready = select.select(watch, [], [], left if self.pidfd is not None else min(left, 0.002))[0]
+            if self.sock in ready:
+                try:
+                    msg = self.sock.recv(64)
+                except OSError:
+                    msg = b""
+                if msg:
+                    return "msg", msg.decode("ascii", "replace")
+                if self.pidfd is None:  # its end closed (it ended, or the program closed it): wait for the end
+                    time.sleep(min(max(left, 0), 0.002))
+                else:
+                    select.select([self.pidfd], [], [], max(deadline - time.monotonic(), 0))
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.exit = status
+        return "exit", self.exit
+
+    def give(self, fds):
         try:
-            target()
+            socket.send_fds(self.sock, [b"t"], fds)
+            return True
         except OSError:
-            pass
-    return os.waitpid(pid, 0)[1], True
+            return False
+
+    def kill(self):
+        if self.exit is None:
+            for target in (lambda: os.killpg(self.pid, signal.SIGKILL), lambda: os.kill(self.pid, signal.SIGKILL)):
+                try:
+                    target()
+                except OSError:
+                    pass
+            self.exit = os.waitpid(self.pid, 0)[1]
+        for fd in self.setup_fds + ([self.pidfd] if self.pidfd is not None else []):
+            os.close(fd)
+        self.setup_fds, self.pidfd = [], None
+        self.sock.close()
 
 
-def run_test(req, code, test):
-    cap = int(test.get("cap", 1 << 20))
-    args = None
-    stdin_data = b""
-    if req["kind"] == "call":
-        try:
-            args = [json.loads(line) for line in test["input"].split("\n")]
-        except ValueError as e:
-            return {"status": "runtime_error", "out": "", "err": f"bad call arguments: {e}", "time": 0.0}
-    else:
-        stdin_data = test["input"].encode("utf-8")
-    fds = [memfd("stdin", stdin_data), memfd("stdout"), memfd("stderr"), memfd("result")]
-    sys.stdout.flush()
+def verdict(what, value, call):
+    """(status, note) of a runner's report: a message, how it ended, or late."""
+    if what == "msg":
+        return (value, "") if value in VERDICTS else ("runtime_error", "the program garbled its runner's report")
+    if what == "late":
+        return "timeout", ""
+    if os.WIFSIGNALED(value):
+        sig = os.WTERMSIG(value)
+        state = "timeout" if sig in (signal.SIGXCPU, signal.SIGKILL) else "runtime_error"
+        return state, f"killed by signal {signal.Signals(sig).name}"
+    code = os.WEXITSTATUS(value)
+    if code == MEMORY_EXIT:
+        return "memory_limit", ""
+    if code == 0 and not call:
+        return "ok", ""  # a program that ended its process itself (os._exit(0)): its output so far is its answer
+    return "runtime_error", f"the program ended its process (exit status {code})"
+
+
+def run_test(req, codes, state, test):
+    """One test on the program's runner (started first when there is none): (answer, output bytes)."""
+    call, timeout = req["kind"] == "call", float(req["timeout"])
+    if state.get("runner") is None:
+        state["runner"] = Runner(req, codes)
+    run = state["runner"]
+    if not state.get("set"):  # the set-up's own time limit, as LiveCodeBench gives the module's execution
+        what, value = run.report(run.started + timeout)
+        if (what, value) != ("msg", "ready"):
+            status, note = verdict(what, value, True)
+            if status == "ok":
+                status = "runtime_error"
+            err = ("while setting up the program: " + (tail(run.setup_fds[2]) + "\n" + note).strip())[-ERR_TAIL:]
+            run.kill()
+            state.clear()
+            return {"status": status, "err": err, "time": round(time.monotonic() - run.started, 4), "size": 0}, b""
+        state["set"] = True
+    data = test["input"].encode("utf-8", "surrogatepass")
+    fds = [memfd("stdin", data), memfd("stdout"), memfd("stderr"), memfd("result")]
     start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        child(req, code, fds[0], fds[1], fds[2], fds[3], args)
-    status, timed_out = wait(pid, float(req["timeout"]))
+    gave = run.give(fds)
+    what, value = run.report(start + timeout)
+    if not gave and what == "msg":  # a report with no test handed over
+        value = "?"
     elapsed = time.monotonic() - start
-    out, truncated = read_fd(fds[1], cap)
-    err, _ = read_fd(fds[2], 1 << 16)
-    if req["kind"] == "call":
-        out, truncated = read_fd(fds[3], cap)
+    status, note = verdict(what, value, call)
+    if what == "late":
+        run.kill()
+    out = read_fd(fds[3] if call else fds[1], int(req["fsize"]))
+    err = (tail(fds[2]) + "\n" + note).strip()[-ERR_TAIL:]
     for fd in fds:
         os.close(fd)
-    err = err[-ERR_TAIL:]
-    if timed_out:
-        state = "timeout"
-    elif os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        state = "timeout" if sig in (signal.SIGXCPU, signal.SIGKILL) else "runtime_error"
-        err = (err + f"\nkilled by signal {signal.Signals(sig).name}").strip()[-ERR_TAIL:]
-    elif os.WEXITSTATUS(status) == MEMORY_EXIT:
-        state = "memory_limit"
-    elif os.WEXITSTATUS(status) != 0:
-        state = "runtime_error"
-    else:
-        state = "ok"
-    return {"status": state, "out": out, "err": err, "time": round(elapsed, 4), "truncated": truncated}
+    if status != "ok" or what == "exit":
+        run.kill()
+        state.clear()
+    return {"status": status, "err": err, "time": round(elapsed, 4), "size": len(out)}, out
 
 
 class LineReader:
@@ -226,9 +400,18 @@ class LineReader:
         return line
 
 
+def compiled(source, kind):
+    """(the program's code, its top-level imports' code (stdio), compiled once in the launcher."""
+    tree = ast.parse(source, "<solution>")
+    imports = ast.Module([n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], [])
+    return (compile(tree, "<solution>", "exec"),
+            compile(imports, "<solution>", "exec") if kind == "stdio" else None)
+
+
 def program(req, proto_in, proto_out, home, home_fd):
-    """The forked launcher of one program: its own session, working folder and limits; one child per test.
-    Never returns."""
+    """The forked launcher of one program: its own session, working folder and limits; one runner for its
+    tests. Never returns."""
+    state = {}
     try:
         os.setsid()
         os.fchdir(home_fd)
@@ -241,21 +424,23 @@ def program(req, proto_in, proto_out, home, home_fd):
         limit(resource.RLIMIT_CORE, 0)
         limit(resource.RLIMIT_MSGQUEUE, 0)  # no POSIX message queue: they could outlive the program unseen
         try:
-            code = compile(HEADER + req["code"], "<solution>", "exec")
+            codes = compiled(req["code"], req["kind"])
         except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
-            code = None
+            codes = None
             send(proto_out, {"compile_error": f"{type(e).__name__}: {e}"[:ERR_TAIL]})
-        if code is not None:
+        if codes is not None:
             send(proto_out, {"ready": True})
         while True:
             line = proto_in.readline()
             if not line.strip():
                 break
             test = json.loads(line)
-            if "end" in test or code is None:
+            if "end" in test or codes is None:
                 break
-            send(proto_out, run_test(req, code, test))
+            send(proto_out, *run_test(req, codes, state, test))
     finally:
+        if state.get("runner") is not None:
+            state["runner"].kill()
         os._exit(0)
 
 
@@ -373,6 +558,7 @@ def clean_up(work, before, libc, ipc):
     return None
 
 
+
 def main():
     proto_in = LineReader(os.dup(0))
     proto_out = os.dup(1)
@@ -380,7 +566,10 @@ def main():
     for fd in (0, 1):
         os.dup2(null, fd)
     cfg = json.loads(proto_in.readline())["serve"]
-    exec(compile(HEADER, "<header>", "exec"), {})  # imported once here, inherited by every program's fork
+    sys.path[:0] = [p for p in cfg.get("path", []) if isinstance(p, str)]  # the third-party modules offered
+    if hasattr(sys, "set_int_max_str_digits"):
+        sys.set_int_max_str_digits(INT_DIGITS)
+    exec(HEADER_CODE, {})  # imported once here, inherited by every program's fork
     sys.setrecursionlimit(1000)  # the header's 50000 is for the programs
     libc = load_libc()
     reusable = libc is not None and libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0

@@ -12,20 +12,18 @@ the sandbox: the expected outputs never enter it.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 
 from ..cpus import usable_cpus
 from ..errors import StepscopeError
 from .grading import THINK_END, Grade, summary_of
+from .outputs import StdoutComparison, ValueComparison, cut
 from .sandbox import Limits, SandboxedProgram
 
 STATUSES = ("passed", "wrong_answer", "timeout", "runtime_error", "memory_limit", "no_code")
-CUT = 300  # characters kept of a failing test's input, expected and got
 PYTHON_TAGS = ("", "python", "py", "python3")
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+.-]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.S | re.M)
 
@@ -69,54 +67,19 @@ def extract_code(summary: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------- comparison
 
-def _lines(text: str) -> list[str]:
-    return [line.strip() for line in text.strip().split("\n")]
-
-
-def _decimals(line: str) -> list[Decimal] | None:
-    try:
-        return [Decimal(x) for x in line.split()]
-    except (InvalidOperation, ValueError):
-        return None
-
-
 def stdio_equal(got: str, expected: str) -> bool:
-    """LiveCodeBench's stdout comparison: per stripped line, equal as text or as lists of decimals."""
-    a, b = _lines(got), _lines(expected)
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if x == y:
-            continue
-        dx, dy = _decimals(x), _decimals(y)
-        if dx is None or dy is None or dx != dy:
-            return False
-    return True
+    """LiveCodeBench's stdout comparison (stepscope.evaluate.outputs): per stripped line, equal as text or as
+    lists of decimals; never raises."""
+    c = StdoutComparison(expected)
+    c.feed(got)
+    return c.result()
 
 
-def call_equal(payload: str, expected: str) -> bool:
-    """A call-based result (the launcher's {"value": ...} JSON) against the JSON expected output."""
-    try:
-        got = json.loads(payload)
-        want = json.loads(expected)
-    except ValueError:
-        return False
-    return isinstance(got, dict) and "value" in got and got["value"] == want
-
-
-def _cut(s: str, n: int = CUT) -> str:
-    return s if len(s) <= n else s[:n // 2] + " ...(cut)... " + s[-(n // 2):]
-
-
-def _shown(payload: str) -> str:
-    """A call-based result as the failure report shows it: the value's JSON, or the repr of a non-JSON value."""
-    try:
-        got = json.loads(payload)
-    except ValueError:
-        return payload
-    if isinstance(got, dict) and "value" in got:
-        return json.dumps(got["value"])
-    return str(got.get("repr", payload)) if isinstance(got, dict) else payload
+def call_equal(value_json: str, expected: str) -> bool:
+    """A returned value's JSON against the JSON expected output, as Python's == compares them; never raises."""
+    c = ValueComparison(expected)
+    c.feed("v" + value_json)
+    return c.result()
 
 
 # ---------------------------------------------------------------------------------------------- grading
@@ -125,32 +88,31 @@ def run_tests(code: str, tests: Sequence[CodeTest], *, fn_name: str | None = Non
               mode: str = "auto", reuse: bool = True) -> tuple[str, list[str], dict | None]:
     """Run `code` on `tests` in one sandbox, in order, up to the first failure (`reuse`: SandboxedProgram's).
 
-    Returns (overall status, each run test's status, the first failure or None).
+    Each output is compared as it arrives, whole (no cap below the sandbox's file-size limit). Returns (overall
+    status, each run test's status, the first failure or None).
     """
     limits = limits or Limits()
     statuses: list[str] = []
     kind = "call" if fn_name else "stdio"
     with SandboxedProgram(code, kind=kind, fn_name=fn_name, limits=limits, mode=mode, reuse=reuse) as prog:
         if prog.compile_error is not None:
-            fail = {"index": 0, "status": "runtime_error", "input": _cut(tests[0].input),
-                    "expected": _cut(tests[0].output), "got": "", "error": _cut(prog.compile_error)}
+            fail = {"index": 0, "status": "runtime_error", "input": cut(tests[0].input),
+                    "expected": cut(tests[0].output), "got": "", "error": cut(prog.compile_error)}
             return "runtime_error", ["runtime_error"], fail
         for i, t in enumerate(tests):
-            r = prog.run(t.input, cap=2 * len(t.output) + (1 << 16))
+            check = ValueComparison(t.output) if fn_name else StdoutComparison(t.output)
+            r = prog.run(t.input, sink=check.feed)
             if r is None:
-                status, got, err = "runtime_error", "", "the sandbox stopped answering (killed by the program?)"
+                status, err = "runtime_error", "the sandbox stopped answering (killed by the program?)"
             elif r.status != "ok":
-                status, got, err = r.status, r.out, r.err
-            elif r.truncated:
-                status, got, err = "wrong_answer", r.out, "the output is much longer than the expected output"
+                status, err = r.status, r.err
             else:
-                same = call_equal(r.out, t.output) if fn_name else stdio_equal(r.out, t.output)
-                status, got, err = ("passed" if same else "wrong_answer"), r.out, r.err
+                status = "passed" if check.result() else "wrong_answer"
+                err = "\n".join(x for x in (r.err, check.note) if x)
             statuses.append(status)
             if status != "passed":
-                shown = _shown(got) if fn_name else got
-                return status, statuses, {"index": i, "status": status, "input": _cut(t.input),
-                                          "expected": _cut(t.output), "got": _cut(shown), "error": _cut(err)}
+                return status, statuses, {"index": i, "status": status, "input": cut(t.input),
+                                          "expected": cut(t.output), "got": check.shown(), "error": cut(err)}
     return "passed", statuses, None
 
 

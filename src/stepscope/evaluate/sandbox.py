@@ -20,12 +20,14 @@ the resource limits and forks one child per test (docs/livecodebench.md has the 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import math
 import shutil
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import StepscopeError
@@ -33,6 +35,7 @@ from .sandbox_server import POOL, STARTUP_TIMEOUT, SandboxServer, close_servers
 
 MODES = ("auto", "bwrap", "setsid")
 GRACE = 3.0  # seconds past the launcher's own per-test deadline before we kill everything
+TRANSFER = 30.0  # further seconds for a test's output to arrive (up to the file-size limit, 64 MiB)
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,6 @@ class TestRun:
     out: str
     err: str
     time: float
-    truncated: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ mode
@@ -110,7 +112,7 @@ def _check(mode: str) -> str | None:
     why = None
     try:
         with SandboxedProgram("print(1)", mode=mode, limits=Limits(timeout=10.0), _checked=True) as prog:
-            r = prog.run("", cap=100)
+            r = prog.run("")
             if r is None or r.status != "ok" or r.out.strip() != "1":
                 why = f"a trivial program did not run ({r.status if r else 'no answer'}: {r.err if r else ''})"
     except StepscopeError as e:
@@ -188,23 +190,47 @@ class SandboxedProgram:
         with contextlib.suppress(Exception):
             self._discard()
 
-    def run(self, test_input: str, *, cap: int = 1 << 20) -> TestRun | None:
-        """Run the program on one input (its output cut at `cap` characters); None when the sandbox died or
-        stopped answering (everything is then killed; later calls return None too)."""
+    def run(self, test_input: str, *, sink: Callable[[str], None] | None = None) -> TestRun | None:
+        """Run the program on one input; None when the sandbox died, stopped answering or answered nonsense
+        (everything is then killed; later calls return None too).
+
+        The output (stdout; for a call-based program "v" and the returned value's JSON, or "r" and its repr) is
+        read whole, however long (the file-size limit bounds it), decoded as UTF-8 with invalid bytes replaced:
+        into `TestRun.out`, or, with `sink`, handed to `sink` piece by piece as it arrives (`out` is then "")."""
         server = self._server
         if server is None or self.compile_error is not None:
             return None
-        deadline = time.monotonic() + self.limits.timeout + GRACE
-        line_cap = 8 * cap + (1 << 20)  # JSON may escape every character
-        ans = None
-        if server.send({"input": test_input, "cap": cap}, deadline):
-            ans = server.recv(deadline, line_cap)
-        if ans is None or not isinstance(ans.get("status"), str):
+        # the launcher's own deadlines: the set-up (the first test on a new runner), then the test
+        deadline = time.monotonic() + 2 * self.limits.timeout + GRACE
+        ans = server.recv(deadline, 1 << 20) if server.send({"input": test_input}, deadline) else None
+        head = _answer(ans, self.limits.fsize_mb << 20)
+        pieces: list[str] = []
+        take = pieces.append if sink is None else sink
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        if head is None or not server.recv_bytes(head[3], deadline + TRANSFER,
+                                                 lambda b: take(decoder.decode(b))):
             self._discard()
             return None
-        return TestRun(str(ans["status"]), str(ans.get("out", "")), str(ans.get("err", "")),
-                       float(ans.get("time") or 0.0), bool(ans.get("truncated")))
+        take(decoder.decode(b"", True))
+        status, err, seconds, _ = head
+        return TestRun(status, "".join(pieces), err, seconds)
 
 
-__all__ = ["GRACE", "MODES", "Limits", "SandboxedProgram", "TestRun", "bwrap_available", "close_servers",
+STATUSES = ("ok", "timeout", "runtime_error", "memory_limit")
+
+
+def _answer(ans: dict | None, most: int) -> tuple[str, str, float, int] | None:
+    """(status, err, time, size) of a launcher's answer to a test, or None when it is not a well-formed one (the
+    launcher runs as the program's user: nothing it says is trusted further than its shape)."""
+    if not isinstance(ans, dict) or ans.get("status") not in STATUSES:
+        return None
+    size, seconds, err = ans.get("size"), ans.get("time"), ans.get("err", "")
+    if type(size) is not int or not 0 <= size <= most or not isinstance(err, str):
+        return None
+    if type(seconds) not in (int, float) or not math.isfinite(seconds):
+        return None
+    return ans["status"], err, float(seconds), size
+
+
+__all__ = ["GRACE", "MODES", "STATUSES", "Limits", "SandboxedProgram", "TestRun", "bwrap_available", "close_servers",
            "resolve_mode"]

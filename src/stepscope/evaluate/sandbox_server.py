@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -78,9 +79,11 @@ def interpreter() -> tuple[str, str | None]:
     return python, (None if prefix == "/usr" or prefix.startswith("/usr/") else prefix)
 
 
-def bwrap_args(python: str, prefix: str | None, fsize_mb: int, env: dict[str, str]) -> list[str]:
+def bwrap_args(python: str, prefix: str | None, fsize_mb: int, env: dict[str, str],
+               binds: list[str] | tuple[str, ...] = ()) -> list[str]:
     """bwrap's command line up to `--`: new namespaces, the system read-only, and two private tmpfs (/tmp, the
-    working folder, and /dev/shm) as the only writable places."""
+    working folder, and /dev/shm) as the only writable places; `binds`: further bwrap arguments (read-only
+    binds of the offered modules)."""
     args = ["bwrap", "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             "--ro-bind", "/usr", "/usr"]
@@ -94,6 +97,7 @@ def bwrap_args(python: str, prefix: str | None, fsize_mb: int, env: dict[str, st
     if not python.startswith("/usr/") and not (prefix and python.startswith(prefix + "/")):
         args += ["--ro-bind", python, python]
     size = str(fsize_mb << 20)
+    args += list(binds)
     args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--proc", "/proc", "--dev", "/dev",
              "--remount-ro", "/dev", "--size", size, "--tmpfs", "/dev/shm", "--size", size, "--tmpfs", "/tmp",
              "--remount-ro", "/", "--chdir", "/tmp", "--clearenv"]
@@ -105,10 +109,78 @@ def bwrap_args(python: str, prefix: str | None, fsize_mb: int, env: dict[str, st
 def sandbox_env(home: str, marker: str | None) -> dict[str, str]:
     """The programs' whole environment: nothing of ours."""
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home, "TMPDIR": home,
-           "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1"}
+           "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1",
+           # one thread per numerical library, as LiveCodeBench sets OMP_NUM_THREADS=1
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     if marker:
         env[MARKER_ENV] = marker
     return env
+
+
+# ------------------------------------------------------------------------------------ offered modules
+
+OFFERED = ("numpy", "scipy", "networkx")  # the third-party modules of LiveCodeBench's environment
+SITE_IN_SANDBOX = "/opt/stepscope-site"  # where bwrap mode shows them, read-only
+_SITE_LOCK = threading.Lock()
+_SITES: dict[str, dict[str, str]] = {}  # sandbox python -> {folder name: real folder}
+_FARM: list[str] = []  # setsid mode: the folder of links to them (made once per process)
+
+
+def _same_python(python: str) -> bool:
+    """Whether `python` (the sandbox's interpreter) is of our Python version, so our compiled packages load."""
+    if python == os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable):
+        return True
+    try:
+        out = subprocess.run([python, "-I", "-S", "-c", "import sys; print(*sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out == [str(sys.version_info[0]), str(sys.version_info[1])]
+
+
+def offered_packages(python: str) -> dict[str, str]:
+    """Folder name -> real folder of each OFFERED package installed here, with the shared-library folder its
+    wheel carries (numpy.libs, scipy.libs); {} when the sandbox's interpreter is of another Python version."""
+    import importlib.util
+
+    with _SITE_LOCK:
+        if python in _SITES:
+            return _SITES[python]
+    found: dict[str, str] = {}
+    if _same_python(python):
+        for name in OFFERED:
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                spec = None
+            if spec is None or not spec.submodule_search_locations:
+                continue
+            folder = Path(next(iter(spec.submodule_search_locations))).resolve()
+            found[name] = str(folder)
+            libs = folder.parent / f"{name}.libs"
+            if libs.is_dir():
+                found[libs.name] = str(libs.resolve())
+    with _SITE_LOCK:
+        return _SITES.setdefault(python, found)
+
+
+def offered_site(mode: str, python: str) -> tuple[list[str], list[str]]:
+    """(bwrap arguments that bind the offered packages read-only, the folders the launcher puts on sys.path)."""
+    found = offered_packages(python)
+    if not found:
+        return [], []
+    if mode == "bwrap":
+        binds = [a for name, real in found.items() for a in ("--ro-bind", real, f"{SITE_IN_SANDBOX}/{name}")]
+        return binds, [SITE_IN_SANDBOX]
+    with _SITE_LOCK:
+        if not _FARM:
+            farm = tempfile.mkdtemp(prefix="stepscope-site-")
+            for name, real in found.items():
+                os.symlink(real, os.path.join(farm, name))
+            os.chmod(farm, 0o755)  # the programs' user (nobody, when we are root) reads it
+            atexit.register(shutil.rmtree, farm, ignore_errors=True)
+            _FARM.append(farm)
+        return [], [_FARM[0]]
 
 
 def kill_marked(marker: str) -> int:
@@ -213,9 +285,10 @@ class SandboxServer:
         elif root:
             raise StepscopeError("running model-written code as root needs setpriv (util-linux) to drop to an "
                                  "unprivileged user")
+        binds, site = offered_site(self.mode, python)
         if self.mode == "bwrap":
             env = sandbox_env("/tmp", None)
-            cmd = prefix + bwrap_args(python, py_prefix, self.fsize_mb, env) + launcher
+            cmd = prefix + bwrap_args(python, py_prefix, self.fsize_mb, env, binds) + launcher
             cwd, workdirs = "/", ["/tmp", "/dev/shm"]  # the sandbox's only writable places
         else:
             self.workdir = tempfile.mkdtemp(prefix="stepscope-code-")
@@ -229,7 +302,8 @@ class SandboxServer:
         for f in (self.proc.stdin, self.proc.stdout):
             os.set_blocking(f.fileno(), False)
         # protect: the programs' user is not ours (root) or the sandbox is a namespace of its own (bwrap)
-        cfg = {"serve": {"workdirs": workdirs, "protect": root or self.mode == "bwrap", "ipc": self.mode == "bwrap"}}
+        cfg = {"serve": {"workdirs": workdirs, "protect": root or self.mode == "bwrap", "ipc": self.mode == "bwrap",
+                         "path": site}}
         deadline = time.monotonic() + STARTUP_TIMEOUT
         hello = self.recv(deadline, 1 << 16) if self.send(cfg, deadline) else None
         if hello is None or not hello.get("hello"):
@@ -343,6 +417,33 @@ class SandboxServer:
         except ValueError:
             return None
         return obj if isinstance(obj, dict) else None
+
+    def recv_bytes(self, n: int, deadline: float, take: Callable[[bytes], object]) -> bool:
+        """Hand the next `n` raw bytes to `take` as they arrive; False when they do not all come in time."""
+        if self.proc is None:
+            return False
+        fd = self.proc.stdout.fileno()
+        while n > 0:
+            if not self._buf:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if not select.select([fd], [], [], left)[0]:
+                    continue
+                try:
+                    chunk = os.read(fd, min(n, 1 << 20))
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return False
+                if not chunk:
+                    return False
+                self._buf += chunk
+            piece = bytes(self._buf[:n])
+            del self._buf[:n]
+            n -= len(piece)
+            take(piece)
+        return True
 
     def _stderr_line(self) -> str:
         p = self.proc
