@@ -42,6 +42,9 @@ _WORKER_FILE = Path(__file__).with_name("_verify_worker.py")
 _STARTUP_TIMEOUT = 120.0  # importing sympy and math-verify in a fresh process
 
 
+GRADER_ERROR = "grader_error"  # the status of a sample whose grading failed inside the grader (counted as wrong)
+
+
 @dataclass(frozen=True)
 class Grade:
     """The verdict on one response: `answer` is the extracted final answer (None if none was found).

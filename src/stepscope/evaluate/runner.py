@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from ..errors import StepscopeError
 from ..models import num_layers as model_layers
 from .benchmarks import Benchmark, Problem
 from .code_grading import grade_code
-from .grading import DEFAULT_TIMEOUT, Grade, grade_choice_detail, grade_math_detail
+from .grading import DEFAULT_TIMEOUT, GRADER_ERROR, Grade, grade_choice_detail, grade_math_detail
 from .runfolder import RUN_VERSION, Key, RunFolder
 from .summary import write_summary
 
@@ -168,12 +169,23 @@ def make_record(problem: Problem, sample: int, seed: int, arm: str, config: dict
 
 
 def grade_trace(problem: Problem, trace, timeout: float | None, code_limits: dict | None = None) -> Grade:
-    """Grade one trace by the kind of its problem (`code_limits`: grade_code's timeout and memory_mb)."""
-    if problem.kind == "code":
-        return grade_code(problem.code.tests, trace, fn_name=problem.code.fn_name, **(code_limits or {}))
-    if problem.kind == "choice":
-        return grade_choice_detail(problem.answer, trace)
-    return grade_math_detail(problem.answer, trace, timeout=timeout)
+    """Grade one trace by the kind of its problem (`code_limits`: grade_code's timeout and memory_mb).
+
+    A grading that fails inside the grader gives a wrong grade of status GRADER_ERROR naming the error, so the
+    run goes on and the summary names the sample (a bug of ours, or a sandbox that could not start)."""
+    try:
+        if problem.kind == "code":
+            return grade_code(problem.code.tests, trace, fn_name=problem.code.fn_name, **(code_limits or {}))
+        if problem.kind == "choice":
+            return grade_choice_detail(problem.answer, trace)
+        return grade_math_detail(problem.answer, trace, timeout=timeout)
+    except Exception as e:  # noqa: BLE001  (recorded, never the end of the run)
+        error = f"{type(e).__name__}: {e}"[:300]
+        print(f"stepscope eval: grading {problem.id} failed inside the grader ({error}); recorded as "
+              f"{GRADER_ERROR}, the run goes on", file=sys.stderr)
+        n = len(problem.code.tests) if problem.kind == "code" else None
+        return Grade(False, None, thinking_closed=bool(getattr(trace, "thinking_closed", False)),
+                     status=GRADER_ERROR, tests=(), n_tests=n, failure={"error": error})
 
 
 def grade_traces(problems: list[Problem], traces: list, timeout: float | None, settings: EvalSettings) -> list[Grade]:

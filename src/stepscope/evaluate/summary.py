@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import StepscopeError
 from ..io import atomic_write_json, atomic_write_text
 from ..stats import EXACT_PERMUTATION_MAX, paired_bootstrap_ci, paired_permutation_test
+from .grading import GRADER_ERROR
 from .runfolder import load_run
 
 ARM_NAMES = {"baseline": "baseline", "stepflow": "StepFlow", "oeb": "OEB only", "smi": "SMI only"}
@@ -110,6 +111,7 @@ def _arm_summary(cor: list[list[bool]], recs: list[dict], n: int, config) -> dic
                       for k in pass_at_k_values(n)},
         "thinking_closed_rate": float(np.mean([bool(r.get("thinking_closed")) for r in recs])),
         "grade_timeouts": int(sum(bool(r.get("grade_timed_out")) for r in recs)),
+        "grader_errors": int(sum(r.get("status") == GRADER_ERROR for r in recs)),
         "mean_new_tokens": float(np.mean([r.get("new_tokens") or 0 for r in recs])),
         "mean_thinking_tokens": float(np.mean([r.get("thinking_tokens") or 0 for r in recs])),
         "mean_time": _mean_or_none([r.get("time") for r in recs]),
@@ -162,6 +164,9 @@ def summarize(records: list[dict], run_info: dict, *, reference: str = "baseline
         "n_problems": len(complete), "n_problems_expected": expected,
         "complete": len(complete) == expected and len(records) == expected * n * len(arms),
         "n_records": len(records), "arms": {}, "comparisons": {},
+        # samples whose grading failed inside the grader: counted as wrong, named here
+        "grader_errors": [{k: r.get(k) for k in ("problem_id", "arm", "sample")} | {"error": (r.get("failure") or {})
+                          .get("error")} for r in records if r.get("status") == GRADER_ERROR],
         "decoding": {k: run_info.get(k) for k in ("temperature", "top_p", "max_new_tokens", "max_thinking_tokens",
                                                   "seed", "prompt_style")
                      + (("top_k",) if run_info.get("top_k") else ())},  # top_k shown where it was on
@@ -238,6 +243,11 @@ def markdown(summary: dict) -> str:
         for value, g in groups.items():
             lines.append(f"| {value} | {g['n_problems']} | " + " | ".join(
                 f"{_pct(g['arms'][a]['accuracy'])} ± {_pct(g['arms'][a]['se'])}" for a in arms) + " |")
+    errors = summary.get("grader_errors") or []
+    if errors:
+        lines += ["", f"{len(errors)} sample(s) could not be graded (grading failed inside the grader; counted as "
+                      "wrong): " + "; ".join(f"{e['problem_id']} ({e['arm']}, sample {e['sample']}): {e['error']}"
+                                             for e in errors[:10]) + ("; ..." if len(errors) > 10 else "")]
     dec = summary["decoding"]
     note = (f"{summary['n_problems']} problems" +
             ("" if summary["complete"] else f" of {summary['n_problems_expected']} (run incomplete)") +
