@@ -190,6 +190,8 @@ def test_extract_code_takes_the_last_python_block():
     s = "Idea.\n```python\nprint(1)\n```\nBetter:\n```py\nprint(2)\n```\n```text\nnot code\n```\n"
     assert extract_code(s) == "print(2)\n"
     assert extract_code("```\nx = 1\n```") == "x = 1\n"
+    assert extract_code("```python\nprint(3)\n```\nOutput:\n```\n3\n```\n") == "print(3)\n"  # not its output
+    assert extract_code("```\nprint(1)\n```\n```\nprint(2)\n```\n") == "print(2)\n"
     assert extract_code("no code here") is None
     assert extract_code("```python\nunclosed") is None
     assert extract_code("```cpp\nint main(){}\n```") is None

@@ -59,10 +59,14 @@ def as_tests(tests: Iterable) -> list[CodeTest]:
 # ------------------------------------------------------------------------------------------- extraction
 
 def extract_code(summary: str) -> str | None:
-    """The last fenced Python block (```python, ```py or a bare ```) of `summary`, or None."""
-    blocks = [m.group(2) for m in _FENCE.finditer(summary) if m.group(1).lower() in PYTHON_TAGS]
-    code = blocks[-1] if blocks else None
-    return code if code is not None and code.strip() else None
+    """The last fenced block of `summary` tagged as Python (```python, ```py, ```python3), or, when there is
+    none, the last bare ``` block; None when neither holds code. (A bare block after the program is usually
+    its sample output; docs/livecodebench.md compares this with LiveCodeBench's rule.)"""
+    blocks = [(m.group(1).lower(), m.group(2)) for m in _FENCE.finditer(summary)
+              if m.group(1).lower() in PYTHON_TAGS and m.group(2).strip()]
+    tagged = [code for tag, code in blocks if tag]
+    bare = [code for tag, code in blocks if not tag]
+    return (tagged or bare or [None])[-1]
 
 
 # ------------------------------------------------------------------------------------------- comparison
