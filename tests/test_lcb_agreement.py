@@ -71,6 +71,8 @@ CASES = {
                                       fn_name="f"),
     "returned NaN": Case(SOLUTION + "        return float('nan')\n", [("1", "NaN")], "wrong_answer", False,
                          fn_name="f"),
+    "returned [NaN] for [NaN]": Case(SOLUTION + "        return [float('nan')]\n", [("1", "[NaN]")], "wrong_answer",
+                                     False, fn_name="f"),
     "returned 1.0 for 1, True for 1": Case(SOLUTION + "        return [1.0, True]\n", [("1", "[1, 1]")], "passed",
                                            True, fn_name="f"),
     "non-UTF-8 bytes printed": Case("import sys\nsys.stdout.buffer.write(b'3\\xff\\n')", [("", "3")],

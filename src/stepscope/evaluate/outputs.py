@@ -126,8 +126,14 @@ class StdoutComparison:
 
 _NUMBER = re.compile(r"(-?(?:0|[1-9]\d*))(\.\d+)?([eE][-+]?\d+)?")
 _SPACE = re.compile(r"[ \t\n\r]*")
-_CONSTANTS = {"null": None, "true": True, "false": False, "NaN": float("nan"), "Infinity": float("inf"),
-              "-Infinity": float("-inf")}
+_WORDS = ("null", "true", "false", "NaN", "Infinity", "-Infinity")
+
+
+def _constant(word: str):
+    """A JSON word's value; each NaN a new object, as a program's NaN is (json.loads shares one NaN object, and
+    Python's == on lists takes identical objects as equal: [nan] would equal [nan])."""
+    return {"null": None, "true": True, "false": False, "NaN": float("nan"), "Infinity": float("inf"),
+            "-Infinity": float("-inf")}[word]
 
 
 def _int(digits: str) -> int:
@@ -191,10 +197,10 @@ def _flat_loads(s: str):
             value = float(whole + (frac or "") + (exp or "")) if frac or exp else _int(whole)
             i = m.end()
         else:
-            word = next((w for w in _CONSTANTS if s.startswith(w, i)), None)
+            word = next((w for w in _WORDS if s.startswith(w, i)), None)
             if word is None:
                 raise ValueError(f"expected a value at {i}")
-            value, i = _CONSTANTS[word], i + len(word)
+            value, i = _constant(word), i + len(word)
         have = True
 
 
@@ -214,13 +220,13 @@ def loads(text: str):
     limit = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
     if 0 < limit <= INT_DIGITS:  # the fast way, when every integer it accepts is one LiveCodeBench's accepts
         try:
-            return json.loads(text)
+            return json.loads(text, parse_constant=_constant)
         except RecursionError:
             return _flat_loads(text)
         except ValueError:
             pass  # malformed, or an integer past this interpreter's limit: once more with ours
     try:
-        return json.loads(text, parse_int=_int)
+        return json.loads(text, parse_int=_int, parse_constant=_constant)
     except RecursionError:
         return _flat_loads(text)
 
