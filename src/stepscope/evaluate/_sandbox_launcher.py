@@ -1,20 +1,18 @@
 """Runs model-written programs inside the sandbox: a server forks a launcher per program, which runs all of the
 program's tests in one runner process.
 
-stepscope.evaluate.sandbox_server starts this file's text as `python -I -S -c <text>` inside bubblewrap (or a
-plain setsid subprocess) as the unprivileged user; it imports nothing from stepscope and needs only the
-standard library. The server imports LiveCodeBench's header modules once, then serves programs one at a time:
-each program is a fresh fork of it, the program's launcher (its own session, limits and random seed; the
-server itself never runs program code). The launcher compiles the program and forks one runner, which sets the
-module up once and then runs the tests one after another, as LiveCodeBench does: a stdin/stdout program runs as
-a fresh `__main__` per test (its top-level imports done once, in the set-up), a call-based program has its
-module executed and its `Solution()` made once, and the function is called per test. The launcher hands the
-runner each test's stdin, stdout, stderr and result as fresh memory files over a socket, times the test, and
-kills the runner when the test is late; after a failure the next test (if any) gets a fresh runner. After each
-program the server kills every process the program left (it is their subreaper: none can leave it), empties
-the writable folders and checks that its own limits, CPU affinity and priority are as they were (in bwrap mode
-also removes the System V IPC objects of its namespace); the grader discards a server that says otherwise.
-Protocol, one JSON object per line:
+sandbox_server.py starts this file's text as `python -I -S -c <text>` inside bubblewrap (or a setsid
+subprocess) as the unprivileged user; it needs only the standard library. The server imports LiveCodeBench's
+header once, then serves programs one at a time, each in a fresh fork of it (the program's launcher: its own
+session, limits and random seed; the server never runs program code). The launcher compiles the program and
+forks one runner, which sets the module up once and runs the tests one after another, as LiveCodeBench does:
+a stdin/stdout program runs as a fresh `__main__` per test (its top-level imports done once, in the set-up); a
+call-based program's module is executed and its `Solution()` made once, and the function called per test. The
+launcher hands each test's stdin, stdout, stderr and result files to the runner over a socket, times the test,
+kills a late runner; after a failure a further test gets a fresh runner. After each program the server kills
+every process the program left (it is their subreaper), empties the writable folders and checks that its own
+limits, CPU affinity and priority are as they were (bwrap mode: also removes the System V IPC objects of its
+namespace); the grader discards a server that says otherwise. Protocol, one JSON object per line:
 
   server  in:  {"serve": {"workdirs": [path, ...], "protect": bool, "ipc": bool, "path": [folder, ...]}}
                                                                            out: {"hello": true, "reusable": bool}
@@ -255,10 +253,6 @@ def read_fd(fd, cap):
     return b"".join(chunks)
 
 
-def tail(fd):
-    return read_fd(fd, 1 << 16).decode("utf-8", errors="replace")[-ERR_TAIL:]
-
-
 class Runner:
     """The launcher's handle on one runner process: start, hand a test over, wait for its report, kill."""
 
@@ -304,18 +298,11 @@ class Runner:
                 self.exit = status
         return "exit", self.exit
 
-    def give(self, fds):
-        try:
-            socket.send_fds(self.sock, [b"t"], fds)
-            return True
-        except OSError:
-            return False
-
     def kill(self):
         if self.exit is None:
-            for target in (lambda: os.killpg(self.pid, signal.SIGKILL), lambda: os.kill(self.pid, signal.SIGKILL)):
+            for kill in (os.killpg, os.kill):
                 try:
-                    target()
+                    kill(self.pid, signal.SIGKILL)
                 except OSError:
                     pass
             self.exit = os.waitpid(self.pid, 0)[1]
@@ -355,7 +342,8 @@ def run_test(req, codes, state, test):
             status, note = verdict(what, value, True)
             if status == "ok":
                 status = "runtime_error"
-            err = ("while setting up the program: " + (tail(run.setup_fds[2]) + "\n" + note).strip())[-ERR_TAIL:]
+            err = "while setting up the program: " + (read_fd(run.setup_fds[2], 1 << 16).decode("utf-8", "replace")
+                                                      + "\n" + note).strip()[-ERR_TAIL:]
             run.kill()
             state.clear()
             return {"status": status, "err": err, "time": round(time.monotonic() - run.started, 4), "size": 0}, b""
@@ -363,7 +351,10 @@ def run_test(req, codes, state, test):
     data = test["input"].encode("utf-8", "surrogatepass")
     fds = [memfd("stdin", data), memfd("stdout"), memfd("stderr"), memfd("result")]
     start = time.monotonic()
-    gave = run.give(fds)
+    try:
+        gave = socket.send_fds(run.sock, [b"t"], fds) > 0
+    except OSError:
+        gave = False
     what, value = run.report(start + timeout)
     if not gave and what == "msg":  # a report with no test handed over
         value = "?"
@@ -372,7 +363,7 @@ def run_test(req, codes, state, test):
     if what == "late":
         run.kill()
     out = read_fd(fds[3] if call else fds[1], int(req["fsize"]))
-    err = (tail(fds[2]) + "\n" + note).strip()[-ERR_TAIL:]
+    err = (read_fd(fds[2], 1 << 16).decode("utf-8", "replace") + "\n" + note).strip()[-ERR_TAIL:]
     for fd in fds:
         os.close(fd)
     if status != "ok" or what == "exit":
@@ -400,14 +391,6 @@ class LineReader:
         return line
 
 
-def compiled(source, kind):
-    """(the program's code, its top-level imports' code (stdio), compiled once in the launcher."""
-    tree = ast.parse(source, "<solution>")
-    imports = ast.Module([n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], [])
-    return (compile(tree, "<solution>", "exec"),
-            compile(imports, "<solution>", "exec") if kind == "stdio" else None)
-
-
 def program(req, proto_in, proto_out, home, home_fd):
     """The forked launcher of one program: its own session, working folder and limits; one runner for its
     tests. Never returns."""
@@ -423,8 +406,10 @@ def program(req, proto_in, proto_out, home, home_fd):
         limit(resource.RLIMIT_NOFILE, req.get("nofile"))
         limit(resource.RLIMIT_CORE, 0)
         limit(resource.RLIMIT_MSGQUEUE, 0)  # no POSIX message queue: they could outlive the program unseen
-        try:
-            codes = compiled(req["code"], req["kind"])
+        try:  # the program's code, and (stdio) its top-level imports' for the set-up
+            tree = ast.parse(req["code"], "<solution>")
+            imports = ast.Module([n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], [])
+            codes = (compile(tree, "<solution>", "exec"), compile(imports, "<solution>", "exec"))
         except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
             codes = None
             send(proto_out, {"compile_error": f"{type(e).__name__}: {e}"[:ERR_TAIL]})
