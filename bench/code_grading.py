@@ -1,7 +1,7 @@
 """Code-grading throughput: small programs graded per second per core in each sandbox mode, and what dominates.
 
 usage: python bench/code_grading.py [--programs 120] [--tests 3] [--workers N] [--modes bwrap,setsid]
-                                    [--rounds 3] [--json out.json]
+                                    [--rounds 3] [--json out.json] [--baseline-src OTHER/src]
 
 Each program is a correct A+B solution with `--tests` stdin/stdout tests, graded by grade_code_many on
 `--workers` threads (default: the CPU count). Two ways side by side, interleaved over `--rounds` rounds (the
@@ -9,21 +9,27 @@ median is reported): `server`, each program a fresh fork of a sandbox server tha
 LiveCodeBench's header (the default), and `fresh`, a new sandbox (bwrap or subprocess, interpreter, imports)
 per program (`reuse=False`). The breakdown times, one program at a time, the parts of one grading: a bare
 `python -I -S` start, bwrap's own cost (`bwrap ... true`), a server's start, a program's start on a warm
-server and in a fresh sandbox, one test (a forked child) and the end of a program (clean-up). Besides the
-wall-clock rate it reports the CPU time per program of the grader and all sandbox processes together, which a
+server and in a fresh sandbox, the first test (the runner's start included) and the end of a program
+(clean-up). Besides the wall-clock rate it reports the CPU time per program of the grader and all sandbox processes together, which a
 shared machine's load does not inflate (not for bwrap's fresh way: bubblewrap does not hand its children's CPU
 time up, and a fresh sandbox is gone before it can be read).
+
+`--baseline-src OTHER/src` (another checkout's src folder, e.g. `git archive main src | tar -x -C /tmp/base`)
+adds the before/after comparison: in each round, served throughput of this tree and of that one, each in a
+process of its own importing its tree, the order alternating; it reports both medians and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from stepscope.cpus import usable_cpus
 from stepscope.evaluate.code_grading import grade_code_many
@@ -70,7 +76,7 @@ def breakdown(mode: str, reps: int) -> dict[str, float]:
     fresh = [one_program(mode, False) for _ in range(reps)]
     out["program start, warm server (fork, compile)"] = 1000 * statistics.median(w[0] for w in warm)
     out["program start, fresh sandbox"] = 1000 * statistics.median(f[0] for f in fresh)
-    out["one test (fork, run, report)"] = 1000 * statistics.median(w[1] for w in warm)
+    out["first test (runner start, run, report)"] = 1000 * statistics.median(w[1] for w in warm)
     out["program end, warm server (clean-up)"] = 1000 * statistics.median(w[2] for w in warm)
     out["program end, fresh sandbox (kill, reap)"] = 1000 * statistics.median(f[2] for f in fresh)
     return out
@@ -112,6 +118,43 @@ def throughput(mode: str, programs: int, n_tests: int, workers: int, reuse: bool
     return programs / dt, 1000 * cpu / programs
 
 
+def compare_trees(baseline_src: str, mode: str, args, workers: int) -> dict:
+    """Served throughput of this tree and of `baseline_src`, interleaved over args.rounds rounds, each
+    measurement in a fresh process importing its own tree: the medians, per core, and ours / baseline."""
+    trees = {"ours": str(Path(__file__).resolve().parents[1] / "src"), "baseline": str(Path(baseline_src).resolve())}
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    for r in range(args.rounds):
+        for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+            cmd = [sys.executable, __file__, "--_child", mode, "--programs", str(args.programs), "--tests",
+                   str(args.tests), "--workers", str(workers)]
+            p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=trees[name]))
+            if p.returncode:
+                sys.exit(f"{name} ({mode}) failed:\n{p.stderr[-3000:]}")
+            runs[name].append(json.loads(p.stdout.strip().splitlines()[-1]))
+            if Path(runs[name][-1]["src"]).resolve() != Path(trees[name]):
+                sys.exit(f"{name} imported stepscope from {runs[name][-1]['src']}, not {trees[name]}")
+            print(f"{mode} round {r + 1} {name:>8}: {runs[name][-1]['rate']:.1f} programs/s, "
+                  f"{runs[name][-1]['cpu_ms']:.1f} ms CPU per program", flush=True)
+    cores = min(workers, usable_cpus())
+    out = {name: {"programs_per_s": statistics.median(x["rate"] for x in rs),
+                  "per_core": statistics.median(x["rate"] for x in rs) / cores,
+                  "cpu_ms_per_program": statistics.median(x["cpu_ms"] for x in rs),
+                  "rounds": [x["rate"] for x in rs], "commit": _commit(trees[name])} for name, rs in runs.items()}
+    out["ratio"] = out["ours"]["programs_per_s"] / out["baseline"]["programs_per_s"]
+    out["cpu_ratio"] = out["ours"]["cpu_ms_per_program"] / out["baseline"]["cpu_ms_per_program"]
+    print(f"\n## {mode}, served, ours against {trees['baseline']}: {out['ours']['per_core']:.1f} vs "
+          f"{out['baseline']['per_core']:.1f} programs/s per core, {out['ratio']:.2f}x (median of {args.rounds} "
+          f"rounds); CPU per program {out['ours']['cpu_ms_per_program']:.1f} vs "
+          f"{out['baseline']['cpu_ms_per_program']:.1f} ms ({out['cpu_ratio']:.2f}x)")
+    return out
+
+
+def _commit(src: str) -> str:
+    g = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--", "."], capture_output=True, text=True)
+    return (g.stdout.strip() or "?") + (" + uncommitted changes" if g.returncode == 0 and dirty.stdout.strip() else "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--programs", type=int, default=120)
@@ -121,7 +164,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each throughput (median)")
     ap.add_argument("--reps", type=int, default=15, help="repetitions of each breakdown timing (median)")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    ap.add_argument("--baseline-src", default=None, help="another checkout's src folder to compare with")
+    ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._child:  # one served throughput measurement of the tree on PYTHONPATH
+        import stepscope
+
+        rate, cpu = throughput(args._child, args.programs, args.tests, args.workers or usable_cpus(), reuse=True)
+        close_servers()
+        print(json.dumps({"rate": rate, "cpu_ms": cpu, "src": str(Path(stepscope.__file__).parents[1])}))
+        return 0
     cores = usable_cpus()
     workers = args.workers or cores
     loads = [os.getloadavg()[0]]
@@ -134,6 +186,10 @@ def main() -> int:
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         if resolve_mode(mode) != mode:
             print(f"{mode}: not available here")
+            continue
+        if args.baseline_src:
+            result["modes"][mode] = {"before_after": compare_trees(args.baseline_src, mode, args, workers)}
+            loads.append(os.getloadavg()[0])
             continue
         parts = breakdown(mode, args.reps)
         rates: dict[str, list[float]] = {"server": [], "fresh": []}
@@ -163,7 +219,7 @@ def main() -> int:
         for k, v in parts.items():
             print(f"| {k} | {v:.1f} |")
         per_program = {"start": parts["program start, warm server (fork, compile)"],
-                       f"{args.tests} tests": args.tests * parts["one test (fork, run, report)"],
+                       f"{args.tests} tests": args.tests * parts["first test (runner start, run, report)"],
                        "end": parts["program end, warm server (clean-up)"]}
         top = max(per_program, key=per_program.get)
         print(f"dominant with the server: {top} ({per_program[top]:.1f} ms of "

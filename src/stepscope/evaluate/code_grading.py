@@ -1,14 +1,14 @@
 """Grading of model-written code: the program is the summary's last Python block, run on tests in a sandbox.
 
-Comparison as LiveCodeBench does it (lcb_runner/evaluation/testing_util.py):
+Comparison as LiveCodeBench does it (lcb_runner/evaluation/testing_util.py; stepscope.evaluate.outputs):
 - stdin/stdout tests: both outputs stripped, split into lines, each line stripped; the line counts must agree,
   and each pair of lines is equal as text or, failing that, as lists of decimal numbers (`Decimal`, so
   `1.50` equals `1.5` and `50000000000000000` differs from `50000000000000001`).
 - call-based tests: the input holds one JSON value per line, the arguments of `Solution().<fn_name>(...)`;
   the returned value (a top-level tuple taken as a list) must `==` the JSON-decoded expected output.
-Tests run in order and stop at the first failure, like LiveCodeBench; the verdict is decided here, outside
-the sandbox: the expected outputs never enter it.
-"""
+All of a program's tests run in one process (the module set up once), in order, stopping at the first failure,
+like LiveCodeBench; the verdict is decided here, outside the sandbox, on the whole output as it arrives: the
+expected outputs never enter the sandbox, and no output or value makes grading raise."""
 
 from __future__ import annotations
 

@@ -52,7 +52,9 @@ class Grade:
     Code grades (stepscope.evaluate.code_grading) also say how the program did: `answer` is the program,
     `status` passed or the first failing test's status (wrong_answer, timeout, runtime_error, memory_limit,
     no_code), `tests` each run test's status (tests run in order up to the first failure), `n_tests` how many
-    tests there are, `failure` the first failing test (index, status, input, expected, got, error; cut).
+    tests there are, `failure` the first failing test (index, status, input, expected, got, error; cut). A
+    grade of status GRADER_ERROR (any kind of problem) says the grading failed inside the grader: `failure`
+    holds the error.
     """
 
     correct: bool

@@ -2,7 +2,8 @@
 
 Each program runs in processes of its own, never in ours: a fresh fork of a sandbox server (`python -I -S`
 running _sandbox_launcher.py's text, LiveCodeBench's header already imported; sandbox_server.py), which sets
-the resource limits and forks one child per test (docs/livecodebench.md has the whole story).
+the resource limits and forks one runner for all of the program's tests (docs/livecodebench.md has the whole
+story).
 
 - bwrap mode (`bwrap` on PATH): new user, PID, network, IPC and UTS namespaces (no network at all, not even
   loopback; no other process visible), the system folders read-only, a private size-limited tmpfs as the
