@@ -41,7 +41,8 @@ def lines_equal(got: str, want: str) -> bool:
     LiveCodeBench's all-or-nothing conversion, since any token that is not a number fails both ways)."""
     if got == want:
         return True
-    a, b = got.split(), want.split()
+    b = want.split()
+    a = got.split(None, len(b))  # at most one token more than expected: enough to see the counts differ
     if len(a) != len(b):
         return False
     try:
