@@ -9,10 +9,10 @@ median is reported): `server`, each program a fresh fork of a sandbox server tha
 LiveCodeBench's header (the default), and `fresh`, a new sandbox (bwrap or subprocess, interpreter, imports)
 per program (`reuse=False`). The breakdown times, one program at a time, the parts of one grading: a bare
 `python -I -S` start, bwrap's own cost (`bwrap ... true`), a server's start, a program's start on a warm
-server and in a fresh sandbox, the first test (the runner's start included) and the end of a program
-(clean-up). Besides the wall-clock rate it reports the CPU time per program of the grader and all sandbox processes together, which a
-shared machine's load does not inflate (not for bwrap's fresh way: bubblewrap does not hand its children's CPU
-time up, and a fresh sandbox is gone before it can be read).
+server and in a fresh sandbox, the first test (the runner's start included), a further test and the end of a
+program (clean-up). Besides the wall-clock rate it reports the CPU time per program of the grader and all
+sandbox processes together, which a shared machine's load does not inflate (not for bwrap's fresh way:
+bubblewrap does not hand its children's CPU time up, and a fresh sandbox is gone before it can be read).
 
 `--baseline-src OTHER/src` (another checkout's src folder, e.g. `git archive main src | tar -x -C /tmp/base`)
 adds the before/after comparison: in each round, served throughput of this tree and of that one, each in a
@@ -49,17 +49,19 @@ def median_ms(fn, reps: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def one_program(mode: str, reuse: bool) -> tuple[float, float, float]:
-    """(start, one test, close) seconds of one program."""
+def one_program(mode: str, reuse: bool) -> tuple[float, float, float, float]:
+    """(start, first test, second test, close) seconds of one program."""
     t0 = time.perf_counter()
     prog = SandboxedProgram(CODE, mode=mode, reuse=reuse)
     t1 = time.perf_counter()
     r = prog.run("1 2\n")
     t2 = time.perf_counter()
-    prog.close()
+    r2 = prog.run("2 3\n")
     t3 = time.perf_counter()
-    assert r is not None and r.out == "3\n", r
-    return t1 - t0, t2 - t1, t3 - t2
+    prog.close()
+    t4 = time.perf_counter()
+    assert r is not None and r.out == "3\n" and r2 is not None and r2.out == "5\n", (r, r2)
+    return t1 - t0, t2 - t1, t3 - t2, t4 - t3
 
 
 def breakdown(mode: str, reps: int) -> dict[str, float]:
@@ -77,8 +79,9 @@ def breakdown(mode: str, reps: int) -> dict[str, float]:
     out["program start, warm server (fork, compile)"] = 1000 * statistics.median(w[0] for w in warm)
     out["program start, fresh sandbox"] = 1000 * statistics.median(f[0] for f in fresh)
     out["first test (runner start, run, report)"] = 1000 * statistics.median(w[1] for w in warm)
-    out["program end, warm server (clean-up)"] = 1000 * statistics.median(w[2] for w in warm)
-    out["program end, fresh sandbox (kill, reap)"] = 1000 * statistics.median(f[2] for f in fresh)
+    out["a further test (run, report)"] = 1000 * statistics.median(w[2] for w in warm)
+    out["program end, warm server (clean-up)"] = 1000 * statistics.median(w[3] for w in warm)
+    out["program end, fresh sandbox (kill, reap)"] = 1000 * statistics.median(f[3] for f in fresh)
     return out
 
 
@@ -219,7 +222,8 @@ def main() -> int:
         for k, v in parts.items():
             print(f"| {k} | {v:.1f} |")
         per_program = {"start": parts["program start, warm server (fork, compile)"],
-                       f"{args.tests} tests": args.tests * parts["first test (runner start, run, report)"],
+                       f"{args.tests} tests": parts["first test (runner start, run, report)"]
+                       + (args.tests - 1) * parts["a further test (run, report)"],
                        "end": parts["program end, warm server (clean-up)"]}
         top = max(per_program, key=per_program.get)
         print(f"dominant with the server: {top} ({per_program[top]:.1f} ms of "

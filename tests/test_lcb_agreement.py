@@ -96,8 +96,8 @@ CASES = {
                                "passed", True),
     # -- all of a program's tests in one process, the module set up once
     "module set-up charged once (call)": Case(
-        "import time\ntime.sleep(1.4)\n" + SOLUTION + "        time.sleep(1.0)\n        return n\n",
-        [("1", "1"), ("2", "2")], "passed", True, fn_name="f", timeout=2.0),
+        "import time\ntime.sleep(1.8)\n" + SOLUTION + "        time.sleep(1.4)\n        return n\n",
+        [("1", "1"), ("2", "2")], "passed", True, fn_name="f", timeout=3.0),  # one fork per test: 3.2 s each
     "Solution state between tests": Case(
         "class Solution:\n    calls = 0\n    def f(self, n):\n        Solution.calls += 1\n        return Solution.calls\n",
         [("0", "1"), ("0", "2"), ("0", "3")], "passed", True, fn_name="f"),
