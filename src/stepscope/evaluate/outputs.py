@@ -1,4 +1,4 @@
-"""LiveCodeBench's comparisons of a program's output with the expected one, safe on anything a program prints or returns.
+"""LiveCodeBench's output comparisons, safe on anything a program prints or returns.
 
 The rules are LiveCodeBench's (lcb_runner/evaluation/testing_util.py):
 - stdin/stdout: both outputs stripped and split into lines, each line stripped; the line counts must agree,
