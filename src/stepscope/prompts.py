@@ -12,7 +12,8 @@ Decisions:
   plain chat model such as SmolLM2) a short system instruction asks it to think first and close the thinking
   with the end marker (the start marker is never spelled out before the assistant's turn).
   So a generated response always starts inside the thinking, like the R1 traces in the wild.
-- Harmony (GPT-OSS): nothing is appended; the model writes the analysis channel header itself.
+- Harmony (GPT-OSS), and any format whose `prompt_opens_thinking` is off: nothing is appended; the model
+  writes the analysis channel header itself.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def build_prompt(tokenizer, question: str, style: str = "r1", system: str | None
 
     `style`: "r1" (default; "Please reason step by step, and put your final answer within \\boxed{}."),
     "gpqa" (the option letter in \\boxed{}) or "plain" (the question alone). `system`: an optional system
-    prompt. `fmt`: "think", "harmony", a Format, or None/"auto" (stepscope.formats.get_format decides).
+    prompt. `fmt`: a registered format's name ("think", "harmony"), a Format, or None/"auto"
+    (stepscope.formats.get_format decides).
     The ids are the prompt text tokenized without extra special tokens (the template writes them).
     """
     if not isinstance(question, str) or not question.strip():
@@ -82,7 +84,7 @@ def build_prompt(tokenizer, question: str, style: str = "r1", system: str | None
     f = get_format(fmt, tokenizer)
     instruction = INSTRUCTIONS[style]
     user = question.rstrip() + ("\n" + instruction if instruction else "")
-    opens_thinking = f.name != "harmony"
+    opens_thinking = f.prompt_opens_thinking
     if opens_thinking and not template_knows_thinking(tokenizer, f):
         system = (system.rstrip() + "\n\n" if system else "") + think_instruction(f)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
@@ -96,7 +98,5 @@ def build_prompt(tokenizer, question: str, style: str = "r1", system: str | None
 
 
 def forced_close_text(fmt: Format) -> str:
-    """What budget forcing writes to close the thinking and open the summary."""
-    if fmt.name == "harmony":
-        return fmt.think_end + "<|start|>assistant" + (fmt.summary_start or "<|channel|>final<|message|>")
-    return "\n" + fmt.think_end + "\n\n"
+    """What budget forcing writes to close the thinking and open the summary (the format's own text)."""
+    return fmt.close_thinking_text()

@@ -5,11 +5,12 @@ is wrong: a model that ran out of tokens mid-thought has not answered, whatever 
 
 What counts as the summary:
 - a `Trace`: its summary segment (exact, from the token sequence);
-- a plain string: the text after the LAST thinking end marker (`</think>` by default; for GPT-OSS harmony
-  text, the `final` channel message). A string without an end marker is "thinking never closed" when the
-  response starts inside the thinking (`starts_in_thinking=True`, the default: R1/QwQ templates put
-  `<think>` in the prompt) or opens a `<think>` itself; with `starts_in_thinking=False` and no start marker,
-  the whole string is the summary (a model that does not think).
+- a plain string: what its format (`fmt`; by default read from the text, `stepscope.formats.response_summary`)
+  calls the summary: the text after the LAST thinking end marker (`</think>`), or for GPT-OSS harmony text
+  the `final` channel message. A string without an end marker is "thinking never closed" when the response
+  starts inside the thinking (`starts_in_thinking=True`, the default: R1/QwQ templates put `<think>` in the
+  prompt) or opens the thinking itself; with `starts_in_thinking=False` and no start marker, the whole string
+  is the summary (a model that does not think).
 
 math-verify protects itself with `signal.alarm`, which fails outside the main thread. Here it runs in a
 small pool of helper processes with its own timeouts off; the deadline is enforced from this side (a late
@@ -32,11 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import StepscopeError
+from ..formats import THINK, Format, response_summary
 
-THINK_END = "</think>"
-THINK_START = "<think>"
-HARMONY_FINAL = "<|channel|>final<|message|>"
-HARMONY_STOPS = ("<|return|>", "<|end|>", "<|call|>")
+THINK_END = THINK.think_end  # the default of the `think_end=` shorthand (the think format's own marker)
 DEFAULT_TIMEOUT = 10.0  # seconds for one parse + verify
 _WORKER_FILE = Path(__file__).with_name("_verify_worker.py")
 _STARTUP_TIMEOUT = 120.0  # importing sympy and math-verify in a fresh process
@@ -83,21 +82,20 @@ def _trace_summary(trace) -> str | None:
     return trace.segment_text("summary")
 
 
-def summary_of(response, *, starts_in_thinking: bool = True, think_end: str = THINK_END) -> str | None:
-    """The text to grade: the summary of `response` (a Trace or a string), or None if thinking never closed."""
+def summary_of(response, *, starts_in_thinking: bool = True, think_end: str = THINK_END,
+               fmt: str | Format | None = None) -> str | None:
+    """The text to grade: the summary of `response` (a Trace or a string), or None if thinking never closed.
+
+    A string's format is `fmt` (a registered name or a Format), else read from the text; `think_end` other than
+    `</think>` is shorthand for a format that ends its thinking with that string.
+    """
     if not isinstance(response, str):
         if hasattr(response, "segment_text") and hasattr(response, "thinking_closed"):
             return _trace_summary(response)
         raise StepscopeError(f"cannot grade a {type(response).__name__}; pass a string or a Trace")
-    if HARMONY_FINAL in response:
-        final = response[response.rindex(HARMONY_FINAL) + len(HARMONY_FINAL):]
-        cut = min((final.find(s) for s in HARMONY_STOPS if s in final), default=len(final))
-        return final[:cut]
-    if think_end in response:
-        return response[response.rindex(think_end) + len(think_end):]
-    if starts_in_thinking or THINK_START in response:
-        return None
-    return response
+    if fmt is None and think_end != THINK_END:
+        fmt = Format("markers", THINK.think_start, think_end)
+    return response_summary(response, fmt, starts_in_thinking=starts_in_thinking)
 
 
 # ----------------------------------------------------------------------------------------- multiple choice
@@ -118,11 +116,11 @@ def extract_choice(summary: str) -> str | None:
 
 
 def grade_choice_detail(gold_letter: str, response, *, starts_in_thinking: bool = True,
-                        think_end: str = THINK_END) -> Grade:
+                        think_end: str = THINK_END, fmt: str | Format | None = None) -> Grade:
     gold = gold_letter.strip().strip("()").upper()
     if not re.fullmatch(r"[A-J]", gold):
         raise StepscopeError(f"a multiple-choice gold answer must be one letter A-J, got {gold_letter!r}")
-    summary = summary_of(response, starts_in_thinking=starts_in_thinking, think_end=think_end)
+    summary = summary_of(response, starts_in_thinking=starts_in_thinking, think_end=think_end, fmt=fmt)
     if summary is None:
         return Grade(False, None, thinking_closed=False)
     letter = extract_choice(summary)
@@ -130,10 +128,10 @@ def grade_choice_detail(gold_letter: str, response, *, starts_in_thinking: bool 
 
 
 def grade_choice(gold_letter: str, response, *, starts_in_thinking: bool = True,
-                 think_end: str = THINK_END) -> bool:
+                 think_end: str = THINK_END, fmt: str | Format | None = None) -> bool:
     """True when the summary's last `\\boxed{X}` or "answer is (X)" names `gold_letter`."""
     return grade_choice_detail(gold_letter, response, starts_in_thinking=starts_in_thinking,
-                               think_end=think_end).correct
+                               think_end=think_end, fmt=fmt).correct
 
 
 # ------------------------------------------------------------------------------------------ math-verify pool
@@ -274,9 +272,10 @@ def verify_answer(gold: str, text: str, *, timeout: float | None = DEFAULT_TIMEO
 
 
 def grade_math_detail(gold: str, response, *, timeout: float | None = DEFAULT_TIMEOUT,
-                      starts_in_thinking: bool = True, think_end: str = THINK_END) -> Grade:
+                      starts_in_thinking: bool = True, think_end: str = THINK_END,
+                      fmt: str | Format | None = None) -> Grade:
     """Grade with details: the extracted answer, whether thinking closed, whether the deadline passed."""
-    summary = summary_of(response, starts_in_thinking=starts_in_thinking, think_end=think_end)
+    summary = summary_of(response, starts_in_thinking=starts_in_thinking, think_end=think_end, fmt=fmt)
     if summary is None:
         return Grade(False, None, thinking_closed=False)
     if not summary.strip():
@@ -285,7 +284,7 @@ def grade_math_detail(gold: str, response, *, timeout: float | None = DEFAULT_TI
 
 
 def grade_math(gold: str, response, *, timeout: float | None = DEFAULT_TIMEOUT,
-               starts_in_thinking: bool = True, think_end: str = THINK_END) -> bool:
+               starts_in_thinking: bool = True, think_end: str = THINK_END, fmt: str | Format | None = None) -> bool:
     """True when math-verify finds the summary's final answer equal to `gold` (a timeout counts as wrong)."""
     return grade_math_detail(gold, response, timeout=timeout, starts_in_thinking=starts_in_thinking,
-                             think_end=think_end).correct
+                             think_end=think_end, fmt=fmt).correct

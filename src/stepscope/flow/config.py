@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from ..errors import StepscopeError
-from ..formats import Format
+from ..formats import FORMATS, Format
 from ..io import config_fields
 from ..layers import layer_bands, resolve_layers
 
@@ -38,13 +38,13 @@ class StepFlowConfig:
     collect_stats: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.fmt, Format):  # keep the config JSON-able: a custom Format becomes its markers
-            if self.fmt.name in ("think", "harmony"):
+        if isinstance(self.fmt, Format):  # keep the config JSON-able: a registered format by its name, another
+            if FORMATS.get(self.fmt.name) == self.fmt:  # Format by its markers
                 self.fmt = self.fmt.name
             else:
                 self.markers, self.fmt = (self.fmt.think_start, self.fmt.think_end), "markers"
-        if self.fmt not in ("auto", "think", "harmony", "markers"):
-            raise StepscopeError(f"fmt must be auto, think, harmony or markers, got {self.fmt!r}")
+        if self.fmt not in ("auto", *FORMATS, "markers"):
+            raise StepscopeError(f"fmt must be auto, {', '.join(FORMATS)} or markers, got {self.fmt!r}")
         if self.markers is not None:
             if len(self.markers) != 2 or not all(isinstance(m, str) and m for m in self.markers):
                 raise StepscopeError("markers must be two non-empty strings (start, end)")

@@ -38,7 +38,7 @@ import torch
 
 from ..decoding import DecodeConfig
 from ..errors import StepscopeError
-from ..formats import Format, get_format
+from ..formats import Format, end_of_turn_markers, get_format
 from ..prompts import STYLES, build_prompt, forced_close_text
 from ..segment import Segmenter
 from ..tokens import token_bytes
@@ -48,15 +48,12 @@ from .stepflow import StepFlow
 
 __all__ = ["generate_traces", "run_config", "sample_tokens", "stop_token_ids", "response_text"]
 
-# Single special tokens that end an assistant turn in common chat formats. Harmony's "<|end|>" is not one of
-# them: it ends the analysis message, after which the model writes its final answer.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|return|>", "<|call|>",
-               "<｜end▁of▁sentence｜>", "<end_of_turn>", "</s>", "<|end_of_turn|>")
 UNIFORM_BLOCK = 64  # uniforms drawn per row at a time
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
-    """End-of-sequence ids: the generation config's, the tokenizer's, and known end-of-turn special tokens."""
+    """End-of-sequence ids: the generation config's, the tokenizer's, and the registered formats' end-of-turn
+    special tokens (stepscope.formats.end_of_turn_markers)."""
     ids: set[int] = set()
     gc = getattr(model, "generation_config", None)
     eos = getattr(gc, "eos_token_id", None) if gc is not None else None
@@ -68,7 +65,7 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     vocab = tokenizer.get_vocab()
     special = set(getattr(tokenizer, "all_special_tokens", []) or []) | \
         {str(t) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()}
-    for s in END_OF_TURN:
+    for s in end_of_turn_markers():
         if s in vocab and s in special:
             ids.add(int(vocab[s]))
     return ids
