@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 API = [
     ("stepscope.trace", ["Trace", "load_traces"]),
     ("stepscope.segment", ["Step", "Segmenter"]),
-    ("stepscope.formats", ["Format", "get_format", "detect_format"]),
+    ("stepscope.formats", ["Format", "register_format", "get_format", "detect_format"]),
     ("stepscope.models", ["load_model", "load_tokenizer", "default_model_path"]),
     ("stepscope.saliency", ["step_saliency", "SaliencyResult", "estimate_memory"]),
     ("stepscope.diagnose", ["diagnose", "build_profile", "compare", "Diagnosis"]),
@@ -25,7 +25,8 @@ API = [
     ("stepscope.decoding", ["DecodeConfig"]),
     ("stepscope.layers", ["layer_bands", "parse_layers", "resolve_layers"]),
     ("stepscope.prompts", ["build_prompt"]),
-    ("stepscope.evaluate", ["load_benchmark", "grade_math", "grade_choice", "grade_code", "run_eval"]),
+    ("stepscope.evaluate", ["load_benchmark", "BenchmarkSpec", "register_benchmark", "grade_math", "grade_choice",
+                            "grade_code", "run_eval"]),
     ("stepscope.stats", ["bootstrap_ci", "paired_bootstrap_ci", "paired_permutation_test", "welch_test",
                          "mann_whitney_test", "holm", "benjamini_hochberg"]),
     ("stepscope.demo", ["run_demo"]),

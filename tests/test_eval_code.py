@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import require
 
 from stepscope.errors import StepscopeError
 from stepscope.evaluate import grade_code
@@ -28,10 +29,8 @@ TWO_SUM = [("[2, 7, 11, 15]\n9", "[0, 1]"), ("[3, 2, 4]\n6", "[1, 2]")]
 @pytest.fixture(params=["bwrap", "setsid"])
 def mode(request):
     if request.param == "bwrap" and not bwrap_available():
-        if os.environ.get("STEPSCOPE_REQUIRE_BWRAP"):
-            pytest.fail("STEPSCOPE_REQUIRE_BWRAP is set but bubblewrap does not work here "
-                        "(run .ci/debian_package.sh bubblewrap bwrap)")
-        pytest.skip("bubblewrap is not installed or cannot create namespaces here")
+        require("BWRAP", "bubblewrap is not installed or cannot create namespaces here",
+                "run .ci/debian_package.sh bubblewrap bwrap")
     return request.param
 
 

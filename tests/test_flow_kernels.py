@@ -12,8 +12,9 @@ import os
 
 import pytest
 import torch
+from conftest import require_triton
 
-pytest.importorskip("triton", reason="triton is not installed (the test extra installs it)")
+require_triton()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported (conftest.py sets it) and there is "

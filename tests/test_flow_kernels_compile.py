@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import require_triton
 
-pytest.importorskip("triton", reason="triton is not installed (the test extra installs it)")
+require_triton()
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -17,6 +17,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import require
 from test_report import XSS_SCRIPT, make_result
 
 from stepscope.report import render_report
@@ -34,10 +35,7 @@ def chromium_or_skip() -> str:
     found = shutil.which("chromium")
     if found:
         return found
-    if os.environ.get("STEPSCOPE_REQUIRE_BROWSER"):
-        pytest.fail(f"STEPSCOPE_REQUIRE_BROWSER is set but {CHROMIUM} is absent "
-                    "(run .ci/debian_package.sh chromium /usr/bin/chromium)")
-    pytest.skip("chromium is absent (install it with .ci/debian_package.sh chromium /usr/bin/chromium)")
+    require("BROWSER", f"{CHROMIUM} is absent", "run .ci/debian_package.sh chromium /usr/bin/chromium")
 
 
 def dump_dom(browser: str, page: Path, profile: Path, fragment: str = "") -> tuple[str, list[str]]:

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import has_module
 from test_stepflow import QUESTIONS, build, harmony_response, left_pad, think_response
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
@@ -19,11 +20,9 @@ from stepscope.flow.decode_path import DecodePath, time_paths
 
 TOL = 1e-5
 
-try:  # the fused decoding kernel runs on CPU through Triton's interpreter (conftest sets TRITON_INTERPRET=1)
-    import triton  # noqa: F401
-    KERNELS = ["torch", "triton"]
-except ImportError:  # CI installs triton (the test extra); without it only the PyTorch path can be tested
-    KERNELS = ["torch"]
+# the fused decoding kernel runs on CPU through Triton's interpreter (conftest sets TRITON_INTERPRET=1); CI
+# installs triton (the test extra) and sets STEPSCOPE_REQUIRE_TRITON: without it only the PyTorch path is tested
+KERNELS = ["torch", "triton"] if has_module("triton", "TRITON", "the test extra installs it") else ["torch"]
 
 
 def prompt_and_continuation(tok, fam: str, i: int) -> tuple[list[int], list[int]]:

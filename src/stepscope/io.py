@@ -151,6 +151,11 @@ def config_fields(d: dict | str, cls, what: str) -> dict:
     return dict(d)
 
 
+# the field names that hold a problem's question, in order of preference: records of evaluation tools
+# (stepscope.trace), benchmark rows (stepscope.evaluate.problems) and `stepscope generate --input` all read this list
+QUESTION_KEYS = ("question", "problem", "Question", "Problem", "prompt", "input", "query", "instruction")
+
+
 def _parse_record(path: Path, number: int, line: bytes | str) -> dict:
     """One JSONL line as a dict; a clear error naming the file and the 1-based line number otherwise."""
     try:

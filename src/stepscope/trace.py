@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import TraceError
 from .formats import Format, get_format
-from .io import atomic_write_text, read_jsonl, read_text_file
+from .io import QUESTION_KEYS, atomic_write_text, read_jsonl, read_text_file
 from .segment import KINDS, Segmenter, Step
 from .tokens import token_bytes
 
@@ -305,7 +305,6 @@ def _from_json_at(d: dict, where: str, tokenizer=None) -> Trace:
 
 # -- reading the files people have ----------------------------------------------------------------------------
 
-QUESTION_KEYS = ("question", "problem", "prompt", "input", "query", "instruction")
 RESPONSE_KEYS = ("response", "output", "completion", "generation", "model_output", "text", "answer_text")
 
 

@@ -30,9 +30,11 @@ MAX_NEW_TOKENS = 32768
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..evaluate.benchmarks import SPECS, benchmark_help
+
+    p.epilog = "benchmarks (--benchmark NAME):\n" + benchmark_help()
     p.add_argument("--benchmark", default=None,
-                   help="aime24, aime25, amc23, math500, math500-mmath, gsm8k, gpqa-diamond, or a local "
-                        ".jsonl/.json/.csv/.parquet file")
+                   help=f"{', '.join(SPECS)} (listed below), or a local .jsonl/.json/.csv/.parquet file")
     p.add_argument("--data-file", default=None, help="read the named benchmark from this local file instead")
     c = p.add_argument_group("LiveCodeBench (--benchmark livecodebench)")
     c.add_argument("--release-version", default=None,
@@ -44,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--code-memory", type=int, default=None, help="address-space limit of a program in MiB (default 4096)")
     p.add_argument("--out", default=None, help="run folder (created; with --resume, continued)")
     p.add_argument("--n-samples", type=int, default=None,
-                   help="samples per problem (default: the paper's protocol: 16 for AIME/AMC, 8 for GPQA, 1 else)")
+                   help="samples per problem (default: the benchmark's paper protocol, listed below; 1 for a file)")
     p.add_argument("--arms", default="baseline,stepflow",
                    help="comma-separated arms: baseline, stepflow, oeb (OEB only), smi (SMI only)")
     p.add_argument("--limit", type=int, default=None, help="only the first K problems")
@@ -98,10 +100,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.benchmark:
         raise StepscopeError("--benchmark is required (or --summarize / --table)")
 
-    from ..evaluate.benchmarks import load_benchmark
+    from ..evaluate.benchmarks import load_benchmark, paper_samples
     from ..evaluate.runfolder import RunFolder
     from ..evaluate.runner import (
-        PAPER_SAMPLES,
         EvalSettings,
         arms_json,
         build_arms,
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     arm_configs = build_arms(args.arms, **options.stepflow_knobs(args))
     bench = load_benchmark(args.benchmark, data_file=args.data_file, seed=decode.seed, limit=args.limit,
                            release_version=args.release_version, start_date=args.start_date, end_date=args.end_date)
-    n_samples = args.n_samples if args.n_samples is not None else PAPER_SAMPLES.get(bench.name, 1)
+    n_samples = args.n_samples if args.n_samples is not None else paper_samples(bench.name)
     extra = {"limit": args.limit, "data_file": args.data_file}
     if bench.kind == "code":  # what decides a code grade goes into run.json
         from ..evaluate.sandbox import Limits

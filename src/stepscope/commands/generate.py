@@ -26,7 +26,6 @@ from ..prompts import STYLES
 from . import options
 
 HELP = "generate reasoning traces with or without StepFlow (a question, or a JSONL file of problems)"
-QUESTION_FIELDS = ("question", "problem", "prompt")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,16 +53,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def read_problems(path: str) -> list[tuple[str, str]]:
     """(id, question) of every record of a JSONL file of problems."""
     from ..errors import StepscopeError
-    from ..io import read_jsonl
+    from ..io import QUESTION_KEYS, read_jsonl
 
     recs = read_jsonl(path)
     if not recs:
         raise StepscopeError(f"{path}: no problems in the file")
     out, seen = [], set()
     for i, rec in enumerate(recs):
-        q = next((rec[k] for k in QUESTION_FIELDS if isinstance(rec.get(k), str) and rec[k].strip()), None)
+        q = next((rec[k] for k in QUESTION_KEYS if isinstance(rec.get(k), str) and rec[k].strip()), None)
         if q is None:
-            raise StepscopeError(f"{path}: record {i + 1} has no question, problem or prompt text")
+            raise StepscopeError(f"{path}: record {i + 1} has no question text ({'/'.join(QUESTION_KEYS)})")
         rid = str(rec["id"]) if rec.get("id") is not None else str(i)
         if rid in seen:
             raise StepscopeError(f"{path}: id {rid!r} appears twice")

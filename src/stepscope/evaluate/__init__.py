@@ -1,18 +1,30 @@
-"""Evaluation: benchmarks, answer grading, the paired resumable run loop, its run folder, and its summary."""
+"""Evaluation: benchmarks, answer grading, the paired resumable run loop, its run folder, and its summary.
 
-from ..stats import paired_bootstrap_ci, paired_permutation_test
-from .benchmarks import BENCHMARKS, Benchmark, Problem, load_benchmark
-from .code_grading import grade_code
-from .grading import Grade, extract_choice, grade_choice, grade_math, grade_math_detail, summary_of
-from .runfolder import RunFolder, load_run, merge_results, read_results
-from .runner import EvalSettings, run_eval, sample_seed
-from .summary import markdown, mean_se, paper_table, pass_at_k, summarize, write_summary
+The public names are imported lazily, so that reading the benchmark registry (`stepscope eval --help`) does not
+import torch.
+"""
 
-__all__ = [
-    "BENCHMARKS", "Benchmark", "Problem", "load_benchmark",
-    "Grade", "extract_choice", "grade_choice", "grade_math", "grade_math_detail", "summary_of", "grade_code",
-    "RunFolder", "load_run", "merge_results", "read_results",
-    "EvalSettings", "run_eval", "sample_seed",
-    "markdown", "paper_table", "summarize", "write_summary",
-    "mean_se", "paired_bootstrap_ci", "paired_permutation_test", "pass_at_k",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "paired_bootstrap_ci": "..stats", "paired_permutation_test": "..stats",
+    "BENCHMARKS": ".benchmarks", "BenchmarkSpec": ".benchmarks", "register_benchmark": ".benchmarks",
+    "load_benchmark": ".benchmarks", "Benchmark": ".problems", "Problem": ".problems",
+    "grade_code": ".code_grading",
+    "Grade": ".grading", "extract_choice": ".grading", "grade_choice": ".grading", "grade_math": ".grading",
+    "grade_math_detail": ".grading", "summary_of": ".grading",
+    "RunFolder": ".runfolder", "load_run": ".runfolder", "merge_results": ".runfolder", "read_results": ".runfolder",
+    "EvalSettings": ".runner", "run_eval": ".runner", "sample_seed": ".runner",
+    "markdown": ".summary", "mean_se": ".summary", "paper_table": ".summary", "pass_at_k": ".summary",
+    "summarize": ".summary", "write_summary": ".summary",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

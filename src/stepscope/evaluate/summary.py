@@ -26,13 +26,11 @@ import numpy as np
 from ..errors import StepscopeError
 from ..io import atomic_write_json, atomic_write_text
 from ..stats import EXACT_PERMUTATION_MAX, paired_bootstrap_ci, paired_permutation_test
+from .benchmarks import benchmark_title
 from .grading import GRADER_ERROR
 from .runfolder import load_run
 
 ARM_NAMES = {"baseline": "baseline", "stepflow": "StepFlow", "oeb": "OEB only", "smi": "SMI only"}
-BENCH_NAMES = {"aime24": "AIME24", "aime25": "AIME25", "amc23": "AMC23", "math500": "MATH-500",
-               "math500-mmath": "MATH-500 (MMATH 311)", "gsm8k": "GSM8K", "gpqa-diamond": "GPQA-D",
-               "livecodebench": "LCB"}
 BREAKDOWNS = ("difficulty", "platform")  # per-record fields broken down by default where records carry them
 
 
@@ -217,7 +215,7 @@ def _p(p: float) -> str:
 
 def markdown(summary: dict) -> str:
     """The summary as Markdown: the paper-shaped comparison table, then per-arm accuracy and pass@k."""
-    model, bench = model_label(summary["model"]), BENCH_NAMES.get(summary["benchmark"], summary["benchmark"])
+    model, bench = model_label(summary["model"]), benchmark_title(summary["benchmark"])
     lines = [f"# {model} on {bench}", ""]
     if not summary["arms"]:
         lines.append(f"No problem has all its samples in every arm yet ({summary['n_records']} records).")
@@ -297,7 +295,7 @@ def paper_table(summaries: list[dict], arm: str = "stepflow", reference: str = "
             c = s["comparisons"].get(arm)
             star = "*" if c and c["p_value"] < 0.05 else ""
             cell[(m, b)] = f"{_pct(arms[reference]['accuracy'])} → {_pct(arms[arm]['accuracy'])}{star}"
-    head = "| model | " + " | ".join(BENCH_NAMES.get(b, b) for b in benches) + " |"
+    head = "| model | " + " | ".join(benchmark_title(b) for b in benches) + " |"
     lines = [head, "|---|" + "---|" * len(benches)]
     for m in models:
         lines.append(f"| {m}, {arm_label(reference)} → {arm_label(arm)} | " +
