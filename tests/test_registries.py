@@ -11,7 +11,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from tiny import make_model, make_tokenizer
+from tiny import make_model, save_model_dir
 
 from stepscope.cli import main
 from stepscope.errors import StepscopeError, TraceError
@@ -134,16 +134,8 @@ def toy():
     del benchmarks.SPECS["toy-arith"], benchmarks.ALIASES["toy"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
-    tok = make_tokenizer("think")
-    make_model("llama", vocab_size=len(tok), layers=2).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-def test_a_registered_benchmark_runs_through_stepscope_eval(toy, tiny_model_dir, tmp_path):
+def test_a_registered_benchmark_runs_through_stepscope_eval(toy, tmp_path):
+    tiny_model_dir = save_model_dir(tmp_path / "model")
     rc, out, _ = cli(["eval", "--help"])
     assert rc == 0 and "toy-arith" in out and "yes-or-no arithmetic for the registry test" in out
     assert "2 samples per problem; also toy" in " ".join(out.split())
@@ -204,3 +196,35 @@ def test_every_reader_of_problems_knows_every_question_field(key, tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps(rec) + "\n", encoding="utf-8")
     assert read_problems(str(f)) == [("0", "What is 6 * 7?")]
+
+
+# -- the documentation's examples -----------------------------------------------------------------------------
+
+
+def test_the_extending_page_registers_what_it_says(chatml_tokenizer):
+    """docs/extending.md's snippets run as written and register a benchmark and a format that work."""
+    import re
+    from pathlib import Path
+
+    from stepscope.evaluate import benchmarks
+    from stepscope.evaluate.problems import Problem
+    from stepscope.trace import Trace
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert len(blocks) == 2
+    try:
+        for block in blocks:
+            exec(compile(block, "docs/extending.md", "exec"), {})  # noqa: S102
+        spec = benchmarks.benchmark_spec("mine")
+        assert spec.name == "my-bench" and benchmarks.paper_samples("my-bench") == 16
+        assert benchmarks.benchmark_title("my-bench") == "MyBench"
+        tr = Trace.from_text(chatml_tokenizer, question=Q, response=RESPONSE, fmt="reason")
+        assert tr.thinking_closed and tr.format is FORMATS["reason"]
+        for gold, right in [("The answer is \\boxed{5}.", True), ("5", False)]:
+            grade = spec.grader(Problem("p", Q, gold), tr, timeout=None, code_limits={})
+            assert grade.correct is right and grade.answer == "\n\nThe answer is \\boxed{5}."
+    finally:
+        benchmarks.SPECS.pop("my-bench", None)
+        benchmarks.ALIASES.pop("mine", None)
+        FORMATS.pop("reason", None)

@@ -92,6 +92,14 @@ def make_model(arch: str = "llama", vocab_size: int = 49152, layers: int = 4, se
     return model
 
 
+def save_model_dir(path, family: str = "think", layers: int = 2):
+    """A tiny llama with the `family` tokenizer, saved where `--model PATH` loads it; returns the path."""
+    tok = make_tokenizer(family)
+    make_model("llama", vocab_size=len(tok), layers=layers).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def peaked(model, factor: float = 40.0):
     """Sharpen a random model's next-token distribution, as a trained model's is. On a random model's nearly
     flat distribution over 49k tokens, float noise of 1e-7 in the logits (a batched forward against a lone one)
