@@ -24,7 +24,6 @@ from pathlib import Path
 
 from ..errors import StepscopeError
 from ..io import read_text_file
-from . import livecodebench
 from .problems import (  # noqa: F401  (the row readers are part of this module's interface)
     ID_KEYS,
     Benchmark,
@@ -204,6 +203,8 @@ def _window_text(start, end) -> str:
 
 def _livecodebench(name: str, *, release_version=None, start=None, end=None) -> tuple[list[Problem], str]:
     """LiveCodeBench from the hub: `release_version`'s files, the contest-date window."""
+    from . import livecodebench
+
     release = release_version or livecodebench.DEFAULT_RELEASE
     files = livecodebench.hub_files(release)
     source = f"hub {livecodebench.HUB_REPO} {release} ({', '.join(f.name for f in files)})" + _window_text(start, end)
@@ -253,6 +254,8 @@ for _spec in (
 
 def _from_file(path: Path, key: str, *, seed: int, release_version, start, end) -> tuple[list[Problem], str]:
     """Problems of a local file: LiveCodeBench rows (told by their columns) or generic rows."""
+    from . import livecodebench
+
     if path.suffix.lower() == ".jsonl" and key == "livecodebench":
         parsed = livecodebench.read_jsonl_rows([path], start, end)
     else:
@@ -276,6 +279,8 @@ def load_benchmark(name: str, *, data_file: str | Path | None = None, seed: int 
     never goes online. LiveCodeBench: `release_version` (default release_v5; hub only), `start_date`/`end_date`
     (YYYY-MM-DD, inclusive) keep the problems of that contest-date window (a local file of LiveCodeBench rows too).
     """
+    from . import livecodebench  # here, so that reading the registry (`stepscope eval --help`) stays light
+
     path = Path(data_file) if data_file is not None else None
     key = ALIASES.get(name.lower(), name.lower())
     if path is None and key not in SPECS:

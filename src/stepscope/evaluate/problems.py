@@ -20,11 +20,13 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import StepscopeError
 from ..io import QUESTION_KEYS, read_text_file
-from . import livecodebench
-from .code_grading import CodeTest
+
+if TYPE_CHECKING:  # the code grader (and its sandbox) is imported where code is graded, not to read problems
+    from .code_grading import CodeTest
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -74,7 +76,9 @@ class Problem:
         """The question as the model reads it: for multiple choice, the options follow as `A) ...` lines; for
         code, LiveCodeBench's prompt (question, starter code or stdin/stdout format)."""
         if self.code is not None:
-            return livecodebench.prompt(self.question, self.code.starter_code)
+            from .livecodebench import prompt
+
+            return prompt(self.question, self.code.starter_code)
         if not self.choices:
             return self.question
         opts = "\n".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(self.choices))
