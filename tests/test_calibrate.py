@@ -192,3 +192,42 @@ def test_model_that_is_not_the_results_model_is_refused(trace):
     model = make_model("llama", vocab_size=len(tok), layers=L)
     with pytest.raises(StepscopeError, match="calibrate with the model the saliency was computed on"):
         calibrate(planted(trace, n=4), model=model, tokenizer=tok)
+
+
+def test_report_shows_the_calibration_escaped(trace, tmp_path):
+    evil = "org/<script>alert(1)</script>"
+    sal = tmp_path / "sal"
+    rs = planted(trace, n=10)
+    for r in rs:
+        r.meta["model"] = evil
+        r.save(sal / r.trace.meta["id"])
+    out = tmp_path / "stepflow.json"
+    assert cli.main(["calibrate", str(sal), "--out", str(out)]) == 0
+    page = tmp_path / "r.html"
+    assert cli.main(["report", str(sal / "t0"), "--out", str(page), "--calibration", str(out)]) == 0
+    text = page.read_text()
+    assert "StepFlow calibration" in text and 'src="data:image/png;base64,' in text
+    assert "<script>alert(1)</script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "<td>oeb_layers</td><td>2-4</td><td>0-3</td><td>measured</td>" in text
+    assert "<td>smi_layers</td><td>11-13</td><td>12-15</td><td>measured</td>" in text
+
+
+def test_calibration_figure_shades_the_chosen_and_default_bands(trace):
+    from matplotlib.patches import Polygon, Rectangle
+
+    from stepscope.report.calibration import calibration_figure
+
+    cal = calibrate(planted(trace)).to_json()
+    fig = calibration_figure(cal)
+    oeb_ax, smi_ax = fig.axes[:2]
+
+    def spans(ax, hatched):
+        out = []
+        for p in ax.patches:
+            if isinstance(p, Polygon | Rectangle) and bool(p.get_hatch()) == hatched:
+                xs = p.get_xy()[:, 0] if isinstance(p, Polygon) else [p.get_x(), p.get_x() + p.get_width()]
+                out.append((float(min(xs)), float(max(xs))))
+        return out
+
+    assert spans(oeb_ax, False) == [(1.5, 4.5)] and spans(oeb_ax, True) == [(-0.5, 3.5)]
+    assert spans(smi_ax, False) == [(10.5, 13.5)] and spans(smi_ax, True) == [(11.5, 15.5)]
