@@ -184,6 +184,11 @@ def test_bad_input_gets_one_line(trace, tmp_path, capsys):
     assert "computed on layers 0-3, 12-15 of 16" in err and "--layers all" in err
     assert not out.exists() and not evidence_path(out).exists()  # nothing half-written
 
+    page = tmp_path / "r.html"
+    assert cli.main(["report", str(part / "t0"), "--out", str(page), "--calibration", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "stepflow.calibration.json: no such calibration file" in err and not page.exists()
+
 
 def test_model_that_is_not_the_results_model_is_refused(trace):
     from tiny import make_model

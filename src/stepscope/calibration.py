@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -103,19 +104,14 @@ def evidence_path(config_path: str | os.PathLike) -> Path:
 
 def load_calibration(path: str | os.PathLike) -> dict:
     """The evidence of a calibration: its `.calibration.json` file, or the config file it sits beside."""
-    import json
-
-    from .io import read_text_file
+    from .io import read_json_file
 
     p = Path(path)
     if not p.name.endswith(EVIDENCE_SUFFIX):
         p = evidence_path(p)
     if not p.is_file():
         raise StepscopeError(f"{p}: no such calibration file (stepscope calibrate writes it beside the config)")
-    try:
-        d = json.loads(read_text_file(p))
-    except json.JSONDecodeError as e:
-        raise StepscopeError(f"{p}: not valid JSON ({e.msg})") from None
+    d = read_json_file(p)
     if not isinstance(d, dict) or "stepscope_calibration" not in d:
         raise StepscopeError(f"{p}: not a stepscope calibration (no 'stepscope_calibration' key)")
     return d
@@ -124,7 +120,11 @@ def load_calibration(path: str | os.PathLike) -> dict:
 # ------------------------------------------------------------------------------------------- the inputs
 
 def _model_key(name: Any) -> str:
-    return Path(str(name).strip().rstrip("/")).name.lower()
+    """A model name for comparison: the bundled model's aliases as one, else the last part of a path or hub id."""
+    from .models import DEFAULT_MODEL_NAME, is_default_model
+
+    name = str(name).strip().rstrip("/")
+    return DEFAULT_MODEL_NAME.lower() if is_default_model(name) else Path(name).name.lower()
 
 
 def _diagnoses(results: Sequence[Any]) -> tuple[list, list]:
@@ -173,8 +173,9 @@ def _layer_tests(values: np.ndarray, candidates: list[int], sign: int, n_perm: i
     direction `sign` (+1 above, -1 below)? One-sided paired sign-flip test, BH across the candidates."""
     from .stats import benjamini_hochberg, paired_permutation_test
 
-    with np.errstate(all="ignore"):
-        ref = np.nanmedian(np.where(np.isfinite(values), values, np.nan), axis=1)  # [traces]
+    with warnings.catch_warnings():  # a trace without the metric in any layer: NaN, left out below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = np.nanmedian(values, axis=1)  # [traces]
     rows = []
     for layer in candidates:
         v = values[:, layer]
@@ -196,7 +197,8 @@ def _layer_tests(values: np.ndarray, candidates: list[int], sign: int, n_perm: i
     return rows
 
 
-def _runs(layers: list[int]) -> list[list[int]]:
+def contiguous_runs(layers: Sequence[int]) -> list[list[int]]:
+    """Sorted layers split into runs of consecutive ones: [0, 1, 2, 5] -> [[0, 1, 2], [5]]."""
     out: list[list[int]] = []
     for x in sorted(layers):
         if out and x == out[-1][-1] + 1:
@@ -210,7 +212,7 @@ def _pick_band(rows: list[dict]) -> list[int]:
     """The longest contiguous run of passing layers (ties: the larger summed d_z)."""
     passing = [r["layer"] for r in rows if r["passes"]]
     effect = {r["layer"]: r["d_z"] or 0.0 for r in rows}
-    runs = _runs(passing)
+    runs = contiguous_runs(passing)
     if not runs:
         return []
     return max(runs, key=lambda run: (len(run), sum(effect[x] for x in run)))
@@ -308,16 +310,17 @@ def _tau_choice(masses: list[dict[int, float] | None] | None, labels: list[bool 
     out["per_layer_mean"] = {str(i): _none(np.mean(v)) if (v := [m[i] for m in masses if m and i in m]) else None
                              for i in layers}
     good = [v for v, c in zip(per_trace, labels) if v is not None and c is True]
-    pool, which = (good, "correct") if len(good) >= MIN_TRACES else \
-        ([v for v in per_trace if v is not None], "all")
+    pool, which = (good, "correct ") if len(good) >= MIN_TRACES else \
+        ([v for v in per_trace if v is not None], "")
     if len(pool) < MIN_TRACES:
         return {**out, "value": default, "source": "default",
                 "reason": f"only {len(pool)} trace(s) have a bridge mass (at least {MIN_TRACES} needed)"}
     qs = np.quantile(pool, [0.0, 0.25, 0.5, 0.75, 1.0])
-    out["distribution"] = dict(zip(("min", "q25", "median", "q75", "max"), map(float, qs)), n=len(pool), traces=which)
+    out["distribution"] = dict(zip(("min", "q25", "median", "q75", "max"), map(float, qs)), n=len(pool),
+                               traces=which.strip() or "all")
     value = round(min(float(qs[2]), 0.999), 3)
     return {**out, "value": value, "source": "measured",
-            "reason": f"median of the mean bridge mass p(B) of {len(pool)} {which} traces over layers "
+            "reason": f"median of the mean bridge mass p(B) of {len(pool)} {which}traces over layers "
                       f"{_ranges(layers)} (quartiles {qs[1]:.3f}-{qs[3]:.3f})"}
 
 
@@ -373,16 +376,17 @@ def calibrate(results: Sequence[Any] | str | os.PathLike, *, model: Any = None, 
 
     masses = None
     if model is not None:
-        if isinstance(model, str):
+        name = model if isinstance(model, str) else None
+        if name is not None:
             from .models import load_model
 
-            model, tokenizer = load_model(model, device=device, dtype=dtype)
+            model, tokenizer = load_model(name, device=device, dtype=dtype)
         if tokenizer is None:
             raise StepscopeError("measuring the bridge mass needs the model's tokenizer too")
         from .saliency.core import model_name
 
-        have, want = _model_key(model_name(model)), _model_key(diags[0].meta.get("model"))
-        if have != want:
+        given = {_model_key(model_name(model))} | ({_model_key(name)} if name is not None else set())
+        if _model_key(diags[0].meta.get("model")) not in given:
             raise StepscopeError(f"the results come from {diags[0].meta.get('model')}, but the model given is "
                                  f"{model_name(model)}: calibrate with the model the saliency was computed on")
         if progress:
@@ -390,7 +394,7 @@ def calibrate(results: Sequence[Any] | str | os.PathLike, *, model: Any = None, 
         masses = measure_bridge_mass(model, tokenizer, traces, oeb["value"])
     tau = _tau_choice(masses, labels, oeb["value"], ids)
     alpha = {"value": StepFlowConfig.alpha, "default": StepFlowConfig.alpha, "source": "default",
-             "reason": "kept: " + RULES["alpha"]}
+             "reason": "kept at " + RULES["alpha"]}
 
     fmts = {(t.format.think_start, t.format.think_end) for t in traces
             if t.format is not None and t.format.name not in ("think", "harmony")}
@@ -453,7 +457,8 @@ def format_table(cal: dict) -> str:
     """The terminal table of a calibration (its JSON): each knob, calibrated beside the paper's default."""
     ch, t = cal["choices"], cal["traces"]
     labelled = f"; {t['correct']} correct, {t['wrong']} wrong" if t["correct"] or t["wrong"] else ""
-    lines = [f"{t['n']} traces of {_model_key(cal['model']) or 'the model'} ({cal['num_layers']} layers){labelled}",
+    model = Path(str(cal.get("model") or "the model").rstrip("/")).name
+    lines = [f"{t['n']} traces of {model} ({cal['num_layers']} layers){labelled}",
              f"{'knob':<11} {'calibrated':<12} {'paper':<10} {'source':<9} evidence"]
     for name in ("oeb_layers", "smi_layers", "tau_max", "alpha"):
         c = ch[name]

@@ -15,6 +15,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..calibration import contiguous_runs
+from ..diagnose.metrics import format_ranges
 from .figures import RC, _figure
 
 BAND_COLORS = {"oeb_layers": "#6a4c93", "smi_layers": "#e07a1f"}
@@ -23,18 +25,8 @@ PANELS = {"oeb_layers": ("OEB: lock-in index (locality - question_reach)", "abov
 
 
 def _band_span(ax: Any, layers: list[int], **kw: Any) -> None:
-    for a, b in _runs(layers):
-        ax.axvspan(a - 0.5, b + 0.5, **kw)
-
-
-def _runs(layers: list[int]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for x in sorted(layers):
-        if out and x == out[-1][1] + 1:
-            out[-1][1] = x
-        else:
-            out.append([x, x])
-    return [(a, b) for a, b in out]
+    for run in contiguous_runs(layers):
+        ax.axvspan(run[0] - 0.5, run[-1] + 0.5, **kw)
 
 
 def calibration_figure(cal: dict) -> Figure:
@@ -69,7 +61,7 @@ def calibration_figure(cal: dict) -> Figure:
 
 
 def _text(layers: list[int]) -> str:
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in _runs(layers)) or "none"
+    return format_ranges(sorted(layers)) or "none"
 
 
 def figure_png(fig: Figure, dpi: int = 110) -> bytes:
