@@ -339,7 +339,7 @@ def calibrate(results: Sequence[Any] | str | os.PathLike, *, model: Any = None, 
 
     `results`: SaliencyResult objects, result folders, or folders of them. `model`: a loaded model (with its
     `tokenizer`) or a model name for `stepscope.models.load_model`, used only to measure the bridge mass for
-    tau_max; it must be the model the results come from. The rules are the module docstring's.
+    tau_max; it must be the model the results come from. The rules: docs/calibrate.md (and the module docstring).
     """
     from .diagnose import compare
     from .diagnose.metrics import format_ranges
@@ -391,7 +391,8 @@ def calibrate(results: Sequence[Any] | str | os.PathLike, *, model: Any = None, 
                                  f"{model_name(model)}: calibrate with the model the saliency was computed on")
         if progress:
             progress(f"measuring the bridge mass of {len(traces)} traces in layers {format_ranges(oeb['value'])}")
-        masses = measure_bridge_mass(model, tokenizer, traces, oeb["value"])
+        step = None if progress is None else (lambda k, n: progress(f"bridge mass: {k}/{n} traces"))
+        masses = measure_bridge_mass(model, tokenizer, traces, oeb["value"], progress=step)
     tau = _tau_choice(masses, labels, oeb["value"], ids)
     alpha = {"value": StepFlowConfig.alpha, "default": StepFlowConfig.alpha, "source": "default",
              "reason": "kept at " + RULES["alpha"]}
