@@ -21,7 +21,7 @@ def test_saliency_calibrate_eval_on_the_bundled_model(tmp_path, capsys):
     from stepscope import cli
     from stepscope.calibration import load_calibration
     from stepscope.flow import StepFlow, StepFlowConfig
-    from stepscope.models import load_model
+    from stepscope.models import attn_implementation, load_model
     from stepscope.saliency.result import find_results, load_result
 
     # 1. traces of four GSM8K problems, graded (meta "correct"), as eval --save-traces writes them
@@ -63,7 +63,9 @@ def test_saliency_calibrate_eval_on_the_bundled_model(tmp_path, capsys):
     assert all(r["config"] == config.to_json() for r in recs if r["arm"] == "calibrated")
     assert "calibrated" in capsys.readouterr().out
 
-    # 5. the calibrated config is exact: StepFlow's teacher-forced forward equals the brute-force reference
+    # 5. the calibrated config is exact: StepFlow's teacher-forced forward equals the brute-force reference. The
+    # bound: float32 rounding over 30 layers, measured as the model's own sdpa-versus-eager difference (TOL of the
+    # 4-layer models at least); StepFlow's own effect is far above it and its OEB decisions are the reference's.
     model, tok = load_model("default", device="cpu", dtype="float32")
     trace = min((r.trace for r in results), key=len)
     ids, mask, pos, los = left_pad([trace.token_ids])
@@ -72,5 +74,11 @@ def test_saliency_calibrate_eval_on_the_bundled_model(tmp_path, capsys):
     want = ref.logits(ids, mask, pos)
     with torch.no_grad(), StepFlow(model, tok, cfg) as flow:
         got = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    assert (got - want).abs().max().item() < TOL
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        with attn_implementation(model, "eager"):
+            floor = (model(input_ids=ids, attention_mask=mask, position_ids=pos).logits - plain).abs().max().item()
+    err = (got - want).abs().max().item()
+    assert err <= max(TOL, 2 * floor), (err, floor)
+    assert (got - plain).abs().max().item() > 100 * max(TOL, 2 * floor)  # the calibrated StepFlow changed the logits
     assert ref.oeb_fired > 0 and flow.stats.total_oeb_fires == ref.oeb_fired

@@ -458,8 +458,9 @@ def format_table(cal: dict) -> str:
     """The terminal table of a calibration (its JSON): each knob, calibrated beside the paper's default."""
     ch, t = cal["choices"], cal["traces"]
     labelled = f"; {t['correct']} correct, {t['wrong']} wrong" if t["correct"] or t["wrong"] else ""
-    model = Path(str(cal.get("model") or "the model").rstrip("/")).name
-    lines = [f"{t['n']} traces of {model} ({cal['num_layers']} layers){labelled}",
+    from .evaluate.summary import model_label
+
+    lines = [f"{t['n']} traces of {model_label(str(cal.get('model')))} ({cal['num_layers']} layers){labelled}",
              f"{'knob':<11} {'calibrated':<12} {'paper':<10} {'source':<9} evidence"]
     for name in ("oeb_layers", "smi_layers", "tau_max", "alpha"):
         c = ch[name]
