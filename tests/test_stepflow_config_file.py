@@ -85,8 +85,10 @@ def test_generate_runs_the_file_config_with_knobs_on_top(cal_file, tmp_path):
     assert sf["oeb_layers"] == [2, 3, 4] and sf["smi_layers"] == [20, 21] and sf["tau_max"] == 0.25
 
 
-def test_vllm_request_takes_the_file_as_it_is(cal_file):
-    from stepscope.vllm.worker import request_config
+def test_vllm_request_and_server_default_take_the_file_as_it_is(cal_file, monkeypatch):
+    from stepscope.vllm.requests import DEFAULT_ENV, default_config, request_config
 
     params = SimpleNamespace(extra_args={"stepflow": json.loads(cal_file.read_text())})
     assert request_config(params) == CAL
+    monkeypatch.setenv(DEFAULT_ENV, f"@{cal_file}")  # the server-wide default: STEPSCOPE_STEPFLOW=@stepflow.json
+    assert default_config() == CAL and request_config(SimpleNamespace(extra_args={})) == CAL
