@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from .diagnose.metrics import format_ranges
 from .errors import StepscopeError
 from .flow.config import StepFlowConfig
 from .layers import layer_bands
@@ -150,7 +151,6 @@ def _diagnoses(results: Sequence[Any]) -> tuple[list, list]:
     if len(depths) > 1:
         raise StepscopeError(f"the results describe models of {sorted(depths)} layers: calibrate one model at a time")
     L = depths.pop()
-    from .diagnose.metrics import format_ranges
 
     for r in items:
         missing = sorted(set(range(L)) - set(r.layers))
@@ -233,7 +233,7 @@ def _comparison_filter(rows: list[dict], cmp, metric_signs: dict[str, int], sign
         row["passes"] = row["passes"] and math.isfinite(diff) and sign * diff > 0
 
 
-def _band_choice(name: str, values: np.ndarray, candidates: list[int], default: list[int], sign: int, cmp,
+def _band_choice(values: np.ndarray, candidates: list[int], default: list[int], sign: int, cmp,
                  metric_signs: dict[str, int], what: str, n_perm: int, seed: int,
                  extra_gate: tuple[bool, str] | None = None) -> dict:
     n = int(np.isfinite(values[:, candidates]).any(axis=1).sum()) if candidates else 0
@@ -243,7 +243,6 @@ def _band_choice(name: str, values: np.ndarray, candidates: list[int], default: 
     if cmp is not None:
         _comparison_filter(rows, cmp, metric_signs, sign)
     band = _pick_band(rows)
-    from .diagnose.metrics import format_ranges
 
     out = {"default": default, "candidates": candidates, "traces": n, "per_layer": rows}
     if n < MIN_TRACES:
@@ -325,8 +324,6 @@ def _tau_choice(masses: list[dict[int, float] | None] | None, labels: list[bool 
 
 
 def _ranges(xs: list[int]) -> str:
-    from .diagnose.metrics import format_ranges
-
     return format_ranges(sorted(xs)) if xs else "none"
 
 
@@ -342,7 +339,6 @@ def calibrate(results: Sequence[Any] | str | os.PathLike, *, model: Any = None, 
     tau_max; it must be the model the results come from. The rules: docs/calibrate.md (and the module docstring).
     """
     from .diagnose import compare
-    from .diagnose.metrics import format_ranges
 
     if isinstance(results, str | os.PathLike):
         results = [results]
@@ -365,12 +361,12 @@ def calibrate(results: Sequence[Any] | str | os.PathLike, *, model: Any = None, 
     if n_c >= MIN_GROUP and n_w >= MIN_GROUP:
         cmp = compare([d for d, c in zip(diags, labels) if c], [d for d, c in zip(diags, labels) if c is False],
                       n_boot=n_boot, n_perm=n_perm, seed=seed)
-    oeb = _band_choice("oeb_layers", lock, shallow_half, defaults[0], +1, cmp,
+    oeb = _band_choice(lock, shallow_half, defaults[0], +1, cmp,
                        {"locality": 1, "question_reach": -1}, "lock-in", n_perm, seed)
     slope = _slope_test([d.scores.get("decay_slope") for d in diags], n_perm, seed)
     gate = (slope["falling"], "summary_to_thinking does not fall over the deep half "
             f"(mean decay_slope {_fmt(slope['mean'])}, p {_fmt(slope['p_value'])})")
-    smi = _band_choice("smi_layers", s2t, deep_half, defaults[1], -1, cmp, {"summary_to_thinking": 1}, "decay",
+    smi = _band_choice(s2t, deep_half, defaults[1], -1, cmp, {"summary_to_thinking": 1}, "decay",
                        n_perm, seed + 10_000, extra_gate=gate)
     smi["decay_slope"] = slope
 
