@@ -65,9 +65,14 @@ def test_bad_arms_get_one_line_before_anything_loads(arms, message, cal_file, tm
     assert not (tmp_path / "run").exists()
 
 
-def test_generate_refuses_a_config_whose_layers_the_model_lacks(tmp_path, capsys):
+def test_a_config_whose_layers_the_model_lacks_is_refused_before_the_weights_load(tmp_path, capsys):
     f = tmp_path / "big.json"
     f.write_text(json.dumps(StepFlowConfig(oeb_layers=[40]).to_json()))
+    assert cli.main(["eval", "--benchmark", "gsm8k", "--out", str(tmp_path / "run"),
+                     "--arms", f"baseline,big=@{f}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "arm big: oeb_layers: 40 is out of range (the model has 30 layers)" in err
+    assert not (tmp_path / "run").exists()
     assert cli.main(["generate", "What is 2 + 3?", "--stepflow-config", str(f), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "40 is out of range (the model has 30 layers)" in err

@@ -233,9 +233,12 @@ def check_settings(settings: EvalSettings, arm_configs: dict, batch_size: int, n
     if set(arm_configs) != set(settings.arms):
         raise StepscopeError("arm_configs and settings.arms name different arms")
     if num_layers is not None:
-        for config in arm_configs.values():
+        for arm, config in arm_configs.items():
             if config is not None and hasattr(config, "resolve"):
-                config.resolve(num_layers)
+                try:
+                    config.resolve(num_layers)
+                except StepscopeError as e:
+                    raise StepscopeError(f"arm {arm}: {e}") from None
 
 
 def run_info(settings: EvalSettings, benchmark: Benchmark, batch_size: int, world: int) -> dict:
