@@ -20,6 +20,7 @@ API = [
     ("stepscope.models", ["load_model", "load_tokenizer", "default_model_path"]),
     ("stepscope.saliency", ["step_saliency", "SaliencyResult", "estimate_memory"]),
     ("stepscope.diagnose", ["diagnose", "build_profile", "compare", "Diagnosis"]),
+    ("stepscope.calibration", ["calibrate", "Calibration", "load_calibration"]),
     ("stepscope.report.html", ["render_report", "build_report_html"]),
     ("stepscope.flow", ["StepFlowConfig", "StepFlow", "generate_traces"]),
     ("stepscope.decoding", ["DecodeConfig"]),

@@ -22,6 +22,7 @@ _EXPORTS = {
     "StepFlow": "stepscope.flow",
     "StepFlowConfig": "stepscope.flow",
     "generate_traces": "stepscope.flow",
+    "calibrate": "stepscope.calibration",
 }
 
 __all__ = ["__version__", "diagnose", *_EXPORTS]

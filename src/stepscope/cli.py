@@ -14,7 +14,8 @@ import sys
 from . import __version__
 from .errors import StepscopeError
 
-COMMANDS = ["demo", "trace", "generate", "saliency", "diagnose", "compare", "report", "eval", "vllm-stats"]
+COMMANDS = ["demo", "trace", "generate", "saliency", "diagnose", "compare", "calibrate", "report", "eval",
+            "vllm-stats"]
 
 # the library's errors name its parameters; the CLI says the same with its options (one table, used by `main`)
 OPTION_WORDS = [

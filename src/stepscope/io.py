@@ -135,6 +135,14 @@ def read_text_file(path: str | os.PathLike) -> str:
         raise StepscopeError(f"{path}: not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
 
 
+def read_json_file(path: str | os.PathLike):
+    """Parse a UTF-8 JSON file; a one-line error naming the file when it is missing or not valid JSON."""
+    try:
+        return json.loads(read_text_file(path))
+    except json.JSONDecodeError as e:
+        raise StepscopeError(f"{path}: not valid JSON ({e.msg})") from None
+
+
 def config_fields(d: dict | str, cls, what: str) -> dict:
     """The fields of the settings dataclass `cls` from JSON text or a dict (a copy); a one-line error naming
     `what` for text that is not JSON, JSON that is not an object, or a key `cls` has no field for."""

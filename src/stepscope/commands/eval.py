@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-samples", type=int, default=None,
                    help="samples per problem (default: the benchmark's paper protocol, listed below; 1 for a file)")
     p.add_argument("--arms", default="baseline,stepflow",
-                   help="comma-separated arms: baseline, stepflow, oeb (OEB only), smi (SMI only)")
+                   help="comma-separated arms: baseline, stepflow, oeb (OEB only), smi (SMI only), and NAME=@FILE.json "
+                        "(a StepFlow config file, e.g. calibrated=@stepflow.json from `stepscope calibrate`)")
     p.add_argument("--limit", type=int, default=None, help="only the first K problems")
     p.add_argument("--prompt-style", default=None, choices=["r1", "gpqa", "plain"],
                    help="default: r1 for math (answer in \\boxed{}), gpqa for multiple choice")
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if args.engine == "vllm" and world > 1:
         raise StepscopeError("--engine vllm runs in one process: use --data-parallel-size N instead of a launcher")
     decode = options.decode_config(args)
-    arm_configs = build_arms(args.arms, **options.stepflow_knobs(args))
+    arm_configs = build_arms(args.arms, base=options.stepflow_base(args), **options.stepflow_knobs(args))
     bench = load_benchmark(args.benchmark, data_file=args.data_file, seed=decode.seed, limit=args.limit,
                            release_version=args.release_version, start_date=args.start_date, end_date=args.end_date)
     n_samples = args.n_samples if args.n_samples is not None else paper_samples(bench.name)

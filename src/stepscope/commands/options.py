@@ -205,6 +205,9 @@ def add_stepflow_options(p: argparse.ArgumentParser, *, switches: bool = True) -
     if switches:
         f.add_argument("--stepflow", action=argparse.BooleanOptionalAction, default=True,
                        help="apply StepFlow while generating (default: on)")
+    f.add_argument("--stepflow-config", default=None, metavar="FILE.json",
+                   help="start from this StepFlow config (as `stepscope calibrate` writes it); the options below "
+                        "override its fields")
     f.add_argument("--tau-max", type=float, default=None, help="OEB bridge target cap (default 0.15)")
     f.add_argument("--alpha", type=float, default=None, help="SMI strength (default 0.06)")
     f.add_argument("--oeb-layers", default=None, metavar="LAYERS",
@@ -252,9 +255,19 @@ def check_stepflow_layers(args: argparse.Namespace, num_layers: int) -> None:
             parse_layers(getattr(args, name), num_layers, what=_flag(name))
 
 
+def stepflow_base(args: argparse.Namespace):
+    """The StepFlowConfig of --stepflow-config, or None when it is not given."""
+    if getattr(args, "stepflow_config", None) is None:
+        return None
+    from ..flow.config import StepFlowConfig
+
+    return StepFlowConfig.load(args.stepflow_config)
+
+
 def stepflow_config(args: argparse.Namespace):
-    """The StepFlowConfig the StepFlow options ask for, or None with --no-stepflow."""
-    knobs = {"--tau-max": args.tau_max, "--alpha": args.alpha, "--oeb-layers": args.oeb_layers,
+    """The StepFlowConfig the StepFlow options ask for (--stepflow-config, then the knobs over it), or None with
+    --no-stepflow."""
+    knobs = {"--stepflow-config": args.stepflow_config, "--tau-max": args.tau_max, "--alpha": args.alpha, "--oeb-layers": args.oeb_layers,
              "--smi-layers": args.smi_layers, "--smi-window": args.smi_window,
              "--no-oeb": args.no_oeb or None, "--no-smi": args.no_smi or None, "--flow-kernel": args.flow_kernel}
     if not args.stepflow:
@@ -264,9 +277,15 @@ def stepflow_config(args: argparse.Namespace):
         return None
     if args.no_oeb and args.no_smi:
         raise StepscopeError("--no-oeb and --no-smi turn everything off: use --no-stepflow")
+    from dataclasses import replace
+
     from ..flow.config import StepFlowConfig
 
-    return StepFlowConfig(oeb=not args.no_oeb, smi=not args.no_smi, **stepflow_knobs(args))
+    base = stepflow_base(args) or StepFlowConfig()
+    config = replace(base, oeb=base.oeb and not args.no_oeb, smi=base.smi and not args.no_smi, **stepflow_knobs(args))
+    if not config.oeb and not config.smi:
+        raise StepscopeError(f"{args.stepflow_config} with --no-oeb/--no-smi turns everything off: use --no-stepflow")
+    return config
 
 
 # -- the trace format -------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ examples:
   stepscope report sal/ --out report.html
   stepscope report sal/suspect --baseline correct_profile.json --out suspect.html --figures figs/
   stepscope report sal/ --out report.html --figures figs/ --figure-format png,svg
+  stepscope report sal/ --out report.html --calibration stepflow.json
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="FILE.html", help="the report file")
     p.add_argument("--baseline", metavar="PROFILE.json", help="baseline profile for z-scores and verdicts")
     p.add_argument("--title", default="stepscope report", help="page title")
+    p.add_argument("--calibration", metavar="FILE.json",
+                   help="add the StepFlow calibration (the config `stepscope calibrate` wrote, or its "
+                        ".calibration.json): per-layer evidence with the chosen bands beside the defaults")
     p.add_argument("--layers", default=None,
                    help="embed only these map positions, e.g. 0,1,2,27-29 (default: all, or an even spread "
                         "when the maps would exceed --max-mb)")
@@ -69,6 +73,12 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.out, "--out")
     if args.figures:
         check_writable(args.figures, "--figures", folder=True)
+    sections = []
+    if args.calibration:
+        from ..calibration import load_calibration
+        from ..report.calibration import calibration_section
+
+        sections.append(("StepFlow calibration", calibration_section(load_calibration(args.calibration))))
     dirs = find_results(args.dirs)
     baseline = Profile.load(args.baseline) if args.baseline else None
     results = [load_result(d) for d in dirs]
@@ -81,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if args.figures:
         _figures(args.figures, results, diagnoses, labels, args.jobs or min(8, usable_cpus()), formats)
     out = render_report(results, args.out, diagnoses=diagnoses, baseline=baseline, title=args.title,
-                        labels=labels, layers=layers, max_map_bytes=int(args.max_mb * 1e6))
+                        labels=labels, layers=layers, max_map_bytes=int(args.max_mb * 1e6), extra_sections=sections)
     size = out.stat().st_size
     print(f"wrote {out} ({size / 1e6:.2f} MB, {len(results)} result{'s' if len(results) != 1 else ''})"
           + (f" and figures in {args.figures}" if args.figures else ""))

@@ -85,31 +85,50 @@ def arms_json(arm_configs: dict[str, object | None]) -> dict[str, dict | None]:
     return {k: (v.to_json() if v is not None and hasattr(v, "to_json") else v) for k, v in arm_configs.items()}
 
 
-def build_arms(names: list[str] | str, **knobs) -> dict[str, object | None]:
+def build_arms(names: list[str] | str, base=None, **knobs) -> dict[str, object | None]:
     """Arm name -> StepFlowConfig (None for plain decoding).
 
     "baseline": plain decoding; "stepflow": OEB and SMI; "oeb": OEB only; "smi": SMI only (the paper's
-    ablation). `knobs` are StepFlowConfig fields (tau_max, alpha, smi_window, oeb_layers, smi_layers...); a
-    knob given as None keeps the default.
+    ablation); "NAME=@FILE": the StepFlowConfig in FILE (as `stepscope calibrate` writes it), as it is, under the
+    arm name NAME. The built-in arms start from `base` (a StepFlowConfig, e.g. --stepflow-config; default the
+    paper's) with `knobs` on top: StepFlowConfig fields (tau_max, alpha, smi_window, oeb_layers, smi_layers...);
+    a knob given as None keeps the base value. Knobs do not change a file's arm.
     """
+    import re
+    from dataclasses import replace
+
+    from ..flow import StepFlowConfig
+
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not names:
         raise StepscopeError("no arms given")
-    bad = [n for n in names if n not in ARMS]
+    files: dict[str, str] = {}
+    for item in names:
+        if "=" in item:
+            name, _, spec = (x.strip() for x in item.partition("="))
+            if not spec.startswith("@") or len(spec) < 2 or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) \
+                    or name in ARMS:
+                raise StepscopeError(f"cannot read the arm {item!r}: write NAME=@FILE.json with a new name of "
+                                     f"letters, digits, '.', '_' or '-' (not {', '.join(ARMS)})")
+            files[name] = spec[1:]
+    names = [n.partition("=")[0].strip() for n in names]
+    bad = [n for n in names if n not in ARMS and n not in files]
     if bad:
-        raise StepscopeError(f"unknown arm {bad[0]!r}; use a comma-separated list of {', '.join(ARMS)}")
+        raise StepscopeError(f"unknown arm {bad[0]!r}; use a comma-separated list of {', '.join(ARMS)} or "
+                             "NAME=@FILE.json")
     if len(set(names)) != len(names):
         raise StepscopeError(f"an arm is named twice in {','.join(names)}")
     knobs = {k: v for k, v in knobs.items() if v is not None}
     out: dict[str, object | None] = {}
     for n in names:
-        if n == "baseline":
+        if n in files:
+            out[n] = StepFlowConfig.load(files[n])
+        elif n == "baseline":
             out[n] = None
-            continue
-        from ..flow import StepFlowConfig
-
-        out[n] = StepFlowConfig(**knobs, oeb=n in ("stepflow", "oeb"), smi=n in ("stepflow", "smi"))
+        else:
+            out[n] = replace(base or StepFlowConfig(), **knobs, oeb=n in ("stepflow", "oeb"),
+                             smi=n in ("stepflow", "smi"))
     return out
 
 
@@ -231,9 +250,12 @@ def check_settings(settings: EvalSettings, arm_configs: dict, batch_size: int, n
     if set(arm_configs) != set(settings.arms):
         raise StepscopeError("arm_configs and settings.arms name different arms")
     if num_layers is not None:
-        for config in arm_configs.values():
+        for arm, config in arm_configs.items():
             if config is not None and hasattr(config, "resolve"):
-                config.resolve(num_layers)
+                try:
+                    config.resolve(num_layers)
+                except StepscopeError as e:
+                    raise StepscopeError(f"arm {arm}: {e}") from None
 
 
 def run_info(settings: EvalSettings, benchmark: Benchmark, batch_size: int, world: int) -> dict:

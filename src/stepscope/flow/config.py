@@ -99,3 +99,15 @@ class StepFlowConfig:
         if d.get("markers") is not None:
             d["markers"] = tuple(d["markers"])
         return cls(**d)
+
+    @classmethod
+    def load(cls, path) -> StepFlowConfig:
+        """Read a config file (the JSON of `to_json`, as `stepscope calibrate --out` writes it); a one-line error
+        naming the file when it is missing or not a StepFlow config."""
+        from ..io import read_text_file
+
+        text = read_text_file(path)
+        try:
+            return cls.from_json(text)
+        except StepscopeError as e:
+            raise StepscopeError(f"{path}: {e}") from None
