@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..core.smi import smi_inject
 from ..errors import StepscopeError
 from .decode_path import DecodePath
 from .flow_stats import FlowStats
@@ -134,16 +135,3 @@ def flow_attention(fn: Callable, module, query: torch.Tensor, key: torch.Tensor,
         bound.stats.add_smi(layer, fs.host["fire_b"])
     return out, weights
 
-
-def smi_inject(out: torch.Tensor, value: torch.Tensor, fires: torch.Tensor, pair_fire: torch.Tensor,
-               pair_kidx: torch.Tensor, pair_weight: torch.Tensor, num_fires: int) -> torch.Tensor:
-    """out [B, Q, H, D] plus alpha * window mean of values at each fire (row, query). Out of place, so that a
-    kernel that saved its output for backward is not disturbed."""
-    B, Q, H, D = out.shape
-    Hkv = value.shape[1]
-    fire_b = fires[0]
-    vals = value[fire_b[pair_fire], :, pair_kidx, :].to(torch.float32)  # [P, Hkv, D]
-    mom = torch.zeros(num_fires, Hkv, D, dtype=torch.float32, device=out.device).index_add_(
-        0, pair_fire, vals * pair_weight[:, None, None])  # [F, Hkv, D]: alpha * window mean
-    delta = mom.to(out.dtype)[:, :, None, :].expand(num_fires, Hkv, H // Hkv, D).reshape(num_fires, H, D)
-    return out.index_put((fire_b, fires[1]), delta, accumulate=True)

@@ -2,12 +2,12 @@
 
 Row-blocked (never more than `block_elems` scores at once): scores -> softmax (with GPT-OSS sinks as an extra
 logit whose mass belongs to O) -> per-segment masses by one small matmul with the key-segment one-hot -> p(B),
-p(S) of each query and head -> `functional.oeb_factors` (where p(B) < tau_B and p(B), tau_S > 0, B's
+p(S) of each query and head -> `core.oeb.oeb_factors` (where p(B) < tau_B and p(B), tau_S > 0, B's
 probabilities times tau_B / p(B) and S's times tau_S / p(S), tau_S = 1 - p(O) - tau_B; O untouched). This equals
 adding log(tau_B / p(B)) and log(tau_S / p(S)) to the logits (docs/method.md §5), without a second softmax.
 
 One query per row (decoding, no sinks): the same mathematics in about 15 kernels, as batched matmuls with the
-group indicators (`_oeb_decode`, through `functional.oeb_reweight`, the probability form vLLM's decoding rows
+group indicators (`_oeb_decode`, through `core.oeb.oeb_reweight`, the probability form vLLM's decoding rows
 use too); tests/test_stepflow_decode.py checks it against the block path.
 
 Decisions (ours): OEB leaves a query alone when the projection does not exist, i.e. p(B) = 0 (nothing to
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .functional import oeb_factors, oeb_reweight
+from ..core.oeb import oeb_factors, oeb_reweight
+from ..core.tally import tally_part
 from .state import LayerGeometry, decode_groups
 
 
@@ -116,7 +117,7 @@ def _oeb_block(q5: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: La
         p = torch.nn.functional.dropout(p, p=dropout, training=True)
     if stats is not None:  # fired, then p(B), p(S) before and after, summed over eligible query-heads
         el = geo.qt.eligible[:, None, r0:r1, None]  # [B, 1, R, 1]
-        part = torch.cat([fire[..., None].to(torch.float32), p_bs, factors * p_bs], -1) * el  # [B, H, R, 5]
+        part = tally_part(fire, p_bs, factors * p_bs) * el  # [B, H, R, 5]
         stats.add_rows(layer, part.sum((1, 2)))
     out = torch.matmul(p.view(B, Hkv, n_rep * R, Kp).to(value.dtype), value)  # [B, Hkv, n_rep * R, D]
     return out.view(B, H, R, D)

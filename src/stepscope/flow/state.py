@@ -28,53 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .functional import bridge_target, hidden_keys, key_groups, segment_codes
+from ..core.geometry import BIG, NEG, hidden_keys, query_geometry, segment_codes
+from ..core.oeb import key_groups
+from ..core.smi import smi_weights
 
-BIG = 1 << 62  # "not yet known" for a segment boundary, in kv index space
-NEG = float(np.finfo(np.float32).min)  # additive mask value of a hidden key (finite: no NaN on empty rows)
-
-
-# -- host-side geometry ------------------------------------------------------------------------------------------
-
-def query_geometry(lo: np.ndarray, hi: np.ndarray, t0: np.ndarray, s0: np.ndarray, past: int, q_len: int,
-                   window: int | None, tau_max) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """OEB groups of every query of a forward (docs/method.md §5; `functional.query_groups` is one query's):
-    (gidx int64 [B, Q, 2], tau_b float32 [B, Q], eligible float32 [B, Q]).
-
-    Query in thinking: S = thinking keys up to the query, B = question keys. Query in summary: S = summary keys
-    up to the query, B = thinking keys (O = question keys). Only visible keys count: real (not padding),
-    causal, inside the sliding window. tau_B = min(sqrt(|B| / (|B| + |S|)), tau_max), and 0 where OEB cannot
-    act (a question or padding query, an empty bridge). gidx holds the segment index (0 question, 1 thinking,
-    2 summary) of B and of S. tau_max: a float, or one per row ([B, 1]).
-    """
-    q = (past + np.arange(q_len, dtype=np.int64))[None, :]  # [1, Q]
-    lo, hi, t0, s0 = lo[:, None], hi[:, None], t0[:, None], s0[:, None]  # [B, 1]
-    qseg = segment_codes(q, t0, s0)  # [B, Q]
-    summ = qseg == 2
-    vis_lo = np.maximum(lo, q - (window - 1)) if window else np.broadcast_to(lo, qseg.shape)
-    vis_hi = q + 1
-    b_lo = np.where(summ, t0, lo)
-    b_hi = np.where(summ, s0, t0)
-    n_b = np.clip(np.minimum(b_hi, vis_hi) - np.maximum(b_lo, vis_lo), 0, None).astype(np.float64)
-    n_s = np.clip(vis_hi - np.maximum(b_hi, vis_lo), 0, None).astype(np.float64)
-    elig = (q >= lo) & (q < hi) & (qseg >= 1) & (n_b > 0)
-    tau_b = np.where(elig, bridge_target(n_b, n_s, tau_max), 0.0).astype(np.float32)
-    gidx = np.stack([np.maximum(qseg - 1, 0), qseg], axis=-1)
-    return gidx, tau_b, elig.astype(np.float32)
-
-
-def smi_weights(fire_qabs: np.ndarray, pair_fire: np.ndarray, pair_k: np.ndarray, window: int | None,
-                alpha: float) -> np.ndarray:
-    """alpha / (number of window keys the query sees) for every (fire, key) pair; 0 for a hidden key.
-
-    In a sliding-window layer only the window keys the fire's query can see count (ours): it keeps cached
-    decoding (whose cache has dropped older keys) and one uncached forward identical."""
-    valid = np.ones(len(pair_k), dtype=bool)
-    if window:
-        valid = pair_k > fire_qabs[pair_fire] - window
-    count = np.bincount(pair_fire, weights=valid, minlength=len(fire_qabs))
-    return np.where(valid, alpha / np.maximum(count[pair_fire], 1.0), 0.0).astype(np.float32)
-
+__all__ = ["BIG", "NEG", "ForwardState", "KeyState", "LayerGeometry", "QueryTensors", "build_forward_state"]
 
 _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32,
                  np.dtype(np.int32): torch.int32, np.dtype(np.int8): torch.int8}
@@ -302,8 +260,8 @@ def build_forward_state(trackers: list, keys: KeyState, past: int, q_len: int,
     host = {"lo": lo, "hi": hi, "t0": t0, "s0": s0, **_fire_arrays(trackers, fires, past)}
     up = Upload()
     fast = q_len == 1 and any_oeb
-    if fast:  # decoding: the same geometry as query_geometry, in plain Python (tiny arrays)
-        ints, floats, n_elig = _decode_pack(lo_l, hi_l, bounds, past, tau_max)
+    if fast:  # decoding: the geometry and the new key's segment in two arrays
+        ints, floats, n_elig = _decode_pack(lo, hi, t0, s0, past, tau_max)
         up.add("ints", ints)
         up.add("floats", floats)
         if keys.seg is not None:  # the fused kernel's inputs: the new keys' int8 codes, the rows' groups
@@ -365,25 +323,16 @@ def _fire_upload(up: Upload, host: dict, alpha: float) -> None:
     up.add("pair_w", smi_weights(host["fire_qabs"], host["pair_fire"], host["pair_k"], None, alpha))
 
 
-def _decode_pack(lo: list[int], hi: list[int], bounds: list[tuple[int, int]], q: int, tau_max: float
+def _decode_pack(lo: np.ndarray, hi: np.ndarray, t0: np.ndarray, s0: np.ndarray, q: int, tau_max: float
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One query per row, at kv index q, full attention: int64 [3B] (key codes, then gidx pairs) and float32
-    [5B] (tau_B, eligible, the new key's one-hot segment) exactly as query_geometry and one_hot give them, and
-    the eligible flag of each row (float64 [B])."""
-    codes, gidx, tau, elig, oh = [], [], [], [], []
-    for lo_b, hi_b, (t0, s0) in zip(lo, hi, bounds):
-        seg = segment_codes(q, t0, s0)
-        codes.append(seg)
-        gidx += (max(seg - 1, 0), seg)
-        if seg == 2:
-            n_b, n_s = s0 - t0, q - s0 + 1
-        else:
-            n_b, n_s = t0 - lo_b, q - t0 + 1
-        ok = lo_b <= q < hi_b and seg >= 1 and n_b > 0
-        tau.append(bridge_target(n_b, n_s, tau_max) if ok else 0.0)
-        elig.append(1.0 if ok else 0.0)
-        oh += (float(seg == 0), float(seg == 1), float(seg == 2))
-    return (np.array(codes + gidx, dtype=np.int64), np.array(tau + elig + oh, dtype=np.float32), np.array(elig))
+    [5B] (tau_B, eligible, the new key's one-hot segment) of `query_geometry`, packed for one upload, and the
+    eligible count of each row [B]."""
+    g, t, e = query_geometry(lo, hi, t0, s0, q, 1, None, tau_max)
+    codes = g[:, 0, 1]  # a query's own segment is its S's
+    oh = (codes[:, None] == np.arange(3)).astype(np.float32)
+    return (np.concatenate([codes, g[:, 0].reshape(-1)]), np.concatenate([t[:, 0], e[:, 0], oh.reshape(-1)]),
+            e.sum(1))
 
 
 def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Tensor | None,
@@ -414,7 +363,7 @@ def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Ten
 
 
 def decode_groups(geo: LayerGeometry) -> None:
-    """The decoding path's key indicators of a layer geometry (`functional.key_groups`), made on the device once
+    """The decoding path's key indicators of a layer geometry (`core.oeb.key_groups`), made on the device once
     per forward."""
     if geo.groups is None:
         geo.groups, geo.groups_t, geo.tau_pair = key_groups(geo.onehot, geo.qt.gidx[:, 0, :], geo.qt.tau_b[:, 0])

@@ -35,6 +35,8 @@ import warnings
 
 import torch
 
+from ..core.support import attention_problem
+from ..core.tally import StepFlowStats
 from ..errors import StepscopeError
 from ..formats import Format, get_format
 from ..models import model_configs, restore_attn_implementations, swap_attn_implementations
@@ -42,7 +44,7 @@ from ..segment import Segmenter
 from .attention import PREFIX, FlowBinding, register
 from .config import StepFlowConfig
 from .decode_path import DecodePath
-from .flow_stats import FlowStats, StepFlowStats
+from .flow_stats import FlowStats
 from .rows import Rows
 
 __all__ = ["StepFlow", "StepFlowStats"]
@@ -88,6 +90,9 @@ class StepFlow:
         self.config = config
         text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_layers = int(text_cfg.num_hidden_layers)
+        problem = attention_problem(model.config)
+        if problem:
+            raise StepscopeError(problem)
         self.oeb_layers, self.smi_layers = config.resolve(self.num_layers)
         if tokenizer is None:
             raise StepscopeError("StepFlow needs the model's tokenizer to find the thinking steps")
