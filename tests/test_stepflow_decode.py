@@ -590,7 +590,7 @@ def test_pytorch_paths_equal_the_pure_functions(q_len, use_sinks):
     from stepscope.core.geometry import NEG, bridge_target
     from stepscope.flow.flow_stats import FlowStats
     from stepscope.flow.oeb import oeb_attention
-    from stepscope.flow.state import LayerGeometry, QueryTensors
+    from stepscope.flow.state import DecodeGeometry, OebGeometry, QueryTensors
 
     g = torch.Generator().manual_seed(3)
     B, H, Hkv, K, D = 4, 4, 2, 24, 8
@@ -617,7 +617,8 @@ def test_pytorch_paths_equal_the_pure_functions(q_len, use_sinks):
     causal = torch.arange(K)[None, :] > (P + torch.arange(q_len))[:, None]  # [Q, K]
     addmask = pad[:, None, :] if q_len == 1 else pad[:, None, :].masked_fill(causal, NEG)
     qt = QueryTensors(gidx, tau, elig, int(elig.sum()), elig.sum(1).numpy().astype(np.float64))
-    geo = LayerGeometry(0, P, torch.nn.functional.one_hot(seg, 3).float(), addmask, qt, decode=q_len == 1)
+    geo = OebGeometry(P, torch.nn.functional.one_hot(seg, 3).float(), addmask, qt,
+                      DecodeGeometry() if q_len == 1 else None)
     query = torch.randn(B, H, q_len, D, generator=g) * 2
     key, value = torch.randn(B, Hkv, K, D, generator=g) * 2, torch.randn(B, Hkv, K, D, generator=g)
     sinks = torch.randn(H, generator=g) if use_sinks else None

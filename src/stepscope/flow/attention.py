@@ -120,18 +120,20 @@ def flow_attention(fn: Callable, module, query: torch.Tensor, key: torch.Tensor,
         scaling = scaling if scaling is not None else module.scaling
         dropout = dropout if module.training else 0.0
         out = None
-        if query.shape[2] == 1 and geo.kseg is not None and bound.path.uses_kernel and not dropout and not (
+        og = geo.oeb
+        if query.shape[2] == 1 and og.decode is not None and og.decode.kseg is not None and bound.path.uses_kernel and not dropout and not (
                 torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
             # (the kernel has no backward: a decoding step that needs gradients takes the PyTorch path)
-            out = bound.path.decode(query, key, value, geo, scaling, sinks, layer, stats)
+            out = bound.path.decode(query, key, value, og, scaling, sinks, layer, stats)
         if out is None:
-            out = oeb_attention(query, key, value, geo, scaling, sinks, block_elems=bound.block_elems,
+            out = oeb_attention(query, key, value, og, scaling, sinks, block_elems=bound.block_elems,
                                 stats=stats, layer=layer, dropout=dropout)
     else:
         out, weights = fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if do_smi:
         kidx, weight = fs.smi_keys(geo, key.shape[-2], window)
-        out = smi_inject(out, value, fs.dev["fires"], fs.dev["pairs"][0], kidx, weight, fs.num_fires)
-        bound.stats.add_smi(layer, fs.host["fire_b"])
+        ft = fs.fire_tensors
+        out = smi_inject(out, value, ft.fires, ft.pairs[0], kidx, weight, fs.num_fires)
+        bound.stats.add_smi(layer, fs.fires.fire_b)
     return out, weights
 

@@ -30,7 +30,7 @@ import torch
 from ..core import kernels
 from ..core.kernel_policy import KernelPolicy, PathChoice, Timer, check, path_key, time_paths
 from .oeb import oeb_attention
-from .state import LayerGeometry
+from .state import OebGeometry
 
 __all__ = ["DecodePath", "KernelStep", "time_paths"]
 
@@ -79,15 +79,16 @@ class DecodePath(KernelPolicy):
 
     # -- one OEB layer's decoding step -------------------------------------------------------------------------
 
-    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry,
+    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: OebGeometry,
                scaling: float, sinks: torch.Tensor | None, layer: int, stats=None) -> torch.Tensor | None:
         """The layer's output [B, 1, H, Dv] by the kernel, or None when the PyTorch path must run it (the
         timed choice, or the kernel was just dropped). `stats`: the FlowStats recorder, or None."""
         H = query.shape[1]
         qt = geo.qt
-        step = geo.kernel
+        kseg = geo.decode.kseg
+        step = geo.decode.kernel
         if step is None:  # the first OEB layer of this forward
-            step = geo.kernel = self._start(query, key, sinks, qt, stats)
+            step = geo.decode.kernel = self._start(query, key, sinks, qt, stats)
         if step.choice is not None and step.choice.path == "torch":
             return None
         part = step.parts[stats.slot(layer)] if step.parts else None
@@ -97,9 +98,9 @@ class DecodePath(KernelPolicy):
                 if plan is None or plan.H != H:
                     over = {} if step.choice is None else {"block_k": step.choice.block_k,
                                                            "num_warps": step.choice.num_warps}
-                    plan = step.plan = kernels.plan_decode(query, key, value, geo.kseg, qt.qgroups, step.tau, sinks,
+                    plan = step.plan = kernels.plan_decode(query, key, value, kseg, qt.qgroups, step.tau, sinks,
                                                            part, dot=self.dot, **over)
-                out = kernels.oeb_decode(query, key, value, geo.kseg, qt.qgroups, step.tau, scaling, sinks, part,
+                out = kernels.oeb_decode(query, key, value, kseg, qt.qgroups, step.tau, scaling, sinks, part,
                                          plan=plan)
                 why = None
             except Exception as e:  # noqa: BLE001 - any failure of an optional kernel means: use another path
@@ -145,12 +146,12 @@ class DecodePath(KernelPolicy):
             stats.add_kernel_step(step.stats, step.layers, qt, H)
         return step
 
-    def _tune(self, query, key, value, geo: LayerGeometry, scaling: float, sinks, plan) -> PathChoice:
+    def _tune(self, query, key, value, geo: OebGeometry, scaling: float, sinks, plan) -> PathChoice:
         """Time the kernel as planned, two more launch variants of its tl.dot form (twice the warps; half or, at
         the smallest block, twice the keys per block), and the PyTorch path, on this layer's inputs; return the
         fastest. A variant that fails or differs from the PyTorch path (`check`) is left out. Nothing here
         writes stats."""
-        qt, tau = geo.qt, geo.kernel.tau
+        qt, tau, kseg = geo.qt, geo.decode.kernel.tau, geo.decode.kseg
         ref = _reference(query, key, value, geo, scaling, sinks)
         variants = [(plan.BK, plan.num_warps)]
         if plan.dot:
@@ -160,11 +161,11 @@ class DecodePath(KernelPolicy):
         for bk, warps in variants:
             name = f"triton bk{bk} w{warps}" + ("" if plan.dot else " broadcast")
             try:
-                p = kernels.plan_decode(query, key, value, geo.kseg, qt.qgroups, tau, sinks, dot=plan.dot,
+                p = kernels.plan_decode(query, key, value, kseg, qt.qgroups, tau, sinks, dot=plan.dot,
                                         block_k=bk, num_warps=warps)
 
                 def run(p=p):
-                    return kernels.oeb_decode(query, key, value, geo.kseg, qt.qgroups, tau, scaling, sinks, plan=p)
+                    return kernels.oeb_decode(query, key, value, kseg, qt.qgroups, tau, scaling, sinks, plan=p)
 
                 if check(run(), ref) is not None:
                     continue
@@ -179,7 +180,7 @@ class DecodePath(KernelPolicy):
         return PathChoice("triton", *params[best], times)
 
 
-def _reference(query, key, value, geo: LayerGeometry, scaling: float, sinks, upcast: bool = True) -> torch.Tensor:
+def _reference(query, key, value, geo: OebGeometry, scaling: float, sinks, upcast: bool = True) -> torch.Tensor:
     """The PyTorch path's output for the same decoding step (in float32 with `upcast`), recording no stats."""
     if upcast:
         query, key, value = query.float(), key.float(), value.float()

@@ -23,10 +23,10 @@ import torch
 
 from ..core.oeb import oeb_factors, oeb_reweight
 from ..core.tally import tally_part
-from .state import LayerGeometry, decode_groups
+from .state import OebGeometry
 
 
-def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry,
+def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: OebGeometry,
                   scaling: float, sinks: torch.Tensor | None, *, block_elems: int, stats=None, layer: int = 0,
                   dropout: float = 0.0) -> torch.Tensor:
     """Attention with the Odds-Equal Bridge. query [B, H, Q, D], key/value [B, Hkv, K, D]; returns [B, Q, H, D].
@@ -35,7 +35,7 @@ def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
     every product is a plain batched matmul (no broadcast copies of keys or values).
     """
     B, H, Q, D = query.shape
-    if Q == 1 and geo.decode and sinks is None:
+    if Q == 1 and geo.decode is not None and sinks is None:
         return _oeb_decode(query, key, value, geo, scaling, stats, layer, dropout)
     Hkv, K = key.shape[1], key.shape[2]
     n_rep = H // Hkv
@@ -56,7 +56,7 @@ def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
     return out.transpose(1, 2).contiguous()
 
 
-def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry, scaling: float,
+def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: OebGeometry, scaling: float,
                 stats, layer: int, dropout: float) -> torch.Tensor:
     """One query per row (decoding): the same mathematics as `_oeb_block`, in about 15 kernels.
 
@@ -67,18 +67,18 @@ def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo
     B, H, _, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
     n_rep = H // Hkv
-    decode_groups(geo)
+    groups = geo.decode_groups()
     mkey = (Hkv, query.dtype)
-    mask = geo.masks.get(mkey)
+    mask = geo.decode.masks.get(mkey)
     if mask is None:  # [B * Hkv, 1, K] in the score dtype, once per forward
         m = geo.addmask[:, 0, :]
         if query.dtype != torch.float32:  # keep hidden keys finite in bf16/fp16 too
             m = m.clamp_min(torch.finfo(query.dtype).min).to(query.dtype)
-        mask = geo.masks[mkey] = m[:, None, :].expand(B, Hkv, K).reshape(B * Hkv, 1, K)
+        mask = geo.decode.masks[mkey] = m[:, None, :].expand(B, Hkv, K).reshape(B * Hkv, 1, K)
     s = torch.baddbmm(mask, query.reshape(B * Hkv, n_rep, D), key.reshape(B * Hkv, K, D).transpose(1, 2),
                       alpha=scaling)  # [B * Hkv, n_rep, K]
     p = torch.softmax(s, dim=-1, dtype=torch.float32).view(B, H, K)
-    p, fire, p_bs, factors = oeb_reweight(p, geo.groups, geo.groups_t, geo.tau_pair)
+    p, fire, p_bs, factors = oeb_reweight(p, *groups)
     if dropout:
         p = torch.nn.functional.dropout(p, p=dropout, training=True)
     if stats is not None:
@@ -88,7 +88,7 @@ def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo
     return out.view(B, 1, H, D)
 
 
-def _oeb_block(q5: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry, r0: int, r1: int,
+def _oeb_block(q5: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: OebGeometry, r0: int, r1: int,
                scaling: float, sink: torch.Tensor | None, stats, layer: int, dropout: float) -> torch.Tensor:
     """Rows r0:r1 of the forward's queries against keys [0, K'). Returns [B, H, R, D]."""
     B, Hkv, n_rep, R, D = q5.shape

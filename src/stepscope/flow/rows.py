@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..core.rows import Fire, RowTracker
+from ..core.settings import FlowSettings
 from ..errors import StepscopeError
 from ..formats import Format
 from ..segment import Segmenter
@@ -34,12 +35,10 @@ from .state import NEG, ForwardState, KeyState, build_forward_state
 class Rows:
     """The rows of the batch StepFlow follows, the forward being run, and the counts of what was fed."""
 
-    def __init__(self, tokenizer, fmt: Format, *, smi_window: int | str, device: torch.device, tau_max: float,
-                 alpha: float, need_oeb: bool):
+    def __init__(self, tokenizer, fmt: Format, settings: FlowSettings, *, device: torch.device):
         self.tokenizer, self.format = tokenizer, fmt
-        self.smi_window = smi_window
+        self.settings = settings
         self.device = device
-        self.tau_max, self.alpha, self.need_oeb = float(tau_max), float(alpha), need_oeb
         self._tokbytes = token_bytes(tokenizer)
         self._rows: list[RowTracker] | None = None  # the current rows
         self._batch: list[RowTracker] = []  # the rows of the last fresh batch, by their index in it
@@ -161,7 +160,8 @@ class Rows:
                 if n and not m[lo:hi].all():
                     raise StepscopeError("StepFlow needs each row's real tokens to be contiguous "
                                          "(left or right padding)")
-            tr = RowTracker(Segmenter(self.tokenizer, self.format, tokbytes=self._tokbytes), lo, self.smi_window)
+            tr = RowTracker(Segmenter(self.tokenizer, self.format, tokbytes=self._tokbytes), lo,
+                            self.settings.smi_window)
             tr.hi = hi
             rows.append(tr)
         self._rows = rows
@@ -205,8 +205,8 @@ class Rows:
                ) -> ForwardState:
         """The device state of a forward of Q new tokens per row after `past`; hi: every row's kv end after it
         (None: each row's own)."""
-        return build_forward_state(self._rows, self._keys, past, Q, fires, new_pad, self.device, self.tau_max,
-                                   self.alpha, self.need_oeb, hi=hi)
+        return build_forward_state(self._rows, self._keys, past, Q, fires, new_pad, self.device, self.settings,
+                                   hi=hi)
 
     def select(self, keep: list[int], keep_dev: torch.Tensor) -> None:
         """Keep only these current rows, in this order (the sequence axis, and so each row's offsets, stay)."""
