@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from stepscope.flow import kernels  # noqa: E402
+from stepscope.core import kernels  # noqa: E402
 from stepscope.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 

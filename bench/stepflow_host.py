@@ -46,7 +46,8 @@ def measure(batch: int, prompt_tokens: int, new_tokens: int, tokenizer: str | No
     torch.set_num_threads(1)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from stepscope.flow import StepFlow, StepFlowConfig, kernels  # from the tree first on sys.path
+    from stepscope.core import kernels  # from the tree first on sys.path
+    from stepscope.flow import StepFlow, StepFlowConfig
     from stepscope.flow import attention as att
     from stepscope.flow import stepflow as sfm
 

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     import triton
 
-    from stepscope.flow import kernels
+    from stepscope.core import kernels
 
     split, combine = kernels._kernels()
     if args.ptxas_info:

@@ -425,31 +425,31 @@ def test_a_patch_of_eager_attention_removed_after_first_use_is_not_kept(monkeypa
     assert torch.equal(got, plain)
 
 
-def test_query_geometry_equals_the_per_query_groups():
-    """The vectorized OEB groups of a forward (flow/state.py) against functional.query_groups and bridge_target
-    called query by query: left padding, a right-padded row, rows in every segment, sliding windows."""
+def test_query_geometry_equals_the_reference():
+    """The vectorized OEB groups of a forward (core.geometry.query_geometry) against the reference that lists each
+    query's visible keys one by one (tests/references.py): left padding, a right-padded row, rows in every
+    segment, sliding windows, tau_max per row."""
     import numpy as np
+    from references import reference_geometry
 
-    from stepscope.flow.functional import bridge_target, query_groups
-    from stepscope.flow.state import BIG, query_geometry
+    from stepscope.core.geometry import BIG, query_geometry
 
     lo = np.array([0, 3, 5, 2, 0])
     hi = np.array([40, 40, 40, 30, 40])
     t0 = np.array([10, 3, 12, 20, BIG])
     s0 = np.array([25, 18, BIG, 26, BIG])
+    tau_max = np.array([0.4, 0.4, 0.15, 0.9, 0.4])[:, None]
+    fired = 0
     for past, q_len in ((0, 40), (20, 20), (39, 1)):
         for window in (None, 6):
-            gidx, tau, elig = query_geometry(lo, hi, t0, s0, past, q_len, window, 0.4)
+            gidx, tau, elig = query_geometry(lo, hi, t0, s0, past, q_len, window, tau_max)
             for b in range(len(lo)):
                 for i in range(q_len):
-                    q = past + i
-                    groups = query_groups(q, int(t0[b]), int(s0[b]), int(lo[b]), window)
-                    want = 0.0
-                    if groups is not None and q < hi[b]:
-                        (b0, b1), (s_0, s1) = groups
-                        want = bridge_target(b1 - b0, s1 - s_0, 0.4)
+                    groups, want = reference_geometry(past + i, int(lo[b]), int(hi[b]), int(t0[b]), int(s0[b]),
+                                                      window, float(tau_max[b, 0]))
                     assert tau[b, i] == np.float32(want), (past, window, b, i)
                     assert elig[b, i] == (want > 0)
-                    if want > 0:
-                        seg = int(q >= t0[b]) + int(q >= s0[b])
-                        assert tuple(gidx[b, i]) == (seg - 1, seg)
+                    if groups is not None:
+                        assert tuple(gidx[b, i]) == groups
+                        fired += 1
+    assert fired > 100

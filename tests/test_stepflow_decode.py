@@ -235,7 +235,7 @@ def test_auto_kernel_is_checked_once_and_dropped_when_it_fails(fault, monkeypatc
     good kernel stays in use; when its tl.dot form raises or disagrees, its broadcast form is tried (no
     warning when that one is good); a kernel whose both forms raise or disagree is dropped with a warning. The
     logits are right in every case."""
-    from stepscope.flow import kernels
+    from stepscope.core import kernels
 
     model, tok = build("llama", "think")
     cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt="think")
@@ -465,7 +465,7 @@ def test_auto_times_the_paths_and_uses_the_fastest(arch, fam, winner, monkeypatc
     """kernel="auto" times, once per set of shapes, the kernel as planned, two launch variants and the PyTorch
     path, and decodes with the fastest (the timer is faked here so that `winner` wins). The logits stay exact,
     the stats equal kernel="torch"'s (nothing counted twice), and after the timing only the winner runs."""
-    from stepscope.flow import kernels
+    from stepscope.core import kernels
 
     model, tok = build(arch, fam)
     cfg = StepFlowConfig(tau_max=0.6, alpha=0.5, oeb_layers=[0, 1], smi_layers=[2, 3], fmt=fam)
@@ -580,14 +580,16 @@ def test_auto_timing_runs_every_candidate_for_real():
 @pytest.mark.parametrize("q_len,use_sinks", [(1, False), (1, True), (4, False)])
 def test_pytorch_paths_equal_the_pure_functions(q_len, use_sinks):
     """The PyTorch OEB paths (one query per row: the batched-matmul decoding form; with sinks or several
-    queries: the block form) against functional.group_partials + oeb_merge query by query and head by head:
-    the outputs within 1e-5, the same fires and eligible pairs (counted by FlowStats)."""
+    queries: the block form) against the dense reference (tests/references.py: softmax, then the KL projection as
+    logit shifts) query by query and head by head: the outputs within 1e-5, the same fires and eligible pairs
+    (counted by FlowStats)."""
     import numpy as np
+    from references import reference_oeb
 
+    from stepscope.core.geometry import NEG, bridge_target
     from stepscope.flow.flow_stats import FlowStats
-    from stepscope.flow.functional import bridge_target, group_partials, oeb_merge
     from stepscope.flow.oeb import oeb_attention
-    from stepscope.flow.state import NEG, LayerGeometry, QueryTensors
+    from stepscope.flow.state import DecodeGeometry, OebGeometry, QueryTensors
 
     g = torch.Generator().manual_seed(3)
     B, H, Hkv, K, D = 4, 4, 2, 24, 8
@@ -614,7 +616,8 @@ def test_pytorch_paths_equal_the_pure_functions(q_len, use_sinks):
     causal = torch.arange(K)[None, :] > (P + torch.arange(q_len))[:, None]  # [Q, K]
     addmask = pad[:, None, :] if q_len == 1 else pad[:, None, :].masked_fill(causal, NEG)
     qt = QueryTensors(gidx, tau, elig, int(elig.sum()), elig.sum(1).numpy().astype(np.float64))
-    geo = LayerGeometry(0, P, torch.nn.functional.one_hot(seg, 3).float(), addmask, qt, decode=q_len == 1)
+    geo = OebGeometry(P, torch.nn.functional.one_hot(seg, 3).float(), addmask, qt,
+                      DecodeGeometry() if q_len == 1 else None)
     query = torch.randn(B, H, q_len, D, generator=g) * 2
     key, value = torch.randn(B, Hkv, K, D, generator=g) * 2, torch.randn(B, Hkv, K, D, generator=g)
     sinks = torch.randn(H, generator=g) if use_sinks else None
@@ -629,9 +632,9 @@ def test_pytorch_paths_equal_the_pure_functions(q_len, use_sinks):
                 z = 0.35 * key[b, kv] @ query[b, h, i] + addmask[b, 0 if q_len == 1 else i]
                 z = torch.where(z <= NEG / 2, float("-inf"), z)
                 grp = torch.where(seg[b] == gidx[b, i, 0], 0, torch.where(seg[b] == gidx[b, i, 1], 1, 2))
-                out3, lse = group_partials(z, value[b, kv], grp)
-                want, fired, _, _ = oeb_merge(out3, lse, tau[b, i], None if sinks is None else sinks[h])
-                assert (got[b, i, h] - want).abs().max().item() < 1e-5, (b, h, i)
+                want, fired, _, _ = reference_oeb(z.tolist(), value[b, kv].tolist(), grp.tolist(), float(tau[b, i]),
+                                                  None if sinks is None else float(sinks[h]))
+                assert (got[b, i, h] - torch.tensor(want)).abs().max().item() < 1e-5, (b, h, i)
                 fires += int(fired)
     st = stats.totals(0, 0, 0, 0)
     assert st.oeb_fires[0] == fires > 0 and st.oeb_eligible[0] == int(elig.sum()) * H

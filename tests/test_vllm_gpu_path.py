@@ -15,9 +15,11 @@ require_vllm()
 import torch  # noqa: E402
 from paged_caches import BS, cpu_vec_cache, flash_cache  # noqa: E402
 
+from stepscope.core.tally import Tally  # noqa: E402
 from stepscope.flow import StepFlowConfig  # noqa: E402
+from stepscope.vllm.layer import ForwardShared, LayerSpec, apply_layer  # noqa: E402
 from stepscope.vllm.paged import CpuVecLayout, FlashLayout  # noqa: E402
-from stepscope.vllm.worker import ForwardShared, LayerSpec, Request, RowPlan, Tally, apply_layer  # noqa: E402
+from stepscope.vllm.worker import Request, RowPlan  # noqa: E402
 
 
 def test_flash_layout_views_and_gather_read_the_rows_back():
@@ -39,6 +41,35 @@ def test_flash_layout_views_and_gather_read_the_rows_back():
     assert torch.equal(ck, k1) and torch.equal(cv, v1)
 
 
+def test_flash_layout_reads_what_flashattentions_own_cache_update_wrote(monkeypatch):
+    """vLLM's own cache-writing method of FLASH_ATTN (`FlashAttentionImpl.do_kv_cache_update`, with its view of the
+    layer's kv_cache) writes a row's keys into blocks out of order; FlashLayout reads them back. The CUDA op that
+    method calls, `reshape_and_cache_flash`, has no CPU build: it is replaced by its documented scatter (token i to
+    key_cache[slot // block_size, slot % block_size]); the view of the cache is vLLM's."""
+    import vllm.v1.attention.backends.flash_attn as fa
+    from vllm.v1.attention.backend import AttentionType
+
+    def scatter(key, value, key_cache, value_cache, slot_mapping, *args):
+        bs = key_cache.shape[1]
+        for i, slot in enumerate(slot_mapping.tolist()):
+            key_cache[slot // bs, slot % bs] = key[i]
+            value_cache[slot // bs, slot % bs] = value[i]
+
+    monkeypatch.setattr(fa, "reshape_and_cache_flash", scatter, raising=False)  # imported on CUDA only
+    Hkv, D, nb = 3, 8, 6
+    impl = object.__new__(fa.FlashAttentionImpl)
+    impl.attn_type, impl.head_size, impl.kv_cache_dtype = AttentionType.DECODER, D, "auto"
+    layer = types.SimpleNamespace(_k_scale=None, _v_scale=None)
+    kv = torch.zeros(nb, Hkv, BS, 2 * D)
+    S = 2 * BS + 5
+    key, val = torch.randn(S, Hkv, D), torch.randn(S, Hkv, D)
+    blocks = torch.tensor([4, 1, 3])
+    slots = blocks[torch.arange(S) // BS] * BS + torch.arange(S) % BS
+    fa.FlashAttentionImpl.do_kv_cache_update(impl, layer, key, val, kv, slots)
+    k, v = FlashLayout.gather(*FlashLayout.views(kv), blocks, S)
+    assert torch.equal(k, key.transpose(0, 1)) and torch.equal(v, val.transpose(0, 1))
+
+
 def _plans(lens, q_lens, t0s, s0s, smi_at, cfg, layer):
     """RowPlans of one forward: row r has lens[r] keys, its last q_lens[r] positions are this forward's queries;
     an SMI fire (position, window start, window end) where smi_at names one."""
@@ -58,7 +89,8 @@ def test_one_layer_through_the_paged_kernel_equals_the_torch_path(window, sinks,
     """apply_layer on FlashAttention's cache: decoding rows through the fused paged kernel (Triton's
     interpreter here), and the same through the torch path, and through CPU_ATTN's layout: the same outputs and
     the same counts. Rows: three decoding rows of different lengths, a prefill chunk, a decoding row with an
-    SMI fire."""
+    SMI fire. The kernel must run here (Triton's interpreter; the test extra installs triton): the test asserts
+    which path ran."""
     torch.manual_seed(3)
     H, Hkv, D, layer = 6, 2, 16, 4
     cfg = StepFlowConfig(fmt="think", alpha=0.2, tau_max=0.6)
@@ -90,12 +122,15 @@ def test_one_layer_through_the_paged_kernel_equals_the_torch_path(window, sinks,
         shared = ForwardShared()
         apply_layer(spec, query, kv, meta, out, plans, shared=shared)
         shared.flush()
-        return out, [p.req.tally for p in plans]
+        return out, [p.req.tally for p in plans], shared.policy
 
     flash = flash_cache(rows, n_blocks, Hkv, D, dtype)
-    kernel_out, kernel_tallies = run(FlashLayout(kernel=True), flash)
-    torch_out, torch_tallies = run(FlashLayout(kernel=False), flash)
-    cpu_out, cpu_tallies = run(CpuVecLayout("vec"), cpu_vec_cache(rows, n_blocks, Hkv, D, dtype))
+    kernel_out, kernel_tallies, kernel_policy = run(FlashLayout(kernel=True), flash)
+    torch_out, torch_tallies, torch_policy = run(FlashLayout(kernel=False), flash)
+    cpu_out, cpu_tallies, _ = run(CpuVecLayout("vec"), cpu_vec_cache(rows, n_blocks, Hkv, D, dtype))
+    # which path ran: the kernel (it passed the policy's first-use check against the torch path), and not the kernel
+    assert kernel_policy.kernel_calls == 1 and kernel_policy.checked and kernel_policy.dropped is None
+    assert torch_policy.kernel_calls == 0
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert not kernel_out.isnan().any()  # the NaN in unused slots and blocks is never read into a result
     if window is None:  # every query is repaired (with a window, some see no question key: nothing to bridge)
@@ -138,3 +173,4 @@ def test_vllm_plugins_without_stepflow_refuses_stepflow_requests(monkeypatch):
     monkeypatch.setattr(envs, "VLLM_PLUGINS", ["something_else"], raising=False)
     problem = support_problem()
     assert problem and "stepscope_stepflow" in problem
+

@@ -216,3 +216,28 @@ def test_the_vllm_interfaces_the_plugin_uses_have_the_shape_it_was_written_for()
     got = shape(installed_root())
     changed = {k: (want.get(k), got.get(k)) for k in set(want) | set(got) if want.get(k) != got.get(k)}
     assert not changed, f"vLLM interfaces changed shape (expected, installed): {changed}"
+
+
+def test_a_model_with_attention_softcapping_is_refused(tmp_path, monkeypatch):
+    """vLLM's own VllmConfig of a tiny Gemma 2 with attention-logit softcapping: engine_problem names the feature in
+    one line (core.support.attention_problem on vLLM's hf_config), and the worker stops a StepFlow request of that
+    engine at its first token instead of repairing it with the wrong probabilities."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from vllm.v1.sample.logits_processor.interface import BatchUpdate
+
+    from stepscope.vllm.plugin import engine_problem
+    from stepscope.vllm.worker import Worker
+
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=49152, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                   attn_logit_softcapping=50.0)).save_pretrained(tmp_path)
+    make_tokenizer("think").save_pretrained(tmp_path)
+    cfg = vllm_config(str(tmp_path), monkeypatch, v2=False, cuda=False)
+    problem = engine_problem(cfg)
+    assert problem and "softcapping" in problem and "\n" not in problem
+    w = Worker()
+    w.configure(cfg, problem)
+    w.attach_backend()
+    w.update(BatchUpdate(1, removed=[], moved=[], added=[(0, types.SimpleNamespace(extra_args=STEPFLOW), [1], [])]))
+    assert w.refused_rows() == [0] and not w.rows

@@ -11,9 +11,10 @@ require_vllm()
 
 import torch  # noqa: E402
 
+from stepscope.core.oeb import oeb_rows  # noqa: E402
+from stepscope.core.smi import smi_delta  # noqa: E402
 from stepscope.errors import StepscopeError  # noqa: E402
 from stepscope.flow import StepFlowConfig  # noqa: E402
-from stepscope.vllm.attention import oeb_rows, smi_delta  # noqa: E402
 from stepscope.vllm.paged import CpuVecLayout  # noqa: E402
 
 
@@ -80,7 +81,7 @@ def _dense_reference(q, k, v, qpos, t0, s0, tau_max, scale, window=None, sinks=N
 def test_oeb_rows_match_the_dense_reference(window, with_sinks):
     import numpy as np
 
-    from stepscope.flow.state import query_geometry
+    from stepscope.core.geometry import query_geometry
 
     torch.manual_seed(0)
     H, Hkv, D, S, Q = 4, 2, 8, 14, 9
@@ -165,9 +166,8 @@ def test_decoding_rows_over_their_cache_blocks_match_the_dense_reference(layout,
     import numpy as np
     from paged_caches import BS, cpu_vec_cache, flash_cache
 
-    from stepscope.flow.functional import hidden_keys, key_groups
-    from stepscope.flow.state import query_geometry
-    from stepscope.vllm.attention import oeb_decode_blocks, segment_onehot
+    from stepscope.core.geometry import hidden_keys, query_geometry, segment_onehot
+    from stepscope.core.oeb import key_groups, oeb_decode_blocks
     from stepscope.vllm.paged import FlashLayout
 
     torch.manual_seed(1)
@@ -221,7 +221,9 @@ def test_a_layer_repairs_each_row_by_its_own_config(window):
 
     from paged_caches import BS, cpu_vec_cache
 
-    from stepscope.vllm.worker import ForwardShared, LayerSpec, Request, RowPlan, Tally, apply_layer
+    from stepscope.core.tally import Tally
+    from stepscope.vllm.layer import ForwardShared, LayerSpec, apply_layer
+    from stepscope.vllm.worker import Request, RowPlan
 
     torch.manual_seed(4)
     H, Hkv, D, layer, scale = 6, 2, 8, 3, 0.4

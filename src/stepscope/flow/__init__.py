@@ -2,10 +2,11 @@
 
 `StepFlow(model, tokenizer, config)` is a context manager; `StepFlowConfig` holds every knob (docs/method.md §5).
 
-Modules: `config` (the knobs), `functional` (the OEB and SMI mathematics as pure functions, engine-agnostic),
-`stepflow` (the context: hooks on the model), `rows` (per-row segmenters and SMI schedule), `state` (what one
-forward reads on the device), `flow_stats` (the tallies), `attention` (the registered attention function), `oeb`
-(OEB attention in PyTorch), `decode_path` and `kernels` (a decoding step by the fused Triton kernel or PyTorch),
+This package is the transformers engine, an adapter over the engine-free core (stepscope.core: geometry, OEB
+and SMI as pure functions, the stats tally, the kernels). Modules: `config` (the knobs), `stepflow` (the
+context: hooks on the model), `rows` (the batch rows and each forward's state), `state` (what one forward reads
+on the device), `flow_stats` (the device-side recorder), `attention` (the registered attention function), `oeb`
+(OEB attention of a padded batch in PyTorch), `decode_path` (a decoding step by the fused kernel or PyTorch),
 `generate` (the batched generation loop).
 """
 

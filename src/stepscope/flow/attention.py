@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..core.smi import smi_inject
 from ..errors import StepscopeError
 from .decode_path import DecodePath
 from .flow_stats import FlowStats
@@ -119,31 +120,20 @@ def flow_attention(fn: Callable, module, query: torch.Tensor, key: torch.Tensor,
         scaling = scaling if scaling is not None else module.scaling
         dropout = dropout if module.training else 0.0
         out = None
-        if query.shape[2] == 1 and geo.kseg is not None and bound.path.uses_kernel and not dropout and not (
+        og = geo.oeb
+        if query.shape[2] == 1 and og.decode is not None and og.decode.kseg is not None and bound.path.uses_kernel and not dropout and not (
                 torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
             # (the kernel has no backward: a decoding step that needs gradients takes the PyTorch path)
-            out = bound.path.decode(query, key, value, geo, scaling, sinks, layer, stats)
+            out = bound.path.decode(query, key, value, og, scaling, sinks, layer, stats)
         if out is None:
-            out = oeb_attention(query, key, value, geo, scaling, sinks, block_elems=bound.block_elems,
+            out = oeb_attention(query, key, value, og, scaling, sinks, block_elems=bound.block_elems,
                                 stats=stats, layer=layer, dropout=dropout)
     else:
         out, weights = fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if do_smi:
         kidx, weight = fs.smi_keys(geo, key.shape[-2], window)
-        out = smi_inject(out, value, fs.dev["fires"], fs.dev["pairs"][0], kidx, weight, fs.num_fires)
-        bound.stats.add_smi(layer, fs.host["fire_b"])
+        ft = fs.fire_tensors
+        out = smi_inject(out, value, ft.fires, ft.pairs[0], kidx, weight, fs.num_fires)
+        bound.stats.add_smi(layer, fs.fires.fire_b)
     return out, weights
 
-
-def smi_inject(out: torch.Tensor, value: torch.Tensor, fires: torch.Tensor, pair_fire: torch.Tensor,
-               pair_kidx: torch.Tensor, pair_weight: torch.Tensor, num_fires: int) -> torch.Tensor:
-    """out [B, Q, H, D] plus alpha * window mean of values at each fire (row, query). Out of place, so that a
-    kernel that saved its output for backward is not disturbed."""
-    B, Q, H, D = out.shape
-    Hkv = value.shape[1]
-    fire_b = fires[0]
-    vals = value[fire_b[pair_fire], :, pair_kidx, :].to(torch.float32)  # [P, Hkv, D]
-    mom = torch.zeros(num_fires, Hkv, D, dtype=torch.float32, device=out.device).index_add_(
-        0, pair_fire, vals * pair_weight[:, None, None])  # [F, Hkv, D]: alpha * window mean
-    delta = mom.to(out.dtype)[:, :, None, :].expand(num_fires, Hkv, H // Hkv, D).reshape(num_fires, H, D)
-    return out.index_put((fire_b, fires[1]), delta, accumulate=True)

@@ -1,8 +1,9 @@
-"""How an OEB layer runs a decoding step (one query per row): the fused Triton kernel or the PyTorch path.
+"""How an OEB layer of the transformers engine runs a decoding step (one query per row): the fused Triton kernel
+or the PyTorch path, under the core's kernel policy (core/kernel_policy.py) plus tuning.
 
 `DecodePath(mode)`:
 - "torch": always the PyTorch path (flow/oeb.py);
-- "triton": the kernel as planned (flow/kernels.py); its errors propagate;
+- "triton": the kernel as planned (core/kernels.py); its errors propagate;
 - "auto": the kernel where it is a candidate (on CUDA when triton imports), checked once against the PyTorch
   path on the first decoding step and dropped, with a warning, if it fails or disagrees; then, for each new set
   of shapes (`path_key`: batch, heads, keys by octave), the kernel's launch variants and the PyTorch path are
@@ -22,67 +23,16 @@ Timing makes "auto"'s choice, and so the last bits of bf16 rounding, depend on t
 
 from __future__ import annotations
 
-import statistics
-import time
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
-from ..errors import StepscopeError
-from . import kernels
+from ..core import kernels
+from ..core.kernel_policy import KernelPolicy, PathChoice, Timer, check, path_key, time_paths
 from .oeb import oeb_attention
-from .state import LayerGeometry
+from .state import OebGeometry
 
-MODES = ("auto", "triton", "torch")
-Timer = Callable[[dict[str, Callable[[], object]], torch.device], dict[str, float]]
-
-
-class PathChoice(NamedTuple):
-    """kernel="auto": the decoding path an OEB layer uses for one set of shapes, the fastest by the timer."""
-
-    path: str  # "triton" or "torch"
-    block_k: int | None  # the kernel's launch parameters (None for "torch")
-    num_warps: int | None
-    times_us: dict  # every candidate that passed its check -> median µs per call
-
-
-def path_key(query: torch.Tensor, key: torch.Tensor, sinks) -> tuple:
-    """The shapes a decoding-path choice holds for: batch, heads, kv heads, head dim, dtype, sinks, and the
-    number of keys by octave (the choice is timed again at 1,024, 2,048, 4,096 ... keys)."""
-    B, H, _, D = query.shape
-    return B, H, key.shape[1], D, query.dtype, sinks is not None, int(key.shape[2]).bit_length()
-
-
-def time_paths(runs: dict[str, Callable[[], object]], device: torch.device, reps: int = 5, rounds: int = 3
-               ) -> dict[str, float]:
-    """Median wall-clock µs per call of each function: one untimed call each (compilation), then `rounds`
-    interleaved rounds of `reps` back-to-back calls, the device synchronized around each batch of calls. Wall
-    time, so that a path's host launch overhead counts as much as its device time."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    for fn in runs.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            sync()
-            samples[name].append((time.perf_counter() - t0) / reps * 1e6)
-    return {name: statistics.median(v) for name, v in samples.items()}
-
-
-def check(out: torch.Tensor, ref: torch.Tensor) -> str | None:
-    """None when the kernel's output is within tolerance of the PyTorch path's float32 output, else why not."""
-    tol = (1e-4 if out.dtype == torch.float32 else 1e-2) * max(1.0, ref.abs().max().item())
-    err = (out.float() - ref.float()).abs().max().item()
-    if not err <= tol:
-        return f"the fused decoding kernel differs from the PyTorch path by {err:.3g} (tolerance {tol:.3g})"
-    return None
+__all__ = ["DecodePath", "KernelStep", "time_paths"]
 
 
 @dataclass
@@ -98,8 +48,9 @@ class KernelStep:
     layers: list[int] = field(default_factory=list)  # the OEB layers that wrote their stats
 
 
-class DecodePath:
-    """The decoding path of a StepFlow's OEB layers: mode, first-step check, fallback and timed choice.
+class DecodePath(KernelPolicy):
+    """The decoding path of a StepFlow's OEB layers: the core's KernelPolicy (mode, first-step check, fallback)
+    with the transformers engine's retry of the broadcast form and its timed choice.
 
     `DecodePath(mode="auto", *, timer=time_paths, tune=True, off_cuda=False)`: `timer(runs, device)` returns
     the median µs per call of each named candidate; `tune=False` keeps "auto" to the first-step check (no
@@ -109,25 +60,10 @@ class DecodePath:
 
     def __init__(self, mode: str = "auto", *, timer: Timer | None = None, tune: bool = True,
                  off_cuda: bool = False):
-        if mode not in MODES:
-            raise StepscopeError(f"kernel must be auto, triton or torch, got {mode!r}")
-        self.mode = mode
+        super().__init__(mode, off_cuda=off_cuda)
         self.timer = timer or time_paths
         self.tune = tune and mode == "auto"
-        self.off_cuda = off_cuda
-        self.uses_kernel = mode == "triton"  # decoding steps go to the kernel (set by `attach` for auto)
-        self.checked = mode != "auto"  # the kernel passed the first-step check (or needs none)
-        self.dot = kernels.USE_DOT  # the kernel's product form; False after the tl.dot form failed here
         self._choices: dict[tuple, PathChoice] = {}
-
-    def attach(self, device: torch.device) -> DecodePath:
-        """Bind to the model's device: "triton" needs the kernel to run there; "auto" decides whether to try it."""
-        ok = kernels.available(device)
-        if self.mode == "triton" and not ok:
-            raise StepscopeError(f"kernel='triton' needs triton and a CUDA device; the model is on {device}")
-        if self.mode == "auto":
-            self.uses_kernel = ok and (device.type == "cuda" or self.off_cuda)
-        return self
 
     def choices(self) -> list[dict]:
         """kernel="auto": how the OEB layers decode, per set of shapes timed so far. Each entry: batch, heads,
@@ -143,15 +79,16 @@ class DecodePath:
 
     # -- one OEB layer's decoding step -------------------------------------------------------------------------
 
-    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry,
+    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: OebGeometry,
                scaling: float, sinks: torch.Tensor | None, layer: int, stats=None) -> torch.Tensor | None:
         """The layer's output [B, 1, H, Dv] by the kernel, or None when the PyTorch path must run it (the
         timed choice, or the kernel was just dropped). `stats`: the FlowStats recorder, or None."""
         H = query.shape[1]
         qt = geo.qt
-        step = geo.kernel
+        kseg = geo.decode.kseg
+        step = geo.decode.kernel
         if step is None:  # the first OEB layer of this forward
-            step = geo.kernel = self._start(query, key, sinks, qt, stats)
+            step = geo.decode.kernel = self._start(query, key, sinks, qt, stats)
         if step.choice is not None and step.choice.path == "torch":
             return None
         part = step.parts[stats.slot(layer)] if step.parts else None
@@ -161,9 +98,9 @@ class DecodePath:
                 if plan is None or plan.H != H:
                     over = {} if step.choice is None else {"block_k": step.choice.block_k,
                                                            "num_warps": step.choice.num_warps}
-                    plan = step.plan = kernels.plan_decode(query, key, value, geo.kseg, qt.qgroups, step.tau, sinks,
+                    plan = step.plan = kernels.plan_decode(query, key, value, kseg, qt.qgroups, step.tau, sinks,
                                                            part, dot=self.dot, **over)
-                out = kernels.oeb_decode(query, key, value, geo.kseg, qt.qgroups, step.tau, scaling, sinks, part,
+                out = kernels.oeb_decode(query, key, value, kseg, qt.qgroups, step.tau, scaling, sinks, part,
                                          plan=plan)
                 why = None
             except Exception as e:  # noqa: BLE001 - any failure of an optional kernel means: use another path
@@ -174,14 +111,13 @@ class DecodePath:
                 why = check(out, _reference(query, key, value, geo, scaling, sinks))
             if why is None:
                 self.checked = True
+                self.kernel_calls += 1
                 break
             if step.plan is not None and step.plan.dot:  # the tl.dot form failed here: the broadcast form, once
                 self.dot = False
                 step.plan = None
                 continue
-            warnings.warn(f"StepFlow: {why}; using the PyTorch path for the rest of this StepFlow", RuntimeWarning,
-                          stacklevel=5)
-            self.uses_kernel = False
+            self.drop(why, stacklevel=6)
             return None
         if step.time_it:  # "auto", shapes not timed yet
             step.time_it = False
@@ -210,12 +146,12 @@ class DecodePath:
             stats.add_kernel_step(step.stats, step.layers, qt, H)
         return step
 
-    def _tune(self, query, key, value, geo: LayerGeometry, scaling: float, sinks, plan) -> PathChoice:
+    def _tune(self, query, key, value, geo: OebGeometry, scaling: float, sinks, plan) -> PathChoice:
         """Time the kernel as planned, two more launch variants of its tl.dot form (twice the warps; half or, at
         the smallest block, twice the keys per block), and the PyTorch path, on this layer's inputs; return the
         fastest. A variant that fails or differs from the PyTorch path (`check`) is left out. Nothing here
         writes stats."""
-        qt, tau = geo.qt, geo.kernel.tau
+        qt, tau, kseg = geo.qt, geo.decode.kernel.tau, geo.decode.kseg
         ref = _reference(query, key, value, geo, scaling, sinks)
         variants = [(plan.BK, plan.num_warps)]
         if plan.dot:
@@ -225,11 +161,11 @@ class DecodePath:
         for bk, warps in variants:
             name = f"triton bk{bk} w{warps}" + ("" if plan.dot else " broadcast")
             try:
-                p = kernels.plan_decode(query, key, value, geo.kseg, qt.qgroups, tau, sinks, dot=plan.dot,
+                p = kernels.plan_decode(query, key, value, kseg, qt.qgroups, tau, sinks, dot=plan.dot,
                                         block_k=bk, num_warps=warps)
 
                 def run(p=p):
-                    return kernels.oeb_decode(query, key, value, geo.kseg, qt.qgroups, tau, scaling, sinks, plan=p)
+                    return kernels.oeb_decode(query, key, value, kseg, qt.qgroups, tau, scaling, sinks, plan=p)
 
                 if check(run(), ref) is not None:
                     continue
@@ -244,7 +180,7 @@ class DecodePath:
         return PathChoice("triton", *params[best], times)
 
 
-def _reference(query, key, value, geo: LayerGeometry, scaling: float, sinks, upcast: bool = True) -> torch.Tensor:
+def _reference(query, key, value, geo: OebGeometry, scaling: float, sinks, upcast: bool = True) -> torch.Tensor:
     """The PyTorch path's output for the same decoding step (in float32 with `upcast`), recording no stats."""
     if upcast:
         query, key, value = query.float(), key.float(), value.float()

@@ -1,6 +1,7 @@
-"""StepFlow's statistics: how often OEB and SMI acted, tallied on the device per layer and per row.
+"""The transformers engine's stats recorder: how often OEB and SMI acted, tallied on the device per layer and row.
 
-`FlowStats` is the recorder the attention function writes to; `StepFlowStats` is what a reader gets back.
+`FlowStats` is the recorder the attention function writes to; it hands back the core's `StepFlowStats`
+(core/tally.py, which names the five columns).
 
 Tallies. Per band layer, summed over the eligible (query, head) pairs of OEB: fired, p(B) and p(S) before, p(B)
 and p(S) after (five float64 columns on the device), and the number of eligible pairs (host); per SMI layer the
@@ -15,102 +16,14 @@ buffer for every OEB layer and the list of layers that wrote to it (`add_kernel_
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from ..errors import StepscopeError
+from ..core.tally import StepFlowStats, tally_part
 
 FLUSH_AFTER = 512  # pending decode entries reduced together at most
-
-
-@dataclass
-class StepFlowStats:
-    """How often StepFlow acted, per band layer.
-
-    OEB counts are over (query, head) pairs: `oeb_eligible` pairs had a query in thinking or summary and a
-    non-empty bridge; `oeb_fires` of them were below tau_B and got projected. `bridge_mass_before/after` are
-    the mean bridge probability p(B) over eligible pairs before and after OEB, `group_mass_before/after` the
-    same for the query's own group S (O keeps its mass). `smi_fires` counts the query
-    positions that received step momentum. `tokens`: real tokens fed to the segmenters. `rows`: batch rows
-    StepFlow followed, `rows_with_thinking` of them reached a thinking segment (0 of several: the trace format
-    or the prompt does not match the model, and StepFlow had nothing to act on).
-    """
-
-    oeb_layers: list[int]
-    smi_layers: list[int]
-    oeb_fires: dict[int, int]
-    oeb_eligible: dict[int, int]
-    bridge_mass_before: dict[int, float]
-    bridge_mass_after: dict[int, float]
-    group_mass_before: dict[int, float]
-    group_mass_after: dict[int, float]
-    smi_fires: dict[int, int]
-    forwards: int
-    tokens: int
-    rows: int = 0
-    rows_with_thinking: int = 0
-
-    @property
-    def total_oeb_fires(self) -> int:
-        return sum(self.oeb_fires.values())
-
-    @property
-    def total_smi_fires(self) -> int:
-        return sum(self.smi_fires.values())
-
-    PER_LAYER = ("oeb_fires", "oeb_eligible", "bridge_mass_before", "bridge_mass_after", "group_mass_before",
-                 "group_mass_after", "smi_fires")
-
-    def to_json(self) -> dict:
-        """The stats as JSON (a trace's meta "stepflow_stats"). The per-layer fields stay objects keyed by
-        layer index, and JSON keys are strings: `{"0": 12, "1": 9}`; `from_json` turns them back into ints."""
-        d = dataclasses.asdict(self)
-        for k in self.PER_LAYER:
-            d[k] = {str(i): v for i, v in d[k].items()}
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> StepFlowStats:
-        """The stats of `to_json` (or of a trace's meta), the per-layer fields keyed by int layer index again."""
-        try:
-            fields = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
-            for k in cls.PER_LAYER:
-                fields[k] = {int(i): v for i, v in fields[k].items()}
-            return cls(**fields)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise StepscopeError(f"not StepFlow stats ({type(e).__name__}: {e})") from None
-
-    @classmethod
-    def from_sums(cls, oeb_layers, smi_layers, sums, eligible, smi_fires, forwards: int, tokens: int, rows: int = 0,
-                  rows_with_thinking: int = 0) -> StepFlowStats:
-        """The stats of per-layer tallies: sums [L, 5] over eligible query-heads (fired, p(B), p(S) before, p(B),
-        p(S) after), eligible [L] (query-heads), smi_fires [L]; masses become means over the eligible pairs."""
-        s, n = np.asarray(sums, dtype=np.float64), np.asarray(eligible)
-
-        def mean(col: int) -> dict[int, float]:
-            return {i: float(s[i, col] / n[i]) if n[i] else 0.0 for i in oeb_layers}
-
-        return cls(list(oeb_layers), list(smi_layers), {i: int(round(s[i, 0])) for i in oeb_layers},
-                   {i: int(n[i]) for i in oeb_layers}, mean(1), mean(3), mean(2), mean(4),
-                   {i: int(smi_fires[i]) for i in smi_layers}, int(forwards), int(tokens), int(rows),
-                   int(rows_with_thinking))
-
-    def summary(self) -> str:
-        lines = [f"StepFlow: {self.forwards} forwards, {self.tokens} tokens"]
-        if self.rows and not self.rows_with_thinking:
-            lines.append(f"  no thinking segment in any of {self.rows} rows: OEB and SMI had nothing to act on")
-        for i in self.oeb_layers:
-            e = self.oeb_eligible[i]
-            rate = self.oeb_fires[i] / e if e else 0.0
-            lines.append(f"  OEB layer {i:>3}: fired {self.oeb_fires[i]:>9} of {e:>9} query-heads ({rate:6.1%}), "
-                         f"bridge mass {self.bridge_mass_before[i]:.4f} -> {self.bridge_mass_after[i]:.4f}")
-        for i in self.smi_layers:
-            lines.append(f"  SMI layer {i:>3}: fired {self.smi_fires[i]:>9} times")
-        return "\n".join(lines)
 
 
 class _DecodeEntry(NamedTuple):
@@ -235,7 +148,7 @@ class FlowStats:
             p_bs = torch.stack([e.p_bs for e in decode])  # [n, B, H, 2]
             fac = torch.stack([e.factors for e in decode])  # [n, B, H, 2]
             el = (torch.stack([e.tau_b[:, :1] for e in decode]) > 0).to(torch.float32)[:, :, None]  # [n, B, 1, 1]
-            self._add_parts(layers, (torch.cat([fire, p_bs, fac * p_bs], -1) * el).sum(2))  # [n, B, 5]
+            self._add_parts(layers, (tally_part(fire[..., 0], p_bs, fac * p_bs) * el).sum(2))  # [n, B, 5]
         if kernel:  # every OEB layer's slot, zeros where a layer did not run the kernel
             self._add_parts(tuple(self.oeb_layers), torch.stack([e.stats for e in kernel]).sum((0, 3)))
 

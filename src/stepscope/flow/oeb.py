@@ -2,12 +2,12 @@
 
 Row-blocked (never more than `block_elems` scores at once): scores -> softmax (with GPT-OSS sinks as an extra
 logit whose mass belongs to O) -> per-segment masses by one small matmul with the key-segment one-hot -> p(B),
-p(S) of each query and head -> `functional.oeb_factors` (where p(B) < tau_B and p(B), tau_S > 0, B's
+p(S) of each query and head -> `core.oeb.oeb_factors` (where p(B) < tau_B and p(B), tau_S > 0, B's
 probabilities times tau_B / p(B) and S's times tau_S / p(S), tau_S = 1 - p(O) - tau_B; O untouched). This equals
 adding log(tau_B / p(B)) and log(tau_S / p(S)) to the logits (docs/method.md §5), without a second softmax.
 
 One query per row (decoding, no sinks): the same mathematics in about 15 kernels, as batched matmuls with the
-group indicators (`_oeb_decode`, through `functional.oeb_reweight`, the probability form vLLM's decoding rows
+group indicators (`_oeb_decode`, through `core.oeb.oeb_reweight`, the probability form vLLM's decoding rows
 use too); tests/test_stepflow_decode.py checks it against the block path.
 
 Decisions (ours): OEB leaves a query alone when the projection does not exist, i.e. p(B) = 0 (nothing to
@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from .functional import oeb_factors, oeb_reweight
-from .state import LayerGeometry, decode_groups
+from ..core.oeb import oeb_factors, oeb_reweight
+from ..core.tally import tally_part
+from .state import OebGeometry
 
 
-def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry,
+def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: OebGeometry,
                   scaling: float, sinks: torch.Tensor | None, *, block_elems: int, stats=None, layer: int = 0,
                   dropout: float = 0.0) -> torch.Tensor:
     """Attention with the Odds-Equal Bridge. query [B, H, Q, D], key/value [B, Hkv, K, D]; returns [B, Q, H, D].
@@ -34,7 +35,7 @@ def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
     every product is a plain batched matmul (no broadcast copies of keys or values).
     """
     B, H, Q, D = query.shape
-    if Q == 1 and geo.decode and sinks is None:
+    if Q == 1 and geo.decode is not None and sinks is None:
         return _oeb_decode(query, key, value, geo, scaling, stats, layer, dropout)
     Hkv, K = key.shape[1], key.shape[2]
     n_rep = H // Hkv
@@ -55,7 +56,7 @@ def oeb_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g
     return out.transpose(1, 2).contiguous()
 
 
-def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry, scaling: float,
+def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: OebGeometry, scaling: float,
                 stats, layer: int, dropout: float) -> torch.Tensor:
     """One query per row (decoding): the same mathematics as `_oeb_block`, in about 15 kernels.
 
@@ -66,18 +67,18 @@ def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo
     B, H, _, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
     n_rep = H // Hkv
-    decode_groups(geo)
+    groups = geo.decode_groups()
     mkey = (Hkv, query.dtype)
-    mask = geo.masks.get(mkey)
+    mask = geo.decode.masks.get(mkey)
     if mask is None:  # [B * Hkv, 1, K] in the score dtype, once per forward
         m = geo.addmask[:, 0, :]
         if query.dtype != torch.float32:  # keep hidden keys finite in bf16/fp16 too
             m = m.clamp_min(torch.finfo(query.dtype).min).to(query.dtype)
-        mask = geo.masks[mkey] = m[:, None, :].expand(B, Hkv, K).reshape(B * Hkv, 1, K)
+        mask = geo.decode.masks[mkey] = m[:, None, :].expand(B, Hkv, K).reshape(B * Hkv, 1, K)
     s = torch.baddbmm(mask, query.reshape(B * Hkv, n_rep, D), key.reshape(B * Hkv, K, D).transpose(1, 2),
                       alpha=scaling)  # [B * Hkv, n_rep, K]
     p = torch.softmax(s, dim=-1, dtype=torch.float32).view(B, H, K)
-    p, fire, p_bs, factors = oeb_reweight(p, geo.groups, geo.groups_t, geo.tau_pair)
+    p, fire, p_bs, factors = oeb_reweight(p, *groups)
     if dropout:
         p = torch.nn.functional.dropout(p, p=dropout, training=True)
     if stats is not None:
@@ -87,7 +88,7 @@ def _oeb_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo
     return out.view(B, 1, H, D)
 
 
-def _oeb_block(q5: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: LayerGeometry, r0: int, r1: int,
+def _oeb_block(q5: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: OebGeometry, r0: int, r1: int,
                scaling: float, sink: torch.Tensor | None, stats, layer: int, dropout: float) -> torch.Tensor:
     """Rows r0:r1 of the forward's queries against keys [0, K'). Returns [B, H, R, D]."""
     B, Hkv, n_rep, R, D = q5.shape
@@ -116,7 +117,7 @@ def _oeb_block(q5: torch.Tensor, key: torch.Tensor, value: torch.Tensor, geo: La
         p = torch.nn.functional.dropout(p, p=dropout, training=True)
     if stats is not None:  # fired, then p(B), p(S) before and after, summed over eligible query-heads
         el = geo.qt.eligible[:, None, r0:r1, None]  # [B, 1, R, 1]
-        part = torch.cat([fire[..., None].to(torch.float32), p_bs, factors * p_bs], -1) * el  # [B, H, R, 5]
+        part = tally_part(fire, p_bs, factors * p_bs) * el  # [B, H, R, 5]
         stats.add_rows(layer, part.sum((1, 2)))
     out = torch.matmul(p.view(B, Hkv, n_rep * R, Kp).to(value.dtype), value)  # [B, Hkv, n_rep * R, D]
     return out.view(B, H, R, D)

@@ -1,4 +1,4 @@
-"""The batch rows StepFlow follows: a step segmenter per row, its SMI schedule, and each forward's state.
+"""The batch rows the transformers engine follows: a RowTracker per row, and each forward's state.
 
 Coordinates (see state.py): row b's real tokens are the contiguous kv range [lo_b, hi_b) of the padded
 sequence; its segmenter sees the real tokens only.
@@ -15,9 +15,7 @@ same reason the state of the next decoding step is prepared after a forward with
 while the device still runs this one; the next `begin` takes it if that forward is one new token per row right
 after, and builds its own otherwise.
 
-SMI schedule (segment.py): when thinking step i-1 closes and step i is thinking too, step i's momentum fires
-at real index max(step_i.token_start, step_{i-1}.closed_at); the window is `functional.smi_window` of step
-i-1. A fire whose position has not been fed yet stays pending in its row.
+Each row's segmenter and SMI schedule is the core's `RowTracker` (core/rows.py), the same in every engine.
 """
 
 from __future__ import annotations
@@ -25,63 +23,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..core.rows import Fire, RowTracker
+from ..core.settings import FlowSettings
 from ..errors import StepscopeError
 from ..formats import Format
 from ..segment import Segmenter
 from ..tokens import token_bytes
-from .functional import smi_window
-from .state import BIG, NEG, ForwardState, KeyState, build_forward_state
-
-Fire = tuple[int, int, int]  # (real index of the query, window start, window end)
-
-
-class RowTracker:
-    """One row: its segmenter, its kv range, and its pending SMI fires."""
-
-    def __init__(self, segmenter: Segmenter, lo: int, smi_window: int | str):
-        self.seg = segmenter
-        self.lo = lo  # kv index of real token 0
-        self.hi = lo  # kv index after the last real token
-        self.smi_window = smi_window
-        self.pending: list[Fire] = []
-        self.saw_thinking = False  # the thinking segment has started
-
-    def feed(self, ids) -> list[Fire]:
-        """Feed new real tokens; return the SMI fires that land on them: (real index, window start, end)."""
-        closed = self.seg.feed(ids)
-        end = self.seg.num_tokens
-        th, su = self.seg.boundaries["thinking"], self.seg.boundaries["summary"]
-        self.saw_thinking = th is not None
-        for st in closed:
-            if st.kind == "thinking" and (su is None or st.token_end < su):
-                ws, we = smi_window(st.token_start, st.token_end, self.smi_window)
-                self.pending.append((max(st.token_end, st.closed_at), ws, we))
-        if not self.pending:
-            return []
-        fires, keep = [], []
-        for f in self.pending:
-            if f[0] >= end:
-                keep.append(f)
-            elif th is not None and th <= f[0] and (su is None or f[0] < su):  # only inside the thinking
-                fires.append(f)
-        self.pending = keep
-        return fires
-
-    def bounds(self) -> tuple[int, int]:
-        """(thinking start, summary start) in kv index space; BIG where not known yet."""
-        th, su = self.seg.boundaries["thinking"], self.seg.boundaries["summary"]
-        return (BIG if th is None else self.lo + th), (BIG if su is None else self.lo + su)
+from .state import NEG, ForwardState, KeyState, build_forward_state
 
 
 class Rows:
     """The rows of the batch StepFlow follows, the forward being run, and the counts of what was fed."""
 
-    def __init__(self, tokenizer, fmt: Format, *, smi_window: int | str, device: torch.device, tau_max: float,
-                 alpha: float, need_oeb: bool):
+    def __init__(self, tokenizer, fmt: Format, settings: FlowSettings, *, device: torch.device):
         self.tokenizer, self.format = tokenizer, fmt
-        self.smi_window = smi_window
+        self.settings = settings
         self.device = device
-        self.tau_max, self.alpha, self.need_oeb = float(tau_max), float(alpha), need_oeb
         self._tokbytes = token_bytes(tokenizer)
         self._rows: list[RowTracker] | None = None  # the current rows
         self._batch: list[RowTracker] = []  # the rows of the last fresh batch, by their index in it
@@ -203,7 +160,8 @@ class Rows:
                 if n and not m[lo:hi].all():
                     raise StepscopeError("StepFlow needs each row's real tokens to be contiguous "
                                          "(left or right padding)")
-            tr = RowTracker(Segmenter(self.tokenizer, self.format, tokbytes=self._tokbytes), lo, self.smi_window)
+            tr = RowTracker(Segmenter(self.tokenizer, self.format, tokbytes=self._tokbytes), lo,
+                            self.settings.smi_window)
             tr.hi = hi
             rows.append(tr)
         self._rows = rows
@@ -247,8 +205,8 @@ class Rows:
                ) -> ForwardState:
         """The device state of a forward of Q new tokens per row after `past`; hi: every row's kv end after it
         (None: each row's own)."""
-        return build_forward_state(self._rows, self._keys, past, Q, fires, new_pad, self.device, self.tau_max,
-                                   self.alpha, self.need_oeb, hi=hi)
+        return build_forward_state(self._rows, self._keys, past, Q, fires, new_pad, self.device, self.settings,
+                                   hi=hi)
 
     def select(self, keep: list[int], keep_dev: torch.Tensor) -> None:
         """Keep only these current rows, in this order (the sequence axis, and so each row's offsets, stay)."""

@@ -24,57 +24,18 @@ close). A query's segment is decided by tokens before it, so online and offline 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .functional import bridge_target, hidden_keys, key_groups, segment_codes
+from ..core.geometry import BIG, NEG, hidden_keys, query_geometry, segment_codes
+from ..core.oeb import key_groups
+from ..core.settings import FlowSettings
+from ..core.smi import smi_weights
 
-BIG = 1 << 62  # "not yet known" for a segment boundary, in kv index space
-NEG = float(np.finfo(np.float32).min)  # additive mask value of a hidden key (finite: no NaN on empty rows)
-
-
-# -- host-side geometry ------------------------------------------------------------------------------------------
-
-def query_geometry(lo: np.ndarray, hi: np.ndarray, t0: np.ndarray, s0: np.ndarray, past: int, q_len: int,
-                   window: int | None, tau_max) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """OEB groups of every query of a forward (docs/method.md §5; `functional.query_groups` is one query's):
-    (gidx int64 [B, Q, 2], tau_b float32 [B, Q], eligible float32 [B, Q]).
-
-    Query in thinking: S = thinking keys up to the query, B = question keys. Query in summary: S = summary keys
-    up to the query, B = thinking keys (O = question keys). Only visible keys count: real (not padding),
-    causal, inside the sliding window. tau_B = min(sqrt(|B| / (|B| + |S|)), tau_max), and 0 where OEB cannot
-    act (a question or padding query, an empty bridge). gidx holds the segment index (0 question, 1 thinking,
-    2 summary) of B and of S. tau_max: a float, or one per row ([B, 1]).
-    """
-    q = (past + np.arange(q_len, dtype=np.int64))[None, :]  # [1, Q]
-    lo, hi, t0, s0 = lo[:, None], hi[:, None], t0[:, None], s0[:, None]  # [B, 1]
-    qseg = segment_codes(q, t0, s0)  # [B, Q]
-    summ = qseg == 2
-    vis_lo = np.maximum(lo, q - (window - 1)) if window else np.broadcast_to(lo, qseg.shape)
-    vis_hi = q + 1
-    b_lo = np.where(summ, t0, lo)
-    b_hi = np.where(summ, s0, t0)
-    n_b = np.clip(np.minimum(b_hi, vis_hi) - np.maximum(b_lo, vis_lo), 0, None).astype(np.float64)
-    n_s = np.clip(vis_hi - np.maximum(b_hi, vis_lo), 0, None).astype(np.float64)
-    elig = (q >= lo) & (q < hi) & (qseg >= 1) & (n_b > 0)
-    tau_b = np.where(elig, bridge_target(n_b, n_s, tau_max), 0.0).astype(np.float32)
-    gidx = np.stack([np.maximum(qseg - 1, 0), qseg], axis=-1)
-    return gidx, tau_b, elig.astype(np.float32)
-
-
-def smi_weights(fire_qabs: np.ndarray, pair_fire: np.ndarray, pair_k: np.ndarray, window: int | None,
-                alpha: float) -> np.ndarray:
-    """alpha / (number of window keys the query sees) for every (fire, key) pair; 0 for a hidden key.
-
-    In a sliding-window layer only the window keys the fire's query can see count (ours): it keeps cached
-    decoding (whose cache has dropped older keys) and one uncached forward identical."""
-    valid = np.ones(len(pair_k), dtype=bool)
-    if window:
-        valid = pair_k > fire_qabs[pair_fire] - window
-    count = np.bincount(pair_fire, weights=valid, minlength=len(fire_qabs))
-    return np.where(valid, alpha / np.maximum(count[pair_fire], 1.0), 0.0).astype(np.float32)
-
+__all__ = ["BIG", "NEG", "DecodeGeometry", "ForwardState", "KeyState", "LayerGeometry", "OebGeometry", "QueryTensors",
+           "build_forward_state"]
 
 _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32,
                  np.dtype(np.int32): torch.int32, np.dtype(np.int8): torch.int8}
@@ -160,24 +121,41 @@ class KeyState:
 
 
 @dataclass
-class LayerGeometry:
-    """What every band layer with the same key layout shares in one forward (B rows, Q queries, K keys)."""
+class DecodeGeometry:
+    """What the OEB layers of one key layout share in a decoding step (one query per row)."""
 
-    k_offset: int  # kv index of key 0 (a sliding-window cache holds only the last keys)
-    first_query: int = 0  # index, in this layer's keys, of the forward's first query
-    onehot: torch.Tensor | None = None  # float32 [B, K, 3]: key segment
-    addmask: torch.Tensor | None = None  # float32 [B, Q or 1, K]: 0 visible, NEG hidden
-    qt: QueryTensors | None = None  # the queries' groups and targets
-    smi_keys: tuple | None = None  # SMI: (int64 [P] window key index in this layer's keys, float32 [P] weight)
-    # decoding (one query per row)
-    decode: bool = False
     kseg: torch.Tensor | None = None  # int8 [B, K]: key segment, 3 hidden (the fused kernel's input)
-    # the groups as key indicators, so that each step is a few batched matmuls (PyTorch path, made on first use)
-    groups: torch.Tensor | None = None  # float32 [B, K, 3]: key in the row's bridge B, in its group S, in O
-    groups_t: torch.Tensor | None = None  # float32 [B, 2, K]: the B and S columns, transposed
-    tau_pair: torch.Tensor | None = None  # float32 [B, 1, 2]: (tau_B, -tau_B)
+    # `core.oeb.key_groups` of the rows, so that each step is a few batched matmuls (PyTorch path, made on first use)
+    groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     masks: dict = field(default_factory=dict)  # (Hkv, dtype) -> additive mask [B * Hkv, 1, K]
     kernel: object | None = None  # the fused kernel's bookkeeping of this forward (decode_path.KernelStep)
+
+
+@dataclass
+class OebGeometry:
+    """An OEB layer's inputs of one forward (B rows, Q queries, K keys), shared by the layers with its key layout."""
+
+    first_query: int  # index, in this layer's keys, of the forward's first query
+    onehot: torch.Tensor  # float32 [B, K, 3]: key segment
+    addmask: torch.Tensor  # float32 [B, Q or 1, K]: 0 visible, NEG hidden
+    qt: QueryTensors  # the queries' groups and targets
+    decode: DecodeGeometry | None = None  # one query per row
+
+    def decode_groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The decoding path's key indicators (`core.oeb.key_groups`), made on the device once per forward."""
+        d = self.decode
+        if d.groups is None:
+            d.groups = key_groups(self.onehot, self.qt.gidx[:, 0, :], self.qt.tau_b[:, 0])
+        return d.groups
+
+
+@dataclass
+class LayerGeometry:
+    """What every band layer with the same key layout shares in one forward."""
+
+    k_offset: int  # kv index of key 0 (a sliding-window cache holds only the last keys)
+    oeb: OebGeometry | None = None  # None: the layers of this layout run SMI only
+    smi_keys: tuple | None = None  # SMI: (int64 [P] window key index in this layer's keys, float32 [P] weight)
 
 
 @dataclass
@@ -204,6 +182,33 @@ def _query_tensors(d: dict, elig_rows: np.ndarray) -> QueryTensors:
     return QueryTensors(d["gidx"], d["tau"], d.get("elig"), int(elig_rows.sum()), elig_rows, d.get("qg"))
 
 
+class RowBounds(NamedTuple):
+    """Each row's kv range and segment starts in one forward (host, int64 [B]; BIG: not known yet)."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    t0: np.ndarray
+    s0: np.ndarray
+
+
+class SmiPlan(NamedTuple):
+    """The SMI fires of one forward (host): per fire its row, query index in the forward and kv index [F]; per
+    (fire, window key) pair the fire and the key's kv index [P]."""
+
+    fire_b: np.ndarray
+    fire_qi: np.ndarray
+    fire_qabs: np.ndarray
+    pair_fire: np.ndarray
+    pair_k: np.ndarray
+
+
+class SmiTensors(NamedTuple):
+    """The SMI plan on the device: fires int64 [2, F] (row, query index), pairs int64 [2, P] (fire, kv index)."""
+
+    fires: torch.Tensor
+    pairs: torch.Tensor
+
+
 @dataclass
 class ForwardState:
     """One forward: host ints and arrays, and the uploaded device tensors (no host reads in the attention)."""
@@ -212,16 +217,19 @@ class ForwardState:
     past: int  # kv length before this forward
     q_len: int
     device: torch.device
-    tau_max: float
-    alpha: float
+    settings: FlowSettings
     any_oeb: bool  # some query of this forward sits in thinking or summary
-    host: dict  # numpy: lo, hi, t0, s0 [B]; fire_b, fire_qi, fire_qabs [F]; pair_fire, pair_k [P]
-    dev: dict  # device views of the upload
+    bounds: RowBounds
+    fires: SmiPlan
     keys: KeyState
-    num_fires: int
+    fire_tensors: SmiTensors | None = None  # None: no fire
     windows: dict = field(default_factory=dict)  # window -> QueryTensors
-    smi: dict = field(default_factory=dict)  # window -> pair weights on the device
+    smi: dict = field(default_factory=dict)  # window -> pair weights float32 [P] on the device
     geometry: dict = field(default_factory=dict)  # LayerGeometry per key layout
+
+    @property
+    def num_fires(self) -> int:
+        return len(self.fires.fire_b)
 
     @property
     def total(self) -> int:
@@ -231,9 +239,7 @@ class ForwardState:
         """OEB inputs of this forward's queries for a layer with this sliding window."""
         got = self.windows.get(window)
         if got is None:  # a sliding window seen for the first time in this forward: one more small upload
-            h = self.host
-            g, t, e = query_geometry(h["lo"], h["hi"], h["t0"], h["s0"], self.past, self.q_len, window,
-                                     self.tau_max)
+            g, t, e = query_geometry(*self.bounds, self.past, self.q_len, window, self.settings.tau_max)
             up = Upload()
             _query_upload(up, g, t, e, self.q_len)
             got = self.windows[window] = _query_tensors(up.send(self.device), e.sum(1))
@@ -242,13 +248,15 @@ class ForwardState:
     def add_fires(self, trackers: list, fires: list[list[tuple[int, int, int]]]) -> None:
         """The SMI plan of this forward, known only after its tokens were fed (a decoding step whose feeding
         StepFlow deferred until its first SMI layer): one more small upload, when anything fires."""
-        self.host.update(_fire_arrays(trackers, fires, self.past))
-        self.num_fires = len(self.host["fire_b"])
+        self.fires = _fire_arrays(trackers, fires, self.past)
         if self.num_fires:
             up = Upload()
-            _fire_upload(up, self.host, self.alpha)
-            self.dev.update(up.send(self.device))
-            self.smi[None] = self.dev["pair_w"]
+            _fire_upload(up, self.fires, self.settings.alpha)
+            self._set_fire_tensors(up.send(self.device))
+
+    def _set_fire_tensors(self, dev: dict) -> None:
+        self.fire_tensors = SmiTensors(dev["fires"], dev["pairs"])
+        self.smi[None] = dev["pair_w"]
 
     def layer(self, K: int, window: int | None, mask: torch.Tensor | None, oeb: bool) -> LayerGeometry:
         """The geometry of a band layer with K cached keys and this sliding window (shared by the layers with the
@@ -267,23 +275,23 @@ class ForwardState:
     def smi_keys(self, geo: LayerGeometry, K: int, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(window key index [P] inside the layer's K keys, weight [P]) of every SMI (fire, key) pair."""
         if geo.smi_keys is None:
-            geo.smi_keys = ((self.dev["pairs"][1] - geo.k_offset).clamp_(0, K - 1), self.smi_pair_weights(window))
+            geo.smi_keys = ((self.fire_tensors.pairs[1] - geo.k_offset).clamp_(0, K - 1), self.smi_pair_weights(window))
         return geo.smi_keys
 
     def smi_pair_weights(self, window: int | None) -> torch.Tensor:
         got = self.smi.get(window)
         if got is None:
-            h = self.host
+            f = self.fires
             up = Upload()
-            up.add("w", smi_weights(h["fire_qabs"], h["pair_fire"], h["pair_k"], window, self.alpha))
+            up.add("w", smi_weights(f.fire_qabs, f.pair_fire, f.pair_k, window, self.settings.alpha))
             got = self.smi[window] = up.send(self.device)["w"]
         return got
 
 
 def build_forward_state(trackers: list, keys: KeyState, past: int, q_len: int,
                         fires: list[list[tuple[int, int, int]]],
-                        new_pad: np.ndarray | None, device: torch.device, tau_max: float, alpha: float,
-                        need_oeb: bool, hi: int | None = None) -> ForwardState:
+                        new_pad: np.ndarray | None, device: torch.device, settings: FlowSettings,
+                        hi: int | None = None) -> ForwardState:
     """Pack the rows' host state after feeding this forward's tokens into one upload.
 
     trackers: the rows (rows.RowTracker: kv range lo/hi, segment bounds()); fires: each row's SMI fires.
@@ -298,12 +306,13 @@ def build_forward_state(trackers: list, keys: KeyState, past: int, q_len: int,
     t0 = np.array([x[0] for x in bounds], dtype=np.int64)
     s0 = np.array([x[1] for x in bounds], dtype=np.int64)
     last_q = past + q_len - 1
-    any_oeb = need_oeb and any(min(last_q, h - 1) >= b[0] for h, b in zip(hi_l, bounds))
-    host = {"lo": lo, "hi": hi, "t0": t0, "s0": s0, **_fire_arrays(trackers, fires, past)}
+    tau_max = settings.tau_max
+    any_oeb = bool(settings.oeb_layers) and any(min(last_q, h - 1) >= b[0] for h, b in zip(hi_l, bounds))
+    plan = _fire_arrays(trackers, fires, past)
     up = Upload()
     fast = q_len == 1 and any_oeb
-    if fast:  # decoding: the same geometry as query_geometry, in plain Python (tiny arrays)
-        ints, floats, n_elig = _decode_pack(lo_l, hi_l, bounds, past, tau_max)
+    if fast:  # decoding: the geometry and the new key's segment in two arrays
+        ints, floats, n_elig = _decode_pack(lo, hi, t0, s0, past, tau_max)
         up.add("ints", ints)
         up.add("floats", floats)
         if keys.seg is not None:  # the fused kernel's inputs: the new keys' int8 codes, the rows' groups
@@ -323,25 +332,24 @@ def build_forward_state(trackers: list, keys: KeyState, past: int, q_len: int,
         g, t, e = query_geometry(lo, hi, t0, s0, past, q_len, None, tau_max)
         _query_upload(up, g, t, e, q_len)
         n_elig = e.sum(1)
-    num_fires = len(host["fire_b"])
+    num_fires = len(plan.fire_b)
     if num_fires:
-        _fire_upload(up, host, alpha)
+        _fire_upload(up, plan, settings.alpha)
     dev = up.send(device)
     if fast:
         ints, floats = dev.pop("ints"), dev.pop("floats")
         dev.update(codes=ints[:B].view(B, 1), gidx=ints[B:].view(B, 1, 2), tau=floats[:B].view(B, 1),
                    elig=floats[B:2 * B].view(B, 1), onehot=floats[2 * B:].view(B, 1, 3))
     keys.append(past, dev["codes"], dev.get("pad"), dev.get("seg8"), dev.get("onehot"))
-    fs = ForwardState(B, past, q_len, device, tau_max, alpha, any_oeb, host, dev, keys, num_fires)
+    fs = ForwardState(B, past, q_len, device, settings, any_oeb, RowBounds(lo, hi, t0, s0), plan, keys)
     if any_oeb:
         fs.windows[None] = _query_tensors(dev, n_elig)
     if num_fires:
-        fs.smi[None] = dev["pair_w"]
+        fs._set_fire_tensors(dev)
     return fs
 
 
-def _fire_arrays(trackers: list, fires: list[list[tuple[int, int, int]]], past: int
-                 ) -> dict[str, np.ndarray]:
+def _fire_arrays(trackers: list, fires: list[list[tuple[int, int, int]]], past: int) -> SmiPlan:
     """The SMI plan of a forward from each row's fires (real index, window start, end): per fire its row,
     query index in the forward and kv index; per (fire, window key) pair the fire and the key's kv index."""
     fb, fq, fk, pf, pk = [], [], [], [], []
@@ -354,36 +362,25 @@ def _fire_arrays(trackers: list, fires: list[list[tuple[int, int, int]]], past: 
             fk.append(lo_b + pos)
             pf.extend([f] * (we - ws))
             pk.extend(range(lo_b + ws, lo_b + we))
-    return {"fire_b": np.asarray(fb, dtype=np.int64), "fire_qi": np.asarray(fq, dtype=np.int64),
-            "fire_qabs": np.asarray(fk, dtype=np.int64), "pair_fire": np.asarray(pf, dtype=np.int64),
-            "pair_k": np.asarray(pk, dtype=np.int64)}
+    return SmiPlan(*(np.asarray(a, dtype=np.int64) for a in (fb, fq, fk, pf, pk)))
 
 
-def _fire_upload(up: Upload, host: dict, alpha: float) -> None:
-    up.add("fires", np.stack([host["fire_b"], host["fire_qi"]]))
-    up.add("pairs", np.stack([host["pair_fire"], host["pair_k"]]))
-    up.add("pair_w", smi_weights(host["fire_qabs"], host["pair_fire"], host["pair_k"], None, alpha))
+def _fire_upload(up: Upload, plan: SmiPlan, alpha: float) -> None:
+    up.add("fires", np.stack([plan.fire_b, plan.fire_qi]))
+    up.add("pairs", np.stack([plan.pair_fire, plan.pair_k]))
+    up.add("pair_w", smi_weights(plan.fire_qabs, plan.pair_fire, plan.pair_k, None, alpha))
 
 
-def _decode_pack(lo: list[int], hi: list[int], bounds: list[tuple[int, int]], q: int, tau_max: float
+def _decode_pack(lo: np.ndarray, hi: np.ndarray, t0: np.ndarray, s0: np.ndarray, q: int, tau_max: float
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One query per row, at kv index q, full attention: int64 [3B] (key codes, then gidx pairs) and float32
-    [5B] (tau_B, eligible, the new key's one-hot segment) exactly as query_geometry and one_hot give them, and
-    the eligible flag of each row (float64 [B])."""
-    codes, gidx, tau, elig, oh = [], [], [], [], []
-    for lo_b, hi_b, (t0, s0) in zip(lo, hi, bounds):
-        seg = segment_codes(q, t0, s0)
-        codes.append(seg)
-        gidx += (max(seg - 1, 0), seg)
-        if seg == 2:
-            n_b, n_s = s0 - t0, q - s0 + 1
-        else:
-            n_b, n_s = t0 - lo_b, q - t0 + 1
-        ok = lo_b <= q < hi_b and seg >= 1 and n_b > 0
-        tau.append(bridge_target(n_b, n_s, tau_max) if ok else 0.0)
-        elig.append(1.0 if ok else 0.0)
-        oh += (float(seg == 0), float(seg == 1), float(seg == 2))
-    return (np.array(codes + gidx, dtype=np.int64), np.array(tau + elig + oh, dtype=np.float32), np.array(elig))
+    [5B] (tau_B, eligible, the new key's one-hot segment) of `query_geometry`, packed for one upload, and the
+    eligible count of each row [B]."""
+    g, t, e = query_geometry(lo, hi, t0, s0, q, 1, None, tau_max)
+    codes = g[:, 0, 1]  # a query's own segment is its S's
+    oh = (codes[:, None] == np.arange(3)).astype(np.float32)
+    return (np.concatenate([codes, g[:, 0].reshape(-1)]), np.concatenate([t[:, 0], e[:, 0], oh.reshape(-1)]),
+            e.sum(1))
 
 
 def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Tensor | None,
@@ -391,30 +388,23 @@ def layer_geometry(fs: ForwardState, K: int, window: int | None, mask: torch.Ten
     """Key segments, additive mask and query tensors for a layer with K keys (the last K of the forward's
     kv range) and this sliding window. `mask`: the 4D mask transformers built (bool or additive), if any."""
     k_offset = max(fs.total - K, 0)  # a sliding-window cache holds only the last K keys
-    geo = LayerGeometry(k_offset, fs.past - k_offset)
+    geo = LayerGeometry(k_offset)
     if not oeb:
         return geo
     fs.keys.ensure(k_offset + K)  # a static cache may hold more slots than tokens
-    geo.onehot = fs.keys.onehot[:, k_offset:k_offset + K]  # [B, K, 3]
-    geo.decode = fs.q_len == 1
+    onehot = fs.keys.onehot[:, k_offset:k_offset + K]  # [B, K, 3]
+    decode = DecodeGeometry() if fs.q_len == 1 else None
     if fs.q_len == 1 and (window is None or K <= window):
-        geo.addmask = fs.keys.padmask[:, None, k_offset:k_offset + K]  # decoding: only padding is hidden
+        addmask = fs.keys.padmask[:, None, k_offset:k_offset + K]  # decoding: only padding is hidden
         if fs.keys.seg is not None:  # every visible key is in the cache: the kernel needs no other mask
-            geo.kseg = fs.keys.seg[:, k_offset:k_offset + K]
+            decode.kseg = fs.keys.seg[:, k_offset:k_offset + K]
     elif mask is not None:
         m = mask[:, 0, :, -K:]  # [B, Q, K] (the same for every head)
-        geo.addmask = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, NEG) \
+        addmask = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, NEG) \
             if m.dtype == torch.bool else m.to(torch.float32)
     else:  # no mask given (sdpa's causal shortcut, flash): causal, padding and window from the row state
         hidden = hidden_keys(torch.arange(fs.past, fs.total, device=fs.device)[None, :],
                              torch.arange(k_offset, k_offset + K, device=fs.device), window)  # [1, Q, K]
-        geo.addmask = fs.keys.padmask[:, None, k_offset:k_offset + K].masked_fill(hidden, NEG)  # [B, Q, K]
-    geo.qt = fs.query_tensors(window)
+        addmask = fs.keys.padmask[:, None, k_offset:k_offset + K].masked_fill(hidden, NEG)  # [B, Q, K]
+    geo.oeb = OebGeometry(fs.past - k_offset, onehot, addmask, fs.query_tensors(window), decode)
     return geo
-
-
-def decode_groups(geo: LayerGeometry) -> None:
-    """The decoding path's key indicators of a layer geometry (`functional.key_groups`), made on the device once
-    per forward."""
-    if geo.groups is None:
-        geo.groups, geo.groups_t, geo.tau_pair = key_groups(geo.onehot, geo.qt.gidx[:, 0, :], geo.qt.tau_b[:, 0])

@@ -35,6 +35,9 @@ import warnings
 
 import torch
 
+from ..core.settings import FlowSettings
+from ..core.support import attention_problem
+from ..core.tally import StepFlowStats
 from ..errors import StepscopeError
 from ..formats import Format, get_format
 from ..models import model_configs, restore_attn_implementations, swap_attn_implementations
@@ -42,7 +45,7 @@ from ..segment import Segmenter
 from .attention import PREFIX, FlowBinding, register
 from .config import StepFlowConfig
 from .decode_path import DecodePath
-from .flow_stats import FlowStats, StepFlowStats
+from .flow_stats import FlowStats
 from .rows import Rows
 
 __all__ = ["StepFlow", "StepFlowStats"]
@@ -87,8 +90,10 @@ class StepFlow:
         self.tokenizer = tokenizer
         self.config = config
         text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.num_layers = int(text_cfg.num_hidden_layers)
-        self.oeb_layers, self.smi_layers = config.resolve(self.num_layers)
+        problem = attention_problem(model.config)
+        if problem:
+            raise StepscopeError(problem)
+        self.settings = FlowSettings.resolve(config, int(text_cfg.num_hidden_layers))
         if tokenizer is None:
             raise StepscopeError("StepFlow needs the model's tokenizer to find the thinking steps")
         self.format: Format = get_format(config.fmt, tokenizer, markers=config.markers)
@@ -97,18 +102,30 @@ class StepFlow:
             DecodePath(kernel or os.environ.get("STEPSCOPE_FLOW_KERNEL") or "auto")
         self.decode_path = path.attach(self.device)
         self.kernel = path.mode
-        self.recorder = FlowStats(self.num_layers, self.oeb_layers, self.smi_layers, self.device,
+        s = self.settings
+        self.recorder = FlowStats(s.num_layers, list(s.oeb_layers), list(s.smi_layers), self.device,
                                   collect=config.collect_stats)
-        self.rows = Rows(tokenizer, self.format, smi_window=config.smi_window, device=self.device,
-                         tau_max=config.tau_max, alpha=float(config.alpha), need_oeb=bool(self.oeb_layers))
+        self.rows = Rows(tokenizer, self.format, s, device=self.device)
         # most scores (floats) one OEB block may hold: 128 MiB on a GPU, 16 MiB on a CPU (cache friendly)
         block_elems = (1 << 25) if self.device.type == "cuda" else (1 << 22)
-        self._binding = FlowBinding(self.rows, self.recorder, self.decode_path, frozenset(self.oeb_layers),
-                                    frozenset(self.smi_layers), block_elems)
+        self._binding = FlowBinding(self.rows, self.recorder, self.decode_path, s.oeb, s.smi, block_elems)
         self._active = False
         self._saved: list[tuple[object, str, object]] = []
         self._modules: list[torch.nn.Module] = []
         self._hooks: list = []
+
+    @property
+    def num_layers(self) -> int:
+        return self.settings.num_layers
+
+    @property
+    def oeb_layers(self) -> list[int]:
+        """The OEB layers of this model (the config resolved)."""
+        return list(self.settings.oeb_layers)
+
+    @property
+    def smi_layers(self) -> list[int]:
+        return list(self.settings.smi_layers)
 
     # -- context ----------------------------------------------------------------------------------------------
 
@@ -189,7 +206,7 @@ class StepFlow:
         # the one device-to-host copy of this forward: new token ids and their mask columns
         both = ids if mask2 is None else torch.cat([ids, mask2[:, -Q:].to(ids.dtype)], dim=1)
         host = both.cpu().numpy()
-        kernel_keys = self.decode_path.uses_kernel and bool(self.oeb_layers)
+        kernel_keys = self.decode_path.uses_kernel and bool(self.settings.oeb_layers)
         if self.rows.begin(host, Q, past, mask2 is not None, kernel_keys):
             self.recorder.start_rows(host.shape[0])
         return None

@@ -1,7 +1,7 @@
 """What StepFlow's attention backends share: the backend's own forward over the whole batch, then StepFlow's rows.
 
 Every layer runs the backend's own kernel over the whole batch, untouched. Then, only when this forward has
-StepFlow requests (worker.WORKER.plan), `worker.apply_layer` recomputes those requests' thinking and summary
+StepFlow requests (worker.WORKER.plan), `layer.apply_layer` recomputes those requests' thinking and summary
 queries in the layers their config puts OEB on, and adds the step momentum in their SMI layers. A batch
 without StepFlow requests costs one dictionary lookup per layer. One exception: in a layer where StepFlow
 recomputes every token of the forward (every row is a StepFlow decoding row that OEB repairs there), the
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from vllm.v1.attention.backend import AttentionType
 
-from .worker import WORKER, LayerSpec, apply_layer
+from .layer import LayerSpec, apply_layer
+from .worker import WORKER
 
 
 class StepFlowImpl:
@@ -30,7 +31,7 @@ class StepFlowImpl:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._stepflow_spec: LayerSpec | None = None
-        WORKER.backend = True
+        WORKER.attach_backend()
 
     def stepflow_layout(self, layer):
         """The paged cache layout this backend uses for `layer` (stepscope.vllm.paged)."""
@@ -63,5 +64,5 @@ class StepFlowImpl:
             out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                   output_block_scale)
         if work is not None:
-            apply_layer(spec, query[:n], kv_cache, attn_metadata, output[:n], plans, work=work)
+            apply_layer(spec, query[:n], kv_cache, attn_metadata, output[:n], plans, WORKER.shared, work=work)
         return out

@@ -10,7 +10,7 @@ layer's key and value views and to gather rows' keys and values from their block
 - `FlashLayout` (FLASH_ATTN, vLLM's CUDA backend): the same [num_blocks, num_kv_heads, block_size, 2 * head_dim]
   tensor, read as FlashAttention's forward reads it, `kv_cache.transpose(1, 2).split(head_dim, -1)`: key and value
   views [num_blocks, block_size, num_kv_heads, head_dim] (keys in the first half of the last dim). The fused Triton
-  kernel (`stepscope.flow.kernels.oeb_decode_paged`) reads these views in place; `gather` is the torch path (prefill
+  kernel (`stepscope.core.kernels.oeb_decode_paged`) reads these views in place; `gather` is the torch path (prefill
   rows, SMI, and decoding where the kernel is unavailable).
 
 `gather` returns the first `seq_len` keys and values of rows whose blocks are `blocks` (int [R, n] or [n] for

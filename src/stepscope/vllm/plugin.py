@@ -62,7 +62,13 @@ RUNNER_FIX = "VLLM_USE_V2_MODEL_RUNNER=0"
 def engine_problem(vllm_config) -> str | None:
     """Why an engine with this configuration cannot serve StepFlow requests, or None when it can: StepFlow runs
     on vLLM's V1 model runner (vLLM's own choice, `VllmConfig.use_v2_model_runner`) with synchronous scheduling
-    (its segmenter needs each row's newest token before the forward)."""
+    (its segmenter needs each row's newest token before the forward), on a model whose attention StepFlow can
+    reproduce exactly (`core.support.attention_problem`)."""
+    from ..core.support import attention_problem
+
+    problem = attention_problem(vllm_config.model_config.hf_config)
+    if problem:
+        return problem
     if vllm_config.use_v2_model_runner:
         return (f"this vLLM engine runs Model Runner V2 and StepFlow runs on the V1 model runner: start the engine "
                 f"with {RUNNER_FIX} (docs/vllm.md, model runners)")

@@ -69,8 +69,7 @@ class StepFlowLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         self._eos: int | None = None
         self._config = vllm_config
         if not self.v2:
-            WORKER.vllm_config = vllm_config
-            WORKER.problem = self.problem
+            WORKER.configure(vllm_config, self.problem)
 
     def is_argmax_invariant(self) -> bool:
         # False: a StepFlow request this engine cannot serve is stopped (its argmax changes). vLLM then calls `apply`

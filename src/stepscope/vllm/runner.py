@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
+from ..core.support import attention_problem
 from ..decoding import DecodeConfig
 from ..errors import StepscopeError
 from ..flow.config import StepFlowConfig
@@ -137,6 +138,10 @@ def generate_traces(llm, tokenizer, questions: Sequence[str], *, decode: DecodeC
     for i, q in enumerate(questions):
         if not isinstance(q, str) or not q.strip():
             raise StepscopeError(f"question {i} is empty or not a string")
+    if stepflow is not None:
+        problem = attention_problem(llm.llm_engine.model_config.hf_config)
+        if problem:
+            raise StepscopeError(problem)
     f = get_format(fmt, tokenizer)
     if stepflow is not None and stepflow.fmt == "auto" and stepflow.markers is None:
         stepflow = replace(stepflow, fmt=f)

@@ -1,6 +1,6 @@
 """StepFlow's per-request counts from a vLLM engine's workers, as the transformers path's `StepFlowStats`.
 
-A tally is worker.Tally.to_json: per-layer OEB sums [L, 5] and eligible query-heads [L], SMI fires [L], and the
+A tally is core.tally.Tally.to_json: per-layer OEB sums [L, 5] and eligible query-heads [L], SMI fires [L], and the
 request's tokens, forwards and cache conflicts. Tensor-parallel ranks each hold some of the heads: their OEB sums
 and eligible counts add up, while SMI fires, tokens and forwards are per position, the same on every rank.
 """
@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..flow import StepFlowStats
+from ..core.tally import StepFlowStats, Tally
 
 _PER_HEAD = ("oeb", "eligible")  # summed over ranks
 _PER_POSITION = ("smi", "tokens", "forwards", "cache_conflicts")  # one rank's (the same on every rank)
 
 
 def to_stats(t: dict) -> StepFlowStats:
-    """One merged tally -> StepFlowStats (means over eligible query-heads)."""
-    return StepFlowStats.from_sums(t["oeb_layers"], t["smi_layers"], np.asarray(t["oeb"]), np.asarray(t["eligible"]),
-                                   np.asarray(t["smi"]), t["forwards"], t["tokens"])
+    """One merged tally (core.tally.Tally.to_json) -> StepFlowStats (means over eligible query-heads)."""
+    return Tally.from_json(t).to_stats()
 
 
 def merge_rank_tallies(tallies: list[dict]) -> dict:
@@ -30,7 +29,7 @@ def merge_rank_tallies(tallies: list[dict]) -> dict:
 
 
 def add_tallies(a: dict, b: dict) -> dict:
-    """Two requests' merged tallies under one key -> their sum (as worker.Tally.add)."""
+    """Two requests' merged tallies under one key -> their sum (as core.tally.Tally.add)."""
     t = dict(a)
     for name in _PER_HEAD + _PER_POSITION:
         t[name] = np.asarray(a.get(name, 0)) + np.asarray(b.get(name, 0))

@@ -73,7 +73,7 @@ class StatsWriter:
 
     def line(self, seq: int, key: str, final: bool, tally: dict, prompt_tokens: int, config: dict) -> dict:
         """One line: the request `seq` (the engine's count of StepFlow requests, the same on every rank) with its
-        tally (worker.Tally.to_json) on this rank."""
+        tally (core.tally.Tally.to_json) on this rank."""
         return {"engine": self.engine, "rank": self.rank, "request": seq, "stepflow_id": key, "final": final,
                 "time": round(time.time(), 3), "prompt_tokens": prompt_tokens, "config": config, "tally": tally}
 

@@ -1,6 +1,6 @@
 """Fused Triton kernels for one decoding step (one query per row) of attention with the Odds-Equal Bridge.
 
-Mathematics (`functional.oeb_merge` over the three key groups, as flow/oeb.py computes it for one query).
+Mathematics (`core.oeb.oeb_factors` applied to one query's softmax, as the PyTorch forms compute it).
 Per row b and query head h (kv head h // n_rep):
 
     s_k   = scaling * <q, k_k>                   for the visible keys (kseg != 3; 3 = hidden / padding)

@@ -1,0 +1,36 @@
+"""A StepFlow config resolved for one model: the one typed record of what the engines read of it per forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..flow.config import StepFlowConfig
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """`StepFlowConfig.resolve` for a model of `num_layers` layers, with the knobs of docs/method.md §5 as the
+    engines use them (floats, concrete layer sets)."""
+
+    num_layers: int
+    oeb_layers: tuple[int, ...]  # sorted; empty when OEB is off
+    smi_layers: tuple[int, ...]
+    tau_max: float
+    alpha: float
+    smi_window: int | str  # tokens, or "step"
+
+    @classmethod
+    def resolve(cls, config: StepFlowConfig, num_layers: int) -> FlowSettings:
+        oeb, smi = config.resolve(num_layers)
+        return cls(int(num_layers), tuple(oeb), tuple(smi), float(config.tau_max), float(config.alpha),
+                   config.smi_window)
+
+    @property
+    def oeb(self) -> frozenset[int]:
+        return frozenset(self.oeb_layers)
+
+    @property
+    def smi(self) -> frozenset[int]:
+        return frozenset(self.smi_layers)
