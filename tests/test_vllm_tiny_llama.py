@@ -80,6 +80,17 @@ def test_stepflow_matches_teacher_forced_transformers(setup):
     assert_matches_teacher_forced(llm, model, tok, "t", lambda i: 20 + 6 * i)
 
 
+def test_a_calibrated_config_file_runs_exact(setup, tmp_path):
+    """A config as `stepscope calibrate --out` writes it (StepFlowConfig JSON with its own bands and a measured
+    tau_max), loaded with StepFlowConfig.load, is exact in vLLM as the module's own config is."""
+    import json
+
+    llm, model, tok = setup
+    path = tmp_path / "stepflow.json"
+    path.write_text(json.dumps(StepFlowConfig(fmt="think", oeb_layers=[1, 2], smi_layers=[3], tau_max=0.8).to_json()))
+    assert_matches_teacher_forced(llm, model, tok, "cal", lambda i: 12 + 4 * i, StepFlowConfig.load(path))
+
+
 def _assert_same_traces(got, want, stepflow):
     for g, w in zip(got, want, strict=True):
         assert g.token_ids == w.token_ids
