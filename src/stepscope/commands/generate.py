@@ -5,8 +5,10 @@ problems (--input, JSONL with a question/problem/prompt field and an optional id
 bar. --out FILE.jsonl gets one JSON object per line: id, question, response, trace (stepscope trace JSON), meta.
 Lines are appended and flushed after every finished batch, so an interrupted run keeps what it finished;
 rerunning the same command resumes (ids already in the file are skipped, a cut-off last line is dropped). A
-file written with other settings is refused unless --overwrite. When the run completes the file is rewritten
-(atomically) in input order.
+single question's id is derived from its text (q-<12 hex digits of its SHA-256>), so several single questions
+can share one --out. A file written with other settings, or holding another question under an id of the input,
+is refused unless --overwrite. When the run completes the file is rewritten (atomically): the input's questions
+in input order, then the file's other records as they were.
 
 examples:
   stepscope generate "What is the sum of the first 10 odd numbers?"
@@ -71,6 +73,25 @@ def read_problems(path: str) -> list[tuple[str, str]]:
     return out
 
 
+def question_id(question: str) -> str:
+    """The id of a single question: derived from its text, so different questions never share one."""
+    import hashlib
+
+    return "q-" + hashlib.sha256(question.encode("utf-8")).hexdigest()[:12]
+
+
+def _check_same_questions(out: Path, done: dict[str, dict], problems: list[tuple[str, str]]) -> None:
+    """Resuming skips the ids in `out`: refuse one whose record holds another question than the input's."""
+    from ..errors import StepscopeError
+
+    for rid, q in problems:
+        have = done.get(rid, {}).get("question")
+        if rid in done and have != q:
+            shown = " ".join(str(have).split())[:40]
+            raise StepscopeError(f"{out} holds another question under id {rid!r} ({shown!r}...); pass --overwrite "
+                                 "or another --out")
+
+
 def _existing(out: Path, config: dict) -> dict[str, dict]:
     """Records already in `out` by id; a cut-off last line is removed; other settings are an error."""
     from ..errors import StepscopeError
@@ -122,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     if question is not None:
         if not question.strip():
             raise StepscopeError("the question is empty")
-        problems = [("0", question)]
+        problems = [(question_id(question), question)]
     else:
         problems = read_problems(args.input)
     out = Path(args.out) if args.out else (Path(args.input).with_suffix(".traces.jsonl") if args.input else None)
@@ -152,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
     done: dict[str, dict] = {}
     if out is not None and out.exists() and not args.overwrite:
         done = _existing(out, config)
+        _check_same_questions(out, done, problems)
     todo = [(i, rid, q) for i, (rid, q) in enumerate(problems) if rid not in done]
     say = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not todo:
@@ -207,11 +229,12 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(response_text(traces[0]))
         sys.stdout.write("\n")
         sys.stdout.flush()
-    if out is not None:  # the finished file, in input order
+    if out is not None:  # the finished file: the input's questions in input order, then the file's others
         by_id = dict(done)
         by_id.update({t.meta["id"]: _record(t.meta["id"], t) for t in traces})
+        order = [rid for rid, _ in problems] + [rid for rid in done if rid not in dict(problems)]
         atomic_write_text(out, "".join(json.dumps(by_id[rid], ensure_ascii=False) + "\n"
-                                       for rid, _ in problems if rid in by_id))
+                                       for rid in order if rid in by_id))
     new_tokens = sum(t.meta["num_new_tokens"] for t in traces)
     closed = sum(bool(t.meta.get("thinking_closed")) for t in traces)
     forced = sum(bool(t.meta.get("budget_forced")) for t in traces)
