@@ -160,11 +160,25 @@ def run(args: argparse.Namespace) -> int:
     if args.engine == "transformers" and args.device is None and not args.device_map and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))  # one GPU per process
         args.device = f"cuda:{local % torch.cuda.device_count()}" if world > 1 else "cuda"
+    if rank == 0:  # before the weights load: a run too large for the device can be stopped at once
+        from ..progress import plan_warning
+
+        device = "cuda" if args.engine == "vllm" or args.device_map else args.device or "cpu"
+        from ..wording import plural
+
+        warn = plan_warning(len(bench) * n_samples * len(arm_configs), decode.max_new_tokens, device,
+                            f"{plural(len(bench), 'problem')} x {plural(n_samples, 'sample')} x "
+                            f"{plural(len(arm_configs), 'arm')}")
+        if warn:
+            print(f"stepscope eval: warning: {warn}", file=sys.stderr, flush=True)
     engine = options.load_engine(args, stepflow=any(c is not None for c in arm_configs.values()),
                                  device_map=args.device_map)
     if rank == 0:
-        print(f"stepscope eval: {bench.name} ({len(bench)} problems from {bench.source}), {n_samples} samples, "
-              f"arms {', '.join(arm_configs)}, {world} process(es) -> {args.out}", file=sys.stderr)
+        from ..wording import plural
+
+        print(f"stepscope eval: {bench.name} ({plural(len(bench), 'problem')} from {bench.source}), "
+              f"{plural(n_samples, 'sample')}, arms {', '.join(arm_configs)}, up to {decode.max_new_tokens} new tokens each, {world} process(es) "
+              f"-> {args.out}", file=sys.stderr)
     try:
         summary = run_eval(engine.model, engine.tokenizer, bench, settings, args.out, arm_configs=arm_configs,
                            batch_size=args.batch_size, resume=args.resume, progress=not args.no_progress,

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from ..prompts import STYLES
+from ..wording import plural
 from . import options
 
 HELP = "generate reasoning traces with or without StepFlow (a question, or a JSONL file of problems)"
@@ -181,7 +182,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     arm = "StepFlow" if sf_config is not None else "plain decoding"
     say(f"stepscope generate: {getattr(model, 'name_or_path', args.model)} on {engine.where}, {arm}, "
-        f"{len(todo)} question(s)" + (f", resuming {out} ({len(done)} done)" if done else ""))
+        f"{plural(len(todo), 'question')}" + (f", resuming {out} ({len(done)} done)" if done else ""))
+    from ..progress import TokenProgress, plan_warning
+
+    warn = plan_warning(len(todo), decode.max_new_tokens, engine.where, plural(len(todo), "question"))
+    if warn:
+        say(f"stepscope generate: warning: {warn}")
 
     single = question is not None
     log = None
@@ -200,14 +206,22 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    own = engine.name == "transformers"  # its decode loop streams and has a choice of OEB kernels
+    bar = None
+    if own and not args.quiet and not single:  # traces finished, and tokens and tokens/s inside a batch
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), unit="trace", desc="generate", file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        own = engine.name == "transformers"  # its decode loop streams and has a choice of OEB kernels
         extra = dict(stream=stream if single else None, flow_kernel=args.flow_kernel) if own else {}
+        if bar is not None:
+            extra["on_progress"] = TokenProgress(bar, count_rows=True)
         traces = engine.generate_fn(model, tokenizer, [q for _, _, q in todo],
                                     seeds=[decode.seed + i for i, _, _ in todo],
                                     metas=[{"id": rid} for _, rid, _ in todo], batch_size=args.batch_size,
-                                    progress=not args.quiet and not single, on_batch=save, **extra, **settings)
+                                    progress=not args.quiet and not single and not own, on_batch=save, **extra,
+                                    **settings)
     except BaseException as e:
         if log is not None:
             log.close()
@@ -221,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if log is not None:
             log.close()
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - t0
     if single:
         if not own:  # written at once
@@ -238,13 +254,13 @@ def run(args: argparse.Namespace) -> int:
     new_tokens = sum(t.meta["num_new_tokens"] for t in traces)
     closed = sum(bool(t.meta.get("thinking_closed")) for t in traces)
     forced = sum(bool(t.meta.get("budget_forced")) for t in traces)
-    say(f"{len(traces)} trace(s), {new_tokens} new tokens in {seconds:.1f} s ({new_tokens / max(seconds, 1e-9):.1f} "
-        f"tokens/s); thinking closed in {closed}, budget-forced in {forced}"
-        + (f"; saved to {out}" if out is not None else ""))
+    say(f"{plural(len(traces), 'trace')}, {plural(new_tokens, 'new token')} in {seconds:.1f} s "
+        f"({new_tokens / max(seconds, 1e-9):.1f} tokens/s); the thinking closed in {closed} of {len(traces)} "
+        f"({forced} by budget forcing)" + (f"; saved to {out}" if out is not None else ""))
     if single and sf_config is not None and "stepflow_stats" in traces[0].meta:
         st = traces[0].meta["stepflow_stats"]
         oeb = sum(st.get("oeb_fires", {}).values())
         elig = sum(st.get("oeb_eligible", {}).values())
         smi = sum(st.get("smi_fires", {}).values())
-        say(f"StepFlow: OEB fired on {oeb} of {elig} query-heads, SMI fired {smi} times")
+        say(f"StepFlow: OEB fired on {oeb:,} of {plural(elig, 'query-head')}, SMI fired {plural(smi, 'time')}")
     return 0

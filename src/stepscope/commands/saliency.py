@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..wording import plural
 from . import options
 
 HELP = "compute step-to-step saliency maps of traces (exact, memory near-linear in length)"
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
             if d:
                 print(f"{name}: already done, skipped -> {out / name}")
         if any(done):
-            print(f"skipped {sum(done)} finished trace(s) in {out} (pass --overwrite to recompute them)", flush=True)
+            print(f"skipped {plural(sum(done), 'finished trace')} in {out} (pass --overwrite to recompute them)", flush=True)
         traces = [tr for tr, d in zip(traces, done) if not d]
         names = [name for name, d in zip(names, done) if not d]
         if not traces:
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model {args.model}: {shape['layers']} layers, {shape['heads']} heads, "
           f"{str(next(model.parameters()).dtype).replace('torch.', '')} on {device}"
           + (f", context {limit}" if limit else ""))
-    line = (f"{len(traces)} trace(s), longest {T_max} tokens / {S_max} steps; memory estimate "
+    line = (f"{plural(len(traces), 'trace')}, longest {T_max} tokens / {S_max} steps; memory estimate "
             f"~{format_bytes(est)} ({args.method})")
     if args.method == "chunked":
         line += f"; the brute-force reference would need ~{format_bytes(ref)}"
@@ -182,5 +183,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"{names[start + j]}: {len(res.trace)} tokens, {res.num_steps} steps, {res.num_layers} layers, "
                   f"{res.meta['time_s']:.1f} s, peak {format_bytes(res.meta['peak_memory_bytes'])} -> {folder}",
                   flush=True)
-    print(f"done: {len(traces)} trace(s) in {time.perf_counter() - t_all:.1f} s -> {out}")
+    print(f"done: {plural(len(traces), 'trace')} in {time.perf_counter() - t_all:.1f} s -> {out}")
     return 0

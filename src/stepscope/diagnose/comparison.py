@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StepscopeError
+from ..wording import plural
 from .diagnosis import Diagnosis, diagnose
 from .metrics import JSON_VERSION, METRICS, SCORES, format_ranges, layer_groups
 
@@ -72,9 +73,9 @@ class Comparison:
         """Text summary: scores, then per metric the layers where Welch's Holm-adjusted p < alpha."""
         def group(g: str) -> str:
             n, k = self.groups[g]["n"], self.groups[g].get("n_problems", self.groups[g]["n"])
-            return f"{g}: {n} {_plural(n, 'trace')} of {k} {_plural(k, 'problem')}"
+            return f"{g}: {plural(n, 'trace')} of {plural(k, 'problem')}"
         shared = self.pairing["shared_problems"]
-        lines = [f"{group('correct')}, {group('wrong')}; {shared} {_plural(shared, 'problem')} in both groups"
+        lines = [f"{group('correct')}, {group('wrong')}; {plural(shared, 'problem')} in both groups"
                  + (" (paired tests on those)" if shared else "") + f"; {UNIT_NOTE}"]
         lines += [f"warning: {w}" for w in self.warnings or []]
         for name in SCORES:
@@ -91,10 +92,6 @@ class Comparison:
                     hits.append(f"{self.layer_ids[layer]} ({diff:+.3g}, g={'-' if g is None else format(g, '+.2f')})")
             lines.append(f"{name:<25} " + (", ".join(hits) if hits else "none"))
         return "\n".join(lines)
-
-
-def _plural(n: int, word: str) -> str:
-    return word if n == 1 else word + "s"
 
 
 def _describe(s: dict) -> str:
@@ -166,8 +163,7 @@ def group_warnings(name: str, keys: list[str]) -> list[str]:
     out = []
     counts = Counter(keys)
     if len(counts) < MIN_PROBLEMS:
-        out.append(f"the {name} group holds {len(counts)} {_plural(len(counts), 'problem')} ({len(keys)} "
-                   f"{_plural(len(keys), 'trace')}): too few for its intervals and tests to mean much "
+        out.append(f"the {name} group holds {plural(len(counts), 'problem')} ({plural(len(keys), 'trace')}): too few for its intervals and tests to mean much "
                    f"({MIN_PROBLEMS}+ problems)")
     key, top = counts.most_common(1)[0]
     if len(keys) > 1 and top / len(keys) > DOMINANT_SHARE:
