@@ -2,11 +2,12 @@
 
 Each TRACE file is a trace JSON (from `stepscope trace --out`) or a JSONL/JSON file of records with
 question/problem and response/output fields (rebuilt with the model's tokenizer). Every trace gets its own
-folder DIR/<trace id>/ (--name-by content: DIR/<trace id>-<8 hex digits of its tokens' SHA-256>/, so different
-traces that share an id, e.g. two runs of one question, never share a folder) holding maps.safetensors (tensor "maps", float32 [layers, steps, steps]), trace.json and
+folder DIR/<trace id>/ holding maps.safetensors (tensor "maps", float32 [layers, steps, steps]), trace.json and
 meta.json, written atomically: a failed trace leaves no folder behind. Rerunning the same command skips the
 traces whose folders are finished (and says so); --overwrite recomputes them. A finished folder of another trace
-or of other settings (model, dtype, method, pool, loss, layers, heads) is refused unless --overwrite.
+or of other settings (model, dtype, method, pool, loss, layers, heads) is refused unless --overwrite. With
+--name-by content a folder is DIR/<trace id>-<8 hex digits of the SHA-256 of its token ids>/, so different traces
+that share an id (two runs of one question, say) never share a folder, and a rerun still finds its own.
 
 The default method is exact and needs memory near-linear in the trace length (a 32K-token trace of a 7B model
 fits one GPU); --method reference keeps every layer's T x T attention and its gradient (small inputs only).
