@@ -109,6 +109,30 @@ def traces_available():
     return SHARED_TRACES
 
 
+def pytest_unconfigure(config):
+    """vLLM engines still alive when the tests end (a command's cached engine, an LLM a fixture dropped) are shut
+    down here, while pytest still captures their output; then vLLM's log handlers, bound at import to pytest's
+    capture stream, write to the real stderr and only warnings, so that nothing logs into the closed capture
+    file at interpreter exit ("--- Logging error --- ValueError: I/O operation on closed file")."""
+    import sys
+
+    if "vllm" not in sys.modules:
+        return
+    import gc
+    import logging
+
+    engine = sys.modules.get("stepscope.vllm.engine")
+    if engine is not None:
+        engine.shutdown_engines()
+    gc.collect()  # an LLM whose last reference a fixture dropped shuts down now
+    loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if type(handler) is logging.StreamHandler and handler.stream not in (sys.__stdout__, sys.__stderr__):
+            handler.setStream(sys.__stderr__)
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
 def require_vllm() -> None:
     """At the top of a tests/test_vllm*.py module: skip it when vLLM is not installed, fail it when
     STEPSCOPE_REQUIRE_VLLM=1 (set by .ci/run, whose scripts/test.sh installs vLLM)."""
