@@ -294,7 +294,9 @@ def metric_depth_figure(comparison: Comparison, metrics: Sequence[str] = METRICS
             for group in ("correct", "wrong"):
                 mean, low, high = comparison.curve(name, group)
                 n = comparison.groups[group]["n"]
-                ax.plot(x, mean, color=GROUP_COLORS[group], lw=1.4, marker="o", ms=2, label=f"{group} (n={n})")
+                k = comparison.groups[group].get("n_problems", n)  # the unit of the statistics
+                ax.plot(x, mean, color=GROUP_COLORS[group], lw=1.4, marker="o", ms=2,
+                        label=f"{group} (n={n})" if k == n else f"{group} ({n} traces, {k} problems)")
                 ax.fill_between(x, low, high, color=GROUP_COLORS[group], alpha=0.2, lw=0)
             hits = [r["layer"] for r in comparison.metrics[name]
                     if r["welch"] and r["welch"].get("p_holm") is not None and r["welch"]["p_holm"] < alpha]
