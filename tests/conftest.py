@@ -110,10 +110,11 @@ def traces_available():
 
 
 def pytest_unconfigure(config):
-    """vLLM engines still alive when the tests end (a command's cached engine, an LLM a fixture dropped) are shut
-    down here, while pytest still captures their output; then vLLM's log handlers, bound at import to pytest's
-    capture stream, write to the real stderr and only warnings, so that nothing logs into the closed capture
-    file at interpreter exit ("--- Logging error --- ValueError: I/O operation on closed file")."""
+    """At the end of a run that used vLLM: vLLM's log handlers, bound when vLLM configured its logging to the
+    sys.stdout of that moment (pytest's capture file, closed when pytest ends), are moved to the real stderr and
+    keep only errors; then the engines still alive (a command's cached engine, an LLM a fixture dropped) are shut
+    down. Their shutdown chatter would otherwise print "--- Logging error --- ValueError: I/O operation on
+    closed file" at interpreter exit, once per message (or, logged into the capture, be replayed at the end)."""
     import sys
 
     if "vllm" not in sys.modules:
@@ -121,16 +122,16 @@ def pytest_unconfigure(config):
     import gc
     import logging
 
-    engine = sys.modules.get("stepscope.vllm.engine")
-    if engine is not None:
-        engine.shutdown_engines()
-    gc.collect()  # an LLM whose last reference a fixture dropped shuts down now
     loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values()
                                       if isinstance(lg, logging.Logger))]
     for handler in {h for lg in loggers for h in lg.handlers}:
         if type(handler) is logging.StreamHandler and handler.stream not in (sys.__stdout__, sys.__stderr__):
             handler.setStream(sys.__stderr__)
-            handler.setLevel(max(handler.level, logging.WARNING))
+            handler.setLevel(max(handler.level, logging.ERROR))
+    engine = sys.modules.get("stepscope.vllm.engine")
+    if engine is not None:
+        engine.shutdown_engines()
+    gc.collect()  # an LLM whose last reference a fixture dropped shuts down now
 
 
 def require_vllm() -> None:
