@@ -189,7 +189,8 @@ def _run_phases(llm, rows: list[_Row], d: DecodeConfig, stepflow: StepFlowConfig
     live = list(rows)
     for r in live:
         r.force(forced, budget, d.max_new_tokens)  # a budget of 0 closes a thinking the prompt opened
-    def going(r: _Row) -> bool:
+
+    def going(r: _Row) -> bool:  # the row asks for more tokens
         return r.stop_reason is None and len(r.gen) < d.max_new_tokens and len(r.prompt_ids) + len(r.gen) < max_len
 
     while live:
