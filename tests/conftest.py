@@ -113,8 +113,8 @@ def pytest_unconfigure(config):
     """At the end of a run that used vLLM: vLLM's log handlers, bound when vLLM configured its logging to the
     sys.stdout of that moment (pytest's capture file, closed when pytest ends), are moved to the real stderr and
     keep only errors; then the engines still alive (a command's cached engine, an LLM a fixture dropped) are shut
-    down. Their shutdown chatter would otherwise print "--- Logging error --- ValueError: I/O operation on
-    closed file" at interpreter exit, once per message (or, logged into the capture, be replayed at the end)."""
+    down, their processes' output captured and dropped. Their shutdown chatter would otherwise print "--- Logging
+    error --- ValueError: I/O operation on closed file" at interpreter exit, once per message."""
     import sys
 
     if "vllm" not in sys.modules:
@@ -128,10 +128,19 @@ def pytest_unconfigure(config):
         if type(handler) is logging.StreamHandler and handler.stream not in (sys.__stdout__, sys.__stderr__):
             handler.setStream(sys.__stderr__)
             handler.setLevel(max(handler.level, logging.ERROR))
-    engine = sys.modules.get("stepscope.vllm.engine")
-    if engine is not None:
-        engine.shutdown_engines()
-    gc.collect()  # an LLM whose last reference a fixture dropped shuts down now
+    capman = config.pluginmanager.getplugin("capturemanager")  # the engine processes write to the captured fds
+    capturing = capman is not None and capman.is_globally_capturing()
+    if capturing:
+        capman.resume_global_capture()
+    try:
+        engine = sys.modules.get("stepscope.vllm.engine")
+        if engine is not None:
+            engine.shutdown_engines()
+        gc.collect()  # an LLM whose last reference a fixture dropped shuts down now
+    finally:
+        if capturing:  # their shutdown chatter is dropped, not replayed when pytest stops capturing
+            capman.read_global_capture()
+            capman.suspend_global_capture()
 
 
 def require_vllm() -> None:
