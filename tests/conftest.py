@@ -109,6 +109,40 @@ def traces_available():
     return SHARED_TRACES
 
 
+def pytest_unconfigure(config):
+    """At the end of a run that used vLLM: vLLM's log handlers, bound when vLLM configured its logging to the
+    sys.stdout of that moment (pytest's capture file, closed when pytest ends), are moved to the real stderr and
+    keep only errors; then the engines still alive (a command's cached engine, an LLM a fixture dropped) are shut
+    down, their processes' output captured and dropped. Their shutdown chatter would otherwise print "--- Logging
+    error --- ValueError: I/O operation on closed file" at interpreter exit, once per message."""
+    import sys
+
+    if "vllm" not in sys.modules:
+        return
+    import gc
+    import logging
+
+    loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if type(handler) is logging.StreamHandler and handler.stream not in (sys.__stdout__, sys.__stderr__):
+            handler.setStream(sys.__stderr__)
+            handler.setLevel(max(handler.level, logging.ERROR))
+    capman = config.pluginmanager.getplugin("capturemanager")  # the engine processes write to the captured fds
+    capturing = capman is not None and capman.is_globally_capturing()
+    if capturing:
+        capman.resume_global_capture()
+    try:
+        engine = sys.modules.get("stepscope.vllm.engine")
+        if engine is not None:
+            engine.shutdown_engines()
+        gc.collect()  # an LLM whose last reference a fixture dropped shuts down now
+    finally:
+        if capturing:  # their shutdown chatter is dropped, not replayed when pytest stops capturing
+            capman.read_global_capture()
+            capman.suspend_global_capture()
+
+
 def require_vllm() -> None:
     """At the top of a tests/test_vllm*.py module: skip it when vLLM is not installed, fail it when
     STEPSCOPE_REQUIRE_VLLM=1 (set by .ci/run, whose scripts/test.sh installs vLLM)."""

@@ -75,7 +75,7 @@ def test_compare_writes_json_summary_and_figures(folders, tmp_path, capsys):
     assert main(["compare", "--correct", str(root / "ok"), "--wrong", *map(str, bad), "--out", str(out),
                  "--n-boot", "500", "--n-perm", "500"]) == 0
     text = capsys.readouterr().out
-    assert "4 shared problems" in text and "locality" in text
+    assert "4 problems in both groups" in text and "locality" in text
     cmp = json.loads((out / "comparison.json").read_text())
     assert cmp["groups"]["correct"]["n"] == 6 and cmp["groups"]["wrong"]["n"] == 4
     assert cmp["metrics"]["locality"][0]["welch"]["p_holm"] < 0.05

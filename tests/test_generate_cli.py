@@ -9,6 +9,7 @@ from tiny import make_model, make_tokenizer
 
 from stepscope.cli import build_parser, main
 from stepscope.commands import options
+from stepscope.commands.generate import question_id
 from stepscope.trace import Trace
 
 PROBLEMS = [{"id": "p1", "problem": "What is 2+3?"}, {"question": "Name a prime bigger than 10."},
@@ -49,7 +50,8 @@ def test_single_question_streams_and_saves(model_dir, tmp_path, capsys):
     printed = capsys.readouterr()
     (rec,) = lines(out)
     assert printed.out == rec["response"] + "\n" and rec["response"]
-    assert rec["id"] == "0" and rec["question"] == "What is 2+3?" and rec["meta"]["num_new_tokens"] == 6
+    assert rec["id"] == question_id("What is 2+3?") and rec["question"] == "What is 2+3?"
+    assert rec["meta"]["num_new_tokens"] == 6
     t = Trace.from_json(rec["trace"])
     assert len(t) == rec["meta"]["num_prompt_tokens"] + 6 and t.meta["config"]["stepflow"] is None
     assert "6 new tokens" in printed.err

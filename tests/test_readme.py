@@ -24,6 +24,8 @@ def test_readme_snippets_run(tmp_path, monkeypatch, capsys):
     exec(compile(blocks[0], "README.md:quickstart", "exec"), ns)  # noqa: S102
     out = capsys.readouterr().out
     assert "thinking" in out and "lock_in_score" in out
+    scores = ns["diagnose"](ns["result"]).scores
+    assert all(isinstance(scores[k], float) for k in ("lock_in_score", "decay_slope")), scores  # the numbers it shows
     assert ns["result"].maps.shape[0] == 30
     exec(compile(blocks[1], "README.md:stepflow", "exec"), ns)  # noqa: S102  (continues the first snippet)
     out = capsys.readouterr().out

@@ -104,7 +104,7 @@ def test_report_figures_show_progress_and_workers_draw_the_same(result, tmp_path
                        "--figure-format", "svg, png"])
         assert rc == 0, err.getvalue()
         lines = out.getvalue().splitlines()
-        assert lines[0].startswith("figures of 2 result(s) -> ") and ("2 processes" in lines[0]) == (jobs == 2)
+        assert lines[0].startswith("figures of 2 results -> ") and ("2 processes" in lines[0]) == (jobs == 2)
         progress = [line.split(":")[0] for line in lines if re.match(r"figures \d", line)]
         assert progress == ["figures 1/2", "figures 2/2"]
         files[jobs] = {p.name: p.read_bytes() for p in figs.iterdir()}
@@ -125,3 +125,43 @@ def test_report_figures_show_progress_and_workers_draw_the_same(result, tmp_path
         assert main(["report", *dirs, "--out", str(tmp_path / "r2.html"), "--figures", str(tmp_path / "bad"),
                      "--figure-format", "png,pdf"]) == 2
     assert "--figure-format 'png,pdf'" in err.getvalue() and not (tmp_path / "r2.html").exists()
+
+
+def drawn_texts(fig) -> list:
+    """(text, window box) of every text the figure draws: titles, axis labels, the y axis' common factor, legend
+    entries and the tick labels inside the view (matplotlib keeps labels of ticks outside it, undrawn)."""
+    import matplotlib.text
+
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    skip = set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            eps = 1e-9 * max(1.0, abs(hi - lo))
+            skip |= {id(t.label1) for t in axis.get_major_ticks() if not lo - eps <= t.get_loc() <= hi + eps}
+            skip |= {id(t.label2) for t in axis.get_major_ticks()}
+    return [(t.get_text(), t.get_window_extent(r)) for t in fig.findobj(matplotlib.text.Text)
+            if t.get_visible() and t.get_text().strip() and id(t) not in skip]
+
+
+def test_compare_figure_texts_do_not_overlap():
+    """Tiny block intensities (1e-6 scale) put matplotlib's "1e-6" factor above the axis, over the panel title;
+    it now labels the y axis, and no two drawn texts of the figure intersect."""
+    from test_diagnose import KINDS, structured_maps
+
+    import stepscope.diagnose as dg
+
+    def group(lock, seeds):
+        return [dg.diagnose_maps(structured_maps(8, KINDS, lock=lock, seed=s, noise=0.3) * 1e-6, KINDS)
+                for s in seeds]
+    cmp = dg.compare(group(0.0, range(6)), group(0.5, range(10, 16)), n_boot=100, n_perm=100)
+    fig = figures.metric_depth_figure(cmp)
+    texts = drawn_texts(fig)
+    clashes = [(a, b) for i, (a, ba) in enumerate(texts) for b, bb in texts[i + 1:] if ba.overlaps(bb)]
+    assert not clashes, clashes
+    assert any(t.startswith("\u00d71e") for t, _ in texts)  # the factor is still shown, as a y label
+    diag = figures.diagnosis_depth_figure(group(0.0, range(2)))
+    texts = drawn_texts(diag)
+    clashes = [(a, b) for i, (a, ba) in enumerate(texts) for b, bb in texts[i + 1:] if ba.overlaps(bb)]
+    assert not clashes, clashes

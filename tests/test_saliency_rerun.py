@@ -59,7 +59,7 @@ def test_rerun_skips_finished_traces(setup, tmp_path):
     # a new trace beside a finished one: only the new one is computed
     rc, stdout, err = _cli(["saliency", str(d / "one.json"), str(d / "two.json"), *base])
     assert rc == 0, err
-    assert "one: already done, skipped" in stdout and "two: " in stdout and "1 trace(s)" in stdout
+    assert "one: already done, skipped" in stdout and "two: " in stdout and "1 trace," in stdout
     now = _stamps(out)
     assert now["one"] == first["one"] and set(now) == {"one", "two"}
 

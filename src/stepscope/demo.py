@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import StepscopeError
 from .io import atomic_dir, atomic_write_json
+from .wording import plural
 
 FALLBACK_PROBLEMS = [  # written for stepscope; used only when no packaged benchmark is installed
     ("demo-apples", "A basket holds 12 apples. Maria takes a third of them and then buys 5 more for the basket. "
@@ -158,7 +159,7 @@ def run_demo(out_dir: str | Path = "stepscope-demo", settings: DemoSettings | No
             "id": pid, "gold": gold, "baseline_answer": gb.answer, "baseline_correct": gb.correct,
             "stepflow_answer": gf.answer, "stepflow_correct": gf.correct,
             "baseline_tokens": b.meta["num_new_tokens"], "stepflow_tokens": f.meta["num_new_tokens"],
-            "oeb_rate": f"{fires / elig:.1%} of {elig}" if elig else "n/a",
+            "oeb_rate": f"{fires / elig:.1%} of {plural(elig, 'query-head')}" if elig else "n/a",
             "bridge": f"{sum(before) / len(before):.3f} → {sum(after) / len(after):.3f}" if before and after
             else "n/a",
             "smi_fires": sum((st.get("smi_fires") or {}).values()),

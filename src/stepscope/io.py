@@ -143,6 +143,16 @@ def read_json_file(path: str | os.PathLike):
         raise StepscopeError(f"{path}: not valid JSON ({e.msg})") from None
 
 
+def first_char(path: str | os.PathLike) -> str | None:
+    """The first non-blank character of a file read as text (None: the file is empty or blank), e.g. to tell
+    JSON from plain text before parsing; unreadable bytes count as characters."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return chunk.lstrip()[0]
+    return None
+
+
 def config_fields(d: dict | str, cls, what: str) -> dict:
     """The fields of the settings dataclass `cls` from JSON text or a dict (a copy); a one-line error naming
     `what` for text that is not JSON, JSON that is not an object, or a key `cls` has no field for."""

@@ -46,11 +46,11 @@ def run(args: argparse.Namespace) -> int:
                                               dtype=args.dtype, attn=None if args.attn == "auto" else args.attn,
                                               trust_remote_code=args.trust_remote_code))
     print()
-    print(f"{'problem':<22} {'gold':>8} {'baseline':>12} {'StepFlow':>12}  OEB fired      bridge mass")
+    print(f"{'problem':<22} {'gold':>8} {'baseline':>12} {'StepFlow':>12}  {'OEB fired':<30} bridge mass")
     for r in summary["problems"]:
         b = f"{r['baseline_answer']}{' ok' if r['baseline_correct'] else ' x'}"
         f = f"{r['stepflow_answer']}{' ok' if r['stepflow_correct'] else ' x'}"
-        print(f"{str(r['id'])[:22]:<22} {str(r['gold'])[:8]:>8} {b[:12]:>12} {f[:12]:>12}  {r['oeb_rate']:<14} "
+        print(f"{str(r['id'])[:22]:<22} {str(r['gold'])[:8]:>8} {b[:12]:>12} {f[:12]:>12}  {r['oeb_rate']:<30} "
               f"{r['bridge']}")
     print()
     print(f"{'trace':<40} {'lock-in':>8} {'q-reach(shallow)':>17} {'sum->think(deep)':>17}")

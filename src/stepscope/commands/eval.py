@@ -58,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_model_options(p)
     options.add_engine_options(p)
     p.add_argument("--device-map", default=None,
-                   help="'auto' spreads a model too large for one GPU over all GPUs (one process only)")
+                   help="'auto' spreads a model too large for one GPU over all GPUs (one process, --arms baseline "
+                        "only: StepFlow needs the model on one device)")
     options.add_decoding_options(p, max_new_tokens=MAX_NEW_TOKENS,
                                  seed_help="base seed; a sample's seed = f(seed, problem id, sample)")
     options.add_stepflow_options(p, switches=False)
@@ -82,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate.runfolder import load_run
     from ..evaluate.summary import markdown, paper_table, summarize, write_summary
 
+    for a, b in (("--table", "--summarize"), ("--table", "--resume"), ("--summarize", "--resume"),
+                 ("--device", "--device-map")):
+        if getattr(args, a[2:].replace("-", "_")) and getattr(args, b[2:].replace("-", "_")):
+            raise StepscopeError(f"{a} and {b} contradict each other: give one")
     if args.table:
         summaries = []
         for d in args.table:
@@ -120,6 +125,11 @@ def run(args: argparse.Namespace) -> int:
         raise StepscopeError("--engine vllm runs in one process: use --data-parallel-size N instead of a launcher")
     decode = options.decode_config(args)
     arm_configs = build_arms(args.arms, base=options.stepflow_base(args), **options.stepflow_knobs(args))
+    flow_arms = [a for a, c in arm_configs.items() if c is not None]
+    if args.device_map and flow_arms:  # StepFlow needs the model on one device (docs/stepflow.md)
+        raise StepscopeError(f"--device-map spreads the model over several devices, which StepFlow does not "
+                             f"support (arms {', '.join(flow_arms)}): use --arms baseline, or --engine vllm "
+                             "--tensor-parallel-size N")
     bench = load_benchmark(args.benchmark, data_file=args.data_file, seed=decode.seed, limit=args.limit,
                            release_version=args.release_version, start_date=args.start_date, end_date=args.end_date)
     n_samples = args.n_samples if args.n_samples is not None else paper_samples(bench.name)
@@ -150,11 +160,25 @@ def run(args: argparse.Namespace) -> int:
     if args.engine == "transformers" and args.device is None and not args.device_map and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))  # one GPU per process
         args.device = f"cuda:{local % torch.cuda.device_count()}" if world > 1 else "cuda"
+    if rank == 0:  # before the weights load: a run too large for the device can be stopped at once
+        from ..progress import plan_warning
+
+        device = "cuda" if args.engine == "vllm" or args.device_map else args.device or "cpu"
+        from ..wording import plural
+
+        warn = plan_warning(len(bench) * n_samples * len(arm_configs), decode.max_new_tokens, device,
+                            f"{plural(len(bench), 'problem')} x {plural(n_samples, 'sample')} x "
+                            f"{plural(len(arm_configs), 'arm')}")
+        if warn:
+            print(f"stepscope eval: warning: {warn}", file=sys.stderr, flush=True)
     engine = options.load_engine(args, stepflow=any(c is not None for c in arm_configs.values()),
                                  device_map=args.device_map)
     if rank == 0:
-        print(f"stepscope eval: {bench.name} ({len(bench)} problems from {bench.source}), {n_samples} samples, "
-              f"arms {', '.join(arm_configs)}, {world} process(es) -> {args.out}", file=sys.stderr)
+        from ..wording import plural
+
+        print(f"stepscope eval: {bench.name} ({plural(len(bench), 'problem')} from {bench.source}), "
+              f"{plural(n_samples, 'sample')}, arms {', '.join(arm_configs)}, up to {decode.max_new_tokens} new tokens each, {world} process(es) "
+              f"-> {args.out}", file=sys.stderr)
     try:
         summary = run_eval(engine.model, engine.tokenizer, bench, settings, args.out, arm_configs=arm_configs,
                            batch_size=args.batch_size, resume=args.resume, progress=not args.no_progress,

@@ -5,8 +5,10 @@ problems (--input, JSONL with a question/problem/prompt field and an optional id
 bar. --out FILE.jsonl gets one JSON object per line: id, question, response, trace (stepscope trace JSON), meta.
 Lines are appended and flushed after every finished batch, so an interrupted run keeps what it finished;
 rerunning the same command resumes (ids already in the file are skipped, a cut-off last line is dropped). A
-file written with other settings is refused unless --overwrite. When the run completes the file is rewritten
-(atomically) in input order.
+single question's id is derived from its text (q-<12 hex digits of its SHA-256>), so several single questions
+can share one --out. A file written with other settings, or holding another question under an id of the input,
+is refused unless --overwrite. When the run completes the file is rewritten (atomically): the input's questions
+in input order, then the file's other records as they were.
 
 examples:
   stepscope generate "What is the sum of the first 10 odd numbers?"
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 from ..prompts import STYLES
+from ..wording import plural
 from . import options
 
 HELP = "generate reasoning traces with or without StepFlow (a question, or a JSONL file of problems)"
@@ -69,6 +72,25 @@ def read_problems(path: str) -> list[tuple[str, str]]:
         seen.add(rid)
         out.append((rid, q))
     return out
+
+
+def question_id(question: str) -> str:
+    """The id of a single question: derived from its text, so different questions never share one."""
+    import hashlib
+
+    return "q-" + hashlib.sha256(question.encode("utf-8")).hexdigest()[:12]
+
+
+def _check_same_questions(out: Path, done: dict[str, dict], problems: list[tuple[str, str]]) -> None:
+    """Resuming skips the ids in `out`: refuse one whose record holds another question than the input's."""
+    from ..errors import StepscopeError
+
+    for rid, q in problems:
+        have = done.get(rid, {}).get("question")
+        if rid in done and have != q:
+            shown = " ".join(str(have).split())[:40]
+            raise StepscopeError(f"{out} holds another question under id {rid!r} ({shown!r}...); pass --overwrite "
+                                 "or another --out")
 
 
 def _existing(out: Path, config: dict) -> dict[str, dict]:
@@ -122,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     if question is not None:
         if not question.strip():
             raise StepscopeError("the question is empty")
-        problems = [("0", question)]
+        problems = [(question_id(question), question)]
     else:
         problems = read_problems(args.input)
     out = Path(args.out) if args.out else (Path(args.input).with_suffix(".traces.jsonl") if args.input else None)
@@ -152,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     done: dict[str, dict] = {}
     if out is not None and out.exists() and not args.overwrite:
         done = _existing(out, config)
+        _check_same_questions(out, done, problems)
     todo = [(i, rid, q) for i, (rid, q) in enumerate(problems) if rid not in done]
     say = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not todo:
@@ -159,7 +182,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     arm = "StepFlow" if sf_config is not None else "plain decoding"
     say(f"stepscope generate: {getattr(model, 'name_or_path', args.model)} on {engine.where}, {arm}, "
-        f"{len(todo)} question(s)" + (f", resuming {out} ({len(done)} done)" if done else ""))
+        f"{plural(len(todo), 'question')}" + (f", resuming {out} ({len(done)} done)" if done else ""))
+    from ..progress import TokenProgress, plan_warning
+
+    warn = plan_warning(len(todo), decode.max_new_tokens, engine.where, plural(len(todo), "question"))
+    if warn:
+        say(f"stepscope generate: warning: {warn}")
 
     single = question is not None
     log = None
@@ -178,14 +206,22 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    own = engine.name == "transformers"  # its decode loop streams and has a choice of OEB kernels
+    bar = None
+    if own and not args.quiet and not single:  # traces finished, and tokens and tokens/s inside a batch
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), unit="trace", desc="generate", file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        own = engine.name == "transformers"  # its decode loop streams and has a choice of OEB kernels
         extra = dict(stream=stream if single else None, flow_kernel=args.flow_kernel) if own else {}
+        if bar is not None:
+            extra["on_progress"] = TokenProgress(bar, count_rows=True)
         traces = engine.generate_fn(model, tokenizer, [q for _, _, q in todo],
                                     seeds=[decode.seed + i for i, _, _ in todo],
                                     metas=[{"id": rid} for _, rid, _ in todo], batch_size=args.batch_size,
-                                    progress=not args.quiet and not single, on_batch=save, **extra, **settings)
+                                    progress=not args.quiet and not single and not own, on_batch=save, **extra,
+                                    **settings)
     except BaseException as e:
         if log is not None:
             log.close()
@@ -199,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if log is not None:
             log.close()
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - t0
     if single:
         if not own:  # written at once
@@ -207,21 +245,22 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(response_text(traces[0]))
         sys.stdout.write("\n")
         sys.stdout.flush()
-    if out is not None:  # the finished file, in input order
+    if out is not None:  # the finished file: the input's questions in input order, then the file's others
         by_id = dict(done)
         by_id.update({t.meta["id"]: _record(t.meta["id"], t) for t in traces})
+        order = [rid for rid, _ in problems] + [rid for rid in done if rid not in dict(problems)]
         atomic_write_text(out, "".join(json.dumps(by_id[rid], ensure_ascii=False) + "\n"
-                                       for rid, _ in problems if rid in by_id))
+                                       for rid in order if rid in by_id))
     new_tokens = sum(t.meta["num_new_tokens"] for t in traces)
     closed = sum(bool(t.meta.get("thinking_closed")) for t in traces)
     forced = sum(bool(t.meta.get("budget_forced")) for t in traces)
-    say(f"{len(traces)} trace(s), {new_tokens} new tokens in {seconds:.1f} s ({new_tokens / max(seconds, 1e-9):.1f} "
-        f"tokens/s); thinking closed in {closed}, budget-forced in {forced}"
-        + (f"; saved to {out}" if out is not None else ""))
+    say(f"{plural(len(traces), 'trace')}, {plural(new_tokens, 'new token')} in {seconds:.1f} s "
+        f"({new_tokens / max(seconds, 1e-9):.1f} tokens/s); the thinking closed in {closed} of {len(traces)} "
+        f"({forced} by budget forcing)" + (f"; saved to {out}" if out is not None else ""))
     if single and sf_config is not None and "stepflow_stats" in traces[0].meta:
         st = traces[0].meta["stepflow_stats"]
         oeb = sum(st.get("oeb_fires", {}).values())
         elig = sum(st.get("oeb_eligible", {}).values())
         smi = sum(st.get("smi_fires", {}).values())
-        say(f"StepFlow: OEB fired on {oeb} of {elig} query-heads, SMI fired {smi} times")
+        say(f"StepFlow: OEB fired on {oeb:,} of {plural(elig, 'query-head')}, SMI fired {plural(smi, 'time')}")
     return 0

@@ -36,6 +36,24 @@ def positive_int(text: str) -> int:
     return v
 
 
+class OnOff(argparse.BooleanOptionalAction):
+    """--x / --no-x that remembers which of the two were given, so that a reader refuses both at once in one
+    line (argparse alone lets the last one win)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = set(getattr(namespace, "_given_" + self.dest, ()))
+        setattr(namespace, "_given_" + self.dest, given | {option_string})
+        super().__call__(parser, namespace, values, option_string)
+
+
+def check_on_off(args: argparse.Namespace, dest: str) -> None:
+    """Refuse --x given together with --no-x (an OnOff option)."""
+    given = getattr(args, "_given_" + dest, ())
+    if len(given) > 1:
+        a, b = sorted(given, key=len)
+        raise StepscopeError(f"{a} and {b} contradict each other: give one")
+
+
 # -- model ------------------------------------------------------------------------------------------------------
 
 
@@ -203,7 +221,7 @@ def add_stepflow_options(p: argparse.ArgumentParser, *, switches: bool = True) -
     like eval, leaves them out)."""
     f = p.add_argument_group("StepFlow (paper defaults: OEB on the bottom quarter of layers, SMI on the top quarter)")
     if switches:
-        f.add_argument("--stepflow", action=argparse.BooleanOptionalAction, default=True,
+        f.add_argument("--stepflow", action=OnOff, default=True,
                        help="apply StepFlow while generating (default: on)")
     f.add_argument("--stepflow-config", default=None, metavar="FILE.json",
                    help="start from this StepFlow config (as `stepscope calibrate` writes it); the options below "
@@ -270,6 +288,7 @@ def stepflow_config(args: argparse.Namespace):
     knobs = {"--stepflow-config": args.stepflow_config, "--tau-max": args.tau_max, "--alpha": args.alpha, "--oeb-layers": args.oeb_layers,
              "--smi-layers": args.smi_layers, "--smi-window": args.smi_window,
              "--no-oeb": args.no_oeb or None, "--no-smi": args.no_smi or None, "--flow-kernel": args.flow_kernel}
+    check_on_off(args, "stepflow")
     if not args.stepflow:
         given = [k for k, v in knobs.items() if v is not None]
         if given:
@@ -293,7 +312,7 @@ def stepflow_config(args: argparse.Namespace):
 
 def add_format_options(p: argparse.ArgumentParser) -> None:
     """--fmt and --markers: how the traces mark their thinking."""
-    p.add_argument("--fmt", default="auto", choices=["auto", *FORMATS, "markers"],
+    p.add_argument("--fmt", default=None, choices=["auto", *FORMATS, "markers"],
                    help="thinking format (default auto: from the chat template, then the text)")
     p.add_argument("--markers", nargs=2, metavar=("START", "END"), default=None,
                    help="custom thinking start and end strings (implies --fmt markers)")
@@ -302,10 +321,12 @@ def add_format_options(p: argparse.ArgumentParser) -> None:
 def format_arg(args: argparse.Namespace) -> str | Format:
     """The format the options name: "auto", "think", "harmony", or the Format of --markers."""
     if args.markers:  # --markers implies --fmt markers
+        if args.fmt not in (None, "markers"):
+            raise StepscopeError(f"--fmt {args.fmt} contradicts --markers (which means --fmt markers): give one")
         return get_format("markers", markers=tuple(args.markers))
     if args.fmt == "markers":
         raise StepscopeError("--fmt markers needs --markers START END")
-    return args.fmt
+    return args.fmt or "auto"
 
 
 # -- trace files ------------------------------------------------------------------------------------------------

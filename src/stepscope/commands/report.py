@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from ..wording import plural
+
 HELP = "one self-contained HTML report (heatmaps, layer slider, trace text, metrics, verdicts)"
 
 
@@ -127,7 +129,8 @@ def _figures(folder: str, results, diagnoses, labels, jobs: int, formats: tuple[
         # maps: [L, S, S] float32 of a SaliencyResult read from its folder
         tasks.append((name, (r.maps.float().numpy(), [s.kind for s in r.trace.steps], d, label, formats)))
     jobs = min(jobs, len(tasks))
-    print(f"figures of {len(tasks)} result(s) -> {folder}" + (f" ({jobs} processes)" if jobs > 1 else ""), flush=True)
+    print(f"figures of {plural(len(tasks), 'result')} -> {folder}" + (f" ({jobs} processes)" if jobs > 1 else ""),
+          flush=True)
     start = time.perf_counter()
     with atomic_dir(folder) as tmp:
         def finished(k: int, name: str) -> None:

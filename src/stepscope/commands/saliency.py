@@ -5,7 +5,9 @@ question/problem and response/output fields (rebuilt with the model's tokenizer)
 folder DIR/<trace id>/ holding maps.safetensors (tensor "maps", float32 [layers, steps, steps]), trace.json and
 meta.json, written atomically: a failed trace leaves no folder behind. Rerunning the same command skips the
 traces whose folders are finished (and says so); --overwrite recomputes them. A finished folder of another trace
-or of other settings (model, dtype, method, pool, loss, layers, heads) is refused unless --overwrite.
+or of other settings (model, dtype, method, pool, loss, layers, heads) is refused unless --overwrite. With
+--name-by content a folder is DIR/<trace id>-<8 hex digits of the SHA-256 of its token ids>/, so different traces
+that share an id (two runs of one question, say) never share a folder, and a rerun still finds its own.
 
 The default method is exact and needs memory near-linear in the trace length (a 32K-token trace of a 7B model
 fits one GPU); --method reference keeps every layer's T x T attention and its gradient (small inputs only).
@@ -19,10 +21,12 @@ examples:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
 
+from ..wording import plural
 from . import options
 
 HELP = "compute step-to-step saliency maps of traces (exact, memory near-linear in length)"
@@ -48,8 +52,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true",
                    help="recompute traces whose folders in --out are finished (default: skip them)")
+    p.add_argument("--name-by", default="id", choices=["id", "content"],
+                   help="folder names: id (default): the trace id; content: the id and a hash of the trace's "
+                        "tokens, so different traces with one id get different folders")
     options.add_format_options(p)
     options.add_model_options(p)
+
+
+def tokens_digest(token_ids: list[int]) -> str:
+    """8 hex digits of the SHA-256 of a trace's token ids: its part of a --name-by content folder name."""
+    return hashlib.sha256(",".join(map(str, token_ids)).encode("ascii")).hexdigest()[:8]
 
 
 def _finished(folder: Path, trace, want: dict) -> bool:
@@ -62,8 +74,8 @@ def _finished(folder: Path, trace, want: dict) -> bool:
         return False
     done = load_result(folder)
     if done.trace.token_ids != trace.token_ids:
-        raise StepscopeError(f"{folder} holds the saliency of another trace with this id; pass --overwrite to "
-                             "replace it, or another --out")
+        raise StepscopeError(f"{folder} holds the saliency of another trace with this id; pass --name-by content "
+                             "to keep both, --overwrite to replace it, or another --out")
     got = {**{k: done.meta.get(k) for k in want}, "heads": done.head_maps is not None}
     diff = [f"{k} {got[k]!r} -> {want[k]!r}"[:80] for k in want if got[k] != want[k]]
     if diff:
@@ -76,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import StepscopeError
-    from ..io import check_writable
+    from ..io import check_writable, first_char
     from ..layers import parse_layers
     from ..saliency import SaliencyResult, estimate_memory, step_saliency
     from ..saliency.core import _check_traces, max_positions
@@ -88,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     for f in args.traces:
         if not Path(f).is_file():
             raise StepscopeError(f"{f}: no such file")
+        if first_char(f) not in ("{", "["):
+            raise StepscopeError(f"{f}: not JSON or JSONL (saliency reads trace JSON or JSONL records); for a "
+                                 f"plain-text trace run `stepscope trace {f} --out t.json` first")
     check_writable(args.out, "--out", folder=True)
     fmt = options.format_arg(args)
     model, tokenizer = options.load_model(args)
@@ -109,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     used: set[str] = set()
     for i, tr in enumerate(traces):
         base = options.safe_name(tr.id) if tr.id else f"trace-{i}"
+        if args.name_by == "content":
+            base = f"{base[:91]}-{tokens_digest(tr.token_ids)}"
         name, k = base, 1
         while name in used:
             k += 1
@@ -126,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             if d:
                 print(f"{name}: already done, skipped -> {out / name}")
         if any(done):
-            print(f"skipped {sum(done)} finished trace(s) in {out} (pass --overwrite to recompute them)", flush=True)
+            print(f"skipped {plural(sum(done), 'finished trace')} in {out} (pass --overwrite to recompute them)", flush=True)
         traces = [tr for tr, d in zip(traces, done) if not d]
         names = [name for name, d in zip(names, done) if not d]
         if not traces:
@@ -142,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model {args.model}: {shape['layers']} layers, {shape['heads']} heads, "
           f"{str(next(model.parameters()).dtype).replace('torch.', '')} on {device}"
           + (f", context {limit}" if limit else ""))
-    line = (f"{len(traces)} trace(s), longest {T_max} tokens / {S_max} steps; memory estimate "
+    line = (f"{plural(len(traces), 'trace')}, longest {T_max} tokens / {S_max} steps; memory estimate "
             f"~{format_bytes(est)} ({args.method})")
     if args.method == "chunked":
         line += f"; the brute-force reference would need ~{format_bytes(ref)}"
@@ -167,5 +184,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"{names[start + j]}: {len(res.trace)} tokens, {res.num_steps} steps, {res.num_layers} layers, "
                   f"{res.meta['time_s']:.1f} s, peak {format_bytes(res.meta['peak_memory_bytes'])} -> {folder}",
                   flush=True)
-    print(f"done: {len(traces)} trace(s) in {time.perf_counter() - t_all:.1f} s -> {out}")
+    print(f"done: {plural(len(traces), 'trace')} in {time.perf_counter() - t_all:.1f} s -> {out}")
     return 0

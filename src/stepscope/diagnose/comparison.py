@@ -1,6 +1,11 @@
 """Group comparison of correct and wrong traces, metric by metric and layer by layer: bootstrap intervals,
 Welch and Mann-Whitney tests with effect sizes, paired tests over shared problems, and adjustment across layers.
 Differences are wrong - correct (treatment - control, the convention of `stepscope.stats`).
+
+The unit is the problem: traces of one problem (samples, arms) are not independent, so a group's traces of
+one problem are averaged first and every interval and test resamples problems (a trace without a problem key
+is a problem of its own). `warnings` say when a group is too small or dominated by one problem, and when no
+problem is in both groups.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StepscopeError
+from ..wording import plural
 from .diagnosis import Diagnosis, diagnose
 from .metrics import JSON_VERSION, METRICS, SCORES, format_ranges, layer_groups
 
@@ -20,6 +26,10 @@ MULTIPLE_COMPARISONS_NOTE = (
     "metric: p_holm (Holm, family-wise error) and q_bh (Benjamini-Hochberg, false discovery rate). The nine "
     "metrics overlap (they are built from the same maps), so no adjustment across metrics is made; read a "
     "single unadjusted p < 0.05 among hundreds of tests as noise.")
+UNIT_NOTE = ("unit: the problem; a group's traces of one problem (samples, arms) are averaged first, so means, "
+             "intervals and tests resample problems, not traces")
+MIN_PROBLEMS = 5  # fewer problems in a group: a warning (the tests then say little)
+DOMINANT_SHARE = 0.5  # one problem holding more than this share of a group's traces: a warning
 
 
 @dataclass
@@ -34,6 +44,7 @@ class Comparison:
     settings: dict
     layers: list[int] | None = None  # model layer of each entry (None: all)
     num_model_layers: int | None = None
+    warnings: list[str] | None = None  # what makes the statistics weak (small groups, one problem, no pairs)
 
     @property
     def layer_ids(self) -> list[int]:
@@ -48,7 +59,7 @@ class Comparison:
                 "layers": self.layer_ids, "num_model_layers": self.num_model_layers or self.num_layers,
                 "layer_groups": self.layer_groups, "groups": self.groups, "pairing": self.pairing,
                 "settings": self.settings, "multiple_comparisons": MULTIPLE_COMPARISONS_NOTE,
-                "metrics": self.metrics, "scores": self.scores}
+                "warnings": list(self.warnings or []), "metrics": self.metrics, "scores": self.scores}
 
     def curve(self, name: str, group: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mean, low, high) float64 [L] of a metric in a group ("correct" or "wrong"); NaN where null."""
@@ -60,8 +71,13 @@ class Comparison:
 
     def table(self, alpha: float = 0.05) -> str:
         """Text summary: scores, then per metric the layers where Welch's Holm-adjusted p < alpha."""
-        lines = [f"correct: {self.groups['correct']['n']} traces, wrong: {self.groups['wrong']['n']} traces, "
-                 f"{self.pairing['shared_problems']} shared problems (paired tests on those)"]
+        def group(g: str) -> str:
+            n, k = self.groups[g]["n"], self.groups[g].get("n_problems", self.groups[g]["n"])
+            return f"{g}: {plural(n, 'trace')} of {plural(k, 'problem')}"
+        shared = self.pairing["shared_problems"]
+        lines = [f"{group('correct')}, {group('wrong')}; {plural(shared, 'problem')} in both groups"
+                 + (" (paired tests on those)" if shared else "") + f"; {UNIT_NOTE}"]
+        lines += [f"warning: {w}" for w in self.warnings or []]
         for name in SCORES:
             s = self.scores[name]
             lines.append(f"{name}: " + _describe(s))
@@ -126,6 +142,37 @@ def _group_stats(c: list[float], w: list[float], pairs: list[tuple[float, float]
     return out
 
 
+def _unit_keys(keys: list[str | None], tag: str) -> list[str]:
+    """Each trace's unit: its problem key, or (no key) a unit of its own."""
+    return [k if k is not None else f"{tag}:{i}" for i, k in enumerate(keys)]
+
+
+def _per_problem(keys: list[str], values: list[float | None]) -> list[float]:
+    """The mean value of each problem (its traces' non-null values averaged), in order of first appearance."""
+    by: dict[str, list[float]] = {}
+    for k, v in zip(keys, values):
+        if v is not None:
+            by.setdefault(k, []).append(v)
+    return [float(np.mean(v)) for v in by.values()]
+
+
+def group_warnings(name: str, keys: list[str]) -> list[str]:
+    """What makes one group's statistics weak: too few problems, or one problem holding most of its traces."""
+    from collections import Counter
+
+    out = []
+    counts = Counter(keys)
+    if len(counts) < MIN_PROBLEMS:
+        out.append(f"the {name} group holds {plural(len(counts), 'problem')} ({plural(len(keys), 'trace')}): too few for its intervals and tests to mean much "
+                   f"({MIN_PROBLEMS}+ problems)")
+    key, top = counts.most_common(1)[0]
+    if len(keys) > 1 and top / len(keys) > DOMINANT_SHARE:
+        shown = key if not key.startswith("text:") else "one problem text"
+        out.append(f"{top} of the {len(keys)} {name} traces are of one problem ({shown}): the group describes "
+                   "that problem more than wrong or correct traces in general")
+    return out
+
+
 def _paired_values(correct: list[tuple[str | None, float | None]],
                    wrong: list[tuple[str | None, float | None]]) -> list[tuple[float, float]]:
     """(mean correct, mean wrong) per problem present in both groups (several traces per problem averaged)."""
@@ -143,7 +190,8 @@ def compare(correct: Sequence[Any], wrong: Sequence[Any], *, n_boot: int = 10_00
             level: float = 0.95, seed: int = 0) -> Comparison:
     """Compare two groups of traces (Diagnosis objects, results or result folders) metric by metric, layer by
     layer: bootstrap means with intervals, Welch and Mann-Whitney with effect sizes, paired tests over shared
-    problems, Holm and Benjamini-Hochberg adjustment across layers. Differences are wrong - correct."""
+    problems, Holm and Benjamini-Hochberg adjustment across layers. Differences are wrong - correct. The unit
+    is the problem (meta problem_key): a group's traces of one problem are averaged before any statistic."""
     from ..stats import benjamini_hochberg, holm
 
     dc = [x if isinstance(x, Diagnosis) else diagnose(x) for x in correct]
@@ -158,12 +206,13 @@ def compare(correct: Sequence[Any], wrong: Sequence[Any], *, n_boot: int = 10_00
     kc = [d.meta.get("problem_key") for d in dc]
     kw = [d.meta.get("problem_key") for d in dw]
     shared = sorted({k for k in kc if k} & {k for k in kw if k})
+    uc, uw = _unit_keys(kc, "correct-trace"), _unit_keys(kw, "wrong-trace")
     metrics: dict[str, list[dict]] = {}
     for mi, name in enumerate(METRICS):
         rows = []
         for layer in range(L):
-            c = [d.metrics[name][layer] for d in dc if d.metrics[name][layer] is not None]
-            w = [d.metrics[name][layer] for d in dw if d.metrics[name][layer] is not None]
+            c = _per_problem(uc, [d.metrics[name][layer] for d in dc])
+            w = _per_problem(uw, [d.metrics[name][layer] for d in dw])
             pairs = _paired_values([(k, d.metrics[name][layer]) for k, d in zip(kc, dc)],
                                    [(k, d.metrics[name][layer]) for k, d in zip(kw, dw)])
             rows.append({"layer": ids[layer], **_group_stats(c, w, pairs, n_boot, n_perm, level,
@@ -180,8 +229,8 @@ def compare(correct: Sequence[Any], wrong: Sequence[Any], *, n_boot: int = 10_00
         metrics[name] = rows
     scores = {}
     for si, name in enumerate(SCORES):
-        c = [d.scores[name] for d in dc if d.scores[name] is not None]
-        w = [d.scores[name] for d in dw if d.scores[name] is not None]
+        c = _per_problem(uc, [d.scores[name] for d in dc])
+        w = _per_problem(uw, [d.scores[name] for d in dw])
         pairs = _paired_values([(k, d.scores[name]) for k, d in zip(kc, dc)],
                                [(k, d.scores[name]) for k, d in zip(kw, dw)])
         scores[name] = _group_stats(c, w, pairs, n_boot, n_perm, level, seed + 100_000 + si)
@@ -191,8 +240,13 @@ def compare(correct: Sequence[Any], wrong: Sequence[Any], *, n_boot: int = 10_00
                "note": ("paired tests use the problems present in both groups (several traces of one problem in "
                         "a group are averaged first); unpaired tests use every trace") if shared else
                        "no problem appears in both groups: only unpaired tests"}
-    groups = {"correct": {"n": len(dc), "ids": [d.id for d in dc]}, "wrong": {"n": len(dw), "ids": [d.id for d in dw]}}
-    settings = {"n_boot": n_boot, "n_perm": n_perm, "level": level, "seed": seed,
+    groups = {"correct": {"n": len(dc), "n_problems": len(set(uc)), "ids": [d.id for d in dc]},
+              "wrong": {"n": len(dw), "n_problems": len(set(uw)), "ids": [d.id for d in dw]}}
+    warnings = group_warnings("correct", uc) + group_warnings("wrong", uw)
+    if not shared:
+        warnings.append("no problem is in both groups: they differ in their problems as well as in correctness, "
+                        "and no paired test is possible")
+    settings = {"n_boot": n_boot, "n_perm": n_perm, "level": level, "seed": seed, "unit": UNIT_NOTE,
                 "interval": "percentile bootstrap", "tests": "Welch t, Mann-Whitney U, paired sign-flip permutation",
                 "effect_sizes": "Hedges' g (Welch), rank-biserial r (Mann-Whitney), Cohen's d_z (paired)"}
-    return Comparison(L, groups, pairing, metrics, scores, settings, ids, dc[0].model_layers)
+    return Comparison(L, groups, pairing, metrics, scores, settings, ids, dc[0].model_layers, warnings)

@@ -192,7 +192,7 @@ def diagnose_maps(maps: Any, step_kinds: Sequence[str], meta: dict | None = None
     values, reasons, rows = compute_metrics(maps, kinds)
     scores, score_reasons = compute_scores(values, depth, layer_ids)
     reasons.update(score_reasons)
-    keep = {k: meta[k] for k in ("id", "model", "source_model", "correct", "pool", "loss", "problem_id")
+    keep = {k: meta[k] for k in ("id", "model", "source_model", "correct", "pool", "loss", "problem_id", "arm", "sample")
             if k in meta}
     key = problem_key(meta)
     if key is not None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import StepscopeError
-from ..io import read_text_file
+from ..io import first_char, read_text_file
 from .problems import (  # noqa: F401  (the row readers are part of this module's interface)
     ID_KEYS,
     Benchmark,
@@ -296,6 +296,8 @@ def load_benchmark(name: str, *, data_file: str | Path | None = None, seed: int 
     if key != "livecodebench" and path is None and (release_version or start or end):
         raise StepscopeError("--release-version, --start-date and --end-date apply to livecodebench only")
     if path is not None:
+        if path.is_file() and first_char(path) is None:
+            raise StepscopeError(f"{path}: the file is empty (no problems)")
         problems, source = _from_file(path, key, seed=seed, release_version=release_version, start=start, end=end)
         return Benchmark(key, source, problems).head(limit)
     spec = SPECS[key]

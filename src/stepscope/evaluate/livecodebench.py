@@ -77,11 +77,18 @@ def hub_files(version: str) -> list[Path]:
     except ImportError:
         raise StepscopeError("livecodebench from the hub needs huggingface_hub: pip install huggingface_hub; or "
                              "pass a local file with --data-file") from None
+    from ..models import hub_offline
+
+    offline = hub_offline()  # checked first: the hub client would spend ~25 s retrying an unreachable hub
     out = []
     for name in release_files(version):
         try:
-            out.append(Path(hf_hub_download(HUB_REPO, name, repo_type="dataset")))
+            out.append(Path(hf_hub_download(HUB_REPO, name, repo_type="dataset", local_files_only=offline)))
         except Exception as e:  # noqa: BLE001  (network, offline mode, a moved file: one clear line)
+            if offline:
+                raise StepscopeError(f"livecodebench: the Hugging Face hub is unreachable (offline) and {name} of "
+                                     f"{HUB_REPO} is not in the local cache; pass a local copy with --data-file") \
+                    from None
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise StepscopeError(f"livecodebench: cannot get {name} of {HUB_REPO} from the hub ({first}); pass a "
                                  f"local copy with --data-file") from None

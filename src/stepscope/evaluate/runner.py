@@ -268,8 +268,12 @@ def run_info(settings: EvalSettings, benchmark: Benchmark, batch_size: int, worl
 
 
 def _generate(generate_fn: GenerateFn, model, tokenizer, todo: list[Unit], arm: str, config,
-              settings: EvalSettings, batch_size: int) -> list:
-    """One trace per unit of `todo` in one arm, in order (one generator call per prompt style)."""
+              settings: EvalSettings, batch_size: int, on_progress=None) -> list:
+    """One trace per unit of `todo` in one arm, in order (one generator call per prompt style); `on_progress`
+    goes to a generator that takes it (stepscope.progress)."""
+    from ..progress import accepts
+
+    hook = {"on_progress": on_progress} if on_progress is not None and accepts(generate_fn, "on_progress") else {}
     seeds = [sample_seed(settings.decode.seed, p.id, s) for p, s in todo]
     traces: list = [None] * len(todo)
     for style in sorted({_prompt_style(settings, p) for p, _ in todo}):  # normally one style per benchmark
@@ -277,7 +281,7 @@ def _generate(generate_fn: GenerateFn, model, tokenizer, todo: list[Unit], arm: 
         got = generate_fn(
             model, tokenizer, [todo[i][0].prompt_text() for i in sel], decode=settings.decode, stepflow=config,
             seeds=[seeds[i] for i in sel], batch_size=batch_size, prompt_style=style, progress=False,
-            metas=[{"id": todo[i][0].id, "sample": todo[i][1], "arm": arm} for i in sel])
+            metas=[{"id": todo[i][0].id, "sample": todo[i][1], "arm": arm} for i in sel], **hook)
         if len(got) != len(sel):
             raise StepscopeError(f"the generator returned {len(got)} traces for {len(sel)} prompts")
         for i, trace in zip(sel, got):
@@ -286,9 +290,12 @@ def _generate(generate_fn: GenerateFn, model, tokenizer, todo: list[Unit], arm: 
 
 
 class _Progress:
-    """A progress bar over samples with each arm's running accuracy (nothing when off)."""
+    """A progress bar over samples with each arm's running accuracy and, inside a batch, its tokens, tokens/s
+    and finished rows (`tokens`, the generator's on_progress hook; nothing when off)."""
 
     def __init__(self, on: bool, total: int, desc: str, arms: list[str]) -> None:
+        from ..progress import TokenProgress
+
         self.correct = dict.fromkeys(arms, 0)
         self.count = dict.fromkeys(arms, 0)
         self.bar = None
@@ -296,13 +303,17 @@ class _Progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, unit="sample", desc=desc, dynamic_ncols=True, smoothing=0.1)
+        self.tokens = TokenProgress(self.bar, extra=self.accuracy) if on else None
+
+    def accuracy(self) -> str:
+        return ", ".join(f"{a} {100 * self.correct[a] / n:.1f}%" for a, n in self.count.items() if n)
 
     def update(self, arm: str, records: list[dict]) -> None:
         self.correct[arm] += sum(r["correct"] for r in records)
         self.count[arm] += len(records)
         if self.bar is not None:
             self.bar.update(len(records))
-            self.bar.set_postfix({a: f"{100 * self.correct[a] / n:.1f}%" for a, n in self.count.items() if n})
+            self.bar.set_postfix_str(self.accuracy())
 
     def close(self) -> None:
         if self.bar is not None:
@@ -338,8 +349,9 @@ def run_eval(model, tokenizer, benchmark: Benchmark, settings: EvalSettings, out
     units = [(p, s) for p in benchmark.problems for s in range(settings.n_samples)]  # problem-major
     mine = [u for i, u in enumerate(units) if i % world == rank]
 
-    def generate(todo: list[Unit], arm: str) -> list:
-        return _generate(generate_fn, model, tokenizer, todo, arm, arm_configs[arm], settings, batch_size)
+    def generate(todo: list[Unit], arm: str, on_progress=None) -> list:
+        return _generate(generate_fn, model, tokenizer, todo, arm, arm_configs[arm], settings, batch_size,
+                         on_progress)
 
     _run_share(folder, mine, arms, settings, generate, rank=rank, world=world, batch_size=batch_size,
                grade_timeout=grade_timeout, save_traces=save_traces,
@@ -353,7 +365,7 @@ def run_eval(model, tokenizer, benchmark: Benchmark, settings: EvalSettings, out
 
 
 def _run_share(folder: RunFolder, mine: list[Unit], arms: list[str], settings: EvalSettings,
-               generate: Callable[[list[Unit], str], list], *, rank: int, world: int, batch_size: int,
+               generate: Callable[..., list], *, rank: int, world: int, batch_size: int,
                grade_timeout: float | None, save_traces: bool, progress_desc: str | None) -> None:
     """Generate, grade and append every sample of this process's units not yet in the folder, batch by batch,
     arms interleaved; the status file says how it ended."""
@@ -369,7 +381,9 @@ def _run_share(folder: RunFolder, mine: list[Unit], arms: list[str], settings: E
                     todo = [(p, s) for p, s in batch if (p.id, s, arm) not in done]
                     if not todo:
                         continue
-                    traces = generate(todo, arm)
+                    if bar.tokens is not None:
+                        bar.tokens.start_batch(len(todo))
+                    traces = generate(todo, arm, bar.tokens)
                     grades = grade_traces([p for p, _ in todo], traces, grade_timeout, settings)
                     records = [make_record(p, s, sample_seed(settings.decode.seed, p.id, s), arm, settings.arms[arm],
                                            trace, g, rank, save_traces)

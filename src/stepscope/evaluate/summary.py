@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import StepscopeError
 from ..io import atomic_write_json, atomic_write_text
 from ..stats import EXACT_PERMUTATION_MAX, paired_bootstrap_ci, paired_permutation_test
+from ..wording import plural
 from .benchmarks import benchmark_title
 from .grading import GRADER_ERROR
 from .runfolder import load_run
@@ -249,7 +250,7 @@ def markdown(summary: dict) -> str:
     dec = summary["decoding"]
     note = (f"{summary['n_problems']} problems" +
             ("" if summary["complete"] else f" of {summary['n_problems_expected']} (run incomplete)") +
-            f", {summary['n_samples']} samples each; temperature {dec['temperature']}, top-p {dec['top_p']}, " +
+            f", {plural(summary['n_samples'], 'sample')} each; temperature {dec['temperature']}, top-p {dec['top_p']}, " +
             (f"top-k {dec['top_k']}, " if dec.get("top_k") else "") +
             f"up to {dec['max_new_tokens']} new tokens" +
             (f" ({dec['max_thinking_tokens']} thinking)" if dec.get("max_thinking_tokens") else "") +

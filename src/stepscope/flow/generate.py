@@ -216,8 +216,9 @@ def _new_cache(model):
 
 def _run_batch(model, rows: list[_Row], d: DecodeConfig, stop_ids: set[int], forced_ids: list[int],
                stream: Callable[[str], None] | None, tokbytes, on_row_done: Callable[[_Row], None],
-               sf=None, vocab: int | None = None) -> dict:
-    """Generate for `rows` in place; return the batch timing. `vocab`: ids at or above it are never picked."""
+               sf=None, vocab: int | None = None, on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Generate for `rows` in place; return the batch timing. `vocab`: ids at or above it are never picked;
+    `on_progress(new_tokens, rows_done)` is called after every step (stepscope.progress)."""
     device = _model_device(model)
     cache_kw, has_keep = _forward_kwargs(model)
     B = len(rows)
@@ -289,6 +290,8 @@ def _run_batch(model, rows: list[_Row], d: DecodeConfig, stop_ids: set[int], for
                 r.seconds = time.perf_counter() - t0
                 done_any = True
                 on_row_done(r)
+        if on_progress is not None:
+            on_progress(len(host), sum(r.stop_reason is not None for r in live) if done_any else 0)
         if not done_any:
             continue
         keep = [i for i, r in enumerate(live) if r.stop_reason is None]
@@ -372,7 +375,8 @@ def generate_traces(model, tokenizer, questions: Sequence[str], *, decode: Decod
                     fmt: str | Format = "auto", progress: bool = True,
                     stream: Callable[[str], None] | None = None, metas: Sequence[dict | None] | None = None,
                     on_batch: Callable[[list[Trace]], None] | None = None,
-                    flow_kernel: str | None = None, **decoding) -> list[Trace]:
+                    flow_kernel: str | None = None, on_progress: Callable[[int, int], None] | None = None,
+                    **decoding) -> list[Trace]:
     """Generate one reasoning trace per question, in batches; return them in the order of `questions`.
 
     `decode`: the DecodeConfig (default DecodeConfig()); its fields may instead be given as keyword arguments
@@ -381,7 +385,8 @@ def generate_traces(model, tokenizer, questions: Sequence[str], *, decode: Decod
     sample depends only on its seed and its logits. `stream`: a callback receiving the text of a single
     question's answer as it is written. `metas`: extra meta per question (e.g. its id). `on_batch`: called with
     each finished batch's traces (in the order they finished batches), e.g. to save them. `flow_kernel`:
-    StepFlow's `kernel` ("auto", "triton" or "torch"; None: $STEPSCOPE_FLOW_KERNEL or "auto").
+    StepFlow's `kernel` ("auto", "triton" or "torch"; None: $STEPSCOPE_FLOW_KERNEL or "auto"). `on_progress`:
+    called after every decode step with (new tokens, rows finished in it), e.g. a stepscope.progress.TokenProgress.
     Each trace's meta holds question, seed, num_prompt_tokens, num_new_tokens, stop_reason ("eos"|"length"),
     budget_forced, thinking_tokens, thinking_closed, timing and config.
     """
@@ -437,7 +442,7 @@ def generate_traces(model, tokenizer, questions: Sequence[str], *, decode: Decod
                 if sf is not None:
                     sf.reset_stats()  # totals per batch (each trace gets its own row's counts)
                 timing = _run_batch(model, batch, d, stop_ids, forced_ids, stream, tb, on_row_done, sf,
-                                    vocab=len(tokenizer))
+                                    vocab=len(tokenizer), on_progress=on_progress)
                 done = []
                 for i, r in enumerate(batch):  # row i of the batch's prefill
                     meta = dict((metas[r.index] or {}) if metas is not None else {})

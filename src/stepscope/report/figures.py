@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator, ScalarFormatter
 
 from ..diagnose import BAD_DIRECTION, METRICS, SCORES, Comparison, Diagnosis, layer_groups
 from ..io import atomic_write_bytes
@@ -259,6 +259,19 @@ def _metric_grid(metrics: Sequence[str], ncols: int, suptitle: bool = False) -> 
     return fig, axes
 
 
+def _exponent_as_label(ax: Any) -> None:
+    """Put the y axis' common factor (matplotlib's "1e-6" above the axis, where it runs into the panel title) in
+    the y label instead; call it once the panel's data are drawn (the factor follows the view limits)."""
+    fmt = ax.yaxis.get_major_formatter()
+    if not isinstance(fmt, ScalarFormatter):
+        return
+    fmt.set_locs(ax.yaxis.get_majorticklocs())
+    text = fmt.get_offset()
+    if text:
+        ax.yaxis.get_offset_text().set_visible(False)
+        ax.set_ylabel(("\u00d7" + text) if text.startswith("1e") else text, labelpad=1)
+
+
 def _band_shading(ax: Any, num_model_layers: int) -> None:
     """Shade the shallow and deep quarters of a model's layers (x = model layer index)."""
     bands = layer_bands(num_model_layers)
@@ -281,7 +294,9 @@ def metric_depth_figure(comparison: Comparison, metrics: Sequence[str] = METRICS
             for group in ("correct", "wrong"):
                 mean, low, high = comparison.curve(name, group)
                 n = comparison.groups[group]["n"]
-                ax.plot(x, mean, color=GROUP_COLORS[group], lw=1.4, marker="o", ms=2, label=f"{group} (n={n})")
+                k = comparison.groups[group].get("n_problems", n)  # the unit of the statistics
+                ax.plot(x, mean, color=GROUP_COLORS[group], lw=1.4, marker="o", ms=2,
+                        label=f"{group} (n={n})" if k == n else f"{group} ({n} traces, {k} problems)")
                 ax.fill_between(x, low, high, color=GROUP_COLORS[group], alpha=0.2, lw=0)
             hits = [r["layer"] for r in comparison.metrics[name]
                     if r["welch"] and r["welch"].get("p_holm") is not None and r["welch"]["p_holm"] < alpha]
@@ -292,6 +307,7 @@ def metric_depth_figure(comparison: Comparison, metrics: Sequence[str] = METRICS
             ax.set_title(name + (f"  ({direction})" if direction else ""))
             ax.set_xlabel("layer")
             ax.set_xlim(-0.5, depth - 0.5)
+            _exponent_as_label(ax)
         axes.flat[0].legend(loc="best", fontsize=7, frameon=False)
         fig.suptitle(f"correct vs wrong: means with {comparison.settings['level']:.0%} bootstrap intervals; "
                      f"* = Welch p_holm < {alpha:g}", y=1 - 0.08 / fig.get_size_inches()[1], va="top")
@@ -338,6 +354,7 @@ def diagnosis_depth_figure(diagnoses: Sequence[Diagnosis], metrics: Sequence[str
                     ax.plot(x[hit], y[hit], ls="", marker="o", ms=7, mfc="none", mec="red")
             ax.set_title(name)
             ax.set_xlabel("layer")
+            _exponent_as_label(ax)
         if len(diagnoses) <= 8:
             axes.flat[0].legend(loc="best", fontsize=6, frameon=False)
     return fig

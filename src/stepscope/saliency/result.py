@@ -141,6 +141,9 @@ def find_results(paths: Sequence[str | os.PathLike]) -> list[Path]:
             if not subs:
                 raise StepscopeError(f"{p}: not a saliency result folder, nor a folder of them (no {MAPS_FILE})")
             out.extend(subs)
+        elif p.exists():
+            raise StepscopeError(f"{p} is a file, not a saliency result folder (give the folder `stepscope "
+                                 "saliency --out` wrote, or a folder of them)")
         else:
             raise StepscopeError(f"{p}: no such folder")
     return out

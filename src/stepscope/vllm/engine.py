@@ -223,4 +223,5 @@ class DataParallel:
 
 def pool_generate_traces(pool: DataParallel, tokenizer, questions, **kwargs) -> list:
     """`generate_fn` of a pool: `stepscope.vllm.generate_traces`'s signature, the pool in place of the engine."""
+    kwargs.pop("on_progress", None)  # a callback does not cross into the engine processes
     return pool.generate_traces(tokenizer, questions, **kwargs)

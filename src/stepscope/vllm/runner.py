@@ -119,11 +119,13 @@ def generate_traces(llm, tokenizer, questions: Sequence[str], *, decode: DecodeC
                     stepflow: StepFlowConfig | None = None, seeds: Sequence[int] | None = None,
                     batch_size: int | None = None, prompt_style: str = "r1", system: str | None = None,
                     fmt="auto", progress: bool = True, metas: Sequence[dict | None] | None = None,
-                    on_batch: Callable[[list[Trace]], None] | None = None, **decoding) -> list[Trace]:
+                    on_batch: Callable[[list[Trace]], None] | None = None,
+                    on_progress: Callable[[int, int], None] | None = None, **decoding) -> list[Trace]:
     """One trace per question from the vLLM engine `llm`, in the order of `questions`.
 
     Arguments as `stepscope.flow.generate_traces`; `batch_size`: questions handed to vLLM at a time (None: all;
-    vLLM batches them itself), each chunk's traces passed to `on_batch` (for saving and resuming)."""
+    vLLM batches them itself), each chunk's traces passed to `on_batch` (for saving and resuming);
+    `on_progress(new_tokens, rows_done)` is called after every vLLM call."""
     d = decode if decode is not None else DecodeConfig(**decoding)
     if decode is not None and decoding:
         raise StepscopeError(f"give decode= or its fields as keyword arguments ({', '.join(decoding)}), not both")
@@ -162,7 +164,7 @@ def generate_traces(llm, tokenizer, questions: Sequence[str], *, decode: DecodeC
             seg.feed(pids)
             rows.append(_Row(i, f"{run}-{i}", pids, seg))
         t0 = time.perf_counter()
-        _run_phases(llm, rows, d, stepflow, seeds, stops, forced, max_len, progress)
+        _run_phases(llm, rows, d, stepflow, seeds, stops, forced, max_len, progress, on_progress)
         seconds = time.perf_counter() - t0
         stats = collect_stats(llm, keys=[r.key for r in rows], clear=True) if stepflow is not None else {}
         done = []
@@ -185,15 +187,19 @@ def generate_traces(llm, tokenizer, questions: Sequence[str], *, decode: DecodeC
 
 
 def _run_phases(llm, rows: list[_Row], d: DecodeConfig, stepflow: StepFlowConfig | None, seeds: list[int],
-                stops: set[int], forced: list[int], max_len: int, progress: bool) -> None:
+                stops: set[int], forced: list[int], max_len: int, progress: bool,
+                on_progress: Callable[[int, int], None] | None = None) -> None:
     """Generate every row to its end: one vLLM call per budget-forcing phase (one in all without a budget)."""
     budget = d.max_thinking_tokens
     live = list(rows)
     for r in live:
         r.force(forced, budget, d.max_new_tokens)  # a budget of 0 closes a thinking the prompt opened
+
+    def going(r: _Row) -> bool:  # the row asks for more tokens
+        return r.stop_reason is None and len(r.gen) < d.max_new_tokens and len(r.prompt_ids) + len(r.gen) < max_len
+
     while live:
-        live = [r for r in live if r.stop_reason is None and len(r.gen) < d.max_new_tokens
-                and len(r.prompt_ids) + len(r.gen) < max_len]
+        live = [r for r in live if going(r)]
         if not live:
             return
         params, prompts = [], []
@@ -206,6 +212,7 @@ def _run_phases(llm, rows: list[_Row], d: DecodeConfig, stepflow: StepFlowConfig
                 stop_token_ids=sorted(stops), ignore_eos=False, skip_special_tokens=False, extra_args=extra))
             prompts.append(prompt(r.prompt_ids + r.gen, stepflow))
         outs = llm.generate(prompts, params, use_tqdm=progress)
+        before = sum(len(r.gen) for r in live)
         for r, o in zip(live, outs):
             c = o.outputs[0]
             r.phases += 1
@@ -215,3 +222,5 @@ def _run_phases(llm, rows: list[_Row], d: DecodeConfig, stepflow: StepFlowConfig
             r.counted = len(r.prompt_ids) + len(r.gen) - 1  # the last token was written, never a query
             if r.stop_reason is None:
                 r.force(forced, budget, d.max_new_tokens)
+        if on_progress is not None:
+            on_progress(sum(len(r.gen) for r in live) - before, sum(not going(r) for r in live))
