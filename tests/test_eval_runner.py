@@ -60,6 +60,10 @@ class FakeTrace:
         a, b = self.segments[kind]
         return self.text[a:b]
 
+    def steps_of(self, kind: str) -> list[str]:
+        """The segment's sentences (a stand-in for the real segmenter's steps: only their number is recorded)."""
+        return [p for p in self.segment_text(kind).split(". ") if p.strip()]
+
 
 def fake_outcome(seed: int, stepflow) -> tuple[bool, bool]:
     """(thinking closed, correct) of a stand-in sample: a pure function of its seed and arm."""
@@ -119,7 +123,7 @@ def run_fake(out, bench_file, *, n_samples=3, batch_size=4, resume=False, fail_o
 
 
 def comparable(records):
-    return [{k: v for k, v in r.items() if k not in ("time", "rank")} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("time", "rank", "timing")} for r in records]
 
 
 def test_paired_records_and_summary(tmp_path):
