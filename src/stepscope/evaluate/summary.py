@@ -385,11 +385,16 @@ def _cost_md(sec: dict | None) -> list[str]:
 
 
 def write_summary(out: str | os.PathLike, **kwargs) -> dict:
-    """Summarize a run folder into summary.json and summary.md; returns the summary."""
+    """Summarize a run folder into summary.json, summary.md and summary.html (the same, with the gain-by-length
+    figure); returns the summary. `kwargs` go to `summarize`."""
+    from ..report.eval_page import write_eval_page
+
     info, records = load_run(out)
     summary = summarize(records, info, **kwargs)
+    text = markdown(summary)
     atomic_write_json(Path(out) / "summary.json", summary)
-    atomic_write_text(Path(out) / "summary.md", markdown(summary))
+    atomic_write_text(Path(out) / "summary.md", text)
+    write_eval_page(Path(out) / "summary.html", summary, text)
     return summary
 
 
