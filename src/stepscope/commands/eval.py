@@ -2,9 +2,10 @@
 
 Both arms generate every (problem, sample) with the same seed, so the comparison is paired. Results are
 appended to OUT/results.jsonl batch by batch; --resume continues an interrupted run (Ctrl-C, a lost node)
-without losing or repeating a sample. At the end OUT/summary.json and OUT/summary.md hold accuracy and
-pass@k (mean ± SE over problems) and StepFlow minus baseline with a paired bootstrap CI and a paired
-permutation p-value. Under torchrun / accelerate launch the work is sharded over the processes and rank 0
+without losing or repeating a sample. At the end OUT/summary.json, OUT/summary.md and OUT/summary.html hold
+accuracy and pass@k (mean ± SE over problems), StepFlow minus baseline with a paired bootstrap CI and a paired
+permutation p-value, the gain by the baseline's chain length with a trend test, what StepFlow did to the chain,
+and what it cost in this run (tokens/s per arm, their ratio, OEB/SMI fire rates). Under torchrun / accelerate launch the work is sharded over the processes and rank 0
 merges the results.
 
 examples:
@@ -67,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "reads them, `stepscope compare --by-meta` splits them into correct and wrong")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--summarize", action="store_true",
-                   help="only (re)write summary.json/summary.md of --out from its results (no generation)")
+                   help="only (re)write summary.json/.md/.html of --out from its results (no generation)")
     o.add_argument("--table", nargs="+", metavar="RUN_DIR", default=None,
                    help="print the paper-shaped table (models x benchmarks) of finished run folders, then each "
                         "run's gain by chain length and StepFlow's measured cost")
