@@ -313,14 +313,18 @@ def _chain_length_md(sec: dict | None, arms: list[str]) -> list[str]:
     per = f"{sec['slope_per']:,} {unit}"
     for a in others:
         t = sec["trend"][a]
-        rho = "undefined (no variation in gain or length)" if t["spearman_rho"] is None else (
-            f"{t['spearman_rho']:+.2f}, p = {_p(t['p_value'])}")
-        lines += ["", f"Does {arm_label(a)}'s gain grow with length? Spearman ρ between each problem's gain and its "
-                      f"{arm_label(ref)} {unit}: {rho} (permutation test over {t['n_problems']} problems, "
-                      f"two-sided); least-squares slope {_num(None if t['slope'] is None else 100 * t['slope'], 1, True)}"
-                      f" points per {per} [{round(100 * t['level'])}% CI "
-                      f"{_num(None if t['slope_ci_low'] is None else 100 * t['slope_ci_low'], 1, True)}, "
-                      f"{_num(None if t['slope_ci_high'] is None else 100 * t['slope_ci_high'], 1, True)}]."]
+        head = (f"Does {arm_label(a)}'s gain grow with length? Spearman ρ between each problem's gain and its "
+                f"{arm_label(ref)} {unit}")
+        if t["spearman_rho"] is None:
+            lines += ["", f"{head}: undefined, the gain or the length does not vary over the {t['n_problems']} "
+                          f"problems."]
+            continue
+        slope = f"least-squares slope {_num(100 * t['slope'], 1, True)} points per {per}"
+        if t["slope_ci_low"] is not None:
+            slope += (f" [{round(100 * t['level'])}% CI {_num(100 * t['slope_ci_low'], 1, True)}, "
+                      f"{_num(100 * t['slope_ci_high'], 1, True)}]")
+        lines += ["", f"{head}: {t['spearman_rho']:+.2f}, p = {_p(t['p_value'])} (permutation test over "
+                      f"{t['n_problems']} problems, two-sided); {slope}."]
     return lines
 
 
@@ -377,10 +381,11 @@ def _cost_md(sec: dict | None) -> list[str]:
             lines.append(f"{arm_label(a)} / {ref} throughput (tokens/s): {q['throughput']:.3f}x; time per sample: "
                          f"{_num(q['time_per_sample'], 3)}x" + ("" if q["comparable"] else " (not comparable)") + ".")
     where = "; ".join(sorted({f"{s.get('device')}, {s.get('engine')}" for s in sec.get("sessions", [])}))
-    lines.append((f"Measured on {where} ({len(sec.get('sessions', []))} session(s), {sec['machines']} machine(s)). "
-                  if where else "") + (sec.get("note", "") + "." if sec.get("note") else "")
-                 + " Generation s: wall time of the arm's generator calls (grading excluded); OEB fired: share of "
-                   "eligible (query, head) pairs; SMI fired: share of (thinking token, SMI layer) positions.")
+    told = ([f"Measured on {where} ({len(sec.get('sessions', []))} session(s), {sec['machines']} machine(s))."]
+            if where else []) + ([sec["note"][0].upper() + sec["note"][1:] + "."] if sec.get("note") else [])
+    lines.append(" ".join(told + ["Generation s: wall time of the arm's generator calls (grading excluded); OEB "
+                                  "fired: share of eligible (query, head) pairs; SMI fired: share of (thinking "
+                                  "token, SMI layer) positions."]))
     return lines
 
 
