@@ -1,5 +1,6 @@
 """The summary of a run folder: per-arm accuracy and pass@k (mean ± SE over problems), paired comparisons with
-the reference arm, and their tables (summary.json, summary.md, the paper-shaped table).
+the reference arm, the gain by chain length and the effect on the chain (`chain.py`), the cost the run measured
+(`cost.py`), and their tables (summary.json, summary.md, summary.html, the paper-shaped and headline tables).
 
 Every quantity is computed over problems: a problem's samples are averaged first, so a problem with more
 samples does not weigh more, and the standard error reflects the number of problems (the unit that was
@@ -10,7 +11,8 @@ a paired percentile bootstrap CI over problems, and a paired sign-flip permutati
 (`stepscope.stats`).
 
 Records may carry extra per-problem fields (a difficulty, a platform...): `summarize(..., by=[field])` adds
-the per-arm accuracy of each value of the field.
+the per-arm accuracy of each value of the field. A field that a run's records lack (a run written before it
+existed) makes its section say "unavailable"; nothing is estimated in its place.
 """
 
 from __future__ import annotations
