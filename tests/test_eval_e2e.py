@@ -1,4 +1,5 @@
-"""End to end with the real SmolLM2 on two GSM8K problems: both arms, tiny budgets, interrupted then resumed."""
+"""End to end with the real SmolLM2 on two GSM8K problems: both arms, tiny budgets, interrupted then resumed; the
+summary's gain by chain length, effect on the chain and the cost this run measured."""
 
 import json
 
@@ -63,4 +64,28 @@ def test_smollm2_gsm8k_interrupted_then_resumed(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] and summary["n_problems"] == 2
     assert set(summary["comparisons"]) == {"stepflow"}
+
+    # the two headline questions: gain by the baseline's chain length, and what StepFlow cost in this run
+    assert "## Gain by chain length" in shown and "Only the baseline arm decides the bins" in shown
+    assert "## Effect on the chain" in shown and "## Cost measured in this run" in shown
+    for r in recs:
+        assert r["thinking_steps"] >= 1 and r["timing"]["seconds"] > 0 and r["timing"]["rows"] == 1
+        assert (r["stepflow_fires"] is None) == (r["arm"] == "baseline")
+    tps = {}
+    for arm in ("baseline", "stepflow"):
+        mine = [r for r in recs if r["arm"] == arm]
+        tps[arm] = sum(r["new_tokens"] for r in mine) / sum(r["timing"]["seconds"] for r in mine)  # 1 row a batch
+    cost = summary["cost"]
+    ratio = cost["ratios"]["stepflow"]["throughput"]
+    assert ratio == pytest.approx(tps["stepflow"] / tps["baseline"])
+    assert f"StepFlow / baseline throughput (tokens/s): {ratio:.3f}x;" in shown
+    # batch 1 ran in run_eval above, the rest in the resumed command: two sessions on one machine, comparable
+    assert len(cost["sessions"]) == 2 and cost["machines"] == 1 and cost["comparable"]
+    assert cost["sessions"][0]["device"].startswith("cpu") and "transformers" in cost["sessions"][0]["engine"]
+    assert 0 <= cost["arms"]["stepflow"]["oeb_fire_rate"] <= 1 and cost["arms"]["baseline"]["oeb_fire_rate"] is None
+    steps = {a: [r["thinking_steps"] for r in recs if r["arm"] == a] for a in ("baseline", "stepflow")}
+    chain = summary["chain"]["comparisons"]["stepflow"]["thinking_steps"]
+    assert chain["diff"] == pytest.approx(sum(steps["stepflow"]) / 2 - sum(steps["baseline"]) / 2)
+    assert summary["chain_length"]["available"] and summary["chain_length"]["unit"] == "steps"
+    assert "<h2>Cost measured in this run</h2>" in (out / "summary.html").read_text()
     assert json.loads((out / "run.json").read_text())["benchmark_source"].startswith("package ai-infra")

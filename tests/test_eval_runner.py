@@ -60,6 +60,10 @@ class FakeTrace:
         a, b = self.segments[kind]
         return self.text[a:b]
 
+    def steps_of(self, kind: str) -> list[str]:
+        """The segment's sentences (a stand-in for the real segmenter's steps: only their number is recorded)."""
+        return [p for p in self.segment_text(kind).split(". ") if p.strip()]
+
 
 def fake_outcome(seed: int, stepflow) -> tuple[bool, bool]:
     """(thinking closed, correct) of a stand-in sample: a pure function of its seed and arm."""
@@ -72,8 +76,9 @@ def fake_outcome(seed: int, stepflow) -> tuple[bool, bool]:
 class FakeGenerator:
     """Stands in for stepscope.flow.generate_traces: same call, real Traces, outcome a function of the seed."""
 
-    def __init__(self, golds: dict[str, str], fail_on_call: int | None = None):
+    def __init__(self, golds: dict[str, str], fail_on_call: int | None = None, sleep: dict | None = None):
         self.golds = golds
+        self.sleep = sleep or {}  # arm -> seconds each call takes
         self.calls: list[tuple[str, list[tuple[str, int]], list[int]]] = []
         self.decodes: list[DecodeConfig] = []
         self.fail_on_call = fail_on_call
@@ -85,6 +90,9 @@ class FakeGenerator:
         if self.fail_on_call is not None and len(self.calls) + 1 == self.fail_on_call:
             raise KeyboardInterrupt
         self.calls.append((metas[0]["arm"], [(m["id"], m["sample"]) for m in metas], list(seeds)))
+        time.sleep(self.sleep.get(metas[0]["arm"], 0.0))
+        fires = None if stepflow is None else {"oeb_fires": {"0": 3}, "oeb_eligible": {"0": 10},
+                                               "smi_fires": {"5": 2}, "smi_layers": [5]}
         out = []
         for q, seed, meta in zip(questions, seeds, metas):
             closed, good = fake_outcome(seed, stepflow)
@@ -93,8 +101,8 @@ class FakeGenerator:
             resp = (f"First I add the numbers. Then I check the sum.\n</think>\n\nThe answer is \\boxed{{{ans}}}."
                     if closed else f"First I add the numbers and get \\boxed{{{gold}}}. Then I")
             prompt = f"<|im_start|>user\n{q}\nPlease reason step by step.<|im_end|>\n<|im_start|>assistant\n<think>\n"
-            out.append(FakeTrace.build(prompt, resp, {**meta, "num_new_tokens": 20,
-                                                      "timing": {"row_seconds": 0.01}}))
+            out.append(FakeTrace.build(prompt, resp, {**meta, "num_new_tokens": 20, "timing": {"row_seconds": 0.01},
+                                                      **({"stepflow_stats": fires} if fires else {})}))
         return out
 
 
@@ -106,9 +114,9 @@ def write_bench(folder: Path) -> Path:
 
 
 def run_fake(out, bench_file, *, n_samples=3, batch_size=4, resume=False, fail_on_call=None, rank=None, world=None,
-             temperature=0.6, top_k=0, wait_timeout=30.0):
+             temperature=0.6, top_k=0, wait_timeout=30.0, sleep=None):
     bench = load_benchmark(str(bench_file))
-    gen = FakeGenerator({p.prompt_text(): p.answer for p in bench.problems}, fail_on_call)
+    gen = FakeGenerator({p.prompt_text(): p.answer for p in bench.problems}, fail_on_call, sleep)
     settings = EvalSettings(model="fake-model", benchmark=bench.name, n_samples=n_samples,
                             arms={"baseline": None, "stepflow": {"tau_max": 0.15}},
                             decode=DecodeConfig(max_new_tokens=64, temperature=temperature, top_k=top_k))
@@ -119,7 +127,7 @@ def run_fake(out, bench_file, *, n_samples=3, batch_size=4, resume=False, fail_o
 
 
 def comparable(records):
-    return [{k: v for k, v in r.items() if k not in ("time", "rank")} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("time", "rank", "timing")} for r in records]
 
 
 def test_paired_records_and_summary(tmp_path):
@@ -356,3 +364,51 @@ def test_cli_summarize_table_and_errors(tmp_path, capsys):
     assert cli.main(["eval", "--summarize", "--out", str(tmp_path / "nothing")]) == 2
     assert "no run.json" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def cost_from_records(recs: list[dict], arm: str) -> float:
+    """tokens/s of an arm, recomputed from the records: each batch's wall time counted once."""
+    batches = {r["timing"]["batch"]: r["timing"]["seconds"] for r in recs if r["arm"] == arm}
+    return sum(r["new_tokens"] for r in recs if r["arm"] == arm) / sum(batches.values())
+
+
+def test_each_batch_is_timed_per_arm_and_a_resume_elsewhere_is_not_comparable(tmp_path, monkeypatch):
+    bench_file = write_bench(tmp_path)
+    sleep = {"baseline": 0.02, "stepflow": 0.06}
+    clean, _, _ = run_fake(tmp_path / "clean", bench_file, sleep=sleep)
+    recs = read_results(tmp_path / "clean")
+    for r in recs:  # every sample carries the wall time of the generator call that made it
+        t = r["timing"]
+        assert t["seconds"] >= sleep[r["arm"]] and t["rows"] == sum(x["timing"]["batch"] == t["batch"] for x in recs)
+        assert t["session"]["engine"].startswith("transformers") and t["session"]["device"].startswith("cpu")
+    assert len({r["timing"]["batch"] for r in recs}) == 8  # 4 batches x 2 arms
+    cost = clean["cost"]
+    assert cost["comparable"] and cost["machines"] == 1 and len(cost["sessions"]) == 1
+    for arm in ("baseline", "stepflow"):
+        assert cost["arms"][arm]["tokens_per_second"] == pytest.approx(cost_from_records(recs, arm))
+        assert cost["arms"][arm]["new_tokens"] == 15 * 20 and cost["arms"][arm]["batches"] == 4
+    ratio = cost["ratios"]["stepflow"]["throughput"]
+    assert ratio == pytest.approx(cost_from_records(recs, "stepflow") / cost_from_records(recs, "baseline"))
+    assert ratio < 0.8  # StepFlow's calls took three times as long here
+    assert cost["arms"]["baseline"]["oeb_fire_rate"] is None and cost["arms"]["stepflow"]["oeb_fire_rate"] == 0.3
+    thinking = sum(r["thinking_tokens"] for r in recs if r["arm"] == "stepflow")
+    assert cost["arms"]["stepflow"]["smi_fire_rate"] == pytest.approx(2 * 15 / thinking)
+    md = (tmp_path / "clean" / "summary.md").read_text()
+    assert f"StepFlow / baseline throughput (tokens/s): {ratio:.3f}x" in md and "not comparable" not in md
+
+    # interrupted, then resumed on another machine: the first session's timing survives, the ratio is flagged
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_fake(out, bench_file, fail_on_call=4, sleep=sleep)
+    first = read_results(out)
+    monkeypatch.setattr("platform.node", lambda: "another-host")
+    summary, _, _ = run_fake(out, bench_file, resume=True, sleep=sleep)
+    recs = read_results(out)
+    key = {(r["problem_id"], r["sample"], r["arm"]): r for r in recs}
+    assert [key[(r["problem_id"], r["sample"], r["arm"])]["timing"] for r in first] == [r["timing"] for r in first]
+    assert len({r["timing"]["session"]["id"] for r in recs}) == 2
+    assert len({r["timing"]["session"]["machine"] for r in recs}) == 2
+    cost = summary["cost"]
+    assert not cost["comparable"] and cost["machines"] == 2 and not cost["ratios"]["stepflow"]["comparable"]
+    md = (out / "summary.md").read_text()
+    assert "(not comparable)" in md and "resumed on another machine" in md

@@ -123,3 +123,28 @@ def test_report_renders_in_chromium(report_page, tmp_path):
     assert "An image tag <img src=x onerror=alert(1)> must stay" in visible
     assert f"xss {XSS_SCRIPT}" in visible  # the label in the selector, as text
     assert re.search(r"No verdict", visible) and "locality" in visible  # verdict line and metrics table
+
+
+def test_eval_summary_page_renders_in_chromium(tmp_path):
+    """summary.html of an evaluation: the tables and the gain-by-length figure render, nothing runs, hostile
+    names stay text."""
+    browser = chromium_or_skip()
+    from test_eval_chain import INFO, build
+
+    from stepscope.evaluate.summary import markdown, summarize
+    from stepscope.report.eval_page import write_eval_page
+
+    recs, _ = build((0, 1, 3))
+    s = summarize(recs, {**INFO, "model": "<img src=x onerror=alert(1)>"}, n_boot=500, n_perm=500)
+    page = write_eval_page(tmp_path / "summary.html", s, markdown(s))
+    dom, console = dump_dom(browser, page, tmp_path / "profile")
+    assert console == [], console
+    scan = DomScan()
+    scan.feed(dom)
+    tags = [t for t, _ in scan.tags]
+    assert tags.count("svg") == 1 and "img" not in tags and "script" not in tags
+    assert tags.count("table") == 6  # comparison, arms, length bins, chain and its difference, cost
+    visible = "".join(scan.texts)
+    assert "<img src=x onerror=alert(1)> on toy" in visible
+    assert "gain by chain length (95% CI)" in visible and "bin of baseline's thinking steps" in visible
+    assert "70–88" in visible and "20 problems" in visible  # the longest bin's tick label in the figure

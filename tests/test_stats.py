@@ -353,3 +353,72 @@ def test_effect_sizes_signs_and_none():
     assert stats.hedges_g([1.0], [0.0, 1.0]) is None
     assert stats.cliffs_delta([5.0, 6.0], [1.0, 2.0]) == 1.0
     assert stats.cliffs_delta([], [1.0]) is None
+
+
+# ---------------------------------------------------------------- correlation permutation test, ranks, slope
+
+
+def ref_average_ranks(xs):
+    """1-based ranks, ties averaged, by counting (no sorting)."""
+    return [sum(y < x for y in xs) + (sum(y == x for y in xs) + 1) / 2 for x in xs]
+
+
+def ref_pearson(xs, ys):
+    mx, my = ref_mean(xs), ref_mean(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    return sxy / math.sqrt(sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
+
+
+def test_average_ranks_and_ols_slope_match_references():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        x = rng.integers(0, 5, size=9).astype(float)  # many ties
+        assert stats.average_ranks(x).tolist() == pytest.approx(ref_average_ranks(x.tolist()))
+        y = rng.normal(size=9)
+        assert float(stats.ols_slope(y[None, :], x[None, :])[0]) == pytest.approx(
+            np.polyfit(x, y, 1)[0] if np.ptp(x) else np.nan, nan_ok=True)
+    assert np.isnan(stats.ols_slope(np.ones((1, 3)), np.ones((1, 3)))[0])  # no spread in x: no slope
+
+
+@pytest.mark.parametrize("method", ["spearman", "pearson"])
+def test_correlation_permutation_test_is_exact_by_enumeration(method):
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 4, size=6).astype(float)
+    y = x + rng.normal(scale=1.0, size=6)
+    rx, ry = (ref_average_ranks(x.tolist()), ref_average_ranks(y.tolist())) if method == "spearman" else (x, y)
+    rho = ref_pearson(list(rx), list(ry))
+    null = [ref_pearson(list(rx), [ry[i] for i in perm]) for perm in itertools.permutations(range(6))]
+    res = stats.correlation_permutation_test(x, y, method=method)
+    assert res.statistic == pytest.approx(rho) and res.effect_size == pytest.approx(rho)
+    assert res.extra["exact"] and res.extra["n_perm"] == 720
+    assert res.p_value == pytest.approx(np.mean([abs(r) >= abs(rho) - 1e-12 for r in null]))
+    greater = stats.correlation_permutation_test(x, y, method=method, alternative="greater")
+    assert greater.p_value == pytest.approx(np.mean([r >= rho - 1e-12 for r in null]))
+
+
+def test_correlation_permutation_test_random_draws_and_undefined_cases():
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=40)
+    y = 0.5 * x + rng.normal(size=40)
+    res = stats.correlation_permutation_test(x, y, n_perm=2000, seed=1)
+    assert not res.extra["exact"] and res.p_value >= 1 / 2001 and res.p_value < 0.05
+    assert res == stats.correlation_permutation_test(x, y, n_perm=2000, seed=1)  # reproducible from the seed
+    # no association: the p-value is not small, and it is about uniform over independent data sets
+    ps = [stats.correlation_permutation_test(rng.normal(size=30), rng.normal(size=30), n_perm=400, seed=k).p_value
+          for k in range(200)]
+    assert 0.02 <= np.mean(np.array(ps) < 0.05) <= 0.10
+    const = stats.correlation_permutation_test(np.ones(5), np.arange(5.0))
+    assert const.statistic is None and const.p_value is None
+    with pytest.raises(StepscopeError):
+        stats.correlation_permutation_test([1.0, 2.0], [1.0, 2.0], method="kendall")
+
+
+def test_paired_comparison_is_the_bootstrap_and_the_sign_flip_test():
+    a, b = [0.5, 1.0, 0.25, 0.75, 1.0], [0.25, 1.0, 0.5, 0.25, 0.5]
+    c = stats.paired_comparison(a, b, n_boot=500, seed=2)
+    ci = stats.paired_bootstrap_ci(a, b, n_boot=500, seed=2)
+    assert (c["diff"], c["ci_low"], c["ci_high"]) == (ci.estimate, ci.low, ci.high)
+    assert c["p_value"] == stats.paired_permutation_test(a, b).p_value
+    assert (c["n"], c["wins"], c["losses"]) == (5, 3, 1)
+    one = stats.paired_comparison([1.0], [0.0])
+    assert one["ci_low"] == one["ci_high"] == one["diff"] == 1.0

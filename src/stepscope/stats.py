@@ -1,5 +1,5 @@
-"""Statistics for group and paired comparisons: bootstrap intervals, Welch, Mann-Whitney, permutation tests,
-effect sizes and multiple-comparison adjustment.
+"""Statistics for group and paired comparisons: bootstrap intervals, Welch, Mann-Whitney, permutation tests (of
+differences and of correlations), effect sizes and multiple-comparison adjustment.
 
 Sign convention (every function here, and every caller): differences are treatment - control, passed as
 `a` and `b`: `f(a, b)` reports mean(a) - mean(b), mean(a - b) over pairs, P(a > b) - P(a < b). Callers pass
@@ -348,6 +348,93 @@ def mann_whitney_test(a: ArrayLike, b: ArrayLike, *, alternative: str = "two-sid
     res = sps.mannwhitneyu(a, b, alternative=alternative, method="auto")
     return TestResult("mann-whitney U", float(res.statistic), float(res.pvalue), r, "rank_biserial", na, nb,
                       {"alternative": alternative})
+
+
+def mean_se(x: ArrayLike) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n)); SE is nan for fewer than 2 values
+    (nan, nan for none)."""
+    x = np.asarray(x, dtype=np.float64)  # [n]
+    if x.size == 0:
+        return math.nan, math.nan
+    se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
+    return float(x.mean()), se
+
+
+def paired_comparison(a: ArrayLike, b: ArrayLike, *, level: float = 0.95, n_boot: int = 10_000,
+                      n_perm: int = 10_000, seed: int | None = 0) -> dict:
+    """a - b over pairs, as JSON: the mean difference `diff`, its paired percentile bootstrap interval
+    (`ci_low`, `ci_high`; the point itself for one pair, where every resample is that pair), the two-sided
+    sign-flip permutation `p_value`, `n` pairs, and how many pairs have a > b (`wins`) and a < b (`losses`)."""
+    a, b = _paired(a, b)
+    ci = paired_bootstrap_ci(a, b, level=level, n_boot=n_boot, seed=seed)
+    test = paired_permutation_test(a, b, n_perm=n_perm, seed=seed)
+    low, high = (ci.estimate, ci.estimate) if ci.low is None else (ci.low, ci.high)
+    return {"diff": ci.estimate, "ci_low": low, "ci_high": high, "level": level, "p_value": test.p_value,
+            "n": int(a.size), "wins": int(np.sum(a > b)), "losses": int(np.sum(a < b))}
+
+
+def ols_slope(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Least-squares slope of y on x along the last axis ([..., n] each -> [...]); nan where x is constant.
+    Vectorized as a `TwoSample` statistic: `paired_bootstrap_ci(y, x, statistic=ols_slope)` resamples pairs."""
+    xc = x - x.mean(axis=-1, keepdims=True)
+    yc = y - y.mean(axis=-1, keepdims=True)
+    sxx = (xc * xc).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sxx > 0, (xc * yc).sum(axis=-1) / np.where(sxx > 0, sxx, 1.0), np.nan)
+
+
+def average_ranks(v: ArrayLike) -> np.ndarray:
+    """1-based ranks of the values of v, ties sharing their average rank (scipy's rankdata "average")."""
+    _, inverse, counts = np.unique(_vector(v, "v"), return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
+
+
+def _standardized(v: np.ndarray) -> np.ndarray | None:
+    """v centred and scaled to unit norm (None when v is constant)."""
+    c = v - v.mean()
+    norm = float(np.sqrt((c * c).sum()))
+    return c / norm if norm > 0 else None
+
+
+# Every ordering of y is enumerated (an exact p-value) when n! is at most n_perm and n is at most this.
+EXACT_CORRELATION_MAX = 8
+
+
+def correlation_permutation_test(x: ArrayLike, y: ArrayLike, *, method: str = "spearman", n_perm: int = 10_000,
+                                 alternative: str = "two-sided", seed: int | None = 0) -> TestResult:
+    """Permutation test of the association of paired values (x[i], y[i]); null: y is exchangeable given x.
+
+    Statistic: the Pearson correlation of the ranks (`method="spearman"`, ties get their average rank) or of the
+    values (`"pearson"`); y is permuted over the pairs. Exact (every one of the n! orderings) when n! <= n_perm
+    and n <= EXACT_CORRELATION_MAX, else `n_perm` random permutations with p = (1 + #as extreme) / (1 + n_perm).
+    Effect size: the correlation itself. None statistic and p-value when x or y is constant (no correlation).
+    """
+    x, y = _paired(x, y)
+    _check_count(n_perm, "n_perm")
+    if method not in ("spearman", "pearson"):
+        raise StepscopeError(f"method must be 'spearman' or 'pearson', got {method!r}")
+    n = x.size
+    name = f"{method} correlation permutation"
+    sx = _standardized(average_ranks(x) if method == "spearman" else x)  # [n]
+    sy = _standardized(average_ranks(y) if method == "spearman" else y)  # [n]
+    if sx is None or sy is None:
+        return TestResult(name, None, None, None, method, n, n, {"alternative": alternative})
+    observed = float(sx @ sy)
+    exact = n <= EXACT_CORRELATION_MAX and math.factorial(n) <= n_perm
+    if exact:
+        perms = np.array(list(itertools.permutations(range(n))), dtype=np.int64)  # [n!, n]
+        count = _p_from_null(sy[perms] @ sx, observed, alternative)
+        p = count / perms.shape[0]
+    else:
+        rng = np.random.default_rng(seed)
+        count = 0
+        for m in _chunks(n_perm, n):
+            perms = np.argsort(rng.random((m, n)), axis=1)  # [m, n] random orderings
+            count += _p_from_null(sy[perms] @ sx, observed, alternative)
+        p = (count + 1) / (n_perm + 1)
+    return TestResult(name, observed, float(min(1.0, p)), observed, method, n, n,
+                      {"exact": exact, "n_perm": math.factorial(n) if exact else n_perm,
+                       "alternative": alternative})
 
 
 def _adjust(pvalues: Sequence[float | None], kind: str) -> list[float | None]:

@@ -2,9 +2,10 @@
 
 Both arms generate every (problem, sample) with the same seed, so the comparison is paired. Results are
 appended to OUT/results.jsonl batch by batch; --resume continues an interrupted run (Ctrl-C, a lost node)
-without losing or repeating a sample. At the end OUT/summary.json and OUT/summary.md hold accuracy and
-pass@k (mean ± SE over problems) and StepFlow minus baseline with a paired bootstrap CI and a paired
-permutation p-value. Under torchrun / accelerate launch the work is sharded over the processes and rank 0
+without losing or repeating a sample. At the end OUT/summary.json, OUT/summary.md and OUT/summary.html hold
+accuracy and pass@k (mean ± SE over problems), StepFlow minus baseline with a paired bootstrap CI and a paired
+permutation p-value, the gain by the baseline's chain length with a trend test, what StepFlow did to the chain,
+and what it cost in this run (tokens/s per arm, their ratio, OEB/SMI fire rates). Under torchrun / accelerate launch the work is sharded over the processes and rank 0
 merges the results.
 
 examples:
@@ -71,28 +72,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "reads them, `stepscope compare --by-meta` splits them into correct and wrong")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--summarize", action="store_true",
-                   help="only (re)write summary.json/summary.md of --out from its results (no generation)")
+                   help="only (re)write summary.json/.md/.html of --out from its results (no generation)")
     o.add_argument("--table", nargs="+", metavar="RUN_DIR", default=None,
-                   help="print the paper-shaped table (models x benchmarks) of finished run folders")
+                   help="print the paper-shaped table (models x benchmarks) of finished run folders, then each "
+                        "run's gain by chain length and StepFlow's measured cost")
+    o.add_argument("--length-bins", default="3", metavar="N|EDGES",
+                   help="gain by chain length: N quantile bins of the baseline's thinking length (default 3: "
+                        "tertiles), or ascending edges such as 200,800")
+    o.add_argument("--length-by", default="steps", choices=["steps", "tokens"],
+                   help="the baseline's thinking length that bins the problems (default steps)")
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
     from ..errors import StepscopeError
+    from ..evaluate.chain import parse_bins
     from ..evaluate.runfolder import load_run
-    from ..evaluate.summary import markdown, paper_table, summarize, write_summary
+    from ..evaluate.summary import headline_table, markdown, paper_table, summarize, write_summary
 
     for a, b in (("--table", "--summarize"), ("--table", "--resume"), ("--summarize", "--resume"),
                  ("--device", "--device-map")):
         if getattr(args, a[2:].replace("-", "_")) and getattr(args, b[2:].replace("-", "_")):
             raise StepscopeError(f"{a} and {b} contradict each other: give one")
+    shape = {"length_bins": parse_bins(args.length_bins), "length_by": args.length_by}
     if args.table:
         summaries = []
         for d in args.table:
             info, records = load_run(d)
-            summaries.append(summarize(records, info))
-        print(paper_table(summaries, labels=args.table), end="")
+            summaries.append(summarize(records, info, **shape))
+        print(paper_table(summaries, labels=args.table) + "\n" + headline_table(summaries, labels=args.table), end="")
         return 0
     if not args.out:
         raise StepscopeError("--out is required (the run folder)")
@@ -100,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_writable(args.out, "--out", folder=True)
     if args.summarize:
-        s = write_summary(args.out)
+        s = write_summary(args.out, **shape)
         print(markdown(s), end="")
         return 0
     if not args.benchmark:
@@ -183,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         summary = run_eval(engine.model, engine.tokenizer, bench, settings, args.out, arm_configs=arm_configs,
                            batch_size=args.batch_size, resume=args.resume, progress=not args.no_progress,
                            grade_timeout=args.grade_timeout, save_traces=args.save_traces,
-                           generate_fn=engine.generate_fn)
+                           generate_fn=engine.generate_fn, summary_options=shape)
     except KeyboardInterrupt:
         print(f"stepscope eval: interrupted; finished samples are in {args.out}; continue with the same command "
               f"and --resume", file=sys.stderr)

@@ -17,7 +17,7 @@ _EXPORTS = {
     "grade_math_detail": ".grading", "summary_of": ".grading",
     "RunFolder": ".runfolder", "load_run": ".runfolder", "merge_results": ".runfolder", "read_results": ".runfolder",
     "EvalSettings": ".runner", "run_eval": ".runner", "sample_seed": ".runner",
-    "markdown": ".summary", "mean_se": ".summary", "paper_table": ".summary", "pass_at_k": ".summary",
+    "headline_table": ".summary", "markdown": ".summary", "mean_se": ".summary", "paper_table": ".summary", "pass_at_k": ".summary",
     "summarize": ".summary", "write_summary": ".summary",
 }
 

@@ -23,6 +23,7 @@ from ..errors import StepscopeError
 from ..models import num_layers as model_layers
 from .benchmarks import benchmark_grader
 from .code_grading import grade_code
+from .cost import batch_timing, fire_counts, session_info
 from .grading import DEFAULT_TIMEOUT, GRADER_ERROR, Grade, grade_choice_detail, grade_math_detail
 from .problems import Benchmark, Problem
 from .runfolder import RUN_VERSION, Key, RunFolder
@@ -149,7 +150,7 @@ def trace_id(problem_id: str, arm: str, sample: int) -> str:
 
 
 def make_record(problem: Problem, sample: int, seed: int, arm: str, config: dict | None, trace, grade: Grade,
-                rank: int, save_trace: bool) -> dict:
+                rank: int, save_trace: bool, timing: dict | None = None) -> dict:
     q0, q1 = trace.segments["question"]
     t0, t1 = trace.segments["thinking"]
     s0, s1 = trace.segments["summary"]
@@ -168,10 +169,13 @@ def make_record(problem: Problem, sample: int, seed: int, arm: str, config: dict
         "prompt_tokens": q1 - q0,
         "new_tokens": int(meta.get("num_new_tokens", len(trace.token_ids) - (q1 - q0))),
         "thinking_tokens": t1 - t0,
+        "thinking_steps": len(trace.steps_of("thinking")),
         "summary_tokens": s1 - s0,
         "stop_reason": meta.get("stop_reason"),
         "budget_forced": meta.get("budget_forced"),
         "time": meta.get("time", (meta.get("timing") or {}).get("row_seconds")),
+        "stepflow_fires": fire_counts(trace),
+        "timing": timing,  # the wall time of the generator call that made this sample (evaluate/cost.py)
         "rank": rank,
         "response_start": _char_at(trace, q1),
         "text": trace.text,
@@ -324,11 +328,13 @@ def run_eval(model, tokenizer, benchmark: Benchmark, settings: EvalSettings, out
              arm_configs: dict[str, object | None] | None = None, batch_size: int = 8, resume: bool = False,
              progress: bool = True, generate_fn: GenerateFn | None = None, grade_timeout: float | None = DEFAULT_TIMEOUT,
              save_traces: bool = False, rank: int | None = None, world_size: int | None = None,
-             poll_seconds: float = 2.0, wait_timeout: float | None = None) -> dict | None:
+             poll_seconds: float = 2.0, wait_timeout: float | None = None,
+             summary_options: dict | None = None) -> dict | None:
     """Run every (problem, sample) of `benchmark` in every arm, append the records, and summarize.
 
     `arm_configs`: arm name -> the StepFlowConfig object handed to `generate_fn` (None: plain decoding);
     defaults to `settings.arms` as given. `generate_fn` defaults to `stepscope.flow.generate_traces`.
+    `summary_options`: keyword arguments of `summarize` (length_bins, length_by...).
     Returns the summary (on rank 0; other ranks return None after finishing their share).
     """
     started = time.time()
@@ -353,27 +359,29 @@ def run_eval(model, tokenizer, benchmark: Benchmark, settings: EvalSettings, out
         return _generate(generate_fn, model, tokenizer, todo, arm, arm_configs[arm], settings, batch_size,
                          on_progress)
 
+    session = session_info(model, settings.extra.get("engine"), settings.extra.get("engine_version"))
     _run_share(folder, mine, arms, settings, generate, rank=rank, world=world, batch_size=batch_size,
-               grade_timeout=grade_timeout, save_traces=save_traces,
+               grade_timeout=grade_timeout, save_traces=save_traces, session=session,
                progress_desc=f"{benchmark.name} ({', '.join(arms)})" if progress and rank == 0 else None)
     if rank != 0:
         return None
     expected = [(p.id, s, a) for p, s in units for a in arms]
     _wait_for_all(folder, set(expected), world, poll_seconds, wait_timeout, started)
     folder.merge(expected)
-    return write_summary(folder.path)
+    return write_summary(folder.path, **(summary_options or {}))
 
 
 def _run_share(folder: RunFolder, mine: list[Unit], arms: list[str], settings: EvalSettings,
                generate: Callable[..., list], *, rank: int, world: int, batch_size: int,
-               grade_timeout: float | None, save_traces: bool, progress_desc: str | None) -> None:
+               grade_timeout: float | None, save_traces: bool, progress_desc: str | None, session: dict) -> None:
     """Generate, grade and append every sample of this process's units not yet in the folder, batch by batch,
-    arms interleaved; the status file says how it ended."""
+    arms interleaved, each record with the wall time of its generator call; the status file says how it ended."""
     done = set(folder.records())
     pending = [u for u in mine if any((u[0].id, u[1], a) not in done for a in arms)]
     bar = _Progress(progress_desc is not None, sum((p.id, s, a) not in done for p, s in pending for a in arms),
                     progress_desc or "", arms)
-    folder.write_status(rank, "running")
+    folder.write_status(rank, "running", session=session)
+    calls = 0
     try:
         with folder.open_results(rank, world) as results:
             for batch in _batches(pending, batch_size):
@@ -383,10 +391,13 @@ def _run_share(folder: RunFolder, mine: list[Unit], arms: list[str], settings: E
                         continue
                     if bar.tokens is not None:
                         bar.tokens.start_batch(len(todo))
+                    t0 = time.perf_counter()
                     traces = generate(todo, arm, bar.tokens)
+                    timing = batch_timing(session, rank, calls, time.perf_counter() - t0, len(todo))
+                    calls += 1
                     grades = grade_traces([p for p, _ in todo], traces, grade_timeout, settings)
                     records = [make_record(p, s, sample_seed(settings.decode.seed, p.id, s), arm, settings.arms[arm],
-                                           trace, g, rank, save_traces)
+                                           trace, g, rank, save_traces, timing)
                                for (p, s), trace, g in zip(todo, traces, grades)]
                     results.append(records)
                     done.update((p.id, s, arm) for p, s in todo)

@@ -1,5 +1,6 @@
 """The summary of a run folder: per-arm accuracy and pass@k (mean ± SE over problems), paired comparisons with
-the reference arm, and their tables (summary.json, summary.md, the paper-shaped table).
+the reference arm, the gain by chain length and the effect on the chain (`chain.py`), the cost the run measured
+(`cost.py`), and their tables (summary.json, summary.md, summary.html, the paper-shaped and headline tables).
 
 Every quantity is computed over problems: a problem's samples are averaged first, so a problem with more
 samples does not weigh more, and the standard error reflects the number of problems (the unit that was
@@ -10,7 +11,8 @@ a paired percentile bootstrap CI over problems, and a paired sign-flip permutati
 (`stepscope.stats`).
 
 Records may carry extra per-problem fields (a difficulty, a platform...): `summarize(..., by=[field])` adds
-the per-arm accuracy of each value of the field.
+the per-arm accuracy of each value of the field. A field that a run's records lack (a run written before it
+existed) makes its section say "unavailable"; nothing is estimated in its place.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import numpy as np
 
 from ..errors import StepscopeError
 from ..io import atomic_write_json, atomic_write_text
-from ..stats import EXACT_PERMUTATION_MAX, paired_bootstrap_ci, paired_permutation_test
+from ..stats import EXACT_PERMUTATION_MAX, mean_se, paired_comparison
 from ..wording import plural
 from .benchmarks import benchmark_title
+from .chain import chain_effect, gain_by_length, parse_bins
+from .cost import cost_summary
 from .grading import GRADER_ERROR
 from .runfolder import load_run
 
@@ -47,7 +51,7 @@ def model_label(model: str) -> str:
     return Path(str(model).rstrip("/")).name or str(model)
 
 
-# ------------------------------------------------------------------------- pass@k and mean ± SE
+# ------------------------------------------------------------------------------------------ pass@k
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased estimate of pass@k from n samples of which c are correct (Chen et al. 2021, eq. 1).
@@ -64,15 +68,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def pass_at_k_values(n: int) -> list[int]:
     """The k reported for n samples: the powers of two up to n (1, 2, 4, ...)."""
     return [2 ** i for i in range(int(math.log2(n)) + 1)] if n >= 1 else []
-
-
-def mean_se(x: Sequence[float] | np.ndarray) -> tuple[float, float]:
-    """Mean and its standard error (sample standard deviation / sqrt(P)); SE is nan for fewer than 2 values."""
-    x = np.asarray(x, dtype=np.float64)  # [P]
-    if x.size == 0:
-        return math.nan, math.nan
-    se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
-    return float(x.mean()), se
 
 
 def per_problem_means(correct: Sequence[Sequence[bool]]) -> np.ndarray:
@@ -121,13 +116,8 @@ def _arm_summary(cor: list[list[bool]], recs: list[dict], n: int, config) -> dic
 def _comparison(arm: np.ndarray, ref: np.ndarray, reference: str, level: float, n_boot: int, n_perm: int,
                 seed: int) -> dict:
     """arm - reference over problems ([P] per-problem accuracies each): the paired difference, CI and p."""
-    ci = paired_bootstrap_ci(arm, ref, level=level, n_boot=n_boot, seed=seed)
-    test = paired_permutation_test(arm, ref, n_perm=n_perm, seed=seed)
-    # one problem: every bootstrap resample is that problem, so the interval is the point itself
-    low, high = (ci.estimate, ci.estimate) if ci.low is None else (ci.low, ci.high)
-    return {"reference": reference, "diff": ci.estimate, "ci_low": low, "ci_high": high, "level": level,
-            "p_value": test.p_value, "n_problems": int(arm.size), "wins": int(np.sum(arm > ref)),
-            "losses": int(np.sum(arm < ref))}
+    c = paired_comparison(arm, ref, level=level, n_boot=n_boot, n_perm=n_perm, seed=seed)
+    return {"reference": reference, **{k: v for k, v in c.items() if k != "n"}, "n_problems": c["n"]}
 
 
 def _breakdown(field: str, records: list[dict], complete: list[str], per_problem: dict[str, np.ndarray]) -> dict:
@@ -144,12 +134,16 @@ def _breakdown(field: str, records: list[dict], complete: list[str], per_problem
 
 
 def summarize(records: list[dict], run_info: dict, *, reference: str = "baseline", level: float = 0.95,
-              n_boot: int = 10_000, n_perm: int = 10_000, seed: int = 0, by: Sequence[str] | None = None) -> dict:
+              n_boot: int = 10_000, n_perm: int = 10_000, seed: int = 0, by: Sequence[str] | None = None,
+              length_bins: int | Sequence[float] | str | None = None, length_by: str = "steps") -> dict:
     """The summary dict of a run (see the module docstring); `records` are results.jsonl lines.
 
     `by`: per-record fields to break the accuracy down by (the summary's "by" entry, one per field); None:
     those of BREAKDOWNS that the records carry (LiveCodeBench's difficulty and platform).
+    `length_bins` (a number of quantile bins, default 3, or ascending edges) and `length_by` ("steps" or
+    "tokens") shape the gain-by-chain-length section (`stepscope.evaluate.chain`).
     """
+    bins = parse_bins(length_bins)
     if by is None:
         by = [f for f in BREAKDOWNS if any(f in r for r in records)]
     arms = list(run_info["arms"])
@@ -175,8 +169,15 @@ def summarize(records: list[dict], run_info: dict, *, reference: str = "baseline
                    "ci": f"paired percentile bootstrap over problems, {n_boot} resamples, level {level}",
                    "p_value": f"paired sign-flip permutation test, two-sided (exact for <= "
                               f"{max(EXACT_PERMUTATION_MAX, int(math.log2(n_perm)))} problems, else {n_perm} "
-                              f"random sign vectors)"},
+                              f"random sign vectors)",
+                   "length_bins": "problems binned by the reference arm's mean thinking length over its samples "
+                                  "(quantile or given edges); the other arms' lengths do not enter the bins",
+                   "trend": f"Spearman correlation of each problem's paired gain with its reference length; "
+                            f"permutation p-value shuffling gains over problems ({n_perm} permutations, "
+                            f"two-sided); least-squares slope with a paired bootstrap CI over problems",
+                   "cost": "wall time of each generator call, summed per arm; tokens/s = new tokens / that time"},
     }
+    out["cost"] = cost_summary(records, arms, reference)
     if not complete:
         return out
     complete_set = set(complete)
@@ -192,6 +193,10 @@ def summarize(records: list[dict], run_info: dict, *, reference: str = "baseline
                 out["comparisons"][a] = _comparison(per_problem[a], per_problem[reference], reference, level,
                                                     n_boot, n_perm, seed)
     out["per_problem"] = {p: {a: float(per_problem[a][i]) for a in arms} for i, p in enumerate(complete)}
+    stats = {"level": level, "n_boot": n_boot, "n_perm": n_perm, "seed": seed}
+    out["chain_length"] = gain_by_length(records, complete, per_problem, reference, measure=length_by, bins=bins,
+                                         **stats)
+    out["chain"] = chain_effect(records, complete, arms, reference, **stats)
     if by:
         out["by"] = {f: _breakdown(f, records, complete, per_problem) for f in by}
     return out
@@ -258,15 +263,144 @@ def markdown(summary: dict) -> str:
     lines += ["", "Accuracy in %: mean over samples, ± standard error over problems. diff: paired per-problem "
               "difference with a percentile bootstrap CI over problems; p: paired sign-flip permutation test.",
               note]
-    return "\n".join(lines) + "\n"
+    lines += _chain_length_md(summary.get("chain_length"), list(arms)) + _chain_md(summary.get("chain"))
+    return "\n".join(lines + _cost_md(summary.get("cost"))) + "\n"
+
+
+def _num(x: float | None, digits: int = 1, signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:+,.{digits}f}" if signed else f"{x:,.{digits}f}"
+
+
+def _diff_cell(c: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    """"+d [low, high]" of a paired comparison (scale 100: in points)."""
+    if c is None:
+        return "n/a"
+    return (f"{_num(scale * c['diff'], digits, True)} [{_num(scale * c['ci_low'], digits, True)}, "
+            f"{_num(scale * c['ci_high'], digits, True)}]")
+
+
+def _range(b: dict) -> str:
+    lo, hi = b["min_length"], b["max_length"]
+    return _num(lo, 1) if lo == hi else f"{_num(lo, 1)}–{_num(hi, 1)}"
+
+
+def _chain_length_md(sec: dict | None, arms: list[str]) -> list[str]:
+    """The gain-by-chain-length section: one row per length bin, then the trend test per arm."""
+    lines = ["", "## Gain by chain length", ""]
+    if sec is None or not sec.get("available"):
+        why = "this summary predates it" if sec is None else sec.get("reason", "")
+        return lines + [f"Unavailable: {why}."]
+    ref, unit = sec["binned_on"], sec["unit"]
+    others = [a for a in arms if a != ref]
+    kind = (f"{len(sec['bins'])} quantile bins" if isinstance(sec["bins_spec"], int) else
+            "bins at " + ", ".join(_num(e, 1) for e in sec["bins_spec"]))
+    lines += [f"Problems binned by the {arm_label(ref)} arm's thinking {unit} (mean over its samples; {kind}). "
+              f"Only the {arm_label(ref)} arm decides the bins, so another arm's effect on length cannot move a "
+              f"problem between bins." + (f" Note: {sec['note']}." if sec.get("note") else ""), "",
+              f"| bin | {arm_label(ref)} {unit} | problems | " + " | ".join(arm_label(a) for a in arms) + " | "
+              + " | ".join(f"{arm_label(a)} − {arm_label(ref)} [{round(100 * sec['trend'][a]['level'])}% CI] | p"
+                           for a in others) + " |",
+              "|---|---|---|" + "---|" * len(arms) + "---|---|" * len(others)]
+    for b in sec["bins"]:
+        if not b["n_problems"]:
+            lines.append(f"| {b['index'] + 1} | (none) | 0 |" + " |" * len(arms) + " | |" * len(others))
+            continue
+        acc = " | ".join(f"{_pct(b['arms'][a]['accuracy'])} ± {_pct(b['arms'][a]['se'])}" for a in arms)
+        diffs = " | ".join(f"{_diff_cell(b['comparisons'][a])} | {_p(b['comparisons'][a]['p_value'])}"
+                           for a in others)
+        lines.append(f"| {b['index'] + 1} | {_range(b)} | {b['n_problems']} | {acc} | {diffs} |")
+    per = f"{sec['slope_per']:,} {unit}"
+    for a in others:
+        t = sec["trend"][a]
+        head = (f"Does {arm_label(a)}'s gain grow with length? Spearman ρ between each problem's gain and its "
+                f"{arm_label(ref)} {unit}")
+        if t["spearman_rho"] is None:
+            lines += ["", f"{head}: undefined, the gain or the length does not vary over the {t['n_problems']} "
+                          f"problems."]
+            continue
+        slope = f"least-squares slope {_num(100 * t['slope'], 1, True)} points per {per}"
+        if t["slope_ci_low"] is not None:
+            slope += (f" [{round(100 * t['level'])}% CI {_num(100 * t['slope_ci_low'], 1, True)}, "
+                      f"{_num(100 * t['slope_ci_high'], 1, True)}]")
+        lines += ["", f"{head}: {t['spearman_rho']:+.2f}, p = {_p(t['p_value'])} (permutation test over "
+                      f"{t['n_problems']} problems, two-sided); {slope}."]
+    return lines
+
+
+def _mean_cell(v: dict | None, scale: float = 1.0, digits: int = 1) -> str:
+    return "n/a" if v is None else f"{_num(scale * v['mean'], digits)} ± {_num(scale * v['se'], digits)}"
+
+
+# the chain section's columns: chain.CHAIN_FIELDS key -> header
+CHAIN_COLUMNS = (("thinking_steps", "thinking steps"), ("thinking_tokens", "thinking tokens"),
+                 ("closed_share", "closed"), ("budget_forced_share", "budget-forced"),
+                 ("unclosed_share", "never closed"))
+
+
+def _chain_md(sec: dict | None) -> list[str]:
+    """What each arm did to the chain: lengths and how the thinking ended, then each arm minus the reference."""
+    lines = ["", "## Effect on the chain", ""]
+    if sec is None:
+        return lines + ["Unavailable: this summary predates it."]
+    names = dict(CHAIN_COLUMNS)
+    lines += ["| arm | " + " | ".join(names.values()) + " |", "|---|" + "---|" * len(names)]
+    for a, row in sec["arms"].items():
+        lines.append(f"| {arm_label(a)} | " + " | ".join(
+            _mean_cell(row[k], *((100.0, 1) if k.endswith("share") else (1.0, 1))) for k in names) + " |")
+    for a, comp in sec["comparisons"].items():
+        lines += ["", f"| {arm_label(a)} − {arm_label(sec['reference'])} (paired over problems, 95% CI) | "
+                  + " | ".join(names.values()) + " |", "|---|" + "---|" * len(names),
+                  "| difference | " + " | ".join(_diff_cell(comp[k], 100.0 if k.endswith("share") else 1.0)
+                                                 for k in names) + " |"]
+    return lines + ["", "Shares in %: closed on its own, closed by budget forcing (the thinking budget ran out), "
+                        "never closed; n/a: the records do not carry it."]
+
+
+def _rate(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _cost_md(sec: dict | None) -> list[str]:
+    """What generation cost per arm in this run, and each arm's throughput over the reference's."""
+    lines = ["", "## Cost measured in this run", ""]
+    if sec is None:
+        return lines + ["Unavailable: this summary predates it."]
+    lines += ["| arm | generation s | new tokens | tokens/s | s per sample | OEB fired | SMI fired |",
+              "|---|---|---|---|---|---|---|"]
+    for a, r in sec["arms"].items():
+        lines.append(f"| {arm_label(a)} | {_num(r['seconds'], 1)} | {_num(r['new_tokens'], 0)} | "
+                     f"{_num(r['tokens_per_second'], 1)} | {_num(r['seconds_per_sample'], 2)} | "
+                     f"{_rate(r['oeb_fire_rate'])} | {_rate(r['smi_fire_rate'])} |")
+    lines.append("")
+    for a, q in sec["ratios"].items():
+        ref = arm_label(sec["reference"])
+        if q["throughput"] is None:
+            lines.append(f"{arm_label(a)} / {ref} throughput: unavailable.")
+        else:
+            lines.append(f"{arm_label(a)} / {ref} throughput (tokens/s): {q['throughput']:.3f}x; time per sample: "
+                         f"{_num(q['time_per_sample'], 3)}x" + ("" if q["comparable"] else " (not comparable)") + ".")
+    where = "; ".join(sorted({f"{s.get('device')}, {s.get('engine')}" for s in sec.get("sessions", [])}))
+    told = ([f"Measured on {where} ({len(sec.get('sessions', []))} session(s), {sec['machines']} machine(s))."]
+            if where else []) + ([sec["note"][0].upper() + sec["note"][1:] + "."] if sec.get("note") else [])
+    lines.append(" ".join(told + ["Generation s: wall time of the arm's generator calls (grading excluded); OEB "
+                                  "fired: share of eligible (query, head) pairs; SMI fired: share of (thinking "
+                                  "token, SMI layer) positions."]))
+    return lines
 
 
 def write_summary(out: str | os.PathLike, **kwargs) -> dict:
-    """Summarize a run folder into summary.json and summary.md; returns the summary."""
+    """Summarize a run folder into summary.json, summary.md and summary.html (the same, with the gain-by-length
+    figure); returns the summary. `kwargs` go to `summarize`."""
+    from ..report.eval_page import write_eval_page
+
     info, records = load_run(out)
     summary = summarize(records, info, **kwargs)
+    text = markdown(summary)
     atomic_write_json(Path(out) / "summary.json", summary)
-    atomic_write_text(Path(out) / "summary.md", markdown(summary))
+    atomic_write_text(Path(out) / "summary.md", text)
+    write_eval_page(Path(out) / "summary.html", summary, text)
     return summary
 
 
@@ -302,3 +436,33 @@ def paper_table(summaries: list[dict], arm: str = "stepflow", reference: str = "
         lines.append(f"| {m}, {arm_label(reference)} → {arm_label(arm)} | " +
                      " | ".join(cell.get((m, b), "") for b in benches) + " |")
     return "\n".join(lines) + "\n\n* p < 0.05, paired sign-flip permutation test over problems.\n"
+
+
+def headline_table(summaries: list[dict], arm: str = "stepflow", reference: str = "baseline",
+                   labels: list[str] | None = None) -> str:
+    """One row per run: the gain of `arm` over `reference` in each chain-length bin (shortest first), the trend
+    test, and the throughput ratio the run measured (with its device; "not comparable" where it was resumed on
+    another machine). A run without the arm, or without a field, shows n/a."""
+    labels = [f"run {i + 1}" for i in range(len(summaries))] if labels is None else [str(x) for x in labels]
+    if len(labels) != len(summaries):
+        raise StepscopeError(f"{len(labels)} labels for {len(summaries)} summaries")
+    lines = [f"| run | model | benchmark | problems | {arm_label(arm)} − {arm_label(reference)} by length bin, "
+             f"shortest first | trend ρ (p) | throughput {arm_label(arm)}/{arm_label(reference)} | device |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s, label in zip(summaries, labels):
+        sec, cost = s.get("chain_length") or {}, s.get("cost") or {}
+        gains, trend = "n/a", "n/a"
+        if sec.get("available") and arm in sec.get("trend", {}):
+            gains = " / ".join(_signed(b["comparisons"][arm]["diff"]) if b["n_problems"] else "–" for b in sec["bins"])
+            gains += f" (by {sec['unit']})"
+            t = sec["trend"][arm]
+            trend = "n/a" if t["spearman_rho"] is None else f"{t['spearman_rho']:+.2f} ({_p(t['p_value'])})"
+        ratio = (cost.get("ratios") or {}).get(arm) or {}
+        tput = "n/a" if ratio.get("throughput") is None else (
+            f"{ratio['throughput']:.3f}x" + ("" if ratio.get("comparable") else " (not comparable)"))
+        device = "; ".join(sorted({str(x.get("device")) for x in cost.get("sessions", [])})) or "n/a"
+        lines.append(f"| {label} | {model_label(s['model'])} | {benchmark_title(s['benchmark'])} | "
+                     f"{s['n_problems']} | {gains} | {trend} | {tput} | {device} |")
+    return "\n".join(lines) + ("\n\nGain in points per bin of the baseline's thinking length; ρ: Spearman correlation "
+                               "of each problem's gain with that length, permutation p over problems; throughput: "
+                               "tokens/s as the run measured them.\n")

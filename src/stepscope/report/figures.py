@@ -1,5 +1,6 @@
 """Matplotlib figures: per-layer step heatmaps (log colour scale, segment boundaries), layer grids,
-metric-versus-depth curves (correct versus wrong, with interval bands); saved as PNG, SVG or both.
+metric-versus-depth curves (correct versus wrong, with interval bands), an evaluation's gain by chain length;
+saved as PNG, SVG or both.
 
 Figures are built on `matplotlib.figure.Figure` directly (no pyplot, no global state, Agg canvas), so they
 work headless and in threads. Titles never go through mathtext (`$` in a trace id stays a dollar sign).
@@ -335,6 +336,55 @@ def scores_figure(comparison: Comparison, scores: Sequence[str] = SCORES) -> Fig
             p = s["welch"]["p_value"] if s["welch"] else None
             ax.set_title(name + ("" if p is None else f"\nWelch p={p:.3g}"))
     return fig
+
+
+ARM_COLORS = ("#1982c4", "#e07a1f", "#6a4c93", "#2a9d8f", "#d62828")
+
+
+def gain_by_length_figure(section: dict, labels: dict[str, str] | None = None) -> Figure:
+    """An evaluation's gain by chain length (the summary's "chain_length" entry, stepscope.evaluate.chain): per
+    length bin of the reference arm, each other arm's paired gain in accuracy points with its CI (error bar),
+    the bins' length range and problem count below. `labels`: display names of the arms."""
+    bins = section["bins"]
+    arms = list(section["trend"])
+    labels = labels or {}
+    with matplotlib.rc_context(RC):
+        fig = _figure(max(3.2, 1.1 * len(bins) + 1.4), 2.6)
+        ax = fig.subplots()
+        ax.axhline(0.0, color="#999999", lw=0.8)
+        width = 0.6 / max(1, len(arms))
+        for k, arm in enumerate(arms):
+            xs, ys, lo, hi = [], [], [], []
+            for b in bins:
+                c = (b.get("comparisons") or {}).get(arm)
+                if not b["n_problems"] or c is None:
+                    continue
+                xs.append(b["index"] + (k - (len(arms) - 1) / 2) * width)
+                ys.append(100 * c["diff"])
+                lo.append(100 * (c["diff"] - c["ci_low"]))
+                hi.append(100 * (c["ci_high"] - c["diff"]))
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", ms=4, capsize=3, lw=1.2, color=ARM_COLORS[k % len(ARM_COLORS)],
+                        label=labels.get(arm, arm))
+        ticks = [f"{b['index'] + 1}: " + ("none" if not b["n_problems"] else
+                 f"{b['min_length']:,.0f}–{b['max_length']:,.0f}\n{b['n_problems']} problems") for b in bins]
+        ax.set_xticks(range(len(bins)), ticks)
+        ax.set_xlim(-0.6, len(bins) - 0.4)
+        ref = labels.get(section["binned_on"], section["binned_on"])
+        ax.set_xlabel(f"bin of {ref}'s thinking {section['unit']}", parse_math=False)
+        ax.set_ylabel(f"gain over {ref} (points)", parse_math=False)
+        level = next(iter(section["trend"].values()))["level"] if arms else 0.95
+        ax.set_title(f"gain by chain length ({level:.0%} CI)", parse_math=False)
+        for t in ax.legend(loc="best", frameon=False, fontsize=7).get_texts():
+            t.set_parse_math(False)
+    return fig
+
+
+def svg_text(fig: Figure) -> str:
+    """The figure as an SVG document (text kept as text), for pages that embed it inline."""
+    buf = io.BytesIO()
+    with matplotlib.rc_context({**RC, "svg.fonttype": "none"}):
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    return buf.getvalue().decode("utf-8")
 
 
 def diagnosis_depth_figure(diagnoses: Sequence[Diagnosis], metrics: Sequence[str] = METRICS,
