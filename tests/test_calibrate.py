@@ -58,8 +58,9 @@ def synthetic_maps(trace: Trace, seed: int, lock: dict[int, float], decay: dict[
 
 
 def result(trace: Trace, maps: torch.Tensor, rid: str, correct: bool | None = None, model: str = "org/model-7b",
-           layers: list[int] | None = None, num_layers: int = L) -> SaliencyResult:
-    meta_t = {**trace.meta, "id": rid, **({} if correct is None else {"correct": correct})}
+           layers: list[int] | None = None, num_layers: int = L, problem: str | None = None) -> SaliencyResult:
+    meta_t = {**trace.meta, "id": rid, **({} if correct is None else {"correct": correct}),
+              **({} if problem is None else {"problem_id": problem})}
     t = Trace(trace.token_ids, trace.text, trace.fmt, trace.segments, trace.steps, trace.token_char_ends, meta_t,
               trace.format)
     meta = {"model": model, "layers": layers if layers is not None else list(range(num_layers)),
@@ -134,7 +135,7 @@ def test_correct_and_wrong_traces_narrow_the_band_to_where_wrong_is_worse(trace)
         wrong = s % 2 == 1
         lock = {2: 3.0 if wrong else 6.0, 3: 6.0 if wrong else 3.0, 4: 6.0 if wrong else 3.0}
         rs.append(result(trace, synthetic_maps(trace, s, lock, dict.fromkeys(DECAY_BAND, 0.15)), f"t{s}",
-                         correct=not wrong))
+                         correct=not wrong, problem=f"p{s // 2}"))  # 6 problems, each solved once, failed once
     cal = calibrate(rs, n_boot=200)
     oeb = cal.evidence["choices"]["oeb_layers"]
     assert cal.config.oeb_layers == [3, 4] and oeb["source"] == "measured"
