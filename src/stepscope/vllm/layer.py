@@ -236,7 +236,7 @@ class DecodeInputs:
                 rp.req.tally.oeb[layers] += sums[:, r]
                 rp.req.tally.eligible[layers] += heads
 
-    # the torch path's form (attention.oeb_decode_blocks): the rows' blocks as the cache holds them
+    # the torch path's form (core.oeb.oeb_decode_blocks): the rows' blocks as the cache holds them
 
     @functools.cached_property
     def block_ids(self) -> torch.Tensor:

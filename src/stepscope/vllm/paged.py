@@ -17,7 +17,7 @@ layer's key and value views and to gather rows' keys and values from their block
 one row, in order; entries past `seq_len` keys are read but their keys are never used): (keys, values)
 [R, Hkv, seq_len, D] (or [Hkv, seq_len, D] for one row). `blocks(kv_cache, ids)` copies the cache blocks `ids`
 (long [P]) out with one index_select and returns views of that copy as the decoding path
-(`attention.oeb_decode_blocks`) multiplies them: (keys_t [P * Hkv, D, block], values [P * Hkv, block, D]).
+(`core.oeb.oeb_decode_blocks`) multiplies them: (keys_t [P * Hkv, D, block], values [P * Hkv, block, D]).
 """
 
 from __future__ import annotations
