@@ -126,7 +126,10 @@ def pytest_unconfigure(config):
                                       if isinstance(lg, logging.Logger))]
     for handler in {h for lg in loggers for h in lg.handlers}:
         if type(handler) is logging.StreamHandler and handler.stream not in (sys.__stdout__, sys.__stderr__):
-            handler.setStream(sys.__stderr__)
+            try:
+                handler.setStream(sys.__stderr__)
+            except ValueError:  # setStream flushes the old stream, pytest's capture file, which may be closed
+                handler.stream = sys.__stderr__
             handler.setLevel(max(handler.level, logging.ERROR))
     capman = config.pluginmanager.getplugin("capturemanager")  # the engine processes write to the captured fds
     capturing = capman is not None and capman.is_globally_capturing()
