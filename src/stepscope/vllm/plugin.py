@@ -116,8 +116,9 @@ def register() -> None:
 
     default = default_config()  # raises on a bad value, naming the variable
     problem = support_problem()
-    if default is not None and (problem or frontend_problem()):
-        raise StepscopeError(f"{DEFAULT_ENV} asks for StepFlow on every request, but {problem or frontend_problem()}")
+    refusal = (problem or frontend_problem()) if default is not None else None
+    if refusal:
+        raise StepscopeError(f"{DEFAULT_ENV} asks for StepFlow on every request, but {refusal}")
     if problem:
         log.info("stepscope: StepFlow backend not registered: %s", problem)
         return

@@ -31,7 +31,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor
 from ..errors import StepscopeError
 from .plugin import engine_problem, frontend_problem, support_problem
 from .requests import request_config, request_start
-from .worker import WORKER
+from .worker import WORKER, engine_tokenizer
 
 log = logging.getLogger("stepscope.vllm")
 
@@ -79,11 +79,7 @@ class StepFlowLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
     def eos(self) -> int:
         """The model's end-of-sequence token (its tokenizer's), the one token a refused request is given."""
         if self._eos is None:
-            from transformers import AutoTokenizer
-
-            mc = self._config.model_config
-            tok = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision, trust_remote_code=False)
-            self._eos = int(tok.eos_token_id)
+            self._eos = int(engine_tokenizer(self._config).eos_token_id)
         return self._eos
 
     # -- V1 ------------------------------------------------------------------------------------------------------

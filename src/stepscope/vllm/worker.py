@@ -131,6 +131,14 @@ class RowPlan:
         return got
 
 
+def engine_tokenizer(vllm_config):
+    """The tokenizer of a vLLM engine's model (its configured tokenizer and revision; no remote code)."""
+    from transformers import AutoTokenizer
+
+    mc = vllm_config.model_config
+    return AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision, trust_remote_code=False)
+
+
 class Worker:
     """The StepFlow requests of this worker process (one per process: `WORKER`)."""
 
@@ -286,11 +294,7 @@ class Worker:
 
     def _tokenizer_once(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            mc = self.vllm_config.model_config
-            self._tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
-                                                            trust_remote_code=False)
+            self._tokenizer = engine_tokenizer(self.vllm_config)
             self._tokbytes = token_bytes(self._tokenizer)
         return self._tokenizer
 
