@@ -11,8 +11,7 @@ import numpy as np
 
 from ..core.tally import StepFlowStats, Tally
 
-_PER_HEAD = ("oeb", "eligible")  # summed over ranks
-_PER_POSITION = ("smi", "tokens", "forwards", "cache_conflicts")  # one rank's (the same on every rank)
+_PER_HEAD = ("oeb", "eligible")  # summed over ranks; the rest (SMI fires, tokens, forwards) is rank 0's
 
 
 def to_stats(t: dict) -> StepFlowStats:
@@ -25,14 +24,6 @@ def merge_rank_tallies(tallies: list[dict]) -> dict:
     t = dict(tallies[0])
     for name in _PER_HEAD:
         t[name] = np.sum([np.asarray(r[name]) for r in tallies], axis=0)
-    return t
-
-
-def add_tallies(a: dict, b: dict) -> dict:
-    """Two requests' merged tallies under one key -> their sum (as core.tally.Tally.add)."""
-    t = dict(a)
-    for name in _PER_HEAD + _PER_POSITION:
-        t[name] = np.asarray(a.get(name, 0)) + np.asarray(b.get(name, 0))
     return t
 
 

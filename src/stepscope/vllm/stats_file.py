@@ -24,8 +24,9 @@ import threading
 import time
 from pathlib import Path
 
+from ..core.tally import Tally
 from ..errors import StepscopeError
-from .stats import add_tallies, merge_rank_tallies, to_stats
+from .stats import merge_rank_tallies, to_stats
 
 __all__ = ["STATS_ENV", "StatsWriter", "by_key", "read", "read_lines", "requests", "stats_path", "to_stats"]
 
@@ -146,11 +147,14 @@ def requests(lines: list[dict]) -> list[dict]:
 def by_key(reqs: list[dict]) -> dict:
     """{stepflow_id: StepFlowStats} over requests (`requests`), those with the same id added up, as
     `stepscope.vllm.collect_stats` gives them for the same requests."""
-    tallies: dict[str, dict] = {}
+    tallies: dict[str, Tally] = {}
     for r in reqs:
-        key = r["stepflow_id"]
-        tallies[key] = add_tallies(tallies[key], r["tally"]) if key in tallies else r["tally"]
-    return {k: to_stats(t) for k, t in tallies.items()}
+        t = Tally.from_json(r["tally"])
+        acc = tallies.get(r["stepflow_id"])
+        if acc is None:
+            acc = tallies[r["stepflow_id"]] = Tally(len(t.eligible), t.oeb_layers, t.smi_layers)
+        acc.add(t)
+    return {k: t.to_stats() for k, t in tallies.items()}
 
 
 def read(path: str | Path) -> dict:
