@@ -7,6 +7,12 @@ from pathlib import Path
 # on CPU (tests/test_flow_kernels.py, kernel="triton" in test_stepflow_decode.py); StepFlow's kernel="auto"
 # picks the kernel on CUDA devices only, so every other test runs the PyTorch path as users' CPUs do.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# vLLM, by default, gives its loggers a handler bound to the sys.stdout of the moment it is imported: in a test
+# run, the capture file of whichever test imported it first, closed when that test ends; every later message
+# (an engine a module fixture shuts down) then printed "--- Logging error --- ValueError: I/O operation on closed
+# file". Without its own logging configuration vLLM logs through the root logger, which pytest captures per test,
+# and its engine processes (which inherit this) write warnings to their captured stderr.
+os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 import pytest
 from tiny import make_model, make_tokenizer  # noqa: F401  (re-exported for tests)

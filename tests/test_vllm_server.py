@@ -53,7 +53,8 @@ def server(tmp_path_factory):
     stats, log = folder / "stats.jsonl", folder / "server.log"
     port = free_port()
     env = {**os.environ, "STEPSCOPE_STEPFLOW": json.dumps(DEFAULT), "STEPSCOPE_STATS_FILE": str(stats),
-           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           "VLLM_CONFIGURE_LOGGING": "1"}  # the server's own log file, read when it fails to start
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--served-model-name",
            "smol", "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "4",
            "--block-size", "32", "--enable-prefix-caching", "--seed", "0", "--host", "127.0.0.1", "--port",

@@ -3,6 +3,7 @@ OEB/SMI row functions against a dense softmax reference, and the batch bookkeepi
 requests."""
 
 import math
+import os
 
 import pytest
 from conftest import require_vllm
@@ -289,3 +290,31 @@ def test_a_layer_repairs_each_row_by_its_own_config(window):
     torch.testing.assert_close(out, torch.cat([out_r for out_r in (
         _dense_reference(q2[i:i + 1], *data[r], [lens[r] - 1], t0s[r], s0s[r], taus[r], scale, window)[0]
         for i, r in enumerate(decoding))]).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_vllm_logging_mid_run_reaches_no_closed_capture_file(tmp_path):
+    """vLLM's logging in a test run: configured under one test's capture (capsys), then logging in a
+    later test (as an engine a module fixture shuts down does) prints no "--- Logging error ---" (conftest.py
+    runs the tests with VLLM_CONFIGURE_LOGGING=0, so vLLM logs through the root logger pytest captures)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "test_a.py").write_text(
+        "def test_configures_vllm_under_capsys(capsys):\n    from vllm.config.logging import LoggingConfig\n"
+        "    from vllm.logger import configure_logging_if_needed\n\n"
+        "    configure_logging_if_needed(LoggingConfig())  # as LLM(...) and the engine's config do\n",
+        encoding="utf-8")
+    (tmp_path / "test_b.py").write_text(
+        "import logging\n\ndef test_logs_later():\n    for i in range(3):\n"
+        "        logging.getLogger('vllm.engine').warning('engine %d shutting down', i)\n", encoding="utf-8")
+    tests = str(Path(__file__).resolve().parent)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CONFIGURE_LOGGING"}
+    env["PYTHONPATH"] = os.pathsep.join([tests, env.get("PYTHONPATH", "")])
+    # -s: what is printed outside a test's capture (the engines' background threads, between tests) is seen
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "conftest", "-c", os.devnull, "--rootdir",
+                        str(tmp_path), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    both = p.stdout + p.stderr
+    assert p.returncode == 0 and "2 passed" in p.stdout, both
+    assert "Logging error" not in both and "closed file" not in both, both
