@@ -206,13 +206,14 @@ def test_the_extending_page_registers_what_it_says(chatml_tokenizer):
     import re
     from pathlib import Path
 
+    from stepscope.core import interventions
     from stepscope.evaluate import benchmarks
     from stepscope.evaluate.problems import Problem
     from stepscope.trace import Trace
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     try:
         for block in blocks:
             exec(compile(block, "docs/extending.md", "exec"), {})  # noqa: S102
@@ -224,7 +225,41 @@ def test_the_extending_page_registers_what_it_says(chatml_tokenizer):
         for gold, right in [("The answer is \\boxed{5}.", True), ("5", False)]:
             grade = spec.grader(Problem("p", Q, gold), tr, timeout=None, code_limits={})
             assert grade.correct is right and grade.answer == "\n\nThe answer is \\boxed{5}."
+        _check_damp(tr, chatml_tokenizer)
     finally:
+        interventions.REGISTRY.pop("damp", None)
         benchmarks.SPECS.pop("my-bench", None)
         benchmarks.ALIASES.pop("mine", None)
         FORMATS.pop("reason", None)
+
+
+def _check_damp(trace, tok):
+    """The page's repair: on a tiny model, the summary queries of its deep layer come out of the attention scaled
+    by (1 - gamma) (read at the input of the output projection) and are counted; the other queries are not."""
+    import torch
+    from tiny import make_model
+
+    from stepscope.flow import StepFlow, StepFlowConfig
+
+    model = make_model("llama", vocab_size=len(tok))
+    seen = {}
+
+    def grab(module, args):
+        seen.setdefault("x", []).append(args[0].detach().clone())
+
+    ids = torch.tensor([trace.token_ids])
+    h = model.model.layers[3].self_attn.o_proj.register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            model(ids)
+            cfg = StepFlowConfig(oeb=False, smi=False, fmt="reason", interventions={"damp": {"gamma": 0.25}})
+            with StepFlow(model, tok, cfg) as flow:
+                model(ids)
+    finally:
+        h.remove()
+    plain, damped = seen["x"]
+    a, b = trace.segments["summary"]
+    assert b > a
+    assert torch.allclose(damped[0, a:b], 0.75 * plain[0, a:b], atol=1e-6)
+    assert torch.equal(damped[0, :a], plain[0, :a])
+    assert flow.stats.interventions == {"damp": {3: b - a}}

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .interventions import Active
+from .interventions import resolve as resolve_interventions
+
 if TYPE_CHECKING:
     from ..flow.config import StepFlowConfig
 
@@ -20,12 +23,13 @@ class FlowSettings:
     tau_max: float
     alpha: float
     smi_window: int | str  # tokens, or "step"
+    extra: tuple[Active, ...] = ()  # the registered repairs beside OEB and SMI (core/interventions.py), in order
 
     @classmethod
     def resolve(cls, config: StepFlowConfig, num_layers: int) -> FlowSettings:
         oeb, smi = config.resolve(num_layers)
         return cls(int(num_layers), tuple(oeb), tuple(smi), float(config.tau_max), float(config.alpha),
-                   config.smi_window)
+                   config.smi_window, resolve_interventions(config.interventions, num_layers))
 
     @property
     def oeb(self) -> frozenset[int]:
@@ -34,3 +38,8 @@ class FlowSettings:
     @property
     def smi(self) -> frozenset[int]:
         return frozenset(self.smi_layers)
+
+    @property
+    def extra_layers(self) -> frozenset[int]:
+        """Layers where some repair beside OEB and SMI acts."""
+        return frozenset().union(*(a.layers for a in self.extra))

@@ -88,10 +88,13 @@ def fire_counts(trace) -> dict | None:
     st = (getattr(trace, "meta", None) or {}).get("stepflow_stats")
     if not st:
         return None
-    return {"oeb_fires": int(sum((st.get("oeb_fires") or {}).values())),
-            "oeb_eligible": int(sum((st.get("oeb_eligible") or {}).values())),
-            "smi_fires": int(sum((st.get("smi_fires") or {}).values())),
-            "smi_layers": len(st.get("smi_layers") or [])}
+    out = {"oeb_fires": int(sum((st.get("oeb_fires") or {}).values())),
+           "oeb_eligible": int(sum((st.get("oeb_eligible") or {}).values())),
+           "smi_fires": int(sum((st.get("smi_fires") or {}).values())),
+           "smi_layers": len(st.get("smi_layers") or [])}
+    if st.get("interventions"):  # the other repairs (core/interventions.py): queries changed, over their layers
+        out["interventions"] = {k: int(sum(c.values())) for k, c in st["interventions"].items()}
+    return out
 
 
 def _fire_rates(recs: list[dict]) -> dict:
@@ -102,8 +105,13 @@ def _fire_rates(recs: list[dict]) -> dict:
         return {"oeb_fire_rate": None, "smi_fire_rate": None}
     eligible = sum(f["oeb_eligible"] for f in fires)
     positions = sum(f["smi_layers"] * int(r.get("thinking_tokens") or 0) for f, r in zip(fires, recs))
-    return {"oeb_fire_rate": sum(f["oeb_fires"] for f in fires) / eligible if eligible else None,
-            "smi_fire_rate": sum(f["smi_fires"] for f in fires) / positions if positions else None}
+    out = {"oeb_fire_rate": sum(f["oeb_fires"] for f in fires) / eligible if eligible else None,
+           "smi_fire_rate": sum(f["smi_fires"] for f in fires) / positions if positions else None}
+    names = sorted({k for f in fires for k in f.get("interventions", {})})
+    if names:  # the other repairs: queries they changed per sample
+        out["changed_per_sample"] = {k: sum(f.get("interventions", {}).get(k, 0) for f in fires) / len(fires)
+                                     for k in names}
+    return out
 
 
 def cost_summary(records: list[dict], arms: list[str], reference: str = "baseline") -> dict:

@@ -90,14 +90,16 @@ def build_arms(names: list[str] | str, base=None, **knobs) -> dict[str, object |
     """Arm name -> StepFlowConfig (None for plain decoding).
 
     "baseline": plain decoding; "stepflow": OEB and SMI; "oeb": OEB only; "smi": SMI only (the paper's
-    ablation); "NAME=@FILE": the StepFlowConfig in FILE (as `stepscope calibrate` writes it), as it is, under the
-    arm name NAME. The built-in arms start from `base` (a StepFlowConfig, e.g. --stepflow-config; default the
+    ablation); for each registered repair R (core/interventions.py, docs/extending.md) "R": R alone and
+    "stepflow+R": OEB, SMI and R, each with its default settings; "NAME=@FILE": the StepFlowConfig in FILE (as
+    `stepscope calibrate` writes it), as it is, under the arm name NAME. The built-in arms start from `base` (a StepFlowConfig, e.g. --stepflow-config; default the
     paper's) with `knobs` on top: StepFlowConfig fields (tau_max, alpha, smi_window, oeb_layers, smi_layers...);
     a knob given as None keeps the base value. Knobs do not change a file's arm.
     """
     import re
     from dataclasses import replace
 
+    from ..core.interventions import registered
     from ..flow import StepFlowConfig
 
     if isinstance(names, str):
@@ -109,14 +111,16 @@ def build_arms(names: list[str] | str, base=None, **knobs) -> dict[str, object |
         if "=" in item:
             name, _, spec = (x.strip() for x in item.partition("="))
             if not spec.startswith("@") or len(spec) < 2 or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) \
-                    or name in ARMS:
+                    or name in ARMS or name in registered():
                 raise StepscopeError(f"cannot read the arm {item!r}: write NAME=@FILE.json with a new name of "
                                      f"letters, digits, '.', '_' or '-' (not {', '.join(ARMS)})")
             files[name] = spec[1:]
     names = [n.partition("=")[0].strip() for n in names]
-    bad = [n for n in names if n not in ARMS and n not in files]
+    repairs = registered()
+    bad = [n for n in names if n not in ARMS and n not in files and n.removeprefix("stepflow+") not in repairs]
     if bad:
-        raise StepscopeError(f"unknown arm {bad[0]!r}; use a comma-separated list of {', '.join(ARMS)} or "
+        more = "".join(f", {r}, stepflow+{r}" for r in repairs)
+        raise StepscopeError(f"unknown arm {bad[0]!r}; use a comma-separated list of {', '.join(ARMS)}{more} or "
                              "NAME=@FILE.json")
     if len(set(names)) != len(names):
         raise StepscopeError(f"an arm is named twice in {','.join(names)}")
@@ -127,9 +131,13 @@ def build_arms(names: list[str] | str, base=None, **knobs) -> dict[str, object |
             out[n] = StepFlowConfig.load(files[n])
         elif n == "baseline":
             out[n] = None
-        else:
+        elif n in ARMS:
             out[n] = replace(base or StepFlowConfig(), **knobs, oeb=n in ("stepflow", "oeb"),
                              smi=n in ("stepflow", "smi"))
+        else:  # a registered repair, alone or with OEB and SMI
+            both = n.startswith("stepflow+")
+            out[n] = replace(base or StepFlowConfig(), **knobs, oeb=both, smi=both,
+                             interventions={n.removeprefix("stepflow+"): {}})
     return out
 
 

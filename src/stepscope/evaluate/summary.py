@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.interventions import registered
 from ..errors import StepscopeError
 from ..io import atomic_write_json, atomic_write_text
 from ..stats import EXACT_PERMUTATION_MAX, mean_se, paired_comparison
@@ -40,7 +41,13 @@ BREAKDOWNS = ("difficulty", "platform")  # per-record fields broken down by defa
 
 
 def arm_label(arm: str) -> str:
-    return ARM_NAMES.get(arm, arm)
+    if arm in ARM_NAMES:
+        return ARM_NAMES[arm]
+    iv = registered().get(arm.removeprefix("stepflow+"))  # a registered repair's arms (evaluate.runner.build_arms)
+    if iv is None:
+        return arm
+    title = iv.title or iv.name
+    return f"StepFlow + {title}" if arm.startswith("stepflow+") else f"{title} only"
 
 
 def model_label(model: str) -> str:
@@ -374,6 +381,9 @@ def _cost_md(sec: dict | None) -> list[str]:
                      f"{_num(r['tokens_per_second'], 1)} | {_num(r['seconds_per_sample'], 2)} | "
                      f"{_rate(r['oeb_fire_rate'])} | {_rate(r['smi_fire_rate'])} |")
     lines.append("")
+    for a, r in sec["arms"].items():  # the other repairs (core/interventions.py)
+        for name, n in (r.get("changed_per_sample") or {}).items():
+            lines.append(f"{arm_label(a)}: {name} changed {n:.1f} queries per sample.")
     for a, q in sec["ratios"].items():
         ref = arm_label(sec["reference"])
         if q["throughput"] is None:

@@ -14,7 +14,9 @@ Per layer (`flow_attention`):
 - OEB layers compute attention themselves (flow/oeb.py); a decoding step may go to the fused Triton kernel
   instead (flow/decode_path.py);
 - SMI layers add alpha * (mean value vector of the previous step's last w tokens, per kv head, shared by the
-  query heads of a GQA group) to the attention output of the query at each fire position, before o_proj.
+  query heads of a GQA group) to the attention output of the query at each fire position, before o_proj;
+- then the other repairs of the config (core/interventions.py) change the attention output of the forward's real
+  queries on their layers, in their order.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..core.interventions import Active, run
 from ..core.smi import smi_inject
 from ..errors import StepscopeError
 from .decode_path import DecodePath
@@ -47,6 +50,8 @@ class FlowBinding(NamedTuple):
     oeb: frozenset[int]  # the OEB layers
     smi: frozenset[int]  # the SMI layers
     block_elems: int  # most scores one OEB block may hold
+    extra: tuple[Active, ...] = ()  # the other repairs, in the order they run
+    extra_layers: frozenset[int] = frozenset()  # the layers where one of them acts
 
 
 def registered_name(orig: str) -> str:
@@ -106,7 +111,8 @@ def flow_attention(fn: Callable, module, query: torch.Tensor, key: torch.Tensor,
         bound.rows.feed_pending()
     do_smi = fs.num_fires > 0 and layer in bound.smi
     if not (do_oeb or do_smi):
-        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        out = fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return out if layer not in bound.extra_layers else (_extra(out[0], layer, fs, bound), out[1])
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     window = int(window) if window else None
     mask4 = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 else None
@@ -135,5 +141,20 @@ def flow_attention(fn: Callable, module, query: torch.Tensor, key: torch.Tensor,
         ft = fs.fire_tensors
         out = smi_inject(out, value, ft.fires, ft.pairs[0], kidx, weight, fs.num_fires)
         bound.stats.add_smi(layer, fs.fires.fire_b)
+    if layer in bound.extra_layers:
+        out = _extra(out, layer, fs, bound)
     return out, weights
+
+
+def _extra(out: torch.Tensor, layer: int, fs: ForwardState, bound: FlowBinding) -> torch.Tensor:
+    """The other repairs of this layer on the forward's real queries: out [B, Q, H, D] -> a new [B, Q, H, D]."""
+    got = fs.real_queries()
+    if got is None:
+        return out
+    rows, cols, queries = got
+    sel = out[rows, cols]  # [N, H, D]
+    for a in bound.extra:
+        if layer in a.layers:
+            bound.stats.add_extra(a.name, layer, rows, run(a, sel, queries))
+    return out.index_put((rows, cols), sel)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from ..core.interventions import normalize as normalize_interventions
 from ..errors import StepscopeError
 from ..formats import FORMATS, Format
 from ..io import config_fields
@@ -23,7 +24,9 @@ class StepFlowConfig:
     `oeb_layers` / `smi_layers`: layer indices (negative ones count from the end), or None for the default
     bands. `fmt` / `markers` tell the step segmenter how thinking is marked ("auto" reads the tokenizer's chat
     template). `collect_stats` accumulates firing counts and bridge masses on the device (a few tiny ops per
-    band layer); turn it off for the last bit of speed.
+    band layer); turn it off for the last bit of speed. `interventions`: registered repairs to run beside OEB and
+    SMI, by name, each with its settings (`{"name": {"layers": [...], "param": value}}`; docs/extending.md);
+    stored with every parameter's value spelled out.
     """
 
     oeb_layers: list[int] | None = None
@@ -36,6 +39,7 @@ class StepFlowConfig:
     fmt: str | Format = "auto"
     markers: tuple[str, str] | None = None
     collect_stats: bool = True
+    interventions: dict[str, dict] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.fmt, Format):  # keep the config JSON-able: a registered format by its name, another
@@ -66,6 +70,7 @@ class StepFlowConfig:
         if isinstance(w, bool) or not (w == "step" or (isinstance(w, int) and w >= 1)):
             raise StepscopeError(f"smi_window must be a positive integer or 'step', got {self.smi_window!r}")
         self.smi_window = w
+        self.interventions = normalize_interventions(self.interventions)
 
     # -- layers ---------------------------------------------------------------------------------------------
 
@@ -91,6 +96,8 @@ class StepFlowConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d["markers"] = list(self.markers) if self.markers else None
+        if d["interventions"] is None:  # a config of OEB and SMI alone keeps the JSON (and salts) it always had
+            del d["interventions"]
         return d
 
     @classmethod

@@ -49,9 +49,13 @@ class FlowStats:
     """The recorder: OEB and SMI tallies of every band layer, in total and per row."""
 
     def __init__(self, num_layers: int, oeb_layers: list[int], smi_layers: list[int], device: torch.device,
-                 collect: bool = True):
+                 collect: bool = True, extra_layers: dict[str, list[int]] | None = None):
         self.num_layers = num_layers
         self.oeb_layers, self.smi_layers = list(oeb_layers), list(smi_layers)
+        # the other repairs (core/interventions.py): queries changed per layer, counted on the device, always
+        self.extra_layers = {k: list(v) for k, v in (extra_layers or {}).items()}
+        self._extra = {k: torch.zeros(num_layers, dtype=torch.int64, device=device) for k in self.extra_layers}
+        self._row_extra: dict[str, torch.Tensor] = {}  # name -> int64 [B0, L]
         self.device = device
         self.collect = collect  # OEB tallies on the device (a few tiny ops per band layer); SMI counts always
         self._slot = {layer: i for i, layer in enumerate(self.oeb_layers)}
@@ -77,6 +81,8 @@ class FlowStats:
         self._row_orig_dev = torch.arange(batch, device=self.device)
         self._row_elig = np.zeros((batch, self.num_layers))
         self._row_smi = np.zeros((batch, self.num_layers), dtype=np.int64)
+        self._row_extra = {k: torch.zeros(batch, self.num_layers, dtype=torch.int64, device=self.device)
+                           for k in self.extra_layers}
         if self.collect:
             self._row_sums = torch.zeros(batch, self.num_layers, 5, dtype=torch.float64, device=self.device)
 
@@ -103,6 +109,12 @@ class FlowStats:
         self._smi[layer] += len(fire_rows)
         if self._row_smi is not None:
             np.add.at(self._row_smi[:, layer], self._row_orig[fire_rows], 1)
+
+    def add_extra(self, name: str, layer: int, rows: torch.Tensor, hit: torch.Tensor) -> None:
+        """A repair's changed queries in one layer: rows long [N] (current row of each query), hit bool [N]."""
+        hit = hit.to(torch.int64)
+        self._extra[name][layer] += hit.sum()
+        self._row_extra[name][:, layer].index_add_(0, self._row_orig_dev.index_select(0, rows), hit)
 
     def add_rows(self, layer: int, rows: torch.Tensor) -> None:
         """One layer's sums per current row ([B, 5]: fired, p(B), p(S) before, after), into both tallies."""
@@ -174,6 +186,8 @@ class FlowStats:
         self._decode, self._kernel = [], []
         self._smi = [0] * self.num_layers
         self._eligible = [0] * self.num_layers
+        for t in (*self._extra.values(), *self._row_extra.values()):
+            t.zero_()
         if self._row_sums is not None:
             self._row_sums.zero_()
         if self._row_elig is not None:
@@ -185,11 +199,15 @@ class FlowStats:
         self.flush()
         s = self._sums.cpu().numpy() if self._sums is not None else np.zeros((self.num_layers, 5))
         return StepFlowStats.from_sums(self.oeb_layers, self.smi_layers, s, self._eligible, self._smi, forwards,
-                                       tokens, rows, rows_with_thinking)
+                                       tokens, rows, rows_with_thinking, extra=self._extra_counts(self._extra))
 
     def row(self, row: int, forwards: int, tokens: int, with_thinking: bool) -> StepFlowStats:
         """The tallies of one row of the last fresh batch, by its index in that batch."""
         self.flush()
         s = self._row_sums[row].cpu().numpy() if self._row_sums is not None else np.zeros((self.num_layers, 5))
         return StepFlowStats.from_sums(self.oeb_layers, self.smi_layers, s, self._row_elig[row], self._row_smi[row],
-                                       forwards, tokens, 1, int(with_thinking))
+                                       forwards, tokens, 1, int(with_thinking),
+                                       extra=self._extra_counts({k: v[row] for k, v in self._row_extra.items()}))
+
+    def _extra_counts(self, counts: dict[str, torch.Tensor]) -> dict:
+        return {k: (self.extra_layers[k], v.cpu().numpy()) for k, v in counts.items()}

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..core.geometry import BIG, NEG, hidden_keys, query_geometry, segment_codes
+from ..core.interventions import Queries
 from ..core.oeb import key_groups
 from ..core.settings import FlowSettings
 from ..core.smi import smi_weights
@@ -226,6 +227,31 @@ class ForwardState:
     windows: dict = field(default_factory=dict)  # window -> QueryTensors
     smi: dict = field(default_factory=dict)  # window -> pair weights float32 [P] on the device
     geometry: dict = field(default_factory=dict)  # LayerGeometry per key layout
+    real: tuple | None = None  # real_queries(), made by its first call
+
+    def real_queries(self) -> tuple[torch.Tensor, torch.Tensor, Queries] | None:
+        """The forward's real queries (not padding) for the other repairs: (row long [N], query index long [N],
+        `core.interventions.Queries` in each row's own positions); None when there are none. One upload per forward,
+        at the first layer that asks."""
+        if self.real is None:
+            lo, hi, t0, s0 = self.bounds
+            kv = self.past + np.arange(self.q_len, dtype=np.int64)[None, :]  # [1, Q]
+            rows, cols = np.nonzero((kv >= lo[:, None]) & (kv < hi[:, None]))
+            if not len(rows):
+                self.real = ()
+                return None
+            lo_r = lo[rows]
+
+            def own(b: np.ndarray) -> np.ndarray:  # a boundary in the row's own positions (BIG stays BIG)
+                return np.where(b[rows] >= BIG, BIG, b[rows] - lo_r)
+
+            up = Upload()
+            for name, a in (("rows", rows), ("cols", cols), ("pos", kv[0, cols] - lo_r), ("t0", own(t0)),
+                            ("s0", own(s0))):
+                up.add(name, a.astype(np.int64))
+            d = up.send(self.device)
+            self.real = (d["rows"], d["cols"], Queries(d["pos"], d["t0"], d["s0"]))
+        return self.real or None
 
     @property
     def num_fires(self) -> int:

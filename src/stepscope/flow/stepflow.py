@@ -104,11 +104,13 @@ class StepFlow:
         self.kernel = path.mode
         s = self.settings
         self.recorder = FlowStats(s.num_layers, list(s.oeb_layers), list(s.smi_layers), self.device,
-                                  collect=config.collect_stats)
+                                  collect=config.collect_stats,
+                                  extra_layers={a.name: sorted(a.layers) for a in s.extra})
         self.rows = Rows(tokenizer, self.format, s, device=self.device)
         # most scores (floats) one OEB block may hold: 128 MiB on a GPU, 16 MiB on a CPU (cache friendly)
         block_elems = (1 << 25) if self.device.type == "cuda" else (1 << 22)
-        self._binding = FlowBinding(self.rows, self.recorder, self.decode_path, s.oeb, s.smi, block_elems)
+        self._binding = FlowBinding(self.rows, self.recorder, self.decode_path, s.oeb, s.smi, block_elems, s.extra,
+                                    s.extra_layers)
         self._active = False
         self._saved: list[tuple[object, str, object]] = []
         self._modules: list[torch.nn.Module] = []
