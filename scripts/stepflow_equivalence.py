@@ -13,7 +13,7 @@ Parts (each in the environment that has its engine):
 - `vllm`: StepFlow inside vLLM (vllm_env's venv) on SmolLM2 at batch 1 and 8, 48 tokens (ignore_eos), the top-5
   logprobs of every token hashed, and `collect_stats`.
 - `demo`: `stepscope demo` into a temporary folder; every map tensor hashed, and each trace of traces.jsonl field
-  by field (its meta and the dicts in it, such as config and stepflow_stats, key by key; timings left out).
+  by field (its meta and the dicts in it, such as config and stepflow_stats, key by key; wall-clock times left out).
 Each fingerprint records which stepscope it imported. `compare` prints the entries that differ and exits 1 if any.
 """
 
@@ -48,6 +48,14 @@ def _hashes(obj, depth: int):
     if depth > 0 and isinstance(obj, dict):
         return {str(k): _hashes(v, depth - 1) for k, v in obj.items()}
     return _sha(json.dumps(obj, sort_keys=True).encode())
+
+
+def _untimed(meta):
+    """`meta` without its wall-clock entries (keys naming time or seconds, at any depth: meta["timing"] holds
+    prefill_seconds, batch_seconds and row_seconds beside the batch's deterministic sizes)."""
+    if not isinstance(meta, dict):
+        return meta
+    return {k: _untimed(v) for k, v in meta.items() if "time" not in k and "second" not in k}
 
 
 def _where() -> str:
@@ -167,7 +175,7 @@ def demo_part() -> dict:
         out["traces"] = {}
         for line in (root / "traces.jsonl").read_text().splitlines():
             t = json.loads(line)
-            meta = {k: v for k, v in t.get("meta", {}).items() if "time" not in k and "second" not in k}
+            meta = _untimed(t.get("meta", {}))
             out["traces"][f"{meta.get('id')}-{meta.get('arm')}"] = _hashes({**t, "meta": meta}, depth=3)
         out["maps"] = {p.parent.name: _tensor_sha(load_file(p)["maps"])
                        for p in sorted(root.glob("saliency/*/maps.safetensors"))}
