@@ -12,7 +12,8 @@ Parts (each in the environment that has its engine):
   with a summary (the prefill path); plus a tiny random GPT-OSS-shaped model (sinks, sliding windows) at batch 4.
 - `vllm`: StepFlow inside vLLM (vllm_env's venv) on SmolLM2 at batch 1 and 8, 48 tokens (ignore_eos), the top-5
   logprobs of every token hashed, and `collect_stats`.
-- `demo`: `stepscope demo` into a temporary folder; traces.jsonl (timings left out) and every map tensor hashed.
+- `demo`: `stepscope demo` into a temporary folder; every map tensor hashed, and each trace of traces.jsonl field
+  by field (its meta and the dicts in it, such as config and stepflow_stats, key by key; wall-clock times left out).
 Each fingerprint records which stepscope it imported. `compare` prints the entries that differ and exits 1 if any.
 """
 
@@ -39,6 +40,22 @@ def _sha(data: bytes) -> str:
 
 def _tensor_sha(t) -> str:
     return _sha(t.detach().to("cpu").contiguous().numpy().tobytes())
+
+
+def _hashes(obj, depth: int):
+    """`obj` with every value `depth` levels down (or a non-dict above that) replaced by its hash, so that `compare`
+    names the field that differs (for example /traces/ID-ARM/meta/config/KEY)."""
+    if depth > 0 and isinstance(obj, dict):
+        return {str(k): _hashes(v, depth - 1) for k, v in obj.items()}
+    return _sha(json.dumps(obj, sort_keys=True).encode())
+
+
+def _untimed(meta):
+    """`meta` without its wall-clock entries (keys naming time or seconds, at any depth: meta["timing"] holds
+    prefill_seconds, batch_seconds and row_seconds beside the batch's deterministic sizes)."""
+    if not isinstance(meta, dict):
+        return meta
+    return {k: _untimed(v) for k, v in meta.items() if "time" not in k and "second" not in k}
 
 
 def _where() -> str:
@@ -155,12 +172,11 @@ def demo_part() -> dict:
     with tempfile.TemporaryDirectory() as d:
         run_demo(Path(d) / "demo")
         root = Path(d) / "demo"
-        traces = []
+        out["traces"] = {}
         for line in (root / "traces.jsonl").read_text().splitlines():
             t = json.loads(line)
-            meta = {k: v for k, v in t.get("meta", {}).items() if "time" not in k and "second" not in k}
-            traces.append({**t, "meta": meta})
-        out["traces"] = _sha(json.dumps(traces, sort_keys=True).encode())
+            meta = _untimed(t.get("meta", {}))
+            out["traces"][f"{meta.get('id')}-{meta.get('arm')}"] = _hashes({**t, "meta": meta}, depth=3)
         out["maps"] = {p.parent.name: _tensor_sha(load_file(p)["maps"])
                        for p in sorted(root.glob("saliency/*/maps.safetensors"))}
     return out

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 from tiny import make_model, make_tokenizer
+from transformers import LogitsProcessor
 
 from stepscope.errors import StepscopeError
 from stepscope.flow import StepFlow, StepFlowConfig
@@ -183,6 +184,36 @@ def build(arch: str, fam: str, **kw):
     tok = make_tokenizer(fam)
     model = make_model(arch, vocab_size=len(tok), **kw)
     return sharpen(model), tok
+
+
+def prompt_and_continuation(tok, fam: str, i: int) -> tuple[list[int], list[int]]:
+    """The chat prompt of QUESTIONS[i] and the ids of its response (a `fam` family's thinking and answer)."""
+    msgs = [{"role": "user", "content": QUESTIONS[i]}]
+    prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    resp = harmony_response(i) if fam == "harmony" else think_response(i)
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    c = tok(resp, add_special_tokens=False)["input_ids"]
+    return p, c
+
+
+def teacher_forced(model, tok, cfg, ids: list[int]) -> torch.Tensor:
+    """The logits [T, V] of one forward over `ids` under StepFlow with `cfg` (what decoding must equal)."""
+    with torch.no_grad(), StepFlow(model, tok, cfg):
+        return model(torch.tensor([ids])).logits[0]  # [T, V]
+
+
+class Force(LogitsProcessor):
+    """Greedy decoding that must follow given continuations (one per row)."""
+
+    def __init__(self, conts: list[list[int]], start: int):
+        self.conts, self.start = conts, start
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.start
+        out = torch.full_like(scores, float("-inf"))
+        for b, c in enumerate(self.conts):
+            out[b, c[step]] = 0.0
+        return out
 
 
 def traces_for(tok, fam: str, closed=(True, True)) -> list[Trace]:
