@@ -85,7 +85,7 @@ def test_v2_loader_accepts_the_installed_entry_point(monkeypatch):
 
     from vllm.v1.worker.gpu.sample.logits_processor import loader
 
-    from stepscope.vllm.processor import StepFlowLogitsProcessor
+    from stepscope.vllm.plugin.processor import StepFlowLogitsProcessor
 
     ours = [e for e in entry_points(group=loader.LOGITSPROCS_GROUP) if e.name == "stepscope_stepflow"]
     assert len(ours) == 1 and ours[0].load() is StepFlowLogitsProcessor
@@ -146,7 +146,7 @@ def test_v1_loader_builds_the_processor(folder, monkeypatch):
 def test_the_runner_vllm_chooses_decides(folder, monkeypatch, v2, cuda, problem):
     """engine_problem reads vLLM's own decision (VllmConfig.use_v2_model_runner), and the front end refuses
     StepFlow exactly where that decision can be V2."""
-    from stepscope.vllm.plugin import engine_problem, frontend_problem
+    from stepscope.vllm.plugin.register import engine_problem, frontend_problem
 
     cfg = vllm_config(folder, monkeypatch, v2=v2, cuda=cuda)
     assert cfg.use_v2_model_runner == (problem is not None)
@@ -161,7 +161,7 @@ def test_cuda_graphs_are_flashattentions_own_where_stepflow_cannot_act(folder, m
     from vllm.v1.attention.backend import AttentionCGSupport
     from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
 
-    from stepscope.vllm.backend_cuda import StepFlowFlashAttentionBackend
+    from stepscope.vllm.plugin.backend_cuda import StepFlowFlashAttentionBackend
 
     builder = StepFlowFlashAttentionBackend.get_builder_cls()
     v2 = vllm_config(folder, monkeypatch, v2=True)
@@ -175,7 +175,7 @@ def test_async_scheduling_stops_a_stepflow_request_instead_of_stopping_the_engin
     from vllm.v1.sample.logits_processor import build_logitsprocs
     from vllm.v1.sample.logits_processor.interface import BatchUpdate
 
-    from stepscope.vllm.worker import WORKER
+    from stepscope.vllm.plugin.worker import WORKER
 
     cfg = vllm_config(folder, monkeypatch, v2=False, async_scheduling=True)
     saved = WORKER.vllm_config, WORKER.problem, WORKER.backend
@@ -225,8 +225,8 @@ def test_a_model_with_attention_softcapping_is_refused(tmp_path, monkeypatch):
     from transformers import Gemma2Config, Gemma2ForCausalLM
     from vllm.v1.sample.logits_processor.interface import BatchUpdate
 
-    from stepscope.vllm.plugin import engine_problem
-    from stepscope.vllm.worker import Worker
+    from stepscope.vllm.plugin.register import engine_problem
+    from stepscope.vllm.plugin.worker import Worker
 
     torch.manual_seed(0)
     Gemma2ForCausalLM(Gemma2Config(vocab_size=49152, hidden_size=32, intermediate_size=32, num_hidden_layers=2,

