@@ -3,14 +3,17 @@ CPU_ATTN on the CPU (backend_cpu.py) and FLASH_ATTN on CUDA (backend_cuda.py).
 
 vLLM loads general plugins in every process (front end, engine core, each tensor-parallel worker), possibly more
 than once; `register` is idempotent. It also gives vLLM's workers one method, `stepscope_stepflow_stats`, that
-`stepscope.vllm.collect_stats` calls through `collective_rpc`. It changes nothing for requests without StepFlow
-(backend.py), except that a CUDA engine runs piecewise instead of full CUDA graphs (backend_cuda.py). On a vLLM
+`stepscope.vllm.collect_stats` calls through `collective_rpc`, and hooks the V1 model runner's removal of a
+finished request's state, which ends the request in the worker (`hook_request_removal`). It changes nothing for
+requests without StepFlow (backend.py), except that a CUDA engine runs piecewise instead of full CUDA graphs
+(backend_cuda.py). On a vLLM
 outside the tested range, or a platform without a StepFlow backend, it registers nothing and
 `support_problem()` says why: StepFlow requests are then refused (processor.py), never decoded plainly.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from ...errors import StepscopeError
@@ -135,7 +138,37 @@ def register() -> None:
 
     if not hasattr(WorkerBase, STATS_RPC):
         setattr(WorkerBase, STATS_RPC, worker_tallies)
+    hook_request_removal()
     _registered = True
+
+
+REMOVAL_HOOK = "_on_request_state_removed"  # GPUModelRunner's hook, called for every finished or aborted request
+
+
+def hook_request_removal() -> None:
+    """Tell the worker (worker.WORKER.request_finished) which requests vLLM's V1 model runner finishes: wrap
+    `GPUModelRunner._on_request_state_removed(req_id, req_state)` ("Hook for platform runners to clean
+    request-scoped side caches", called in `_update_states` for every finished request; the CPU runner inherits
+    it) on the class that defines it, calling the original first, so that its behaviour and any subclass
+    override that calls up are kept. Idempotent. vLLM runs general plugins before it builds the model runner."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    owner = next(c for c in GPUModelRunner.__mro__ if REMOVAL_HOOK in c.__dict__)
+    original = owner.__dict__[REMOVAL_HOOK]
+    if getattr(original, "stepscope_hook", False):
+        return
+
+    @functools.wraps(original)
+    def on_request_state_removed(self, req_id, req_state, *args, **kwargs):
+        out = original(self, req_id, req_state, *args, **kwargs)
+        if req_state is not None:
+            from .worker import WORKER
+
+            WORKER.request_finished(req_state.output_token_ids)
+        return out
+
+    on_request_state_removed.stepscope_hook = True
+    setattr(owner, REMOVAL_HOOK, on_request_state_removed)
 
 
 def salt_prefix_cache() -> None:
