@@ -259,9 +259,9 @@ class Worker:
     def request_finished(self, output: list) -> None:
         """vLLM's model runner has dropped a request's state (finished or aborted; the plugin's hook on
         `GPUModelRunner._on_request_state_removed`, register.hook_request_removal): `output` is its output list,
-        the one the logits processor received. A parked request is finished now; one still in the batch when its
-        removal arrives (the batch update of the same step, after the last forward's counts are in). Requests that
-        are not StepFlow's are not here."""
+        the one the logits processor received. A parked request is finished now; one still in the batch is
+        finished when the batch update of the same step removes it (`_leave`, after the last forward's counts are
+        in). Requests that are not StepFlow's are not here."""
         with self.lock:
             req = self.parked.get(id(output))
             if req is not None and req.output is output:
