@@ -179,7 +179,8 @@ def test_vllm_plugin_never_imports_the_driver():
             bad = [n for n in names if n.startswith("stepscope.vllm.driver") or n == "stepscope.vllm"]
             assert not bad, f"{path.name}:{node.lineno} imports {bad}"
     code = ("import sys, stepscope.vllm.plugin.register, stepscope.vllm.plugin.requests, "
-            "stepscope.vllm.plugin.stats_file; print([m for m in sys.modules if m.startswith('stepscope.vllm.driver')])")
+            "stepscope.vllm.plugin.stats_file\n"
+            "print([m for m in sys.modules if m.startswith('stepscope.vllm.driver')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(SRC.parent)}).stdout
     assert out.strip() == "[]"

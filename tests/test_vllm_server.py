@@ -58,8 +58,8 @@ def server(tmp_path_factory):
            "VLLM_CONFIGURE_LOGGING": "1"}  # the server's own log file, read when it fails to start
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--served-model-name",
            "smol", "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "4",
-           "--block-size", "32", "--num-gpu-blocks-override", "64", "--enable-prefix-caching", "--seed", "0", "--host", "127.0.0.1", "--port",
-           str(port)]
+           "--block-size", "32", "--num-gpu-blocks-override", "64", "--enable-prefix-caching", "--seed", "0",
+           "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
