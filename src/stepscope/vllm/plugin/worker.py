@@ -16,10 +16,11 @@ keeps one `CachedRequestState` per request, whose `output_token_ids` is the list
 parked (`parked`, by the list's id): vLLM also removes requests it keeps, those it did not schedule for a step
 and those it preempted, and re-adds them later with the same list, which takes the parked request back. Only
 the model runner's removal of a request's state (`GPUModelRunner._on_request_state_removed`, called for every
-finished or aborted request at the start of its step; the plugin wraps it, register.hook_request_removal) ends
-a request (`request_finished`): a parked one is finished at once; one still in `rows` is finished when the same
-step's batch update removes it, after the last forward's counts are flushed (`flush_counts`). Finishing
-(`_finish`) writes its final stats line and moves its tally to `finished`, under its key.
+finished or aborted request at the start of its step; the logits processor wraps it when the runner builds it,
+register.hook_request_removal) ends a request (`request_finished`): a parked one is finished at once; one still
+in `rows` is finished when the same step's batch update removes it, after the last forward's counts are flushed
+(`flush_counts`). Finishing (`_finish`) writes its final stats line and moves its tally to `finished`, under its
+key.
 
 Owner and lifecycle of `WORKER` (the one module-level instance per process): created at import; its request
 state is written only by its own methods: the logits processor (processor.py) calls `configure` once and
