@@ -142,7 +142,7 @@ def pytest_unconfigure(config):
     if capturing:
         capman.resume_global_capture()
     try:
-        engine = sys.modules.get("stepscope.vllm.engine")
+        engine = sys.modules.get("stepscope.vllm.driver.engine")
         if engine is not None:
             engine.shutdown_engines()
         gc.collect()  # an LLM whose last reference a fixture dropped shuts down now

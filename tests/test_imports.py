@@ -152,3 +152,35 @@ def test_the_checker_sees_a_cycle(tmp_path):
     (pkg / "sub" / "k.py").write_text("from . import VALUE\n")  # an attribute of the package: it must run
     (pkg / "sub" / "__init__.py").write_text("from .k import VALUE as V\nVALUE = 1\n")
     assert cycles(import_graph(module_files(pkg))) == [["pkg.sub", "pkg.sub.k"]]
+
+
+def test_vllm_plugin_never_imports_the_driver():
+    """stepscope.vllm.plugin (loaded inside vLLM's processes) imports nothing of stepscope.vllm.driver (the user's
+    process) nor of its parent package's driver-side names, at module level or inside functions; and loading the
+    plugin's entry points in a fresh interpreter loads no driver module."""
+    import os
+    import subprocess
+    import sys
+
+    plugin = SRC / "vllm" / "plugin"
+    assert (plugin / "register.py").exists() and (SRC / "vllm" / "driver" / "client.py").exists()
+    for path in sorted(plugin.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative to the package stepscope.vllm.plugin
+                    pkg = ["stepscope", "vllm", "plugin"][: 4 - node.level]
+                    base = ".".join(pkg + ([node.module] if node.module else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            bad = [n for n in names if n.startswith("stepscope.vllm.driver") or n == "stepscope.vllm"]
+            assert not bad, f"{path.name}:{node.lineno} imports {bad}"
+    code = ("import sys, stepscope.vllm.plugin.register, stepscope.vllm.plugin.requests, "
+            "stepscope.vllm.plugin.stats_file\n"
+            "print([m for m in sys.modules if m.startswith('stepscope.vllm.driver')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(SRC.parent)}).stdout
+    assert out.strip() == "[]"

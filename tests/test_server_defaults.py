@@ -12,7 +12,7 @@ import pytest
 from stepscope.cli import main
 from stepscope.errors import StepscopeError
 from stepscope.flow import StepFlowConfig
-from stepscope.vllm.requests import cache_salt, request_config, salt
+from stepscope.vllm.plugin.requests import cache_salt, request_config, salt
 
 
 def params(extra=None):

@@ -91,7 +91,7 @@ def test_generate_runs_the_file_config_with_knobs_on_top(cal_file, tmp_path):
 
 
 def test_vllm_request_and_server_default_take_the_file_as_it_is(cal_file, monkeypatch):
-    from stepscope.vllm.requests import DEFAULT_ENV, default_config, request_config
+    from stepscope.vllm.plugin.requests import DEFAULT_ENV, default_config, request_config
 
     params = SimpleNamespace(extra_args={"stepflow": json.loads(cal_file.read_text())})
     assert request_config(params) == CAL

@@ -95,7 +95,7 @@ def test_generate_samples_depend_on_the_seed_alone(model_dir, problems, tmp_path
     import stepscope.vllm as sv
     from stepscope.flow import StepFlowConfig
     from stepscope.models import load_tokenizer
-    from stepscope.vllm.engine import engine_kwargs, load_llm
+    from stepscope.vllm.driver.engine import engine_kwargs, load_llm
 
     out = tmp_path / "sampled.jsonl"
     assert main(["generate", "--input", str(problems), "--model", model_dir, "--max-new-tokens", "12", "--seed", "5",

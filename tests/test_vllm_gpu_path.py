@@ -17,9 +17,9 @@ from paged_caches import BS, cpu_vec_cache, flash_cache  # noqa: E402
 
 from stepscope.core.tally import Tally  # noqa: E402
 from stepscope.flow import StepFlowConfig  # noqa: E402
-from stepscope.vllm.layer import ForwardShared, LayerSpec, apply_layer  # noqa: E402
-from stepscope.vllm.paged import CpuVecLayout, FlashLayout  # noqa: E402
-from stepscope.vllm.worker import Request, RowPlan  # noqa: E402
+from stepscope.vllm.plugin.layer import ForwardShared, LayerSpec, apply_layer  # noqa: E402
+from stepscope.vllm.plugin.paged import CpuVecLayout, FlashLayout  # noqa: E402
+from stepscope.vllm.plugin.worker import Request, RowPlan  # noqa: E402
 
 
 def test_flash_layout_views_and_gather_read_the_rows_back():
@@ -151,7 +151,7 @@ def test_cuda_backend_keeps_piecewise_graphs_and_reads_flashattentions_window():
     from vllm.v1.attention.backend import AttentionCGSupport
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 
-    from stepscope.vllm.backend_cuda import StepFlowFlashAttentionBackend, StepFlowFlashAttentionImpl
+    from stepscope.vllm.plugin.backend_cuda import StepFlowFlashAttentionBackend, StepFlowFlashAttentionImpl
 
     builder = StepFlowFlashAttentionBackend.get_builder_cls()
     assert builder.get_cudagraph_support(None, None) == AttentionCGSupport.NEVER
@@ -167,7 +167,7 @@ def test_cuda_backend_keeps_piecewise_graphs_and_reads_flashattentions_window():
 def test_vllm_plugins_without_stepflow_refuses_stepflow_requests(monkeypatch):
     import vllm.envs as envs
 
-    from stepscope.vllm.plugin import support_problem
+    from stepscope.vllm.plugin.register import support_problem
 
     assert support_problem() is None
     monkeypatch.setattr(envs, "VLLM_PLUGINS", ["something_else"], raising=False)

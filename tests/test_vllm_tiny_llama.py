@@ -28,7 +28,7 @@ def arch():
 
 def tiny_folder(tmp_path_factory, arch: str):
     """(folder, model, tokenizer): the random model saved once per test session, so that the modules using it
-    share one engine (stepscope.vllm.engine.load_llm; tests/test_vllm_cli.py's commands make the same one)."""
+    share one engine (stepscope.vllm.driver.engine.load_llm; tests/test_vllm_cli.py's commands make the same one)."""
     path = tmp_path_factory.getbasetemp() / f"tiny_{arch}_vllm"
     # CPU_ATTN needs head_dim in {32, 64, ...}
     model = peaked(make_model(arch, hidden_size=128, intermediate_size=256, head_dim=32, layers=4, seed=1))
@@ -42,7 +42,7 @@ def tiny_folder(tmp_path_factory, arch: str):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, arch):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from stepscope.vllm.engine import engine_kwargs, load_llm, shutdown_engines
+    from stepscope.vllm.driver.engine import engine_kwargs, load_llm, shutdown_engines
 
     path, model, tok = tiny_folder(tmp_path_factory, arch)
     yield load_llm(**engine_kwargs(path, dtype="float32", max_model_len=512)), model, tok

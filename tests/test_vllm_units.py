@@ -16,7 +16,7 @@ from stepscope.core.oeb import oeb_rows  # noqa: E402
 from stepscope.core.smi import smi_delta  # noqa: E402
 from stepscope.errors import StepscopeError  # noqa: E402
 from stepscope.flow import StepFlowConfig  # noqa: E402
-from stepscope.vllm.paged import CpuVecLayout  # noqa: E402
+from stepscope.vllm.plugin.paged import CpuVecLayout  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -118,7 +118,7 @@ class _Params:
 def test_batch_updates_keep_each_request_on_its_row():
     from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirectionality
 
-    from stepscope.vllm.worker import Worker
+    from stepscope.vllm.plugin.worker import Worker
 
     w = Worker()
     w.backend = True
@@ -150,7 +150,7 @@ def test_batch_updates_keep_each_request_on_its_row():
 def test_stepflow_request_without_the_backend_is_stopped_not_decoded():
     from vllm.v1.sample.logits_processor.interface import BatchUpdate
 
-    from stepscope.vllm.worker import Worker
+    from stepscope.vllm.plugin.worker import Worker
 
     w = Worker()
     w.update(BatchUpdate(2, removed=[], moved=[],
@@ -169,7 +169,7 @@ def test_decoding_rows_over_their_cache_blocks_match_the_dense_reference(layout,
 
     from stepscope.core.geometry import hidden_keys, query_geometry, segment_onehot
     from stepscope.core.oeb import key_groups, oeb_decode_blocks
-    from stepscope.vllm.paged import FlashLayout
+    from stepscope.vllm.plugin.paged import FlashLayout
 
     torch.manual_seed(1)
     H, Hkv, D, tau_max, scale = 6, 2, 8, 0.6, 0.35
@@ -223,8 +223,8 @@ def test_a_layer_repairs_each_row_by_its_own_config(window):
     from paged_caches import BS, cpu_vec_cache
 
     from stepscope.core.tally import Tally
-    from stepscope.vllm.layer import ForwardShared, LayerSpec, apply_layer
-    from stepscope.vllm.worker import Request, RowPlan
+    from stepscope.vllm.plugin.layer import ForwardShared, LayerSpec, apply_layer
+    from stepscope.vllm.plugin.worker import Request, RowPlan
 
     torch.manual_seed(4)
     H, Hkv, D, layer, scale = 6, 2, 8, 3, 0.4

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 # (file under the vllm package, dotted name in it, what to read: "params", "methods:a,b", "fields:a,b",
-#  "members:a,b", "assigned:a,b" (attributes its __init__ assigns), "exists")
+#  "members:a,b", "assigned:a,b" (attributes its __init__ assigns), "calls:method.callee" (whether the class's
+#  method calls self.callee), "exists")
 USED = [
     ("v1/sample/logits_processor/interface.py", "LogitsProcessor",
      "methods:__init__,apply,update_state,is_argmax_invariant,validate_params"),
@@ -55,6 +56,11 @@ USED = [
     ("v1/engine/core.py", "get_request_block_hasher", "exists"),  # imported by name: the plugin wraps it there
     ("v1/request.py", "Request", "assigned:block_hashes,cache_salt,sampling_params"),
     ("v1/worker/worker_base.py", "WorkerBase", "exists"),
+    # the request lifecycle: the plugin wraps the hook; _update_states calls it for every finished request, with the
+    # request's CachedRequestState, whose output list is the one the logits processor received
+    ("v1/worker/gpu_model_runner.py", "GPUModelRunner", "methods:_on_request_state_removed,_update_states"),
+    ("v1/worker/gpu_model_runner.py", "GPUModelRunner", "calls:_update_states._on_request_state_removed"),
+    ("v1/worker/gpu_input_batch.py", "CachedRequestState", "fields:output_token_ids"),
     ("config/vllm.py", "VllmConfig", "methods:use_v2_model_runner"),
     ("config/vllm.py", "VllmConfig", "fields:instance_id,model_config,scheduler_config"),
     ("config/scheduler.py", "SchedulerConfig", "fields:async_scheduling"),
@@ -118,6 +124,11 @@ def _read(root: Path, path: str, name: str, what: str):
             value = node.value
             have = {k.value for k in getattr(value, "keys", []) if isinstance(k, ast.Constant)}
         return {m: m in have for m in names}
+    if kind == "calls":
+        method, _, callee = wanted.partition(".")
+        fn = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == method), None)
+        return fn is not None and any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                                      and n.func.attr == callee for n in ast.walk(fn))
     if kind == "assigned":
         init = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
         have = {t.attr for n in ast.walk(init or node) for t in getattr(n, "targets", [getattr(n, "target", None)])

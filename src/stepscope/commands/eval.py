@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.code_timeout is not None or args.code_memory is not None:
         raise StepscopeError("--code-timeout and --code-memory apply to code benchmarks (livecodebench) only")
     if args.engine == "vllm":  # run.json: the engine decides the samples
-        from ..vllm.engine import require_vllm
+        from ..vllm.driver.engine import require_vllm
 
         extra.update(engine="vllm", engine_version=require_vllm())
     settings = EvalSettings(model=args.model, benchmark=bench.name, n_samples=n_samples, arms=arms_json(arm_configs),

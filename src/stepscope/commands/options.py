@@ -156,11 +156,11 @@ def load_engine(args: argparse.Namespace, stepflow: bool = False, **kwargs) -> E
     if args.trust_remote_code:
         raise StepscopeError("--trust-remote-code is not passed to vLLM: stepscope runs no model code with it")
     from ..models import resolve_model_path
-    from ..vllm import engine as ve
+    from ..vllm.driver import engine as ve
 
     version = ve.require_vllm()
-    from ..vllm.plugin import support_problem
-    from ..vllm.runner import generate_traces, run_config
+    from ..vllm.driver.runner import generate_traces, run_config
+    from ..vllm.plugin.register import support_problem
 
     problem = support_problem() if stepflow else None
     if problem:  # e.g. a vLLM outside the tested range, or a platform without a StepFlow backend

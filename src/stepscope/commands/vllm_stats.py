@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io import atomic_write_json, check_writable
-    from ..vllm.stats_file import by_key, read_lines, requests, to_stats
+    from ..vllm.plugin.stats_file import by_key, read_lines, requests, to_stats
 
     if args.json:
         check_writable(args.json, "--json")

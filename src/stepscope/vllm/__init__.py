@@ -14,52 +14,32 @@ Install `stepscope[vllm]`; vLLM then loads the plugin by itself (`vllm.general_p
     print(sv.collect_stats(llm)["q1"].summary())
 
 Requests without `extra_args["stepflow"]` run untouched, in the same batches. See docs/vllm.md.
+
+Two subpackages, by where their code runs: `plugin/` is what vLLM loads inside its own processes (the entry
+points, the attention backends, the worker's per-request state, the stats file's writer); `driver/` is
+stepscope's own driver of vLLM engines in the user's process (this module's helpers, the trace runner, the
+engines of `--engine vllm`). The driver imports the plugin, never the reverse. `stats_file` (a server's stats
+file, written by the plugin's workers, read by `stepscope vllm-stats`) is reachable here as
+`stepscope.vllm.stats_file`. The driver's names load on first use, so that vLLM's processes, which import this
+package before the plugin's modules, never load the driver.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from ..flow.config import StepFlowConfig
-from .requests import cache_salt
+from .plugin.requests import cache_salt
 
-__all__ = ["StepFlowConfig", "cache_salt", "collect_stats", "prompt", "sampling_params", "generate_traces"]
-
-
-def prompt(token_ids, config: StepFlowConfig | None = None) -> dict:
-    """A vLLM token prompt, salted with `cache_salt(config)` for a StepFlow request."""
-    p = {"prompt_token_ids": [int(t) for t in token_ids]}
-    salt = cache_salt(config)
-    if salt:
-        p["cache_salt"] = salt
-    return p
+__all__ = ["StepFlowConfig", "cache_salt", "collect_stats", "prompt", "sampling_params", "generate_traces",
+           "stats_file"]
+_LAZY = {"collect_stats": ".driver.client", "prompt": ".driver.client", "sampling_params": ".driver.client",
+         "generate_traces": ".driver.runner", "stats_file": ".plugin.stats_file"}
 
 
-def sampling_params(config: StepFlowConfig | None = None, key: str | None = None, **kwargs):
-    """vLLM SamplingParams asking for StepFlow with `config` (plain when None); `key`: the id its stats are kept
-    under (`collect_stats`)."""
-    from vllm import SamplingParams
-
-    extra = dict(kwargs.pop("extra_args", None) or {})
-    if config is not None:
-        extra["stepflow"] = config.to_json()
-        if key is not None:
-            extra["stepflow_id"] = str(key)
-    return SamplingParams(extra_args=extra or None, **kwargs)
-
-
-def collect_stats(llm, keys=None, clear: bool = False) -> dict:
-    """StepFlow's counts per request key (`extra_args["stepflow_id"]`), as `StepFlowStats`, from every worker of
-    the engine `llm` (an `LLM`, or anything with vLLM's `collective_rpc`). OEB counts are summed over
-    tensor-parallel ranks (each holds some heads); SMI fires and tokens are per position (rank 0's). `clear`
-    forgets the returned finished requests."""
-    from .plugin import STATS_RPC
-    from .stats import merge_ranks
-
-    ranks = llm.collective_rpc(STATS_RPC, args=(None if keys is None else list(keys), clear))
-    return merge_ranks(ranks)
-
-
-def generate_traces(llm, tokenizer, questions, **kwargs):
-    """`stepscope.flow.generate_traces` on a vLLM engine: see runner.generate_traces."""
-    from .runner import generate_traces as run
-
-    return run(llm, tokenizer, questions, **kwargs)
+def __getattr__(name: str):
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(where, __name__)
+    return module if name == "stats_file" else getattr(module, name)

@@ -16,7 +16,7 @@ import multiprocessing as mp
 import os
 from collections.abc import Callable, Sequence
 
-from ..errors import StepscopeError
+from ...errors import StepscopeError
 
 _ENGINES: dict[tuple, object] = {}
 INSTALL_HINT = "pip install 'stepscope[vllm]' in an environment of its own (docs/vllm.md)"
@@ -99,7 +99,7 @@ def _serve(conn, kwargs: dict, devices: str | None, tokenizer_name: str, trust_r
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices
     try:
-        from ..models import load_tokenizer
+        from ...models import load_tokenizer
 
         llm = load_llm(**kwargs)
         tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=trust_remote_code)
@@ -172,12 +172,12 @@ class DataParallel:
                         on_batch: Callable[[list], None] | None = None, **settings) -> list:
         from multiprocessing.connection import wait
 
-        from ..trace import Trace
+        from ...trace import Trace
 
         questions = list(questions)
         n = len(questions)
         if seeds is None:  # the single engine's default, fixed before the split
-            from ..decoding import DecodeConfig
+            from ...decoding import DecodeConfig
 
             base = (settings.get("decode") or DecodeConfig(**{k: v for k, v in settings.items()
                                                               if k in DecodeConfig.__dataclass_fields__})).seed

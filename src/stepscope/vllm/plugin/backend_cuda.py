@@ -4,7 +4,7 @@ paged Triton kernel for decoding rows.
 
 CUDA graphs. StepFlow's per-forward planning is host code (which rows, where their steps start): a full CUDA graph
 would replay the first forward's plan for every later one. On an engine that can serve StepFlow (V1 model runner,
-synchronous scheduling: plugin.engine_problem) the metadata builder therefore declares no full-graph support
+synchronous scheduling: register.engine_problem) the metadata builder therefore declares no full-graph support
 (`AttentionCGSupport.NEVER`), and vLLM downgrades its default FULL_AND_PIECEWISE mode to PIECEWISE: the layers
 between attention calls stay in CUDA graphs, attention runs eagerly. An explicit full-graph `cudagraph_mode` is
 refused by vLLM itself, with its own message. This holds for every request of such an engine, with or without
@@ -25,7 +25,7 @@ from vllm.v1.attention.backends.flash_attn import (
 
 from .backend import StepFlowImpl
 from .paged import FlashLayout
-from .plugin import engine_problem
+from .register import engine_problem
 
 
 class StepFlowFlashAttentionImpl(StepFlowImpl, FlashAttentionImpl):

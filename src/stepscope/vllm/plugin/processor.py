@@ -13,9 +13,9 @@ vLLM calls before every forward with the requests added to, removed from and mov
 or StepFlow asked of an engine the plugin cannot serve, is refused there with a one-line error (HTTP 400 on the
 server), never decoded plainly.
 
-StepFlow runs on the V1 model runner with synchronous scheduling (plugin.engine_problem). The front end cannot
+StepFlow runs on the V1 model runner with synchronous scheduling (register.engine_problem). The front end cannot
 see the engine's configuration; it refuses StepFlow wherever vLLM may choose Model Runner V2 from the
-environment (plugin.frontend_problem). A StepFlow request that still reaches an engine that cannot serve it (a
+environment (register.frontend_problem). A StepFlow request that still reaches an engine that cannot serve it (a
 server with async scheduling, or V2 forced by a feature that needs it) is stopped at its first token (its one
 token is the end of sequence) and logged, never decoded plainly and never allowed to stop the engine.
 """
@@ -28,8 +28,8 @@ import torch
 from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
-from ..errors import StepscopeError
-from .plugin import engine_problem, frontend_problem, support_problem
+from ...errors import StepscopeError
+from .register import engine_problem, frontend_problem, hook_request_removal, support_problem
 from .requests import request_config, request_start
 from .worker import WORKER, engine_tokenizer
 
@@ -68,8 +68,9 @@ class StepFlowLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         self.refused: set[int] = set()  # V2 slots of StepFlow requests this engine cannot serve
         self._eos: int | None = None
         self._config = vllm_config
-        if not self.v2:
+        if not self.v2:  # built by the V1 model runner's __init__: hook its removal of finished requests
             WORKER.configure(vllm_config, self.problem)
+            hook_request_removal()
 
     def is_argmax_invariant(self) -> bool:
         # False: a StepFlow request this engine cannot serve is stopped (its argmax changes). vLLM then calls `apply`

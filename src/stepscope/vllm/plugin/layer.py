@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..core.geometry import hidden_keys, query_geometry, segment_codes, segment_onehot
-from ..core.kernel_policy import KernelPolicy
-from ..core.oeb import key_groups, oeb_decode_blocks, oeb_rows
-from ..core.smi import smi_delta
-from ..core.tally import tally_part
+from ...core.geometry import hidden_keys, query_geometry, segment_codes, segment_onehot
+from ...core.kernel_policy import KernelPolicy
+from ...core.oeb import key_groups, oeb_decode_blocks, oeb_rows
+from ...core.smi import smi_delta
+from ...core.tally import tally_part
 
 if TYPE_CHECKING:
     from .worker import RowPlan
@@ -173,7 +173,7 @@ def _decode_torch(spec: LayerSpec, query: torch.Tensor, kv_cache: torch.Tensor, 
 def _decode_paged_kernel(spec: LayerSpec, query: torch.Tensor, caches, d: DecodeInputs):
     """The decoding rows through the fused paged kernel: (out [R, H, D], stats [R, H, 5] = (fired, p(B), p(S)
     before, after))."""
-    from ..core import kernels
+    from ...core import kernels
 
     R, H = len(d.rows), spec.num_heads
     stats = torch.empty(R, H, 5, dtype=torch.float32, device=query.device)

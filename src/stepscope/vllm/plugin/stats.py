@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.tally import StepFlowStats, Tally
+from ...core.tally import StepFlowStats, Tally
 
 _PER_HEAD = ("oeb", "eligible")  # summed over ranks; the rest (SMI fires, tokens, forwards) is rank 0's
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import StepscopeError
+from ...errors import StepscopeError
 
 SUPPORTED_ISAS = ("vec",)
 

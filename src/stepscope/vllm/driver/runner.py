@@ -25,20 +25,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
-from ..core.support import attention_problem
-from ..decoding import DecodeConfig
-from ..errors import StepscopeError
-from ..flow.config import StepFlowConfig
-from ..flow.generate import run_config as hf_run_config
-from ..flow.generate import stop_token_ids
-from ..formats import Format, get_format
-from ..prompts import build_prompt, forced_close_text
-from ..segment import Segmenter
-from ..tokens import token_bytes
-from ..trace import Trace
-from . import collect_stats, prompt, sampling_params
-from .plugin import vllm_version
-from .requests import START_KEY
+from ...core.support import attention_problem
+from ...decoding import DecodeConfig
+from ...errors import StepscopeError
+from ...flow.config import StepFlowConfig
+from ...flow.generate import run_config as hf_run_config
+from ...flow.generate import stop_token_ids
+from ...formats import Format, get_format
+from ...prompts import build_prompt, forced_close_text
+from ...segment import Segmenter
+from ...tokens import token_bytes
+from ...trace import Trace
+from ..plugin.register import vllm_version
+from ..plugin.requests import START_KEY
+from .client import collect_stats, prompt, sampling_params
 
 
 def _engine_model(llm) -> SimpleNamespace:

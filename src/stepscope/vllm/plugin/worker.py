@@ -4,18 +4,29 @@ Who calls what (one worker process; every tensor-parallel rank has its own copy 
 - the logits processor's `update_state(BatchUpdate)` (vLLM calls it before every forward) keeps `WORKER.rows`,
   batch index -> `Request`, in the row order of the attention metadata: added requests whose
   `SamplingParams.extra_args["stepflow"]` holds a StepFlowConfig get a `Request` (the core's `RowTracker` over
-  one `Segmenter`, and the request's prompt ids and live output ids); removed ones are parked (vLLM re-adds a
-  request it did not schedule for a step, or preempted, with the same output list) and reaped once vLLM has
-  dropped them; moved ones follow their index.
+  one `Segmenter`, and the request's prompt ids and live output ids); removed ones leave the batch; moved ones
+  follow their index.
 - the attention backend (backend.py) calls `WORKER.plan(metadata)` in every layer; the first call of a forward
   feeds each StepFlow request's new tokens (positions up to the forward's last query) to its segmenter and
   builds the forward's `RowPlan`s; layer.py then repairs each layer (`ForwardShared.layer_work`, `apply_layer`).
 
+Lifecycle of a request, from vLLM's own signals. A request is identified by its output list: vLLM's model runner
+keeps one `CachedRequestState` per request, whose `output_token_ids` is the list the logits processor receives in
+`BatchUpdate.added`, the same object each time vLLM adds the request back. A request removed from the batch is
+parked (`parked`, by the list's id): vLLM also removes requests it keeps, those it did not schedule for a step
+and those it preempted, and re-adds them later with the same list, which takes the parked request back. Only
+the model runner's removal of a request's state (`GPUModelRunner._on_request_state_removed`, called for every
+finished or aborted request at the start of its step; the logits processor wraps it when the runner builds it,
+register.hook_request_removal) ends a request (`request_finished`): a parked one is finished at once; one still
+in `rows` is finished when the same step's batch update removes it, after the last forward's counts are flushed
+(`flush_counts`). Finishing (`_finish`) writes its final stats line and moves its tally to `finished`, under its
+key.
+
 Owner and lifecycle of `WORKER` (the one module-level instance per process): created at import; its request
 state is written only by its own methods: the logits processor (processor.py) calls `configure` once and
-`update` and `forward_done` every step, the attention backend (backend.py) `attach_backend` once per layer and
-`plan` in every layer, `collect_stats`'s RPC `tallies`, the stats file's idle thread `_live_lines` under `lock`.
-It lives as long as the worker process.
+`update` and `forward_done` every step, the model runner's hook `request_finished`, the attention backend
+(backend.py) `attach_backend` once per layer and `plan` in every layer, `collect_stats`'s RPC `tallies`, the
+stats file's idle thread `_live_lines` under `lock`. It lives as long as the worker process.
 
 Coordinates: a request's token i (prompt then output) is kv position i; in a forward its queries are the
 positions [seq_len - q_len, seq_len). Segment boundaries and SMI fires come from the tokens before a query,
@@ -30,22 +41,21 @@ docs/vllm.md, prefix caching): it is counted in `cache_conflicts` and warned abo
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..core.geometry import query_geometry, segment_codes
-from ..core.kernel_policy import KernelPolicy
-from ..core.rows import RowTracker
-from ..core.tally import Tally
-from ..errors import StepscopeError
-from ..flow.config import StepFlowConfig
-from ..formats import get_format
-from ..segment import Segmenter
-from ..tokens import token_bytes
+from ...core.geometry import query_geometry, segment_codes
+from ...core.kernel_policy import KernelPolicy
+from ...core.rows import RowTracker
+from ...core.tally import Tally
+from ...errors import StepscopeError
+from ...flow.config import StepFlowConfig
+from ...formats import get_format
+from ...segment import Segmenter
+from ...tokens import token_bytes
 from .layer import ForwardShared
 from .requests import request_config, request_key, request_start
 from .stats_file import StatsWriter, stats_path
@@ -145,6 +155,7 @@ class Worker:
     def __init__(self) -> None:
         self.rows: dict[int, Request] = {}
         self.parked: dict[int, Request] = {}  # id(output list) -> a request out of the batch for now
+        self.ending: set[int] = set()  # id(output list) of requests in `rows` that vLLM finished (leave at removal)
         self.finished: dict[str, Tally] = {}
         self.batch_size = 0
         self.vllm_config = None
@@ -181,7 +192,7 @@ class Worker:
                 self.stats_out.touch()
 
     def _update(self, batch_update) -> None:
-        self.flush_counts()  # the last forward's counts, before a request that finished is parked and reaped
+        self.flush_counts()  # the last forward's counts, before a request that vLLM finished leaves
         if batch_update is None:
             return
         from vllm.v1.sample.logits_processor.interface import MoveDirectionality
@@ -217,8 +228,7 @@ class Worker:
                 if direction == MoveDirectionality.SWAP:
                     self.rows[a] = rb
                 else:
-                    self.parked[id(rb.output)] = rb
-        self._reap()
+                    self._leave(rb)
 
     def refused_rows(self) -> list[int]:
         """Batch rows of the StepFlow requests this engine cannot serve (the logits processor stops them)."""
@@ -236,12 +246,30 @@ class Worker:
     def _park(self, index: int) -> None:
         req = self.rows.pop(index, None)
         if req is not None:
+            self._leave(req)
+
+    def _leave(self, req: Request) -> None:
+        """A request leaves the batch: finished when vLLM has finished it (`request_finished`), else parked until
+        vLLM re-adds it (same output list) or finishes it."""
+        if id(req.output) in self.ending:
+            self.ending.discard(id(req.output))
+            self._finish(req)
+        else:
             self.parked[id(req.output)] = req
 
-    def _reap(self) -> None:
-        """Parked requests vLLM no longer holds (finished or aborted): keep only their counts."""
-        for k in [k for k, r in self.parked.items() if sys.getrefcount(r.output) <= 2]:
-            self._finish(self.parked.pop(k))
+    def request_finished(self, output: list) -> None:
+        """vLLM's model runner has dropped a request's state (finished or aborted; the plugin's hook on
+        `GPUModelRunner._on_request_state_removed`, register.hook_request_removal): `output` is its output list,
+        the one the logits processor received. A parked request is finished now; one still in the batch is
+        finished when the batch update of the same step removes it (`_leave`, after the last forward's counts are
+        in). Requests that are not StepFlow's are not here."""
+        with self.lock:
+            req = self.parked.get(id(output))
+            if req is not None and req.output is output:
+                del self.parked[id(output)]
+                self._finish(req)
+            elif any(r.output is output for r in self.rows.values()):
+                self.ending.add(id(output))
 
     def _finish(self, req: Request) -> None:
         req.tally.tokens = req.counted_tokens
@@ -275,12 +303,11 @@ class Worker:
 
     def _live_lines(self) -> list[dict]:
         """Stats lines of the requests in (or parked out of) the batch whose tallies changed since their last
-        line; none while a forward runs (the stats writer's idle thread calls this under `lock`). Parked requests
-        vLLM has let go of are finished first (their final lines are written by `_finish`)."""
+        line; none while a forward runs (the stats writer's idle thread calls this under `lock`). Requests vLLM
+        has finished are not here: `_finish` wrote their final lines."""
         if self.busy:
             return []
         self.flush_counts()
-        self._reap()
         out = []
         for req in list(self.rows.values()) + list(self.parked.values()):
             if req.tally.forwards != req.written:
@@ -367,7 +394,6 @@ class Worker:
 
     def _tallies(self, keys=None, clear: bool = False) -> dict[str, dict]:
         self.flush_counts()
-        self._reap()
         out: dict[str, Tally] = {}
         live = list(self.rows.values()) + list(self.parked.values())
         for key, t in self.finished.items():

@@ -34,7 +34,7 @@ class StepFlowImpl:
         WORKER.attach_backend()
 
     def stepflow_layout(self, layer):
-        """The paged cache layout this backend uses for `layer` (stepscope.vllm.paged)."""
+        """The paged cache layout this backend uses for `layer` (stepscope.vllm.plugin.paged)."""
         raise NotImplementedError
 
     def stepflow_window(self) -> int | None:

@@ -24,8 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..core.tally import Tally
-from ..errors import StepscopeError
+from ...core.tally import Tally
+from ...errors import StepscopeError
 from .stats import merge_rank_tallies, to_stats
 
 __all__ = ["STATS_ENV", "StatsWriter", "by_key", "read", "read_lines", "requests", "stats_path", "to_stats"]

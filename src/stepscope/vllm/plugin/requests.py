@@ -7,10 +7,10 @@ A request asks through `SamplingParams.extra_args` (the OpenAI server's `vllm_xa
 
 A request that says nothing gets the process's default: the environment variable `STEPSCOPE_STEPFLOW`, a config
 JSON or `@path` of a file holding one (the same in every vLLM process, which inherit the server's environment).
-A bad default is refused at start-up by the plugin (plugin.register) with one line naming the variable.
+A bad default is refused at start-up by the plugin (register.register) with one line naming the variable.
 
 Prefix caching: `salt(params)` is the cache salt of a request's effective config (None for a plain request); the
-plugin adds it to the request's own salt in the engine core before vLLM hashes its blocks (plugin.register), so
+plugin adds it to the request's own salt in the engine core before vLLM hashes its blocks (register.register), so
 requests under different configs (default, explicit, opted out) never share cached keys.
 """
 
@@ -21,8 +21,8 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import StepscopeError
-from ..flow.config import StepFlowConfig
+from ...errors import StepscopeError
+from ...flow.config import StepFlowConfig
 
 EXTRA_KEY, ID_KEY = "stepflow", "stepflow_id"
 START_KEY = "stepflow_start"  # positions before it were queries of an earlier request under the same id
