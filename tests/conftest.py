@@ -156,3 +156,6 @@ def require_vllm() -> None:
     """At the top of a tests/test_vllm*.py module: skip it when vLLM is not installed, fail it when
     STEPSCOPE_REQUIRE_VLLM=1 (set by .ci/run, whose scripts/test.sh installs vLLM)."""
     require_module("vllm", "VLLM", "scripts/test.sh installs it")
+    # the test-only repair of toy_intervention.py, registered in vLLM's processes (spawned with this process's
+    # sys.path) through $STEPSCOPE_INTERVENTIONS, as users' repairs are (docs/extending.md)
+    os.environ.setdefault("STEPSCOPE_INTERVENTIONS", "toy_intervention")

@@ -52,7 +52,8 @@ def setup(tmp_path_factory, arch):
 def assert_matches_teacher_forced(llm, model, tok, key: str, max_tokens, cfg: StepFlowConfig = CFG) -> None:
     """vLLM with StepFlow (config `cfg`) against our transformers StepFlow teacher-forced over vLLM's tokens: every
     argmax equals vLLM's token, the chosen tokens' logprobs agree within 1e-3 and the fire counts are equal
-    (request i of QUESTIONS asks for max_tokens(i) tokens under the stats key f"{key}{i}")."""
+    (request i of QUESTIONS asks for max_tokens(i) tokens under the stats key f"{key}{i}"); returns vLLM's outputs
+    and its stats."""
     import stepscope.vllm as sv
     from stepscope.prompts import build_prompt
 
@@ -72,12 +73,33 @@ def assert_matches_teacher_forced(llm, model, tok, key: str, max_tokens, cfg: St
         assert (lps - ref.gather(-1, torch.tensor(gen)[:, None])[:, 0]).abs().max().item() < 1e-3
         s, r = stats[f"{key}{i}"], flow.stats
         assert s.oeb_fires == r.oeb_fires and s.oeb_eligible == r.oeb_eligible and s.smi_fires == r.smi_fires
+        assert s.interventions == r.interventions
         assert s.total_oeb_fires > 0
+    return outs, stats
 
 
 def test_stepflow_matches_teacher_forced_transformers(setup):
     llm, model, tok = setup
     assert_matches_teacher_forced(llm, model, tok, "t", lambda i: 20 + 6 * i)
+
+
+def test_a_registered_repair_runs_exact_with_oeb_and_smi(setup):
+    """The test-only repair of tests/toy_intervention.py (registered in vLLM's processes through
+    $STEPSCOPE_INTERVENTIONS, tests/conftest.py) beside OEB and SMI: vLLM equals the transformers engine, whose
+    repair tests/test_interventions.py checks against an independent reference, token by token and count by
+    count; without the repair the teacher-forced logprobs move (so vLLM applied it)."""
+    llm, model, tok = setup
+    toy = StepFlowConfig(**{**CFG.to_json(), "interventions": {"toy_gain": {"layers": [1, 3], "gain": 0.5}}})
+    outs, stats = assert_matches_teacher_forced(llm, model, tok, "toy", lambda i: 16 + 4 * i, toy)
+    assert all(stats[f"toy{i}"].interventions["toy_gain"][1] > 0 for i in range(len(QUESTIONS)))
+    c = outs[0].outputs[0]
+    gen, prompt = list(c.token_ids), list(outs[0].prompt_token_ids)
+    with torch.no_grad(), StepFlow(model, tok, CFG, kernel="torch") as flow:
+        logits = model(torch.tensor([prompt + gen[:-1]])).logits[0].float()
+    without = torch.log_softmax(logits, -1)[len(prompt) - 1:].gather(-1, torch.tensor(gen)[:, None])[:, 0]
+    lps = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, gen)])
+    assert (lps - without).abs().max().item() > 1e-2
+    assert flow.stats.interventions == {}
 
 
 def test_a_calibrated_config_file_runs_exact(setup, tmp_path):

@@ -158,6 +158,20 @@ def test_stepflow_request_without_the_backend_is_stopped_not_decoded():
     assert w.refused_rows() == [1] and not w.rows
 
 
+def test_a_request_whose_config_this_process_cannot_read_is_stopped_not_raised():
+    """A config the front end accepted but this worker cannot read (a repair not registered in this process) stops
+    the request at its first token; it never raises inside the engine."""
+    from vllm.v1.sample.logits_processor.interface import BatchUpdate
+
+    from stepscope.vllm.plugin.worker import Worker
+
+    w = Worker()
+    w.backend = True
+    cfg = {**StepFlowConfig().to_json(), "interventions": {"not_registered_here": {}}}
+    w.update(BatchUpdate(2, removed=[], moved=[], added=[(0, _Params(), [1], []), (1, _Params({"stepflow": cfg}), [1], [])]))
+    assert w.refused_rows() == [1] and not w.rows
+
+
 @pytest.mark.parametrize("layout", ["cpu", "flash"])
 @pytest.mark.parametrize("window,with_sinks", [(None, False), (12, True)])
 def test_decoding_rows_over_their_cache_blocks_match_the_dense_reference(layout, window, with_sinks):

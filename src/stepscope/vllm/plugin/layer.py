@@ -4,8 +4,9 @@ schedule, `ForwardShared.layer_work`), and the repair in place on the layer's ou
 Runs inside vLLM's worker processes (the attention backend calls it, backend.py). It translates vLLM's flat token
 axis and paged cache (paged.py) into the core's inputs: decoding rows (one query each, no SMI fire in the layer)
 go together through the fused paged kernel under the core's kernel policy, or through `core.oeb.oeb_decode_blocks`;
-prefill rows one by one through `core.oeb.oeb_rows`; SMI fires through `core.smi.smi_delta`. Counts go to each
-request's tally (core/tally.py) only for positions computed here for the first time (`RowPlan.count_from`).
+prefill rows one by one through `core.oeb.oeb_rows`; SMI fires through `core.smi.smi_delta`; then the other repairs
+of each row's config (core/interventions.py) on all its queries. Counts go to each request's tally (core/tally.py)
+only for positions computed here for the first time (`RowPlan.count_from`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 
 from ...core.geometry import hidden_keys, query_geometry, segment_codes, segment_onehot
+from ...core.interventions import Queries
+from ...core.interventions import run as run_intervention
 from ...core.kernel_policy import KernelPolicy
 from ...core.oeb import key_groups, oeb_decode_blocks, oeb_rows
 from ...core.smi import smi_delta
@@ -48,6 +51,7 @@ class LayerWork:
     decode: DecodeInputs | None  # eligible decoding rows (one query each, no SMI fire in this layer)
     slow: list  # (RowPlan, oeb: bool, fires) of the other rows with something to do
     covers: bool  # the decoding rows are every token of the forward: the backend's own output is overwritten
+    extra: list = field(default_factory=list)  # ExtraRows: the other repairs of this layer, each over its rows
 
 
 class ForwardShared:
@@ -83,13 +87,18 @@ class ForwardShared:
                    num_tokens: int) -> LayerWork | None:
         """This layer's work (None when it has none), made once per forward for each OEB/SMI membership."""
         layer, window = spec.index, spec.window
-        member = tuple((layer in rp.req.oeb, layer in rp.req.smi) for rp in plans)
+        member = tuple((layer in rp.req.oeb, layer in rp.req.smi,
+                        tuple(a for a in rp.req.extra if layer in a.layers)) for rp in plans)
         key = (window, member)
         if key in self.work:
             return self.work[key]
         decode, slow = [], []
         gidx = tau = elig = None
-        for i, (rp, (oeb, smi)) in enumerate(zip(plans, member)):
+        extra: dict = {}  # core.interventions.Active -> its rows here
+        for rp, (_, _, repairs) in zip(plans, member):
+            for a in repairs:
+                extra.setdefault(a, []).append(rp)
+        for i, (rp, (oeb, smi, _)) in enumerate(zip(plans, member)):
             fires = rp.fires if smi else ()
             if oeb and not fires and rp.q_len == 1:
                 if elig is None:
@@ -105,8 +114,9 @@ class ForwardShared:
             if d is None:
                 d = self.decode[dkey] = DecodeInputs.of([plans[i] for i in decode], gidx[decode], tau[decode],
                                                         block_table, window, block_size)
-        work = self.work[key] = (LayerWork(d, slow, not slow and len(decode) == num_tokens)
-                                 if decode or slow else None)
+        work = self.work[key] = (LayerWork(d, slow, not slow and not extra and len(decode) == num_tokens,
+                                           [ExtraRows(a, rows) for a, rows in extra.items()])
+                                 if decode or slow or extra else None)
         return work
 
 
@@ -158,6 +168,45 @@ def apply_layer(spec: LayerSpec, query: torch.Tensor, kv_cache: torch.Tensor, me
         out, part = got if got is not None else _decode_torch(spec, query, kv_cache, d)
         output.index_copy_(0, d.tok, out.to(output.dtype))
         d.counts.append((layer, part))
+    for e in work.extra:
+        e.apply(layer, output)
+
+
+@dataclass
+class ExtraRows:
+    """One other repair (core/interventions.py) of one layer over the rows whose configs run it there; its inputs
+    are made at the first layer that runs it and shared by the forward's layers with the same rows."""
+
+    active: object  # core.interventions.Active
+    rows: list  # RowPlan
+
+    @functools.cached_property
+    def inputs(self) -> tuple[torch.Tensor, Queries, torch.Tensor, list[int]]:
+        """The rows' queries: their index in the flat token axis, position, thinking and summary start (long [N]
+        each, on the host), whether each is counted (bool [N]: computed here for the first time), and each row's
+        number of queries."""
+        tok, pos, t0, s0, first = [], [], [], [], []
+        for rp in self.rows:
+            p = np.arange(rp.pos0, rp.seq_len, dtype=np.int64)
+            tok.append(rp.tok0 + p - rp.pos0)
+            pos.append(p)
+            t0.append(np.full_like(p, rp.t0))
+            s0.append(np.full_like(p, rp.s0))
+            first.append(p >= rp.count_from)
+        return (*(torch.from_numpy(np.concatenate(a)) for a in (tok, pos, t0, s0, first)),
+                [rp.q_len for rp in self.rows])
+
+    def apply(self, layer: int, output: torch.Tensor) -> None:
+        """The repair in place on output [num_tokens, H, D]; the queries it changed into each row's tally."""
+        tok, pos, t0, s0, first, sizes = self.inputs
+        dev = output.device
+        tok = tok.to(dev)
+        sel = output.index_select(0, tok)  # [N, H, D]
+        hit = run_intervention(self.active, sel, Queries(pos.to(dev), t0.to(dev), s0.to(dev)))
+        output.index_copy_(0, tok, sel)
+        counts = (hit.cpu() & first).split(sizes)
+        for rp, c in zip(self.rows, counts):
+            rp.req.tally.extra[self.active.name][layer] += int(c.sum())
 
 
 def _decode_torch(spec: LayerSpec, query: torch.Tensor, kv_cache: torch.Tensor, d: DecodeInputs):

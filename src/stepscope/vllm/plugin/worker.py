@@ -50,6 +50,7 @@ import torch
 from ...core.geometry import query_geometry, segment_codes
 from ...core.kernel_policy import KernelPolicy
 from ...core.rows import RowTracker
+from ...core.settings import FlowSettings
 from ...core.tally import Tally
 from ...errors import StepscopeError
 from ...flow.config import StepFlowConfig
@@ -77,6 +78,7 @@ class Request:
     prompt: list[int]
     output: list[int]  # vLLM's live list of the request's output ids
     tally: Tally
+    extra: tuple = ()  # core.interventions.Active: the other repairs of its config, in the order they run
     fires: dict = field(default_factory=dict)  # fire position -> (window start, window end), every fire so far
     done: int = 0  # positions [0, done) were queries here (or served from the prefix cache) or of an earlier request
     start: int = 0  # positions [0, start) belong to an earlier request under the same key (request_start)
@@ -204,13 +206,16 @@ class Worker:
         for index, params, prompt, output in batch_update.added:
             self._park(index)  # an added request may take the slot of one that finished
             self.refused.discard(index)
-            cfg = request_config(params)
+            try:
+                cfg = request_config(params)
+            except StepscopeError as e:  # valid in the front end, not here (a repair this process lacks)
+                self._refuse(index, params, str(e))
+                continue
             if cfg is None:
                 continue
             problem = self.problem or (None if self.backend else NO_BACKEND)
-            if problem:  # the front end could not see it: stop the request, never decode it plainly
-                self.refused.add(index)
-                log.error("StepFlow request %r stopped at its first token: %s", request_key(params), problem)
+            if problem:
+                self._refuse(index, params, problem)
                 continue
             req = self.parked.pop(id(output), None)
             if req is None or req.output is not output:
@@ -229,6 +234,12 @@ class Worker:
                     self.rows[a] = rb
                 else:
                     self._leave(rb)
+
+    def _refuse(self, index: int, params, why: str) -> None:
+        """The front end could not see why this engine cannot serve the request: stop it at its first token,
+        never decode it plainly."""
+        self.refused.add(index)
+        log.error("StepFlow request %r stopped at its first token: %s", request_key(params), why)
 
     def refused_rows(self) -> list[int]:
         """Batch rows of the StepFlow requests this engine cannot serve (the logits processor stops them)."""
@@ -288,13 +299,15 @@ class Worker:
         if fmt is None:
             fmt = self._formats[fkey] = get_format(cfg.fmt, tok, markers=cfg.markers)
         num_layers = self.num_layers
-        oeb, smi = cfg.resolve(num_layers)
+        settings = FlowSettings.resolve(cfg, num_layers)
+        oeb, smi = list(settings.oeb_layers), list(settings.smi_layers)
         tracker = RowTracker(Segmenter(tok, fmt, tokbytes=self._tokbytes), 0, cfg.smi_window)
         if self.stats_out is None and stats_path():
             self.stats_out = StatsWriter.for_engine(self.vllm_config, self.lock, self._live_lines)
         self.seq += 1
         return Request(key, cfg, frozenset(oeb), frozenset(smi), tracker, prompt, output,
-                       Tally(num_layers, oeb, smi), seq=self.seq)
+                       Tally(num_layers, oeb, smi, {a.name: sorted(a.layers) for a in settings.extra}),
+                       settings.extra, seq=self.seq)
 
     def _line(self, req: Request, final: bool) -> dict:
         req.written = req.tally.forwards
