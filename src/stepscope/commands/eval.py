@@ -49,8 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-samples", type=int, default=None,
                    help="samples per problem (default: the benchmark's paper protocol, listed below; 1 for a file)")
     p.add_argument("--arms", default="baseline,stepflow",
-                   help="comma-separated arms: baseline, stepflow, oeb (OEB only), smi (SMI only), and NAME=@FILE.json "
-                        "(a StepFlow config file, e.g. calibrated=@stepflow.json from `stepscope calibrate`)")
+                   help="comma-separated arms: baseline, stepflow, oeb (OEB only), smi (SMI only), R and stepflow+R "
+                        "for each registered repair R (docs/extending.md), and NAME=@FILE.json (a StepFlow config "
+                        "file, e.g. calibrated=@stepflow.json from `stepscope calibrate`)")
     p.add_argument("--limit", type=int, default=None, help="only the first K problems")
     p.add_argument("--prompt-style", default=None, choices=["r1", "gpqa", "plain"],
                    help="default: r1 for math (answer in \\boxed{}), gpqa for multiple choice")
