@@ -112,6 +112,13 @@ def get_intervention(name: str) -> Intervention:
     return iv
 
 
+def repair_arm(arm: str) -> tuple[Intervention, bool] | None:
+    """The registered repair an eval arm names ("R": it alone, "stepflow+R": with OEB and SMI) and whether OEB and
+    SMI run with it; None for any other arm name."""
+    iv = registered().get(arm.removeprefix("stepflow+"))
+    return None if iv is None else (iv, arm.startswith("stepflow+"))
+
+
 def _load_plugins() -> None:
     global _plugins_loaded
     if _plugins_loaded:

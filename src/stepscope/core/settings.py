@@ -40,6 +40,11 @@ class FlowSettings:
         return frozenset(self.smi_layers)
 
     @property
+    def extra_by_name(self) -> dict[str, list[int]]:
+        """Each other repair's layers, sorted, by its name (what the stats tallies are kept over)."""
+        return {a.name: sorted(a.layers) for a in self.extra}
+
+    @property
     def extra_layers(self) -> frozenset[int]:
         """Layers where some repair beside OEB and SMI acts."""
         return frozenset().union(*(a.layers for a in self.extra))

@@ -99,7 +99,7 @@ def build_arms(names: list[str] | str, base=None, **knobs) -> dict[str, object |
     import re
     from dataclasses import replace
 
-    from ..core.interventions import registered
+    from ..core.interventions import registered, repair_arm
     from ..flow import StepFlowConfig
 
     if isinstance(names, str):
@@ -117,7 +117,7 @@ def build_arms(names: list[str] | str, base=None, **knobs) -> dict[str, object |
             files[name] = spec[1:]
     names = [n.partition("=")[0].strip() for n in names]
     repairs = registered()
-    bad = [n for n in names if n not in ARMS and n not in files and n.removeprefix("stepflow+") not in repairs]
+    bad = [n for n in names if n not in ARMS and n not in files and repair_arm(n) is None]
     if bad:
         more = "".join(f", {r}, stepflow+{r}" for r in repairs)
         raise StepscopeError(f"unknown arm {bad[0]!r}; use a comma-separated list of {', '.join(ARMS)}{more} or "
@@ -135,9 +135,8 @@ def build_arms(names: list[str] | str, base=None, **knobs) -> dict[str, object |
             out[n] = replace(base or StepFlowConfig(), **knobs, oeb=n in ("stepflow", "oeb"),
                              smi=n in ("stepflow", "smi"))
         else:  # a registered repair, alone or with OEB and SMI
-            both = n.startswith("stepflow+")
-            out[n] = replace(base or StepFlowConfig(), **knobs, oeb=both, smi=both,
-                             interventions={n.removeprefix("stepflow+"): {}})
+            iv, both = repair_arm(n)
+            out[n] = replace(base or StepFlowConfig(), **knobs, oeb=both, smi=both, interventions={iv.name: {}})
     return out
 
 

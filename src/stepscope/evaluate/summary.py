@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.interventions import registered
+from ..core.interventions import repair_arm
 from ..errors import StepscopeError
 from ..io import atomic_write_json, atomic_write_text
 from ..stats import EXACT_PERMUTATION_MAX, mean_se, paired_comparison
@@ -43,11 +43,11 @@ BREAKDOWNS = ("difficulty", "platform")  # per-record fields broken down by defa
 def arm_label(arm: str) -> str:
     if arm in ARM_NAMES:
         return ARM_NAMES[arm]
-    iv = registered().get(arm.removeprefix("stepflow+"))  # a registered repair's arms (evaluate.runner.build_arms)
-    if iv is None:
+    got = repair_arm(arm)  # a registered repair's arms (evaluate.runner.build_arms)
+    if got is None:
         return arm
-    title = iv.title or iv.name
-    return f"StepFlow + {title}" if arm.startswith("stepflow+") else f"{title} only"
+    title = got[0].title or got[0].name
+    return f"StepFlow + {title}" if got[1] else f"{title} only"
 
 
 def model_label(model: str) -> str:

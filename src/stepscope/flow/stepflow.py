@@ -105,7 +105,7 @@ class StepFlow:
         s = self.settings
         self.recorder = FlowStats(s.num_layers, list(s.oeb_layers), list(s.smi_layers), self.device,
                                   collect=config.collect_stats,
-                                  extra_layers={a.name: sorted(a.layers) for a in s.extra})
+                                  extra_layers=s.extra_by_name)
         self.rows = Rows(tokenizer, self.format, s, device=self.device)
         # most scores (floats) one OEB block may hold: 128 MiB on a GPU, 16 MiB on a CPU (cache friendly)
         block_elems = (1 << 25) if self.device.type == "cuda" else (1 << 22)

@@ -152,7 +152,7 @@ def by_key(reqs: list[dict]) -> dict:
         t = Tally.from_json(r["tally"])
         acc = tallies.get(r["stepflow_id"])
         if acc is None:
-            acc = tallies[r["stepflow_id"]] = Tally(len(t.eligible), t.oeb_layers, t.smi_layers)
+            acc = tallies[r["stepflow_id"]] = t.copy_empty()
         acc.add(t)
     return {k: t.to_stats() for k, t in tallies.items()}
 

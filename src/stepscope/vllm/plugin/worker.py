@@ -300,14 +300,13 @@ class Worker:
             fmt = self._formats[fkey] = get_format(cfg.fmt, tok, markers=cfg.markers)
         num_layers = self.num_layers
         settings = FlowSettings.resolve(cfg, num_layers)
-        oeb, smi = list(settings.oeb_layers), list(settings.smi_layers)
         tracker = RowTracker(Segmenter(tok, fmt, tokbytes=self._tokbytes), 0, cfg.smi_window)
         if self.stats_out is None and stats_path():
             self.stats_out = StatsWriter.for_engine(self.vllm_config, self.lock, self._live_lines)
         self.seq += 1
-        return Request(key, cfg, frozenset(oeb), frozenset(smi), tracker, prompt, output,
-                       Tally(num_layers, oeb, smi, {a.name: sorted(a.layers) for a in settings.extra}),
-                       settings.extra, seq=self.seq)
+        tally = Tally(num_layers, list(settings.oeb_layers), list(settings.smi_layers), settings.extra_by_name)
+        return Request(key, cfg, settings.oeb, settings.smi, tracker, prompt, output, tally, settings.extra,
+                       seq=self.seq)
 
     def _line(self, req: Request, final: bool) -> dict:
         req.written = req.tally.forwards
@@ -411,15 +410,14 @@ class Worker:
         live = list(self.rows.values()) + list(self.parked.values())
         for key, t in self.finished.items():
             if keys is None or key in keys:
-                acc = out[key] = Tally(len(t.eligible), t.oeb_layers, t.smi_layers)
+                acc = out[key] = t.copy_empty()
                 acc.add(t)
         for req in live:
             if keys is None or req.key in keys:
                 req.tally.tokens = req.counted_tokens
                 acc = out.get(req.key)
                 if acc is None:
-                    acc = out[req.key] = Tally(len(req.tally.eligible), req.tally.oeb_layers,
-                                               req.tally.smi_layers)
+                    acc = out[req.key] = req.tally.copy_empty()
                 acc.add(req.tally)
         if clear:
             for key in out:
